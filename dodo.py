@@ -1,0 +1,12 @@
+"""doit entry point: lorabuild's stages for every project in projects/.
+
+    doit list            the task groups
+    doit train:demo      build everything the demo LoRA needs
+    doit sample:demo     ... and render its sample images
+"""
+from pathlib import Path
+
+from lorabuild.tasks import doit_config, task_creators
+
+DOIT_CONFIG = doit_config(Path(__file__).resolve().parent)
+globals().update(task_creators(Path(__file__).resolve().parent))

@@ -1,0 +1,192 @@
+"""Content-addressed cache: canonical keys, atomic writes, entries with a key sidecar.
+
+Layout under ``cache/`` (the workspace's cache root)::
+
+    objects/<stage>/<ab>/<cd…>.<ext>        an entry (one item's artifact)
+    objects/<stage>/<ab>/<cd…>.json         its sidecar: {"key": {...}, "info": {...}}
+    manifests/<project>/<stage>.json        which entries a project's stage uses
+    reports/<project>/<stage>.json          what the last run of that stage did
+    hashes.json                             sha256 memo keyed by path+size+mtime
+
+Conventions follow pip's ``_hash_dict`` (sha of canonical JSON over a small named
+dict) and joblib's ``concurrency_safe_write`` (temp file beside the target, renamed).
+No torch here: this module is imported when doit loads the task graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal dicts give equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def key_hash(key: dict) -> str:
+    """sha256 hex of a key dict's canonical JSON."""
+    return hashlib.sha256(canonical_json(key).encode("ascii")).hexdigest()
+
+
+def _replace(src: str, dst: str) -> None:
+    # Windows refuses os.replace while another process has dst open (a reader,
+    # an antivirus scan); pip retries for about a second, and so do we.
+    for attempt in range(10):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if attempt == 9:
+                raise
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Write ``path`` all-or-nothing: yield a temp file in the same folder, fsync, rename.
+
+    A process killed mid-write leaves at most a ``*.tmp-*`` file, never a partial
+    target. ``mode`` is ``"wb"`` or ``"w"`` (UTF-8 text).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
+    kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
+    try:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        _replace(str(tmp), str(path))
+    finally:
+        if tmp.exists():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Like :func:`atomic_write` for writers that want a file name (safetensors, PIL)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        _replace(str(tmp), str(path))
+    finally:
+        if tmp.exists():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True, ensure_ascii=False)
+        fh.write("\n")
+
+
+def write_json_if_changed(path: str | os.PathLike, obj: Any) -> bool:
+    """Write only when the content differs, so doit's file checks see no change."""
+    path = Path(path)
+    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+    return True
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """Read JSON; a missing or unreadable file gives ``default`` (a miss, not a crash)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return default
+
+
+class Store:
+    """The content-addressed entries of one stage under ``cache/objects/<stage>/``."""
+
+    def __init__(self, cache_root: str | os.PathLike, stage: str, ext: str):
+        self.root = Path(cache_root) / "objects" / stage
+        self.stage = stage
+        self.ext = ext
+
+    def path(self, h: str) -> Path:
+        return self.root / h[:2] / f"{h[2:]}{self.ext}"
+
+    def sidecar(self, h: str) -> Path:
+        return self.root / h[:2] / f"{h[2:]}.json"
+
+    def has(self, h: str) -> bool:
+        return self.path(h).is_file() and self.sidecar(h).is_file()
+
+    def info(self, h: str) -> dict | None:
+        """The ``info`` dict stored beside an entry, or None when the entry is missing."""
+        if not self.path(h).is_file():
+            return None
+        side = read_json(self.sidecar(h))
+        return side.get("info") if isinstance(side, dict) else None
+
+    def discard(self, h: str, reason: str) -> None:
+        """Drop an unreadable entry so it is recomputed (dvc's ``_load_cache`` does the same)."""
+        print(f"lorabuild: {self.stage} cache entry {self.path(h)} is unreadable ({reason}); recomputing")
+        for p in (self.path(h), self.sidecar(h)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    @contextlib.contextmanager
+    def put(self, h: str, key: dict, info: dict | None = None) -> Iterator[Path]:
+        """Yield a temp path to write the entry to; it becomes visible only when complete.
+
+        The sidecar is written first and the data last, so "data file exists" means
+        the entry is whole.
+        """
+        write_json(self.sidecar(h), {"key": key, "info": info or {}})
+        with atomic_path(self.path(h)) as tmp:
+            yield tmp
+
+
+class FileHashes:
+    """sha256 of files, remembered by (path, size, mtime_ns) so unchanged files are not re-read."""
+
+    def __init__(self, memo_path: str | os.PathLike):
+        self.memo_path = Path(memo_path)
+        self._memo: dict[str, list] = read_json(self.memo_path, {}) or {}
+        self._dirty = False
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        p = os.path.abspath(path)
+        st = os.stat(p)
+        hit = self._memo.get(p)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        self._memo[p] = [st.st_size, st.st_mtime_ns, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self._dirty:
+            # Merge with what other processes wrote meanwhile; the last writer wins per path.
+            current = read_json(self.memo_path, {}) or {}
+            current.update(self._memo)
+            write_json(self.memo_path, current)
+            self._dirty = False

@@ -1,0 +1,92 @@
+"""The ``lorabuild`` command: project chores around the doit build (validate, init, gc).
+
+Training knobs live in the project YAML and its schema, never in flags here.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from .workspace import Workspace, find_root
+
+DODO = '''"""doit entry point: lorabuild's stages for every project in projects/."""
+from pathlib import Path
+
+from lorabuild.tasks import doit_config, task_creators
+
+DOIT_CONFIG = doit_config(Path(__file__).resolve().parent)
+globals().update(task_creators(Path(__file__).resolve().parent))
+'''
+
+
+def cmd_init(target: Path) -> int:
+    """Make a workspace: projects/ with the demo, a dodo.py, a .gitignore for cache/ and output/."""
+    from .resources import projects_dir
+
+    target.mkdir(parents=True, exist_ok=True)
+    if (target / "dodo.py").exists() or (target / "projects" / "demo.yaml").exists():
+        print(f"lorabuild init: {target} already holds a workspace (dodo.py or projects/demo.yaml); nothing changed", file=sys.stderr)
+        return 1
+    src = projects_dir()
+    (target / "projects").mkdir(exist_ok=True)
+    shutil.copy2(src / "demo.yaml", target / "projects" / "demo.yaml")
+    shutil.copytree(src / "demo", target / "projects" / "demo", dirs_exist_ok=True)
+    (target / "dodo.py").write_text(DODO, encoding="utf-8")
+    (target / ".gitignore").write_text("cache/\noutput/\n", encoding="utf-8")
+    print(f"workspace ready in {target}: cd {target} && doit train:demo")
+    return 0
+
+
+def cmd_gc(root: Path, dry_run: bool) -> int:
+    """Delete cache entries that no project's manifest references."""
+    from .cache import read_json
+
+    ws = Workspace(root)
+    live: set[str] = set()
+    for manifest in (ws.cache / "manifests").glob("*/*.json"):
+        for item in (read_json(manifest, {}) or {}).get("items", []):
+            for h in [item.get("hash")] + [eh for _, eh in item.get("epochs", [])]:
+                if h:
+                    live.add(h)
+    removed = kept = freed = 0
+    for sidecar_or_entry in sorted((ws.cache / "objects").glob("*/*/*")):
+        if sidecar_or_entry.name.startswith("."):
+            continue  # a temp file of a running writer
+        h = sidecar_or_entry.parent.name + sidecar_or_entry.name.split(".", 1)[0]
+        if h in live:
+            kept += 1
+            continue
+        removed += 1
+        freed += sidecar_or_entry.stat().st_size
+        if not dry_run:
+            sidecar_or_entry.unlink()
+    verb = "would remove" if dry_run else "removed"
+    print(f"gc: {verb} {removed} files ({freed / 2**20:.1f} MiB), kept {kept}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lorabuild", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="check project files against the schema (default: projects/*.yaml)")
+    p.add_argument("files", nargs="*")
+    p = sub.add_parser("init", help="make a workspace with the demo project")
+    p.add_argument("dir", type=Path)
+    p = sub.add_parser("gc", help="delete cache entries no project uses")
+    p.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    if args.cmd == "validate":
+        from .config import cmd_validate
+
+        return cmd_validate(args.files)
+    if args.cmd == "init":
+        return cmd_init(args.dir)
+    if args.cmd == "gc":
+        return cmd_gc(find_root(), args.dry_run)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

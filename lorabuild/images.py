@@ -1,0 +1,47 @@
+"""Decoding user images into clean RGB, with errors that name the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+RESAMPLE = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    # PIL's BOX filter averages every source pixel under the target pixel: OpenCV's
+    # INTER_AREA, which kohya uses for downscaling.
+    "area": Image.Resampling.BOX,
+}
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message names it."""
+
+
+def load_rgb(path: Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Open ``path``, apply its EXIF orientation and return an RGB image.
+
+    Transparency is composited onto ``background``; animated files give their
+    first frame; greyscale, palette, CMYK and 16-bit images are converted.
+    """
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc})") from None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of letting PIL clip at 255.
+        im = im.point(lambda v: v / 257).convert("L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return im.convert("RGB")

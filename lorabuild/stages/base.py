@@ -1,0 +1,109 @@
+"""What every stage shares: its context, per-item bookkeeping, the manifest and the report.
+
+A stage's ``run(ctx)`` lists its items (each with a key dict), asks the stage's
+:class:`~lorabuild.cache.Store` which are present, computes the others, then calls
+:meth:`StageRun.finish`, which writes the manifest (what this project uses now) and
+the report (``{"build", "computed", "reused", "removed"}``) and prints one line.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..cache import FileHashes, Store, key_hash, read_json, write_json, write_json_if_changed
+from ..config import Project
+from ..workspace import Workspace, build_id
+
+
+class StageError(Exception):
+    """A stage cannot go on; the message names the file or field at fault."""
+
+
+@dataclass
+class Item:
+    id: str
+    key: dict
+    data: dict = field(default_factory=dict)  # stage-specific inputs and manifest fields
+
+    @property
+    def hash(self) -> str:
+        return key_hash(self.key)
+
+
+@dataclass
+class Context:
+    ws: Workspace
+    project: Project
+
+    @property
+    def name(self) -> str:
+        return self.project.name
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.ws.manifest(self.name, stage)
+
+    def read_manifest(self, stage: str) -> dict:
+        data = read_json(self.manifest_path(stage))
+        if not isinstance(data, dict):
+            raise StageError(f"{self.manifest_path(stage)} is missing or unreadable: run the {stage} stage first")
+        return data
+
+    def hashes(self) -> FileHashes:
+        return FileHashes(self.ws.cache / "hashes.json")
+
+    def store(self, stage: str, ext: str) -> Store:
+        return Store(self.ws.cache, stage, ext)
+
+
+class StageRun:
+    """Counts one stage run and writes its manifest and report."""
+
+    def __init__(self, ctx: Context, stage: str):
+        self.ctx = ctx
+        self.stage = stage
+        self.computed = 0
+        self.reused = 0
+        self.started = time.perf_counter()
+        self.notes: list[str] = []
+
+    def split(self, items: list[Item], store: Store) -> list[Item]:
+        """Return the items whose entry is missing, once per key; count the rest as reused.
+
+        Items with equal keys (the same image twice) share one entry and are computed once.
+        """
+        missing: dict[str, Item] = {}
+        for it in items:
+            if it.hash in missing or store.has(it.hash):
+                self.reused += 1
+            else:
+                missing[it.hash] = it
+        return list(missing.values())
+
+    def finish(self, entries: list[dict], **extra: Any) -> dict:
+        """Write the manifest (``entries``: one dict per item, each with an ``id``) and the report."""
+        path = self.ctx.manifest_path(self.stage)
+        previous = read_json(path, {}) or {}
+        old_ids = {e.get("id") for e in previous.get("items", []) if isinstance(e, dict)}
+        new_ids = {e["id"] for e in entries}
+        removed = len(old_ids - new_ids)
+        write_json_if_changed(path, {"stage": self.stage, "project": self.ctx.name, "items": entries, **extra})
+        report = {
+            "build": build_id(),
+            "stage": self.stage,
+            "computed": self.computed,
+            "reused": self.reused,
+            "removed": removed,
+            "items": len(entries),
+            "seconds": round(time.perf_counter() - self.started, 3),
+            "notes": self.notes,
+        }
+        write_json(self.ctx.ws.report(self.ctx.name, self.stage), report)
+        note = f" ({'; '.join(self.notes)})" if self.notes else ""
+        print(
+            f"{self.stage}:{self.ctx.name}: {len(entries)} items: computed {self.computed}, "
+            f"reused {self.reused}, removed {removed}{note}",
+            flush=True,
+        )
+        return report

@@ -1,0 +1,68 @@
+"""resize: each source image → an RGB working copy, EXIF-aware, longest side ≤ ``resize.max_side``.
+
+Its own parameter sets the working size, so changing buckets never re-runs it.
+Item = one image; key = image bytes + resize parameters.
+"""
+from __future__ import annotations
+
+from ..dataset import Dataset
+from .base import Context, Item, StageError, StageRun
+
+STAGE = "resize"
+VERSION = 1
+PARAMS = ("resize.max_side", "resize.interpolation")
+
+
+def plan(dataset: Dataset, params: dict, hashes) -> list[Item]:
+    items = []
+    for im in dataset.images:
+        try:
+            digest = hashes.sha256(im.path)
+        except OSError as exc:
+            raise StageError(f"{im.path}: cannot be read ({exc})") from None
+        key = {"stage": STAGE, "v": VERSION, "src": digest, "params": params}
+        items.append(Item(im.id, key, {"path": im.path}))
+    return items
+
+
+def _compute(item: Item, params: dict, store) -> dict:
+    from ..images import RESAMPLE, ImageError, load_rgb
+
+    try:
+        img = load_rgb(item.data["path"])
+    except ImageError as exc:
+        raise StageError(str(exc)) from None
+    orig = img.size
+    longest = max(orig)
+    if longest > params["max_side"]:
+        s = params["max_side"] / longest
+        size = (max(1, round(orig[0] * s)), max(1, round(orig[1] * s)))
+        img = img.resize(size, RESAMPLE[params["interpolation"]])
+    info = {"orig_size": list(orig), "size": list(img.size)}
+    with store.put(item.hash, item.key, info) as tmp:
+        img.save(tmp, format="PNG", compress_level=1)
+    return info
+
+
+def run(ctx: Context, dataset: Dataset, params: dict) -> dict:
+    sr = StageRun(ctx, STAGE)
+    store = ctx.store(STAGE, ".png")
+    hashes = ctx.hashes()
+    try:
+        items = plan(dataset, params, hashes)
+    finally:
+        hashes.save()
+    infos = {}
+    for item in sr.split(items, store):
+        infos[item.hash] = _compute(item, params, store)
+        sr.computed += 1
+    entries = []
+    for item in items:
+        info = infos.get(item.hash) or store.info(item.hash)
+        if not info or "size" not in info:
+            store.discard(item.hash, "missing sidecar")
+            info = _compute(item, params, store)
+            sr.computed += 1
+            sr.reused -= 1
+        entries.append({"id": item.id, "hash": item.hash, "size": info["size"], "orig_size": info["orig_size"]})
+    return sr.finish(entries)

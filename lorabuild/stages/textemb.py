@@ -1,0 +1,78 @@
+"""textemb: each distinct caption → the text encoder's hidden states.
+
+Item = one distinct caption (after the fixed caption options); key = caption text +
+clip_skip + the text encoder's identity. ``textemb.cache: auto`` skips the stage, and
+says why, when the text encoder trains or captions are randomised: then training
+encodes captions itself.
+"""
+from __future__ import annotations
+
+from ..captions import CaptionError, dataset_captions, is_randomised
+from .base import Context, Item, StageError, StageRun
+from . import runtime
+
+STAGE = "textemb"
+VERSION = 1
+PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.batch_size")
+
+
+def mode(cache: object, train_text_encoder: bool, randomised: bool) -> tuple[bool, str]:
+    """Whether embeddings are cached, and why not when they are not."""
+    if cache is False:
+        return False, "textemb.cache is false"
+    if train_text_encoder:
+        return False, "the text encoder trains (network.train_text_encoder), so embeddings change every step"
+    if randomised:
+        return False, "captions are randomised per epoch (shuffle/dropout), so training encodes them"
+    return True, ""
+
+
+def project_mode(project) -> tuple[bool, str]:
+    return mode(
+        project.get("textemb.cache"),
+        project.get("network.train_text_encoder"),
+        is_randomised(project.section("captions")),
+    )
+
+
+def item_key(caption: str, clip_skip: int, te_id: str) -> dict:
+    return {"stage": STAGE, "v": VERSION, "caption": caption, "clip_skip": clip_skip, "te": te_id}
+
+
+def captions_for(ctx: Context, dataset) -> dict[str, str]:
+    try:
+        return dataset_captions(dataset.images, ctx.project.section("captions"))
+    except CaptionError as exc:
+        raise StageError(str(exc)) from None
+
+
+def run(ctx: Context, dataset, params: dict) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from ..textenc import encode
+
+    sr = StageRun(ctx, STAGE)
+    enabled, reason = project_mode(ctx.project)
+    if not enabled:
+        sr.notes.append(f"skipped: {reason}")
+        return sr.finish([], enabled=False, reason=reason)
+    store = ctx.store(STAGE, ".safetensors")
+    captions = captions_for(ctx, dataset)
+    te_id = runtime.identity(ctx, "text_encoder")
+    items = [Item(c, item_key(c, params["clip_skip"], te_id)) for c in sorted(set(captions.values()))]
+    missing = sr.split(items, store)
+    if missing:
+        tokenizer = runtime.frozen(ctx, "tokenizer")
+        te = runtime.frozen(ctx, "text_encoder")
+        bs = params["batch_size"]
+        for i in range(0, len(missing), bs):
+            chunk = missing[i : i + bs]
+            with torch.inference_mode():
+                hidden = encode(tokenizer, te, [it.id for it in chunk], params["clip_skip"])
+            for j, it in enumerate(chunk):
+                with store.put(it.hash, it.key, {"shape": list(hidden[j].shape)}) as tmp:
+                    save_file({"hidden": hidden[j].float().cpu().contiguous()}, str(tmp))
+            sr.computed += len(chunk)
+    entries = [{"id": it.id, "hash": it.hash} for it in items]
+    return sr.finish(entries, enabled=True)

@@ -1,0 +1,199 @@
+"""doit glue: one task per (stage, project), each depending on exactly what its stage reads.
+
+Loading this module and building the graph imports no torch: task creators only list
+files and parameters (doit's docs: creators "should be used to create task metadata
+only"); each stage's heavy work happens inside its action. Stages hand data on through
+manifest files (file_dep/targets), never through doit's database, which a killed run
+does not save.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from .config import Project, ProjectError, load_project
+from .dataset import Dataset, DatasetError, scan
+from .workspace import Workspace, build_id
+
+STAGES = ("resize", "bucket", "latents", "textemb", "train", "sample")
+DOCS = {
+    "resize": "images → RGB working copies (EXIF-aware, longest side ≤ resize.max_side)",
+    "bucket": "working copies → kohya aspect-ratio buckets, resize sizes and crops",
+    "latents": "bucketed images → VAE latents (content-addressed)",
+    "textemb": "distinct captions → text-encoder embeddings (when they can be cached)",
+    "train": "latents + captions → the LoRA: output/<name>/<name>.safetensors",
+    "sample": "the LoRA + sample.prompts → images and a grid in output/<name>/samples/",
+}
+# Bumped when a stage's task wiring or output format changes, so doit re-runs it.
+TASK_VERSION = 1
+
+
+def _params(project: Project, keys: tuple[str, ...]) -> dict:
+    return {k.rsplit(".", 1)[-1]: _plain(project.get(k)) for k in keys}
+
+
+def _plain(value):
+    """Deep-thaw frozen config values into JSON-able lists and dicts."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _weights(project: Project, ws: Workspace, *components: str) -> list[str]:
+    """Weight files of a real base model as file_deps (a builtin model has none to watch)."""
+    spec = str(project.get("base_model"))
+    if spec.startswith("builtin:"):
+        return []
+    from . import models
+
+    try:
+        folder = models.resolve_base_model(spec, project.root, ws.cache)
+    except models.ModelError:
+        return []  # the stage's action reports it
+    return [str(f) for c in components for f in models.weight_files(folder, c)]
+
+
+def _context(root: str, project_file: str):
+    from .stages.base import Context
+
+    ws = Workspace(Path(root))
+    project = load_project(Path(project_file), memo_dir=ws.cache / "validated")
+    return Context(ws, project)
+
+
+def run_stage(stage: str, root: str, project_file: str):
+    """The action of every task: run one stage of one project; a clear message on failure."""
+    from doit.exceptions import TaskFailed
+
+    from .captions import CaptionError
+    from .stages import bucket, latents, resize, sample, textemb, train
+    from .stages.base import StageError
+
+    try:
+        ctx = _context(root, project_file)
+        p = ctx.project
+        dataset = scan([p.resolve(d) for d in p.get("dataset.dirs")], p.root, p.get("dataset.caption_extension"))
+        if stage == "resize":
+            for w in dataset.warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            resize.run(ctx, dataset, _params(p, resize.PARAMS))
+        elif stage == "bucket":
+            bucket.run(ctx, _params(p, bucket.PARAMS))
+        elif stage == "latents":
+            latents.run(ctx, _params(p, latents.PARAMS))
+        elif stage == "textemb":
+            textemb.run(ctx, dataset, _params(p, textemb.PARAMS))
+        elif stage == "train":
+            train.run(ctx, dataset)
+        elif stage == "sample":
+            sample.run(ctx)
+    except (ProjectError, DatasetError, StageError, CaptionError) as exc:
+        return TaskFailed(str(exc))
+    return None
+
+
+def _failing(stage: str, name: str, message: str) -> dict:
+    from doit.exceptions import TaskFailed
+
+    def fail():
+        return TaskFailed(message)
+
+    return {"basename": stage, "name": name, "actions": [fail], "verbosity": 2, "uptodate": [False]}
+
+
+class Graph:
+    """Every project of a workspace, loaded once per doit invocation."""
+
+    def __init__(self, root: Path):
+        self.ws = Workspace(root)
+        self.ws.cache.mkdir(parents=True, exist_ok=True)
+        self._loaded: list[tuple[Path, Project | None, Dataset | None, str]] | None = None
+
+    def projects(self):
+        if self._loaded is None:
+            self._loaded = []
+            for f in self.ws.project_files():
+                try:
+                    p = load_project(f, memo_dir=self.ws.cache / "validated")
+                    ds = scan([p.resolve(d) for d in p.get("dataset.dirs")], p.root, p.get("dataset.caption_extension"))
+                    self._loaded.append((f, p, ds, ""))
+                except ProjectError as exc:
+                    self._loaded.append((f, None, None, f"{f.stem}: invalid project, nothing built:\n{exc}"))
+                except DatasetError as exc:
+                    self._loaded.append((f, None, None, f"{f}: dataset: {exc}"))
+        return self._loaded
+
+    def tasks(self, stage: str):
+        for f, p, ds, error in self.projects():
+            if p is None:
+                yield _failing(stage, f.stem, error)
+                continue
+            yield self._task(stage, f, p, ds)
+
+    def _task(self, stage: str, f: Path, p: Project, ds: Dataset) -> dict:
+        from .stages import bucket, latents, resize, sample, textemb, train
+
+        m = lambda s: str(self.ws.manifest(p.name, s))  # noqa: E731
+        lora = str(self.ws.output_dir(p.output_name) / f"{p.output_name}.safetensors")
+        captions = [str(c) for c in ds.caption_files()]
+        v = {"task_version": TASK_VERSION}
+        if stage == "resize":
+            deps, cfg = [str(im.path) for im in ds.images], {**_params(p, resize.PARAMS), "v": resize.VERSION}
+        elif stage == "bucket":
+            deps, cfg = [m("resize")], {**_params(p, bucket.PARAMS), "v": bucket.VERSION}
+        elif stage == "latents":
+            deps = [m("bucket")] + _weights(p, self.ws, "vae")
+            cfg = {**_params(p, latents.PARAMS + ("base_model", "device")), "v": latents.VERSION}
+        elif stage == "textemb":
+            deps = [m("resize")] + captions + _weights(p, self.ws, "text_encoder")
+            keys = textemb.PARAMS + ("base_model", "captions", "network.train_text_encoder", "dataset.caption_extension")
+            cfg = {**_params(p, keys), "v": textemb.VERSION}
+        elif stage == "train":
+            deps = [m("latents"), m("textemb")] + captions + _weights(p, self.ws, "unet", "text_encoder")
+            cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + ("device",)), "v": train.VERSION}
+        else:
+            deps = [lora] + _weights(p, self.ws, "unet", "vae", "text_encoder")
+            cfg = {**_params(p, ("sample", "network", "base_model", "device")), "v": sample.VERSION}
+        targets = [m(stage)]
+        if stage == "train":
+            targets.append(lora)
+        return {
+            "basename": stage,
+            "name": p.name,
+            "doc": f"{DOCS[stage]} [{f.name}]",
+            "actions": [(run_stage, [stage, str(self.ws.root), str(f)])],
+            "file_dep": deps,
+            "targets": targets,
+            "uptodate": [config_changed({**cfg, **v})],
+            "verbosity": 2,
+        }
+
+
+def doit_config(root: Path) -> dict:
+    (root / "cache").mkdir(exist_ok=True)
+    return {
+        # sqlite3: the default dbm backend cannot be opened by two doit processes at once.
+        "backend": "sqlite3",
+        "dep_file": str(root / "cache" / "doit.sqlite3"),
+        "verbosity": 2,
+        "default_tasks": ["train"],
+    }
+
+
+def task_creators(root: Path) -> dict:
+    """``task_<stage>`` functions for a dodo module's globals."""
+    build_id()
+    graph = Graph(Path(root).resolve())
+    creators = {}
+    for stage in STAGES:
+        def creator(stage=stage):
+            yield {"basename": stage, "name": None, "doc": DOCS[stage]}
+            yield from graph.tasks(stage)
+
+        creator.__doc__ = DOCS[stage]
+        creators[f"task_{stage}"] = creator
+    return creators

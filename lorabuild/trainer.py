@@ -1,0 +1,150 @@
+"""The LoRA training loop on cached latents (and cached text embeddings when they serve).
+
+Reads top to bottom: set up → for each epoch, for each batch: noise → loss → step →
+log → save. Everything random is drawn from generators seeded by
+(project seed, epoch, image, repeat), so a run is reproducible bit for bit on CPU and
+does not depend on batch order bookkeeping.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .captions import random_caption
+from .trainplan import Sample, TrainPlan, derive_seed, epoch_batches
+
+
+@dataclass
+class TrainInputs:
+    """Everything the loop reads, resolved by the train stage: paths and plain settings."""
+
+    model_dir: Path
+    arch: str
+    device: object  # torch.device
+    samples: list[Sample]
+    latent_path: dict[str, Path]  # image id → latent entry
+    caption: dict[str, str]  # image id → caption after the fixed options
+    embedding_path: dict[str, Path] | None  # caption → cached embedding; None: encode on the fly
+    cfg: dict  # the project's sections (network, train, captions, textemb, latents)
+    plan: TrainPlan
+    log_rows: list = field(default_factory=list)
+
+
+def _dtype(mixed_precision: str):
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def _load_models(inp: TrainInputs):
+    from . import models
+
+    weight_dtype = _dtype(inp.cfg["train"]["mixed_precision"])
+    unet = models.load_unet(inp.model_dir, device=inp.device, dtype=weight_dtype)
+    te = tok = None
+    if inp.embedding_path is None:
+        te = models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype)
+        tok = models.load_tokenizer(inp.model_dir)
+    return unet, te, tok, models.load_noise_scheduler(inp.model_dir)
+
+
+def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te):
+    """Latents, noise, timesteps and text conditioning of one batch, each drawn per sample."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .textenc import encode
+
+    seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
+    latents, noises, steps, captions = [], [], [], []
+    for sample, rep in batch:
+        g = torch.Generator().manual_seed(derive_seed(seed, epoch, sample.id, rep))
+        stored = load_file(str(inp.latent_path[sample.id]))
+        use_flip = flip and bool(torch.randint(0, 2, (1,), generator=g).item())
+        lat = stored["latent_flip" if use_flip else "latent"]
+        latents.append(lat)
+        noises.append(torch.randn(lat.shape, generator=g))
+        steps.append(torch.randint(0, n_timesteps, (1,), generator=g))
+        rng = random.Random(derive_seed("caption", seed, epoch, sample.id, rep))
+        captions.append(random_caption(inp.caption[sample.id], inp.cfg["captions"], rng))
+    if inp.embedding_path is not None:
+        hidden = torch.stack([load_file(str(inp.embedding_path[c]))["hidden"] for c in captions])
+    else:
+        hidden = encode(tok, te, captions, inp.cfg["textemb"]["clip_skip"])
+    to = dict(device=inp.device)
+    return (torch.stack(latents).to(**to), torch.stack(noises).to(**to), torch.cat(steps).to(**to), hidden.to(**to))
+
+
+def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
+    """Train; ``save(network, epoch, step)`` is called at each save point and at the end."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.optimization import get_scheduler
+    from tqdm import tqdm
+
+    from .network import LoRANetwork
+
+    torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
+    net_cfg, tr = inp.cfg["network"], inp.cfg["train"]
+    unet, te, tok, sched = _load_models(inp)
+    network = LoRANetwork(
+        unet, [te] if te is not None else [], dim=net_cfg["dim"], alpha=net_cfg["alpha"],
+        train_unet=net_cfg["train_unet"], train_text_encoder=net_cfg["train_text_encoder"] and te is not None,
+        arch=inp.arch,
+    )
+    network.to(inp.device)
+    network.apply()
+    groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], tr["text_encoder_lr"] or tr["learning_rate"])
+    optimizer = torch.optim.AdamW(groups, lr=tr["learning_rate"], weight_decay=tr["weight_decay"])
+    lr_sched = get_scheduler(
+        tr["lr_scheduler"], optimizer, num_warmup_steps=tr["lr_warmup_steps"], num_training_steps=inp.plan.total_steps
+    )
+    autocast = torch.autocast(inp.device.type, dtype=_dtype(tr["mixed_precision"]), enabled=tr["mixed_precision"] != "no")
+    scaler = torch.amp.GradScaler(enabled=tr["mixed_precision"] == "fp16" and inp.device.type == "cuda")
+    params = [p for g in groups for p in g["params"]]
+    accum, step, t0 = tr["gradient_accumulation_steps"], 0, time.perf_counter()
+    n_timesteps = sched.config.num_train_timesteps
+
+    print(f"train: {network.module_count()} LoRA modules (unet, text encoder)\n{inp.plan.banner()}", flush=True)
+    bar = tqdm(total=inp.plan.total_steps, desc="train", unit="step")
+    for epoch in range(1, inp.plan.epochs + 1):
+        batches = epoch_batches(inp.samples, inp.plan.batch_size, tr["seed"], epoch)
+        running = []
+        for i, batch in enumerate(batches):
+            # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
+            with torch.set_grad_enabled(te is not None and net_cfg["train_text_encoder"]), autocast:
+                latents, noise, t, hidden = _batch_inputs(inp, batch, epoch, n_timesteps, tok, te)
+            noisy = sched.add_noise(latents, noise, t)
+            target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+            # 2. loss
+            with autocast:
+                pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+            loss = F.mse_loss(pred.float(), target.float())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}: stopping")
+            scaler.scale(loss / accum).backward()
+            running.append(loss.item())
+            # 3. optimizer step every `accum` batches (and at the end of the epoch)
+            if (i + 1) % accum == 0 or i + 1 == len(batches):
+                scaler.unscale_(optimizer)
+                if tr["max_grad_norm"] > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tr["max_grad_norm"])
+                scaler.step(optimizer)
+                scaler.update()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                # 4. log
+                mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :])
+                lr = lr_sched.get_last_lr()[0]
+                inp.log_rows.append((step, epoch, loss.item(), lr, round(time.perf_counter() - t0, 3)))
+                bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+        # 5. save
+        if epoch == inp.plan.epochs or (tr["save_every_n_epochs"] and epoch % tr["save_every_n_epochs"] == 0):
+            save(network, epoch, step)
+    bar.close()
+    network.restore()

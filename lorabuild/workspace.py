@@ -1,0 +1,54 @@
+"""A workspace: the folder holding ``dodo.py``, ``projects/``, ``cache/`` and ``output/``."""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def projects(self) -> Path:
+        return self.root / "projects"
+
+    def manifest(self, project: str, stage: str) -> Path:
+        return self.cache / "manifests" / project / f"{stage}.json"
+
+    def report(self, project: str, stage: str) -> Path:
+        return self.cache / "reports" / project / f"{stage}.json"
+
+    def output_dir(self, output_name: str) -> Path:
+        return self.output / output_name
+
+    def project_files(self) -> list[Path]:
+        return sorted(self.projects.glob("*.yaml"))
+
+
+def build_id() -> str:
+    """Identifies one doit invocation; set once per process tree so every stage shares it."""
+    bid = os.environ.get("LORABUILD_BUILD")
+    if not bid:
+        bid = uuid.uuid4().hex[:12]
+        os.environ["LORABUILD_BUILD"] = bid
+    return bid
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` that has a ``dodo.py`` or a ``projects/``."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dodo.py").is_file() or (folder / "projects").is_dir():
+            return folder
+    return here
