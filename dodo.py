@@ -6,7 +6,7 @@
 """
 from pathlib import Path
 
-from lorabuild.tasks import doit_config, task_creators
+from lorabuild.tasks import doit_config, make_task_creators
 
 DOIT_CONFIG = doit_config(Path(__file__).resolve().parent)
-globals().update(task_creators(Path(__file__).resolve().parent))
+globals().update(make_task_creators(Path(__file__).resolve().parent))

@@ -161,13 +161,14 @@ class Graph:
         targets = [m(stage)]
         if stage == "train":
             targets.append(lora)
+        rel = self.ws.relative
         return {
             "basename": stage,
             "name": p.name,
             "doc": f"{DOCS[stage]} [{f.name}]",
             "actions": [(run_stage, [stage, str(self.ws.root), str(f)])],
-            "file_dep": deps,
-            "targets": targets,
+            "file_dep": [rel(d) for d in deps],
+            "targets": [rel(t) for t in targets],
             "uptodate": [config_changed({**cfg, **v})],
             "verbosity": 2,
         }
@@ -178,13 +179,15 @@ def doit_config(root: Path) -> dict:
     return {
         # sqlite3: the default dbm backend cannot be opened by two doit processes at once.
         "backend": "sqlite3",
-        "dep_file": str(root / "cache" / "doit.sqlite3"),
+        # Relative to the workspace (doit runs in dodo.py's folder), like every file_dep
+        # and target, so a moved or copied workspace stays up to date.
+        "dep_file": "cache/doit.sqlite3",
         "verbosity": 2,
         "default_tasks": ["train"],
     }
 
 
-def task_creators(root: Path) -> dict:
+def make_task_creators(root: Path) -> dict:
     """``task_<stage>`` functions for a dodo module's globals."""
     build_id()
     graph = Graph(Path(root).resolve())

@@ -32,6 +32,13 @@ class Workspace:
     def output_dir(self, output_name: str) -> Path:
         return self.output / output_name
 
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the workspace, POSIX style (doit compares paths as strings)."""
+        try:
+            return Path(os.path.relpath(path, self.root)).as_posix()
+        except ValueError:  # another drive on Windows
+            return Path(path).as_posix()
+
     def project_files(self) -> list[Path]:
         return sorted(self.projects.glob("*.yaml"))
 

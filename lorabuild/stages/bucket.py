@@ -17,12 +17,11 @@ PARAMS = ("bucket.resolution", "bucket.min_reso", "bucket.max_reso", "bucket.ste
 def decide(w: int, h: int, params: dict, ladder: list[tuple[int, int]]) -> dict:
     """The bucket decision for a ``w``×``h`` image, as plain JSON data."""
     if params["no_upscale"]:
-        bw, bh = buckets.no_upscale_bucket(w, h, params["resolution"] ** 2, params["step"])
+        f = buckets.no_upscale_fit(w, h, params["resolution"] ** 2, params["step"])
     else:
-        bw, bh = buckets.select_bucket(w, h, ladder)
-    f = buckets.fit(w, h, bw, bh)
+        f = buckets.fit(w, h, *buckets.select_bucket(w, h, ladder))
     return {
-        "bucket": [bw, bh],
+        "bucket": [f.crop[2] - f.crop[0], f.crop[3] - f.crop[1]],
         "resized": list(f.resized),
         "crop": list(f.crop),
         "scale": f.scale,

@@ -1,0 +1,336 @@
+"""Project files: safe YAML with positions → schema and semantic checks → a frozen Project.
+
+Every problem is reported as ``FILE:LINE:COL: field: message`` (1-based), pointing at
+the key of an unknown field, at the value of a wrong one, and at the parent mapping of a
+missing one. Only stdlib + PyYAML here (jsonschema is imported when a file must really be
+validated): this module runs every time doit loads the task graph.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+from . import __version__
+from .resources import schema_path
+
+MAX_BYTES = 1 << 20  # a project file is a few KB; refuse anything absurd before parsing
+MAX_NODES = 100_000  # expanded nodes, so an alias bomb ("billion laughs") is refused
+BUILTIN_SD1 = ("tiny-sd1",)  # the built-in models' names: lorabuild.models.BUILTIN_MODELS
+
+
+class Problem(NamedTuple):
+    file: str
+    line: int
+    col: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.col}: "
+        return where + (f"{self.field}: {self.message}" if self.field else self.message)
+
+
+class ProjectError(Exception):
+    def __init__(self, problems: list[Problem]):
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+Path_ = tuple  # a JSON path: keys and list indices
+
+
+@dataclass(frozen=True)
+class Project:
+    name: str
+    file: Path
+    root: Path
+    cfg: types.MappingProxyType
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self.cfg
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def section(self, name: str) -> dict:
+        return thaw(self.cfg[name])
+
+    def resolve(self, relpath: str) -> Path:
+        return (self.root / relpath).resolve()
+
+    @property
+    def output_name(self) -> str:
+        return self.cfg["output"]["name"] or self.name
+
+
+def freeze(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return types.MappingProxyType({k: freeze(v) for k, v in obj.items()})
+    if isinstance(obj, list):
+        return tuple(freeze(v) for v in obj)
+    return obj
+
+
+def thaw(obj: Any) -> Any:
+    if isinstance(obj, types.MappingProxyType | dict):
+        return {k: thaw(v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return [thaw(v) for v in obj]
+    return obj
+
+
+_SCHEMA: dict | None = None
+
+
+def schema() -> dict:
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = json.loads(schema_path().read_text(encoding="utf-8"))
+    return _SCHEMA
+
+
+# --- YAML with positions -------------------------------------------------------------
+
+class _Doc:
+    """The parsed document plus the (line, col) of every key and value, by JSON path."""
+
+    def __init__(self, display: str):
+        self.display = display
+        self.keys: dict[Path_, tuple[int, int]] = {}
+        self.values: dict[Path_, tuple[int, int]] = {(): (1, 1)}
+        self.problems: list[Problem] = []
+        self.nodes = 0
+        self._scalar = yaml.SafeLoader("")
+
+    def problem(self, pos: tuple[int, int], field: str, message: str) -> None:
+        self.problems.append(Problem(self.display, pos[0], pos[1], field, message))
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooBig()
+        self.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict = {}
+            self._scalar.flatten_mapping(node)  # merge keys (<<) as YAML defines them
+            for knode, vnode in node.value:
+                key = self._scalar.construct_object(knode) if isinstance(knode, yaml.ScalarNode) else None
+                kpos = (knode.start_mark.line + 1, knode.start_mark.column + 1)
+                if not isinstance(key, str):
+                    self.problem(kpos, dotted(path), f"keys must be text, not {knode.value!r}")
+                    continue
+                if key in out:
+                    self.problem(kpos, dotted(path + (key,)), "duplicate key (the first one is earlier in the file)")
+                    continue
+                self.keys[path + (key,)] = kpos
+                out[key] = self.build(vnode, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(v, path + (i,)) for i, v in enumerate(node.value)]
+        return self._scalar.construct_object(node)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def dotted(path: Path_) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def parse(text: str, display: str) -> tuple[Any, _Doc]:
+    doc = _Doc(display)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        doc.problem((line, col), "", f"YAML syntax error: {exc.problem or exc}")
+        return None, doc
+    except yaml.YAMLError as exc:
+        doc.problem((1, 1), "", f"YAML error: {exc}")
+        return None, doc
+    if node is None:
+        doc.problem((1, 1), "", "the file is empty: a project is a mapping with at least base_model and dataset")
+        return None, doc
+    if not isinstance(node, yaml.MappingNode):
+        pos = (node.start_mark.line + 1, node.start_mark.column + 1)
+        doc.problem(pos, "", "a project file must be a mapping of sections (base_model:, dataset:, …)")
+        return None, doc
+    try:
+        data = doc.build(node, ())
+    except _TooBig:
+        doc.problem((1, 1), "", f"the document expands to more than {MAX_NODES} nodes (an alias bomb?)")
+        return None, doc
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        doc.problem((mark.line + 1, mark.column + 1) if mark else (1, 1), "", f"YAML error: {exc.problem}")
+        return None, doc
+    return data, doc
+
+
+# --- schema checks -------------------------------------------------------------------
+
+def _schema_problems(data: dict, doc: _Doc) -> None:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema())
+    for err in validator.iter_errors(data):
+        _report(err, doc)
+
+
+def _report(err, doc: _Doc) -> None:
+    path = tuple(err.absolute_path)
+    value_pos = doc.values.get(path, (1, 1))
+    if err.validator == "additionalProperties":
+        known = list(err.schema.get("properties", {}))
+        for key in err.instance:
+            if key in known:
+                continue
+            hint = difflib.get_close_matches(key, known, n=1)
+            msg = f"unknown field '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(known)})")
+            doc.problem(doc.keys.get(path + (key,), value_pos), dotted(path + (key,)), msg)
+    elif err.validator == "required":
+        for key in err.validator_value:
+            if key not in err.instance:
+                doc.problem(value_pos, dotted(path + (key,)), "required field is missing")
+    elif err.validator == "oneOf" and err.context:
+        # A sample prompt: report what is wrong with the branch that fits the value's type.
+        branch = 1 if isinstance(err.instance, dict) else 0
+        sub = [e for e in err.context if e.relative_schema_path and e.relative_schema_path[0] == branch]
+        if isinstance(err.instance, (dict, str)) and sub:
+            for e in sub:
+                _report(e, doc)
+        else:
+            doc.problem(value_pos, dotted(path), f"{err.instance!r} must be a prompt text or a mapping with 'prompt'")
+    else:
+        doc.problem(value_pos, dotted(path), err.message)
+
+
+def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
+    """Checks the schema cannot express. Assumes the schema passed, with defaults filled."""
+    pos = lambda *p: doc.values.get(p) or doc.values.get(p[:-1]) or (1, 1)  # noqa: E731
+    base = data["base_model"]
+    if base.startswith("builtin:"):
+        if base.split(":", 1)[1] not in BUILTIN_SD1:
+            known = ", ".join("builtin:" + n for n in BUILTIN_SD1)
+            doc.problem(pos("base_model"), "base_model", f"unknown built-in model '{base}' (known: {known})")
+    elif not (root / base).exists():
+        doc.problem(pos("base_model"), "base_model", f"{(root / base).resolve()} does not exist")
+    for i, d in enumerate(data["dataset"]["dirs"]):
+        if not (root / d).is_dir():
+            doc.problem(pos("dataset", "dirs", i), f"dataset.dirs.{i}", f"folder {(root / d).resolve()} does not exist")
+    b = data["bucket"]
+    if b["min_reso"] > b["max_reso"]:
+        doc.problem(pos("bucket", "min_reso"), "bucket.min_reso", f"{b['min_reso']} is larger than bucket.max_reso ({b['max_reso']})")
+    for k in ("min_reso", "max_reso"):
+        if b[k] % b["step"]:
+            doc.problem(pos("bucket", k), f"bucket.{k}", f"{b[k]} is not a multiple of bucket.step ({b['step']})")
+    if base.startswith("builtin:") and b["step"] % 64:
+        # SD1/2 latents are 1/8 of the pixels and the UNet halves them 3 times: sides must divide by 64.
+        doc.problem(pos("bucket", "step"), "bucket.step", f"{b['step']} is not a multiple of 64, which SD 1.x/2.x need")
+    net = data["network"]
+    if not net["train_unet"] and not net["train_text_encoder"]:
+        doc.problem(pos("network"), "network", "train_unet and train_text_encoder are both false: nothing would train")
+    cap = data["captions"]
+    if data["textemb"]["cache"] is True:
+        why = []
+        if net["train_text_encoder"]:
+            why.append("network.train_text_encoder is true (embeddings change as it trains)")
+        if cap["shuffle"] or cap["dropout"] > 0 or cap["tag_dropout"] > 0:
+            why.append("captions are randomised per epoch (shuffle/dropout/tag_dropout)")
+        if why:
+            doc.problem(pos("textemb", "cache"), "textemb.cache", "true is impossible: " + " and ".join(why) + "; use auto")
+
+
+def apply_defaults(data: Any, sch: dict) -> Any:
+    """Fill every missing optional field with its schema default, recursively."""
+    if not isinstance(data, dict):
+        return data
+    for key, sub in sch.get("properties", {}).items():
+        if key not in data and "default" in sub:
+            data[key] = copy.deepcopy(sub["default"])
+        if key in data:
+            apply_defaults(data[key], sub)
+    return data
+
+
+# --- loading -------------------------------------------------------------------------
+
+def _memo_key(raw: bytes) -> str:
+    h = hashlib.sha256(raw)
+    h.update(schema_path().read_bytes())
+    h.update(__version__.encode())
+    return h.hexdigest()
+
+
+def check(path: Path, display: str | None = None, memo_dir: Path | None = None) -> tuple[dict | None, list[Problem]]:
+    """Parse and check one project file: (document with defaults, problems)."""
+    display = display if display is not None else str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        return None, [Problem(display, 1, 1, "", f"cannot read the file ({exc.strerror or exc})")]
+    if len(raw) > MAX_BYTES:
+        return None, [Problem(display, 1, 1, "", f"the file is {len(raw)} bytes; project files are limited to {MAX_BYTES}")]
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return None, [Problem(display, 1, 1, "", f"not UTF-8 text ({exc})")]
+    data, doc = parse(text, display)
+    if data is None or doc.problems:
+        return None, doc.problems
+    memo = Path(memo_dir) / _memo_key(raw) if memo_dir else None
+    if memo is None or not memo.is_file():
+        _schema_problems(data, doc)
+        if doc.problems:
+            doc.problems.sort(key=lambda p: (p.line, p.col))
+            return None, doc.problems
+    apply_defaults(data, schema())
+    _semantic_problems(data, doc, Path(path).resolve().parent)
+    if doc.problems:
+        doc.problems.sort(key=lambda p: (p.line, p.col))
+        return None, doc.problems
+    if memo is not None and not memo.is_file():
+        from .cache import write_json
+
+        write_json(memo, {"file": str(path), "schema_valid": True})
+    return data, []
+
+
+def load_project(path: str | Path, display: str | None = None, memo_dir: Path | None = None) -> Project:
+    path = Path(path)
+    data, problems = check(path, display, memo_dir)
+    if problems:
+        raise ProjectError(problems)
+    file = path.resolve()
+    return Project(name=file.stem, file=file, root=file.parent, cfg=freeze(data))
+
+
+def validate_files(files: list[str]) -> int:
+    bad = 0
+    for f in files:
+        _, problems = check(Path(f), f)
+        for p in problems:
+            print(p, file=sys.stderr)
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+def cmd_validate(files: list[str]) -> int:
+    """``lorabuild validate [FILES…]``; default: every ``projects/*.yaml`` under the current folder."""
+    if not files:
+        files = [p.as_posix() for p in sorted(Path("projects").glob("*.yaml"))]
+        if not files:
+            print("lorabuild validate: no projects/*.yaml here; name the files to check", file=sys.stderr)
+            return 1
+    return validate_files(files)

@@ -1,0 +1,83 @@
+"""Shared fixtures: a demo workspace made by ``lorabuild init`` and built once per session.
+
+Every test that needs a built project gets its own copy of that workspace (cache, doit
+database and outputs included), so tests stay independent and the cold build is paid once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+STAGES = ("resize", "bucket", "latents", "textemb", "train", "sample")
+
+
+class WS:
+    """A workspace under test, driven through the real CLIs."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def doit(self, *args: str, build: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {**os.environ, "LORABUILD_BUILD": build}
+        proc = subprocess.run(
+            [sys.executable, "-m", "doit", *args], cwd=self.root, env=env, capture_output=True, text=True
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def lorabuild(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lorabuild", *args], cwd=self.root, capture_output=True, text=True
+        )
+
+    def report(self, stage: str, project: str = "demo") -> dict:
+        return json.loads((self.root / "cache" / "reports" / project / f"{stage}.json").read_text())
+
+    def ran(self, build: str, project: str = "demo") -> set[str]:
+        """The stages whose last report was written by the doit invocation ``build``."""
+        out = set()
+        for stage in STAGES:
+            path = self.root / "cache" / "reports" / project / f"{stage}.json"
+            if path.exists() and json.loads(path.read_text())["build"] == build:
+                out.add(stage)
+        return out
+
+    @property
+    def yaml_path(self) -> Path:
+        return self.root / "projects" / "demo.yaml"
+
+    def edit(self, fn) -> None:
+        """Change the demo project: ``fn`` receives the parsed YAML and edits it in place."""
+        doc = yaml.safe_load(self.yaml_path.read_text())
+        fn(doc)
+        self.yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "projects" / "demo"
+
+
+@pytest.fixture(scope="session")
+def built_demo(tmp_path_factory) -> WS:
+    root = tmp_path_factory.mktemp("template") / "ws"
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ws = WS(root)
+    ws.cold = ws.doit("sample:demo", build="cold")
+    return ws
+
+
+@pytest.fixture
+def demo(built_demo, tmp_path) -> WS:
+    """A private copy of the built demo workspace (timestamps kept, so doit sees it up to date)."""
+    root = tmp_path / "ws"
+    shutil.copytree(built_demo.root, root, symlinks=True)
+    return WS(root)

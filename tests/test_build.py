@@ -1,0 +1,185 @@
+"""End to end: the demo project through all six stages with the real ``doit`` CLI.
+
+Incrementality is checked by what each stage reports it computed, reused and removed,
+and by which stages ran at all in an invocation (each report names its build).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from PIL import Image
+from safetensors import safe_open
+
+from conftest import STAGES
+
+N_IMAGES = 16
+
+
+def test_cold_build_runs_every_stage_and_writes_outputs(built_demo):
+    ws = built_demo
+    assert ws.ran("cold") == set(STAGES)
+    assert ws.report("resize")["computed"] == N_IMAGES
+    assert ws.report("latents")["computed"] == N_IMAGES
+    # 14 captioned images with distinct captions + 2 default captions from the folder names
+    assert ws.report("textemb")["computed"] == 16
+    assert ws.report("train")["computed"] == 1
+    assert ws.report("sample")["computed"] == 2
+    out = ws.root / "output" / "demo"
+    assert (out / "demo.safetensors").is_file()
+    grid = Image.open(out / "samples" / "grid.png")
+    assert grid.size[0] == 2 * 128 and grid.size[1] > 128
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "00-redcircle-shape-white-background.png",
+        "01-bluesquare-shape-yellow-background.png",
+        "grid.png",
+    ]
+    for line in ("resize:demo: 16 items: computed 16, reused 0, removed 0", "train:demo: 1 items: computed 1"):
+        assert line in ws.cold.stdout
+
+
+def test_second_build_runs_nothing(demo):
+    demo.doit("sample:demo", build="again")
+    assert demo.ran("again") == set()
+
+
+def test_noop_build_and_list_import_no_torch(demo):
+    script = (
+        "import sys\n"
+        "from doit.doit_cmd import DoitMain\n"
+        "from doit.cmd_base import DodoTaskLoader\n"
+        "rc = DoitMain(DodoTaskLoader()).run(sys.argv[1:])\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY:' + ','.join(heavy))\n"
+        "sys.exit(rc)\n"
+    )
+    for args in (["list"], ["train:demo"]):
+        proc = subprocess.run([sys.executable, "-c", script, *args], cwd=demo.root, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "HEAVY:\n" in proc.stdout, proc.stdout
+    listing = subprocess.run([sys.executable, "-m", "doit", "list"], cwd=demo.root, capture_output=True, text=True).stdout
+    for stage in STAGES:
+        assert stage in listing
+
+
+def test_adding_one_image_computes_one_item_per_stage(demo):
+    src = demo.data / "10_redcircle shape" / "redcircle_00.png"
+    img = Image.open(src).convert("RGB")
+    img.putpixel((5, 5), (1, 2, 3))  # new content, same size
+    img.save(demo.data / "10_redcircle shape" / "redcircle_new.png")
+    (demo.data / "10_redcircle shape" / "redcircle_new.txt").write_text("redcircle, shape, new one\n")
+    demo.doit("train:demo", build="add")
+    assert demo.ran("add") == {"resize", "bucket", "latents", "textemb", "train"}
+    r = demo.report("resize")
+    assert (r["computed"], r["reused"], r["removed"]) == (1, N_IMAGES, 0)
+    lat = demo.report("latents")
+    assert (lat["computed"], lat["reused"]) == (1, N_IMAGES)
+    assert demo.report("textemb")["computed"] <= 1
+    assert demo.report("train")["computed"] == 1
+
+
+def test_editing_one_caption_recomputes_only_its_embedding(demo):
+    cap = demo.data / "10_bluesquare shape" / "bluesquare_03.txt"
+    cap.write_text("bluesquare, shape, edited caption\n")
+    demo.doit("train:demo", build="cap")
+    assert demo.ran("cap") == {"textemb", "train"}
+    t = demo.report("textemb")
+    assert (t["computed"], t["reused"], t["removed"]) == (1, 15, 1)
+
+
+def test_changing_learning_rate_runs_no_cache_stage(demo):
+    demo.edit(lambda d: d["train"].update(learning_rate=0.001))
+    demo.doit("train:demo", build="lr")
+    assert demo.ran("lr") == {"train"}
+    assert demo.report("train")["computed"] == 1
+
+
+def test_reverting_a_change_restores_the_trained_lora(demo):
+    lora = demo.root / "output" / "demo" / "demo.safetensors"
+    before = _tensors(lora)
+    original = demo.yaml_path.read_text()
+    demo.edit(lambda d: d["train"].update(epochs=1))
+    demo.doit("train:demo", build="one-epoch")
+    assert demo.report("train")["computed"] == 1
+    demo.yaml_path.write_text(original)
+    demo.doit("train:demo", build="back")
+    assert (demo.report("train")["computed"], demo.report("train")["reused"]) == (0, 1)
+    after = _tensors(lora)
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+
+
+def test_changing_prompts_runs_only_sample(demo):
+    def add_prompt(d):
+        d["sample"]["prompts"].append({"prompt": "redcircle, shape, green background", "seed": 3})
+
+    demo.edit(add_prompt)
+    demo.doit("sample:demo", build="prompt")
+    assert demo.ran("prompt") == {"sample"}
+    s = demo.report("sample")
+    assert (s["computed"], s["reused"]) == (1, 2)
+    assert Image.open(demo.root / "output" / "demo" / "samples" / "grid.png").size[0] == 3 * 128
+
+
+def test_changing_bucket_resolution_reuses_resize(demo):
+    demo.edit(lambda d: d["bucket"].update(resolution=192))
+    demo.doit("train:demo", build="reso")
+    assert demo.ran("reso") == {"bucket", "latents", "train"}
+    assert demo.report("latents")["computed"] > 0
+    assert demo.report("bucket")["computed"] > 0
+
+
+def test_deleting_an_image_removes_it_downstream(demo):
+    (demo.data / "10_redcircle shape" / "redcircle_01.png").unlink()
+    (demo.data / "10_redcircle shape" / "redcircle_01.txt").unlink()
+    demo.doit("train:demo", build="del")
+    assert "train" in demo.ran("del")
+    for stage in ("resize", "bucket", "latents"):
+        r = demo.report(stage)
+        assert (r["computed"], r["removed"], r["items"]) == (0, 1, N_IMAGES - 1), (stage, r)
+
+
+def test_lost_doit_database_recomputes_nothing(demo):
+    """doit forgets a killed run; the stages' own caches must not."""
+    (demo.root / "cache" / "doit.sqlite3").unlink()
+    demo.doit("sample:demo", build="nodb")
+    assert demo.ran("nodb") == set(STAGES)
+    for stage in STAGES:
+        assert demo.report(stage)["computed"] == 0, stage
+
+
+def test_invalid_project_is_refused_and_valid_ones_still_build(demo):
+    shutil.copy(demo.yaml_path, demo.root / "projects" / "broken.yaml")
+    text = (demo.root / "projects" / "broken.yaml").read_text().replace("batch_size: 4", "batch_size: -1")
+    (demo.root / "projects" / "broken.yaml").write_text(text)
+    bad = demo.doit("train:broken", build="bad", check=False)
+    assert bad.returncode != 0
+    assert "train.batch_size: -1 is less than the minimum of 1" in bad.stdout + bad.stderr
+    demo.doit("train:demo", build="good")
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_saved_lora_has_kohya_layout_and_metadata(built_demo):
+    path = built_demo.root / "output" / "demo" / "demo.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        dtypes = {str(f.get_tensor(k).dtype) for k in keys}
+    assert keys and all(k.startswith("lora_unet_") for k in keys)  # the demo freezes the text encoder
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert dtypes == {"torch.float16"}
+    assert meta["ss_network_module"] == "networks.lora"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("8", "8")
+    assert meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_num_train_images"] == str(N_IMAGES * 10)
+    assert meta["ss_num_epochs"] == "6"
+    assert meta["ss_output_name"] == "demo"
+    freq = json.loads(meta["ss_tag_frequency"])
+    assert freq["10_redcircle shape"]["redcircle"] == 8
+    assert freq["10_bluesquare shape"]["shape"] == 8
