@@ -18,7 +18,8 @@ import zipfile
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "lorabuild" / "data" / "clip_tokenizer"
-N_MERGES = 49152 - 256 - 2
+N_MERGES = 49152 - 256 - 2  # open_clip tokenizer.py: merges[1:49152-256-2+1]
+CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with OpenAI CLIP's tokenizer
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -54,14 +55,26 @@ def main() -> None:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     assert len(vocab) == 49408, len(vocab)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    (OUT / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    text = {
+        "vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",  # HF's merges format
+    }
+    for name, body in text.items():
+        with open(OUT / name, "w", encoding="utf-8", newline="\n") as fh:  # same bytes on Windows
+            fh.write(body)
 
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer(str(OUT / "vocab.json"), str(OUT / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
-    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok("a photo of a cat").input_ids == CAT_IDS
     tok.save_pretrained(str(OUT))
+    # transformers >= 5 also writes tokenizer.json: 3.6 MB that repeats vocab + merges and
+    # loads slower than building from them; transformers 4 writes special_tokens_map.json,
+    # whose tokens tokenizer_config.json already names. Both versions load the folder
+    # from vocab.json + merges.txt + tokenizer_config.json alone.
+    for extra in ("tokenizer.json", "special_tokens_map.json"):
+        (OUT / extra).unlink(missing_ok=True)
+    assert CLIPTokenizer.from_pretrained(str(OUT))("a photo of a cat").input_ids == CAT_IDS
     print(f"wrote {OUT}")
 
 
