@@ -17,9 +17,11 @@ class BuildWithBundledData(build_py):
         super().run()
         if self.editable_mode:
             return
-        for name in ("schemas", "projects"):
-            dst = Path(self.build_lib) / "lorabuild" / "_bundled" / name
-            shutil.copytree(HERE / name, dst, dirs_exist_ok=True)
+        bundled = Path(self.build_lib) / "lorabuild" / "_bundled"
+        shutil.copytree(HERE / "schemas", bundled / "schemas", dirs_exist_ok=True)
+        # Only the demo: a clone's other projects are the user's, not the package's.
+        shutil.copytree(HERE / "projects" / "demo", bundled / "projects" / "demo", dirs_exist_ok=True)
+        shutil.copy2(HERE / "projects" / "demo.yaml", bundled / "projects" / "demo.yaml")
 
 
 setup(cmdclass={"build_py": BuildWithBundledData})

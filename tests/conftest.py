@@ -75,9 +75,22 @@ def built_demo(tmp_path_factory) -> WS:
     return ws
 
 
+def copy_workspace(src: WS, dst: Path) -> WS:
+    """A private copy of a workspace (timestamps kept, so doit sees it up to date)."""
+    shutil.copytree(src.root, dst, symlinks=True)
+    return WS(dst)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(built_demo, tmp_path_factory) -> WS:
+    """The built demo retrained for one epoch only: incremental tests retrain in seconds."""
+    ws = copy_workspace(built_demo, tmp_path_factory.mktemp("quick") / "ws")
+    ws.edit(lambda d: d["train"].update(epochs=1))
+    ws.doit("sample:demo", build="quick")
+    return ws
+
+
 @pytest.fixture
-def demo(built_demo, tmp_path) -> WS:
-    """A private copy of the built demo workspace (timestamps kept, so doit sees it up to date)."""
-    root = tmp_path / "ws"
-    shutil.copytree(built_demo.root, root, symlinks=True)
-    return WS(root)
+def demo(quick_demo, tmp_path) -> WS:
+    """A private copy of the built one-epoch demo workspace."""
+    return copy_workspace(quick_demo, tmp_path / "ws")
