@@ -58,7 +58,7 @@ class LoRAModule(nn.Module):
         return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
 
 
-def _targets(root: nn.Module, prefix: str, container_classes: tuple[str, ...]):
+def _targets(root: nn.Module, prefix: str, container_classes: tuple[str, ...], path_prefix: str = ""):
     """(kohya name, module) for every Linear / 1×1 Conv2d inside the named container blocks."""
     for name, block in root.named_modules():
         if block.__class__.__name__ not in container_classes:
@@ -66,7 +66,13 @@ def _targets(root: nn.Module, prefix: str, container_classes: tuple[str, ...]):
         for child_name, child in block.named_modules():
             is_1x1 = isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1)
             if isinstance(child, nn.Linear) or is_1x1:
-                yield f"{prefix}_{name}.{child_name}".replace(".", "_"), child
+                yield f"{prefix}_{path_prefix}{name}.{child_name}".replace(".", "_"), child
+
+
+def _te_path_prefix(te: nn.Module) -> str:
+    # kohya names follow transformers 4's CLIPTextModel, whose layers sit under
+    # `text_model.`; transformers 5 dropped that level. The names must not change with it.
+    return "" if hasattr(te, "text_model") else "text_model."
 
 
 class LoRANetwork(nn.Module):
@@ -81,7 +87,7 @@ class LoRANetwork(nn.Module):
         n_unet = len(found)
         if train_text_encoder:
             for te in text_encoders:
-                found += list(_targets(te, "lora_te", TE_TARGETS))
+                found += list(_targets(te, "lora_te", TE_TARGETS, _te_path_prefix(te)))
         names = [n for n, _ in found]
         assert len(set(names)) == len(names), "duplicate LoRA module names"
         self.loras = nn.ModuleList(LoRAModule(n, m, dim, alpha) for n, m in found)

@@ -27,4 +27,5 @@ def encode(tokenizer, text_encoder, captions: list[str], clip_skip: int = 1):
         return text_encoder(ids)[0]
     out = text_encoder(ids, output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip]
-    return text_encoder.text_model.final_layer_norm(hidden)
+    # transformers 5's CLIPTextModel has no `.text_model` level any more; 4's has.
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
 from safetensors import safe_open
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from conftest import STAGES
 
 N_IMAGES = 16
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cold_build_runs_every_stage_and_writes_outputs(built_demo):
@@ -185,3 +187,74 @@ def test_saved_lora_has_kohya_layout_and_metadata(built_demo):
     assert freq["10_redcircle shape"]["redcircle"] == 7
     assert freq["10_redcircle shape"]["redcircle shape"] == 1
     assert freq["10_bluesquare shape"]["shape"] == 7
+
+
+def test_trained_text_encoder_skips_the_embedding_cache_and_shares_images(demo):
+    """A second project on the same images reuses the first one's cache entries."""
+    doc = demo.yaml_path.read_text().replace("train_text_encoder: false", "train_text_encoder: true")
+    (demo.root / "projects" / "te.yaml").write_text(doc)
+    demo.doit("train:te", build="te")
+    assert demo.ran("te", project="te") == {"resize", "bucket", "latents", "textemb", "train"}
+    for stage in ("resize", "latents"):
+        r = demo.report(stage, project="te")
+        assert (r["computed"], r["reused"]) == (0, N_IMAGES), stage
+    t = demo.report("textemb", project="te")
+    assert (t["computed"], t["items"]) == (0, 0)
+    assert "the text encoder trains" in " ".join(t["notes"])
+    keys = _tensors(demo.root / "output" / "te" / "te.safetensors").keys()
+    te_keys = {k for k in keys if k.startswith("lora_te_")}
+    # 5 CLIP layers × (q, k, v, out_proj, fc1, fc2), three tensors each
+    assert len(te_keys) == 5 * 6 * 3
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in te_keys
+    _assert_diffusers_text_encoder_matches(demo.root / "cache" / "models" / "tiny-sd1", demo.root / "output" / "te" / "te.safetensors")
+
+
+def _assert_diffusers_text_encoder_matches(folder, lora):
+    import torch
+
+    from lorabuild import models
+    from lorabuild.network import LoRANetwork
+
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
+    unet, te = models.load_unet(folder), models.load_text_encoder(folder)
+    net = LoRANetwork(unet, [te], dim=8, alpha=8, arch="sd1")
+    net.load_weights(lora)
+    net.apply()
+    with torch.no_grad():
+        ours = te(ids)[0]
+        net.set_multiplier(0.0)
+        plain = te(ids)[0]
+    pipe = models.load_pipeline(folder)
+    pipe.load_lora_weights(str(lora))
+    with torch.no_grad():
+        theirs = pipe.text_encoder(ids)[0]
+    assert (ours - plain).abs().max() > 1e-4
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_gc_deletes_only_entries_no_manifest_uses(demo):
+    demo.edit(lambda d: d["bucket"].update(resolution=192))
+    demo.doit("train:demo", build="reso")
+    dry = demo.lorabuild("gc", "--dry-run")
+    assert dry.returncode == 0 and "would remove" in dry.stdout
+    gc = demo.lorabuild("gc")
+    assert gc.returncode == 0, gc.stderr
+    removed = int(gc.stdout.split("removed ")[1].split()[0])
+    assert removed > 0
+    # Everything the project uses now survived: with doit's memory gone, nothing is recomputed.
+    (demo.root / "cache" / "doit.sqlite3").unlink()
+    demo.doit("train:demo", build="after-gc")
+    for stage in ("resize", "bucket", "latents", "textemb", "train"):
+        assert demo.report(stage)["computed"] == 0, stage
+    assert demo.lorabuild("gc").stdout.startswith("gc: removed 0 files")
+
+
+def test_init_refuses_an_existing_workspace(demo):
+    proc = demo.lorabuild("init", str(demo.root))
+    assert proc.returncode == 1
+    assert "already holds a workspace" in proc.stderr
+
+
+def test_every_shipped_project_validates():
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate"], cwd=ROOT, capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (0, "")
