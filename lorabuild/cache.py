@@ -49,31 +49,12 @@ def _replace(src: str, dst: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Write ``path`` all-or-nothing: yield a temp file in the same folder, fsync, rename.
-
-    A process killed mid-write leaves at most a ``*.tmp-*`` file, never a partial
-    target. ``mode`` is ``"wb"`` or ``"w"`` (UTF-8 text).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
-    kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-    try:
-        with open(tmp, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        _replace(str(tmp), str(path))
-    finally:
-        if tmp.exists():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-
-@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Like :func:`atomic_write` for writers that want a file name (safetensors, PIL)."""
+    """Yield a temp path beside ``path``; when the block ends it is fsynced and renamed onto it.
+
+    A process killed mid-write leaves at most a ``.*.tmp-*`` file, never a partial
+    target. For writers that want a file name (safetensors, PIL).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}{path.suffix}")
@@ -86,6 +67,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.exists():
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Write ``path`` all-or-nothing through an open file; ``mode`` is ``"wb"`` or ``"w"`` (UTF-8)."""
+    kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
