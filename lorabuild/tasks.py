@@ -27,7 +27,7 @@ DOCS = {
     "sample": "the LoRA + sample.prompts → images and a grid in output/<name>/samples/",
 }
 # Bumped when a stage's task wiring or output format changes, so doit re-runs it.
-TASK_VERSION = 1
+TASK_VERSION = 2
 
 
 def _params(project: Project, keys: tuple[str, ...]) -> dict:

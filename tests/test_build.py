@@ -38,6 +38,12 @@ def test_cold_build_runs_every_stage_and_writes_outputs(built_demo):
         "01-bluesquare-shape-yellow-background.png",
         "grid.png",
     ]
+    buckets = json.loads((out / "buckets" / "buckets.json").read_text())
+    assert sum(buckets["buckets"].values()) == N_IMAGES and len(buckets["images"]) == N_IMAGES
+    for label in buckets["buckets"]:
+        assert (out / "buckets" / f"{label}.jpg").is_file()
+    portrait = next(e for e in buckets["images"] if e["id"].endswith("redcircle_01.png"))  # 160×240
+    assert portrait["orig_size"] == [160, 240] and portrait["cropped_share"] > 0
     for line in ("resize:demo: 16 items: computed 16, reused 0, removed 0", "train:demo: 1 items: computed 1"):
         assert line in ws.cold.stdout
 

@@ -1,12 +1,19 @@
 """bucket: each working image → its aspect-ratio bucket, resize size and centre crop (kohya's rules).
 
+Also writes ``output/<name>/buckets/buckets.json`` (per image: original size, bucket,
+resize size, crop box, scale, share cropped, aspect-ratio error, upscaled) and one
+contact sheet per bucket, ``<W>x<H>.jpg``, so a user sees which image went where and
+what was cut off.
+
 Item = one image; key = the working image's size + the bucket parameters (nothing
 else decides a bucket, so images of equal size share an entry).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from .. import buckets
-from ..cache import canonical_json
+from ..cache import atomic_path, canonical_json, write_json_if_changed
 from .base import Context, Item, StageRun
 
 STAGE = "bucket"
@@ -53,4 +60,39 @@ def run(ctx: Context, params: dict) -> dict:
         label = f"{d['bucket'][0]}x{d['bucket'][1]}"
         histogram[label] = histogram.get(label, 0) + 1
         entries.append({"id": item.id, "hash": item.hash, "src": item.data["hash"], "orig_size": item.data["orig_size"], **d})
+    out = ctx.ws.output_dir(ctx.project.output_name) / "buckets"
+    write_json_if_changed(out / "buckets.json", {"buckets": dict(sorted(histogram.items())), "images": entries})
+    contact_sheets(ctx.store("resize", ".png"), entries, out)
     return sr.finish(entries, buckets=dict(sorted(histogram.items())), ladder=[list(b) for b in ladder])
+
+
+def contact_sheets(resize_store, entries: list[dict], out: Path, thumb: int = 128, columns: int = 8) -> None:
+    """One sheet per bucket: every image in it, the kept region outlined, the cut-off part dimmed."""
+    from PIL import Image, ImageDraw
+
+    by_bucket: dict[str, list[dict]] = {}
+    for e in entries:
+        by_bucket.setdefault(f"{e['bucket'][0]}x{e['bucket'][1]}", []).append(e)
+    for old in out.glob("*.jpg"):
+        if old.stem not in by_bucket:
+            old.unlink()
+    for label, group in by_bucket.items():
+        rows = (len(group) + columns - 1) // columns
+        sheet = Image.new("RGB", (min(len(group), columns) * thumb, rows * (thumb + 12)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for i, e in enumerate(group):
+            with Image.open(resize_store.path(e["src"])) as im:
+                im = im.convert("RGB").resize(tuple(e["resized"]))
+            k = thumb / max(im.size)
+            tile = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))))
+            dim = Image.new("RGB", tile.size, "black")
+            left, top, right, bottom = (round(c * k) for c in e["crop"])
+            mask = Image.new("L", tile.size, 110)
+            ImageDraw.Draw(mask).rectangle([left, top, right - 1, bottom - 1], fill=255)
+            tile = Image.composite(tile, dim, mask)
+            x, y = (i % columns) * thumb, (i // columns) * (thumb + 12)
+            sheet.paste(tile, (x, y))
+            draw.rectangle([x + left, y + top, x + right - 1, y + bottom - 1], outline=(255, 0, 0))
+            draw.text((x + 2, y + thumb), Path(e["id"]).name[:20], fill="black")
+        with atomic_path(out / f"{label}.jpg") as tmp:
+            sheet.save(tmp, format="JPEG", quality=85)
