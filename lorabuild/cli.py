@@ -1,4 +1,4 @@
-"""The ``lorabuild`` command: project chores around the doit build (validate, init, gc).
+"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, gc).
 
 Training knobs live in the project YAML and its schema, never in flags here.
 """
@@ -67,6 +67,43 @@ def cmd_gc(root: Path, dry_run: bool) -> int:
     return 0
 
 
+def _project(root: Path, name: str):
+    """Load ``projects/NAME.yaml`` (or a path to a YAML file); problems go to stderr."""
+    from .config import ProjectError, load_project
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Workspace(root).projects / f"{name}.yaml"
+    if not path.is_file():
+        print(f"lorabuild: no project {path}", file=sys.stderr)
+        return None
+    try:
+        return load_project(path, display=str(path))
+    except ProjectError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def cmd_plan(root: Path, name: str, as_json: bool) -> int:
+    import json
+
+    from .cache import FileHashes
+    from .dataset import DatasetError
+    from .plan import build_plan, render
+
+    project = _project(root, name)
+    if project is None:
+        return 1
+    hashes = FileHashes(Workspace(root).cache / "hashes.json")
+    try:
+        plan = build_plan(project, hashes)
+    except DatasetError as exc:
+        print(f"{project.file}: dataset: {exc}", file=sys.stderr)
+        return 1
+    if Workspace(root).cache.is_dir():
+        hashes.save()
+    print(json.dumps(plan, indent=1) if as_json else render(plan))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lorabuild", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -74,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="*")
     p = sub.add_parser("init", help="make a workspace with the demo project")
     p.add_argument("dir", type=Path)
+    p = sub.add_parser("plan", help="what a project will train on: concepts, buckets, steps, tags, warnings")
+    p.add_argument("name", help="project name (projects/NAME.yaml) or a YAML path")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
@@ -83,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_validate(args.files)
     if args.cmd == "init":
         return cmd_init(args.dir)
+    if args.cmd == "plan":
+        return cmd_plan(find_root(), args.name, args.json)
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
     return 2

@@ -67,6 +67,7 @@ def _bucket_info(lat_items: list[dict]) -> dict:
 def run(ctx: Context, dataset) -> dict:
     from .. import models
     from ..metadata import kohya_metadata, tag_frequency
+    from ..plan import build_plan, render
     from ..trainer import TrainInputs, train
 
     sr = StageRun(ctx, STAGE)
@@ -129,6 +130,7 @@ def run(ctx: Context, dataset) -> dict:
                 network.save(tmp, dtype=dtype, metadata=md)
             epochs.append([epoch, key_hash(ekey)])
 
+        print(render(build_plan(p)), flush=True)
         try:
             train(inp, save)
         except FloatingPointError as exc:

@@ -1,0 +1,145 @@
+"""``lorabuild plan NAME``: what the build is going to train on, without loading any model.
+
+Per concept: folder, images, repeats, default caption, captions found vs defaulted;
+the bucket histogram; kohya's step arithmetic; the most common tags; each concept's
+share of an epoch; and every warning worth reading before an hour of training.
+Image sizes come from file headers (no decoding), EXIF rotation included.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from . import buckets
+from .captions import CaptionError, dataset_captions, split_tags
+from .dataset import IMAGE_EXTENSIONS, Dataset, scan
+from .trainplan import Sample, make_plan
+
+# EXIF orientations 5-8 rotate by 90°, so width and height swap.
+_SWAPS = {5, 6, 7, 8}
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as displayed, from the header alone; None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in _SWAPS:
+                w, h = h, w
+            return w, h
+    except Exception:  # noqa: BLE001 - any unreadable file is reported, not raised
+        return None
+
+
+def build_plan(project, hashes=None) -> dict:
+    """The plan as plain data (also printed by :func:`render`)."""
+    ds: Dataset = scan([project.resolve(d) for d in project.get("dataset.dirs")], project.root,
+                       project.get("dataset.caption_extension"))
+    warnings = list(ds.warnings)
+    try:
+        captions = dataset_captions(ds.images, project.section("captions"))
+    except CaptionError as exc:
+        warnings.append(str(exc))
+        captions = {im.id: im.concept.tokens for im in ds.images}
+    b = project.section("bucket")
+    ladder = buckets.make_buckets(b["resolution"] ** 2, b["min_reso"], b["max_reso"], b["step"])
+    histogram: Counter = Counter()
+    samples, tiny, unreadable = [], [], []
+    for im in ds.images:
+        size = header_size(im.path)
+        if size is None:
+            unreadable.append(im.id)
+            continue
+        if b["no_upscale"]:
+            f = buckets.no_upscale_fit(*size, b["resolution"] ** 2, b["step"])
+        else:
+            f = buckets.fit(*size, *buckets.select_bucket(*size, ladder))
+            if f.upscaled:
+                tiny.append(f"{im.id} ({size[0]}x{size[1]})")
+        bucket = (f.crop[2] - f.crop[0], f.crop[3] - f.crop[1])
+        histogram[f"{bucket[0]}x{bucket[1]}"] += 1
+        samples.append(Sample(im.id, bucket, im.concept.repeats))
+    t = project.section("train")
+    tp = make_plan(samples, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"]) if samples else None
+
+    concepts = []
+    total = sum(s.repeats for s in samples) or 1
+    for c in ds.concepts:
+        ims = [im for im in ds.images if im.concept == c]
+        concepts.append({
+            "folder": str(c.folder), "images": len(ims), "repeats": c.repeats, "default_caption": c.tokens,
+            "captions_found": sum(im.caption_path is not None for im in ims),
+            "captions_defaulted": sum(im.caption_path is None for im in ims),
+            "share_of_epoch": round(len(ims) * c.repeats / total, 4),
+        })
+        if c.repeats * t["epochs"] and not 100 <= c.repeats * t["epochs"] <= 200:
+            warnings.append(f"{c.folder.name}: repeats × epochs = {c.repeats * t['epochs']}, far from the 100–200 that usually works")
+    missing = [im.id for im in ds.images if im.caption_path is None]
+    if missing:
+        warnings.append(f"{len(missing)} image(s) have no caption file and use their folder's tokens: {', '.join(missing[:5])}")
+    if tiny:
+        warnings.append(f"{len(tiny)} image(s) are smaller than their bucket and will be upscaled: {', '.join(tiny[:5])}")
+    if unreadable:
+        warnings.append(f"{len(unreadable)} file(s) are not readable images: {', '.join(unreadable[:5])}")
+    warnings += _orphan_captions(ds, project.get("dataset.caption_extension"))
+    if hashes is not None:
+        warnings += _duplicates(ds, hashes)
+    tags = Counter(t_ for c in captions.values() for t_ in set(split_tags(c)))
+    return {
+        "project": project.name,
+        "concepts": concepts,
+        "buckets": dict(sorted(histogram.items())),
+        "steps": None if tp is None else {
+            "images": tp.images, "samples_per_epoch": tp.samples_per_epoch, "batch_size": tp.batch_size,
+            "gradient_accumulation_steps": tp.gradient_accumulation_steps, "effective_batch": tp.effective_batch,
+            "batches_per_epoch": tp.batches_per_epoch, "steps_per_epoch": tp.steps_per_epoch,
+            "epochs": tp.epochs, "total_steps": tp.total_steps,
+        },
+        "top_tags": tags.most_common(20),
+        "warnings": warnings,
+    }
+
+
+def _orphan_captions(ds: Dataset, ext: str) -> list[str]:
+    out = []
+    for c in ds.concepts:
+        stems = {p.stem for p in c.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+        orphans = [p.name for p in c.folder.glob(f"*{ext}") if p.stem not in stems]
+        if orphans:
+            out.append(f"{c.folder.name}: caption file(s) without an image: {', '.join(sorted(orphans)[:5])}")
+    return out
+
+
+def _duplicates(ds: Dataset, hashes) -> list[str]:
+    seen: dict[str, str] = {}
+    dups = []
+    for im in ds.images:
+        h = hashes.sha256(im.path)
+        if h in seen:
+            dups.append(f"{im.id} = {seen[h]}")
+        else:
+            seen[h] = im.id
+    return [f"{len(dups)} duplicate image(s) by content: {'; '.join(dups[:5])}"] if dups else []
+
+
+def render(plan: dict) -> str:
+    lines = [f"plan for {plan['project']}:", "  concepts:"]
+    for c in plan["concepts"]:
+        lines.append(
+            f"    {c['folder']}: {c['images']} images × {c['repeats']} repeats = {c['share_of_epoch']:.0%} of an epoch; "
+            f"caption default '{c['default_caption']}'; captions found {c['captions_found']}, defaulted {c['captions_defaulted']}"
+        )
+    lines.append("  buckets: " + ", ".join(f"{k}: {v}" for k, v in plan["buckets"].items()))
+    s = plan["steps"]
+    if s:
+        lines.append(
+            f"  steps: {s['samples_per_epoch']} samples per epoch, batch {s['batch_size']} × accumulation "
+            f"{s['gradient_accumulation_steps']} → {s['steps_per_epoch']} steps per epoch × {s['epochs']} epochs = "
+            f"{s['total_steps']} steps"
+        )
+    lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in plan["top_tags"]))
+    for w in plan["warnings"]:
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)
