@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from . import __version__
+from .captions import is_randomised
 from .resources import schema_path
 
 MAX_BYTES = 1 << 20  # a project file is a few KB; refuse anything absurd before parsing
@@ -226,9 +227,17 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
             doc.problem(pos("base_model"), "base_model", f"unknown built-in model '{base}' (known: {known})")
     elif not (root / base).exists():
         doc.problem(pos("base_model"), "base_model", f"{(root / base).resolve()} does not exist")
-    for i, d in enumerate(data["dataset"]["dirs"]):
-        if not (root / d).is_dir():
-            doc.problem(pos("dataset", "dirs", i), f"dataset.dirs.{i}", f"folder {(root / d).resolve()} does not exist")
+    ds = data["dataset"]
+    for key in ("dirs", "reg_dirs"):
+        for i, d in enumerate(ds[key]):
+            if not (root / d).is_dir():
+                doc.problem(pos("dataset", key, i), f"dataset.{key}.{i}", f"folder {(root / d).resolve()} does not exist")
+    for i, c in enumerate(ds["concepts"]):
+        if not (root / c["path"]).is_dir():
+            doc.problem(pos("dataset", "concepts", i, "path"), f"dataset.concepts.{i}.path",
+                        f"folder {(root / c['path']).resolve()} does not exist")
+    if not ds["dirs"] and not any(not c["is_reg"] for c in ds["concepts"]):
+        doc.problem(pos("dataset"), "dataset", "no training images: give dirs (parents of '<repeats>_<tokens>' folders) or concepts")
     b = data["bucket"]
     if b["min_reso"] > b["max_reso"]:
         doc.problem(pos("bucket", "min_reso"), "bucket.min_reso", f"{b['min_reso']} is larger than bucket.max_reso ({b['max_reso']})")
@@ -246,14 +255,18 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
         why = []
         if net["train_text_encoder"]:
             why.append("network.train_text_encoder is true (embeddings change as it trains)")
-        if cap["shuffle"] or cap["dropout"] > 0 or cap["tag_dropout"] > 0:
-            why.append("captions are randomised per epoch (shuffle/dropout/tag_dropout)")
+        if is_randomised(cap):
+            why.append("captions are randomised per epoch (shuffle, dropout, tag_dropout, dropout_every_n_epochs or wildcards)")
         if why:
             doc.problem(pos("textemb", "cache"), "textemb.cache", "true is impossible: " + " and ".join(why) + "; use auto")
 
 
 def apply_defaults(data: Any, sch: dict) -> Any:
     """Fill every missing optional field with its schema default, recursively."""
+    if isinstance(data, list) and isinstance(sch.get("items"), dict):
+        for item in data:
+            apply_defaults(item, sch["items"])
+        return data
     if not isinstance(data, dict):
         return data
     for key, sub in sch.get("properties", {}).items():

@@ -9,7 +9,7 @@ doit loads the task graph.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -24,6 +24,8 @@ class Concept:
     folder: Path  # absolute
     repeats: int
     tokens: str  # the caption of images without a caption file
+    is_reg: bool = False
+    captions: dict = field(default_factory=dict, compare=False)  # caption options over the project's
 
 
 @dataclass(frozen=True)
@@ -63,49 +65,84 @@ def _relative_id(path: Path, project_root: Path) -> str:
         return path.as_posix()
 
 
-def scan(dirs: list[Path], project_root: Path, caption_extension: str) -> Dataset:
-    """List concepts, images and caption files under the dataset folders ``dirs``."""
+def scan(dirs: list[Path], project_root: Path, caption_extension: str, reg_dirs: list[Path] = (),
+         explicit: list[dict] = ()) -> Dataset:
+    """List concepts, images and caption files.
+
+    ``dirs``/``reg_dirs`` are parents of ``<repeats>_<tokens>`` folders; ``explicit`` are
+    concept dicts from the YAML (``path`` absolute, ``repeats``, ``trigger``, ``class``,
+    ``caption_extension``, ``is_reg``, ``captions``).
+    """
     concepts: list[Concept] = []
     images: list[ImageFile] = []
     warnings: list[str] = []
-    for ds in dirs:
-        if not ds.is_dir():
-            raise DatasetError(f"dataset folder {ds} does not exist")
-        with os.scandir(ds) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        loose = [e.name for e in entries if _is_image(e)]
-        subdirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
-        found_concept = False
-        for sub in subdirs:
-            parsed = parse_concept_name(sub.name)
-            if parsed is None:
-                warnings.append(
-                    f"{Path(sub.path)}: skipped: the folder name does not start with '<repeats>_' "
-                    f"(rename it to e.g. '10_{sub.name}')"
-                )
-                continue
-            found_concept = True
-            concept = Concept(Path(sub.path), parsed[0], parsed[1])
-            concepts.append(concept)
-            images.extend(_concept_images(concept, project_root, caption_extension))
-        if not found_concept:
-            parsed_self = parse_concept_name(ds.name)
-            if loose and parsed_self is not None:
-                raise DatasetError(
-                    f"dataset folder {ds} looks like a concept folder ('{ds.name}' holds the images): "
-                    f"dataset.dirs must name its parent, {ds.parent}"
-                )
-            if loose:
-                raise DatasetError(
-                    f"dataset folder {ds} holds images but no concept folders: move the images into a "
-                    f"sub-folder named '<repeats>_<trigger> <class>', e.g. {ds / '10_mychar person'}"
-                )
-            raise DatasetError(f"dataset folder {ds} has no concept folders named '<repeats>_<tokens>'")
-        if loose:
-            warnings.append(f"{ds}: {len(loose)} image(s) directly in the dataset folder are not used (only concept sub-folders are)")
-    if not images:
-        raise DatasetError("the dataset has no images (" + ", ".join(str(d) for d in dirs) + ")")
+    for is_reg, group in ((False, dirs), (True, reg_dirs)):
+        for ds in group:
+            for concept in _kohya_concepts(ds, is_reg, warnings):
+                concepts.append(concept)
+                images.extend(_concept_images(concept, project_root, caption_extension))
+    for c in explicit:
+        folder = Path(c["path"])
+        if not folder.is_dir():
+            raise DatasetError(f"concept folder {folder} does not exist")
+        tokens = " ".join(t for t in (c["trigger"], c["class"]) if t)
+        concept = Concept(folder, c["repeats"], tokens, c["is_reg"], dict(c["captions"]))
+        concepts.append(concept)
+        found = _concept_images(concept, project_root, c["caption_extension"] or caption_extension)
+        if not found:
+            warnings.append(f"{folder}: no images in this concept folder")
+        images.extend(found)
+    seen: set[str] = set()
+    for im in images:
+        if im.id in seen:
+            raise DatasetError(f"{im.path} is listed twice (two dataset entries name the same folder)")
+        seen.add(im.id)
+    if not any(not im.concept.is_reg for im in images):
+        raise DatasetError("the dataset has no training images (" + ", ".join(str(d) for d in dirs) + ")")
     return Dataset(tuple(concepts), tuple(images), tuple(warnings))
+
+
+def _kohya_concepts(ds: Path, is_reg: bool, warnings: list[str]) -> list[Concept]:
+    """The ``<repeats>_<tokens>`` sub-folders of one dataset folder, with clear errors for the usual mistakes."""
+    if not ds.is_dir():
+        raise DatasetError(f"dataset folder {ds} does not exist")
+    with os.scandir(ds) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    loose = [e.name for e in entries if _is_image(e)]
+    out = []
+    for sub in (e for e in entries if e.is_dir() and not e.name.startswith(".")):
+        parsed = parse_concept_name(sub.name)
+        if parsed is None:
+            warnings.append(
+                f"{Path(sub.path)}: skipped: the folder name does not start with '<repeats>_' "
+                f"(rename it to e.g. '10_{sub.name}', or list it under dataset.concepts)"
+            )
+            continue
+        out.append(Concept(Path(sub.path), parsed[0], parsed[1], is_reg))
+    if not out:
+        if loose and parse_concept_name(ds.name) is not None:
+            raise DatasetError(
+                f"dataset folder {ds} looks like a concept folder ('{ds.name}' holds the images): "
+                f"dataset.dirs must name its parent, {ds.parent}"
+            )
+        if loose:
+            raise DatasetError(
+                f"dataset folder {ds} holds images but no concept folders: move the images into a "
+                f"sub-folder named '<repeats>_<trigger> <class>', e.g. {ds / '10_mychar person'}, "
+                f"or list the folder under dataset.concepts with its repeats"
+            )
+        raise DatasetError(f"dataset folder {ds} has no concept folders named '<repeats>_<tokens>'")
+    if loose:
+        warnings.append(f"{ds}: {len(loose)} image(s) directly in the dataset folder are not used (only concept sub-folders are)")
+    return out
+
+
+def from_project(project) -> Dataset:
+    """The dataset a project describes (paths resolved against the project's folder)."""
+    d = project.section("dataset")
+    explicit = [{**c, "path": project.resolve(c["path"])} for c in d["concepts"]]
+    return scan([project.resolve(x) for x in d["dirs"]], project.root, d["caption_extension"],
+                [project.resolve(x) for x in d["reg_dirs"]], explicit)
 
 
 def _concept_images(concept: Concept, project_root: Path, caption_extension: str) -> list[ImageFile]:

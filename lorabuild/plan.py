@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import buckets
 from .captions import CaptionError, dataset_captions, split_tags
-from .dataset import IMAGE_EXTENSIONS, Dataset, scan
+from .dataset import IMAGE_EXTENSIONS, Dataset, from_project
 from .trainplan import Sample, make_plan
 
 # EXIF orientations 5-8 rotate by 90°, so width and height swap.
@@ -35,8 +35,7 @@ def header_size(path: Path) -> tuple[int, int] | None:
 
 def build_plan(project, hashes=None) -> dict:
     """The plan as plain data (also printed by :func:`render`)."""
-    ds: Dataset = scan([project.resolve(d) for d in project.get("dataset.dirs")], project.root,
-                       project.get("dataset.caption_extension"))
+    ds: Dataset = from_project(project)
     warnings = list(ds.warnings)
     try:
         captions = dataset_captions(ds.images, project.section("captions"))

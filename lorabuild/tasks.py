@@ -14,7 +14,7 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from .config import Project, ProjectError, load_project
-from .dataset import Dataset, DatasetError, scan
+from .dataset import Dataset, DatasetError, from_project
 from .workspace import Workspace, build_id
 
 STAGES = ("resize", "bucket", "latents", "textemb", "train", "sample")
@@ -76,13 +76,13 @@ def run_stage(stage: str, root: str, project_file: str):
     try:
         ctx = _context(root, project_file)
         p = ctx.project
-        dataset = scan([p.resolve(d) for d in p.get("dataset.dirs")], p.root, p.get("dataset.caption_extension"))
+        dataset = from_project(p)
         if stage == "resize":
             for w in dataset.warnings:
                 print(f"warning: {w}", file=sys.stderr)
-            resize.run(ctx, dataset, _params(p, resize.PARAMS))
+            resize.run(ctx, dataset, _params(p, resize.PARAMS), p.get("dataset.on_bad_image"))
         elif stage == "bucket":
-            bucket.run(ctx, _params(p, bucket.PARAMS))
+            bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"))
         elif stage == "latents":
             latents.run(ctx, _params(p, latents.PARAMS))
         elif stage == "textemb":
@@ -119,7 +119,7 @@ class Graph:
             for f in self.ws.project_files():
                 try:
                     p = load_project(f, memo_dir=self.ws.cache / "validated")
-                    ds = scan([p.resolve(d) for d in p.get("dataset.dirs")], p.root, p.get("dataset.caption_extension"))
+                    ds = from_project(p)
                     self._loaded.append((f, p, ds, ""))
                 except ProjectError as exc:
                     self._loaded.append((f, None, None, f"{f.stem}: invalid project, nothing built:\n{exc}"))
@@ -142,15 +142,16 @@ class Graph:
         captions = [str(c) for c in ds.caption_files()]
         v = {"task_version": TASK_VERSION}
         if stage == "resize":
-            deps, cfg = [str(im.path) for im in ds.images], {**_params(p, resize.PARAMS), "v": resize.VERSION}
+            keys = resize.PARAMS + ("dataset.on_bad_image",)
+            deps, cfg = [str(im.path) for im in ds.images], {**_params(p, keys), "v": resize.VERSION}
         elif stage == "bucket":
-            deps, cfg = [m("resize")], {**_params(p, bucket.PARAMS), "v": bucket.VERSION}
+            deps, cfg = [m("resize")], {**_params(p, bucket.PARAMS + bucket.FILTER_PARAMS), "v": bucket.VERSION}
         elif stage == "latents":
             deps = [m("bucket")] + _weights(p, self.ws, "vae")
             cfg = {**_params(p, latents.PARAMS + ("base_model", "device")), "v": latents.VERSION}
         elif stage == "textemb":
             deps = [m("resize")] + captions + _weights(p, self.ws, "text_encoder")
-            keys = textemb.PARAMS + ("base_model", "captions", "network.train_text_encoder", "dataset.caption_extension")
+            keys = textemb.PARAMS + ("base_model", "captions", "network.train_text_encoder", "dataset")
             cfg = {**_params(p, keys), "v": textemb.VERSION}
         elif stage == "train":
             deps = [m("latents"), m("textemb")] + captions + _weights(p, self.ws, "unet", "text_encoder")

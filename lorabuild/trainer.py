@@ -27,6 +27,7 @@ class TrainInputs:
     samples: list[Sample]
     latent_path: dict[str, Path]  # image id → latent entry
     caption: dict[str, str]  # image id → caption after the fixed options
+    caption_opts: dict[str, dict]  # image id → its concept's caption options
     embedding_path: dict[str, Path] | None  # caption → cached embedding; None: encode on the fly
     cfg: dict  # the project's sections (network, train, captions, textemb, latents)
     plan: TrainPlan
@@ -59,7 +60,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
     from .textenc import encode
 
     seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
-    latents, noises, steps, captions = [], [], [], []
+    latents, noises, steps, captions, weights = [], [], [], [], []
     for sample, rep in batch:
         g = torch.Generator().manual_seed(derive_seed(seed, epoch, sample.id, rep))
         stored = load_file(str(inp.latent_path[sample.id]))
@@ -69,13 +70,15 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
         noises.append(torch.randn(lat.shape, generator=g))
         steps.append(torch.randint(0, n_timesteps, (1,), generator=g))
         rng = random.Random(derive_seed("caption", seed, epoch, sample.id, rep))
-        captions.append(random_caption(inp.caption[sample.id], inp.cfg["captions"], rng))
+        captions.append(random_caption(inp.caption[sample.id], inp.caption_opts[sample.id], rng, epoch))
+        weights.append(inp.cfg["train"]["prior_loss_weight"] if sample.is_reg else 1.0)
     if inp.embedding_path is not None:
         hidden = torch.stack([load_file(str(inp.embedding_path[c]))["hidden"] for c in captions])
     else:
-        hidden = encode(tok, te, captions, inp.cfg["textemb"]["clip_skip"])
+        hidden = encode(tok, te, captions, inp.cfg["textemb"]["clip_skip"], inp.cfg["textemb"]["max_token_length"])
     to = dict(device=inp.device)
-    return (torch.stack(latents).to(**to), torch.stack(noises).to(**to), torch.cat(steps).to(**to), hidden.to(**to))
+    return (torch.stack(latents).to(**to), torch.stack(noises).to(**to), torch.cat(steps).to(**to), hidden.to(**to),
+            torch.tensor(weights, device=inp.device))
 
 
 def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
@@ -116,13 +119,15 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         for i, batch in enumerate(batches):
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(te is not None and net_cfg["train_text_encoder"]), autocast:
-                latents, noise, t, hidden = _batch_inputs(inp, batch, epoch, n_timesteps, tok, te)
+                latents, noise, t, hidden, weight = _batch_inputs(inp, batch, epoch, n_timesteps, tok, te)
             noisy = sched.add_noise(latents, noise, t)
             target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
             # 2. loss
             with autocast:
                 pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-            loss = F.mse_loss(pred.float(), target.float())
+            # per-sample loss, regularization images weighted by prior_loss_weight (kohya)
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * weight).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}: stopping")
             scaler.scale(loss / accum).backward()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -17,12 +17,40 @@ class Sample:
     id: str  # image id
     bucket: tuple[int, int]
     repeats: int
+    is_reg: bool = False
+
+
+def balance_reg(train: list[Sample], reg: list[Sample]) -> list[Sample]:
+    """Regularization samples with repeats set so an epoch holds as many as training samples.
+
+    kohya ``DreamBoothDataset``: take reg images with their own repeats until the count of
+    training samples (images × repeats) is reached; if they fall short, go round again
+    adding one repeat at a time. Reg images beyond that count are not used.
+    """
+    target = sum(s.repeats for s in train)
+    if not reg or target == 0:
+        return []
+    repeats: dict[str, int] = {}
+    n, first = 0, True
+    while n < target:
+        for s in reg:
+            if first:
+                repeats[s.id] = s.repeats
+                n += s.repeats
+            else:
+                repeats[s.id] += 1
+                n += 1
+            if n >= target:
+                break
+        first = False
+    return [replace(s, repeats=repeats[s.id]) for s in reg if s.id in repeats]
 
 
 @dataclass(frozen=True)
 class TrainPlan:
-    images: int
-    samples_per_epoch: int  # images × repeats
+    images: int  # training images (not regularization)
+    reg_samples_per_epoch: int
+    samples_per_epoch: int  # images × repeats, regularization included
     batch_size: int
     batches_per_epoch: int
     gradient_accumulation_steps: int
@@ -36,7 +64,8 @@ class TrainPlan:
 
     def banner(self) -> str:
         return (
-            f"  images {self.images}, samples per epoch {self.samples_per_epoch} (with repeats), "
+            f"  images {self.images}, samples per epoch {self.samples_per_epoch} (with repeats; "
+            f"{self.reg_samples_per_epoch} regularization), "
             f"batch {self.batch_size} × accumulation {self.gradient_accumulation_steps} = {self.effective_batch}\n"
             f"  batches per epoch {self.batches_per_epoch}, steps per epoch {self.steps_per_epoch}, "
             f"epochs {self.epochs}, total optimizer steps {self.total_steps}"
@@ -69,7 +98,8 @@ def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: i
     batches = len(epoch_batches(samples, batch_size, 0, 0))
     steps = math.ceil(batches / grad_accum)
     return TrainPlan(
-        images=len(samples),
+        images=sum(not s.is_reg for s in samples),
+        reg_samples_per_epoch=sum(s.repeats for s in samples if s.is_reg),
         samples_per_epoch=sum(s.repeats for s in samples),
         batch_size=batch_size,
         batches_per_epoch=batches,

@@ -30,10 +30,10 @@ def _cached_batch(ws):
 def _captions(ws):
     from lorabuild.captions import dataset_captions
     from lorabuild.config import load_project
-    from lorabuild.dataset import scan
+    from lorabuild.dataset import from_project
 
     p = load_project(ws.root / "projects" / "demo.yaml")
-    ds = scan([p.resolve(d) for d in p.get("dataset.dirs")], p.root, p.get("dataset.caption_extension"))
+    ds = from_project(p)
     return dataset_captions(ds.images, p.section("captions"))
 
 

@@ -19,6 +19,8 @@ from .base import Context, Item, StageRun
 STAGE = "bucket"
 VERSION = 1
 PARAMS = ("bucket.resolution", "bucket.min_reso", "bucket.max_reso", "bucket.step", "bucket.no_upscale")
+# Not part of an item's key (it does not change a decision, only whether the image is used).
+FILTER_PARAMS = ("bucket.small_images",)
 
 
 def decide(w: int, h: int, params: dict, ladder: list[tuple[int, int]]) -> dict:
@@ -38,7 +40,7 @@ def decide(w: int, h: int, params: dict, ladder: list[tuple[int, int]]) -> dict:
     }
 
 
-def run(ctx: Context, params: dict) -> dict:
+def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
     sr = StageRun(ctx, STAGE)
     store = ctx.store(STAGE, ".fit.json")
     resized = ctx.read_manifest("resize")["items"]
@@ -57,6 +59,9 @@ def run(ctx: Context, params: dict) -> dict:
             with store.put(item.hash, item.key, d) as tmp:
                 tmp.write_text(canonical_json(d), encoding="utf-8")
             sr.computed += 1
+        if small_images == "reject" and min(w, h) < params["min_reso"]:
+            sr.notes.append(f"rejected {item.id} ({w}x{h}): a side is below bucket.min_reso ({params['min_reso']})")
+            continue
         label = f"{d['bucket'][0]}x{d['bucket'][1]}"
         histogram[label] = histogram.get(label, 0) + 1
         entries.append({"id": item.id, "hash": item.hash, "src": item.data["hash"], "orig_size": item.data["orig_size"], **d})

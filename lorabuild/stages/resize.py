@@ -10,7 +10,7 @@ from .base import Context, Item, StageError, StageRun
 
 STAGE = "resize"
 VERSION = 1
-PARAMS = ("resize.max_side", "resize.interpolation")
+PARAMS = ("resize.max_side", "resize.interpolation", "resize.background")
 
 
 def plan(dataset: Dataset, params: dict, hashes) -> list[Item]:
@@ -28,10 +28,7 @@ def plan(dataset: Dataset, params: dict, hashes) -> list[Item]:
 def _compute(item: Item, params: dict, store) -> dict:
     from ..images import RESAMPLE, ImageError, load_rgb
 
-    try:
-        img = load_rgb(item.data["path"])
-    except ImageError as exc:
-        raise StageError(str(exc)) from None
+    img = load_rgb(item.data["path"], tuple(params["background"]))
     orig = img.size
     longest = max(orig)
     if longest > params["max_side"]:
@@ -44,7 +41,11 @@ def _compute(item: Item, params: dict, store) -> dict:
     return info
 
 
-def run(ctx: Context, dataset: Dataset, params: dict) -> dict:
+def run(ctx: Context, dataset: Dataset, params: dict, on_bad_image: str = "error") -> dict:
+    """Make the missing working copies. A bad image stops the stage naming the file, or with
+    ``on_bad_image: skip`` is left out, and the warning is kept in the report."""
+    from ..images import ImageError
+
     sr = StageRun(ctx, STAGE)
     store = ctx.store(STAGE, ".png")
     hashes = ctx.hashes()
@@ -52,12 +53,22 @@ def run(ctx: Context, dataset: Dataset, params: dict) -> dict:
         items = plan(dataset, params, hashes)
     finally:
         hashes.save()
-    infos = {}
+    infos, bad = {}, set()
     for item in sr.split(items, store):
-        infos[item.hash] = _compute(item, params, store)
+        try:
+            infos[item.hash] = _compute(item, params, store)
+        except ImageError as exc:
+            if on_bad_image != "skip":
+                raise StageError(str(exc)) from None
+            sr.notes.append(f"skipped {exc}")
+            print(f"warning: skipped {exc}", flush=True)
+            bad.add(item.hash)
+            continue
         sr.computed += 1
     entries = []
     for item in items:
+        if item.hash in bad:
+            continue
         info = infos.get(item.hash) or store.info(item.hash)
         if not info or "size" not in info:
             store.discard(item.hash, "missing sidecar")

@@ -13,7 +13,7 @@ from . import runtime
 
 STAGE = "textemb"
 VERSION = 1
-PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.batch_size")
+PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.batch_size", "textemb.max_token_length")
 
 
 def mode(cache: object, train_text_encoder: bool, randomised: bool) -> tuple[bool, str]:
@@ -28,20 +28,27 @@ def mode(cache: object, train_text_encoder: bool, randomised: bool) -> tuple[boo
 
 
 def project_mode(project) -> tuple[bool, str]:
+    opts = project.section("captions")
+    overrides = [c["captions"] for c in project.section("dataset")["concepts"]]
     return mode(
         project.get("textemb.cache"),
         project.get("network.train_text_encoder"),
-        is_randomised(project.section("captions")),
+        any(is_randomised({**opts, **o}) for o in [{}] + overrides),
     )
 
 
-def item_key(caption: str, clip_skip: int, te_id: str) -> dict:
-    return {"stage": STAGE, "v": VERSION, "caption": caption, "clip_skip": clip_skip, "te": te_id}
+def item_key(caption: str, clip_skip: int, max_token_length: int, te_id: str) -> dict:
+    key = {"stage": STAGE, "v": VERSION, "caption": caption, "clip_skip": clip_skip, "te": te_id}
+    if max_token_length != 75:  # absent at the default, so entries made before the option existed stay valid
+        key["max_token_length"] = max_token_length
+    return key
 
 
 def captions_for(ctx: Context, dataset) -> dict[str, str]:
+    """Image id → caption, for the images the resize stage kept."""
+    kept = {e["id"] for e in ctx.read_manifest("resize")["items"]}
     try:
-        return dataset_captions(dataset.images, ctx.project.section("captions"))
+        return dataset_captions([im for im in dataset.images if im.id in kept], ctx.project.section("captions"))
     except CaptionError as exc:
         raise StageError(str(exc)) from None
 
@@ -60,7 +67,8 @@ def run(ctx: Context, dataset, params: dict) -> dict:
     store = ctx.store(STAGE, ".safetensors")
     captions = captions_for(ctx, dataset)
     te_id = runtime.identity(ctx, "text_encoder")
-    items = [Item(c, item_key(c, params["clip_skip"], te_id)) for c in sorted(set(captions.values()))]
+    items = [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id))
+             for c in sorted(set(captions.values()))]
     missing = sr.split(items, store)
     if missing:
         tokenizer = runtime.frozen(ctx, "tokenizer")
@@ -69,7 +77,7 @@ def run(ctx: Context, dataset, params: dict) -> dict:
         for i in range(0, len(missing), bs):
             chunk = missing[i : i + bs]
             with torch.inference_mode():
-                hidden = encode(tokenizer, te, [it.id for it in chunk], params["clip_skip"])
+                hidden = encode(tokenizer, te, [it.id for it in chunk], params["clip_skip"], params["max_token_length"])
             for j, it in enumerate(chunk):
                 with store.put(it.hash, it.key, {"shape": list(hidden[j].shape)}) as tmp:
                     save_file({"hidden": hidden[j].float().cpu().contiguous()}, str(tmp))

@@ -16,24 +16,32 @@ import uuid
 from pathlib import Path
 
 from ..cache import atomic_path, atomic_write, key_hash
-from ..trainplan import Sample, make_plan
+from ..captions import concept_options
+from ..trainplan import Sample, balance_reg, make_plan
 from . import runtime, textemb
 from .base import Context, StageError, StageRun
 
 STAGE = "train"
 VERSION = 1
 SECTIONS = ("network", "train", "captions", "output")
-EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "latents.flip", "base_model")
+EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "base_model", "dataset")
 
 
 def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, unet_id: str, cached: bool) -> dict:
     cfg = {s: ctx.project.section(s) for s in ("network", "train", "captions")}
     cfg["save_precision"] = ctx.project.get("output.save_precision")
-    repeats = {im.id: im.concept.repeats for im in dataset.images}
+    concept_of = {im.id: im.concept for im in dataset.images}
+    images = []
+    for i in sorted(latents):
+        c = concept_of[i]
+        # everything per image that shapes training: latent, caption, repeats, reg, caption options
+        images.append([i, latents[i]["hash"], captions[i], c.repeats] + ([True] if c.is_reg else [])
+                      + ([c.captions] if c.captions else []))
     return {
         "stage": STAGE,
         "v": VERSION,
-        "images": [[i, latents[i]["hash"], captions[i], repeats[i]] for i in sorted(latents)],
+        "images": images,
+        "textemb_max_tokens": ctx.project.get("textemb.max_token_length"),
         "params": cfg,
         "clip_skip": ctx.project.get("textemb.clip_skip"),
         "flip": ctx.project.get("latents.flip"),
@@ -76,8 +84,9 @@ def run(ctx: Context, dataset) -> dict:
     captions = textemb.captions_for(ctx, dataset)
     lat_items = ctx.read_manifest("latents")["items"]
     latents = {e["id"]: e for e in lat_items}
-    if set(latents) != set(captions):
+    if not set(latents) <= set(captions):
         raise StageError("the latents manifest does not match the dataset: run the latents stage again")
+    captions = {i: c for i, c in captions.items() if i in latents}  # images the resize stage skipped drop out
     mdir = runtime.model_dir(ctx)
     info = models.model_info(mdir)
     te_id, unet_id = runtime.identity(ctx, "text_encoder"), runtime.identity(ctx, "unet")
@@ -93,11 +102,14 @@ def run(ctx: Context, dataset) -> dict:
         emb_paths = None
         if cached:
             emb_store = ctx.store("textemb", ".safetensors")
-            emb_paths = {c: emb_store.path(key_hash(textemb.item_key(c, p.get("textemb.clip_skip"), te_id))) for c in set(captions.values())}
+            ck = lambda c: textemb.item_key(c, p.get("textemb.clip_skip"), p.get("textemb.max_token_length"), te_id)  # noqa: E731
+            emb_paths = {c: emb_store.path(key_hash(ck(c))) for c in set(captions.values())}
             if not all(path.is_file() for path in emb_paths.values()):
                 raise StageError("text embeddings are missing from the cache: run the textemb stage again")
-        repeats = {im.id: im.concept.repeats for im in dataset.images}
-        samples = [Sample(i, tuple(latents[i]["bucket"]), repeats[i]) for i in sorted(latents)]
+        concept_of = {im.id: im.concept for im in dataset.images}
+        every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg) for i in sorted(latents)]
+        samples = [s for s in every if not s.is_reg]
+        samples += balance_reg(samples, [s for s in every if s.is_reg])
         plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"))
         folder_of = {im.id: im.concept.folder.name for im in dataset.images}
         dirs = {}
@@ -107,6 +119,7 @@ def run(ctx: Context, dataset) -> dict:
         inp = TrainInputs(
             model_dir=mdir, arch=info["arch"], device=runtime.device(ctx), samples=samples,
             latent_path={i: lat_store.path(latents[i]["hash"]) for i in latents}, caption=captions,
+            caption_opts={i: concept_options(p.section("captions"), concept_of[i]) for i in latents},
             embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
             plan=plan,
         )
