@@ -264,3 +264,21 @@ def test_init_refuses_an_existing_workspace(demo):
 def test_every_shipped_project_validates():
     proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate"], cwd=ROOT, capture_output=True, text=True)
     assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_changing_a_caption_option_reencodes_captions_only(demo):
+    demo.edit(lambda d: d["captions"].update(prepend=["demo style"]))
+    demo.doit("train:demo", build="prepend")
+    assert demo.ran("prepend") == {"textemb", "train"}
+    t = demo.report("textemb")
+    assert (t["computed"], t["reused"], t["removed"]) == (N_IMAGES, 0, N_IMAGES)
+
+
+def test_flip_stores_both_latents(demo):
+    demo.edit(lambda d: d["latents"].update(flip=True))
+    demo.doit("train:demo", build="flip")
+    assert demo.ran("flip") == {"latents", "train"}
+    assert demo.report("latents")["computed"] == N_IMAGES
+    h = json.loads((demo.root / "cache" / "manifests" / "demo" / "latents.json").read_text())["items"][0]["hash"]
+    with safe_open(str(demo.root / "cache" / "objects" / "latents" / h[:2] / f"{h[2:]}.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"latent", "latent_flip"}

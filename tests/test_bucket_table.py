@@ -1,0 +1,84 @@
+"""kohya's aspect-ratio bucketing, reproduced: the bucket set and the bucket and resize size of
+33 image sizes, in normal and ``bucket_no_upscale`` mode.
+
+Expected values were derived once from kohya sd-scripts' published algorithm
+(``library/model_util.py:make_bucket_resolutions``, ``library/train_util.py:
+BucketManager.select_bucket`` and ``round_to_steps``, numpy ``argmin`` tie-breaking) with
+resolution 512, min 256, max 1024, step 64, and are written here literally.
+"""
+from __future__ import annotations
+
+import pytest
+
+from lorabuild.buckets import fit, make_buckets, no_upscale_fit, select_bucket
+
+KOHYA_512 = [
+    (256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576), (512, 512),
+    (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256), (1024, 256),
+]
+
+# (image size), bucket, resize size | no_upscale: bucket, resize size
+TABLE = [
+    ((512, 512), (512, 512), (512, 512), (512, 512), (512, 512)),
+    ((512, 768), (384, 640), (427, 640), (384, 576), (384, 576)),
+    ((768, 512), (640, 384), (640, 427), (576, 384), (576, 384)),
+    ((1024, 1024), (512, 512), (512, 512), (512, 512), (512, 512)),
+    ((2048, 2048), (512, 512), (512, 512), (512, 512), (512, 512)),
+    ((100, 100), (512, 512), (512, 512), (64, 64), (100, 100)),
+    ((64, 64), (512, 512), (512, 512), (64, 64), (64, 64)),
+    ((300, 200), (640, 384), (640, 427), (256, 192), (300, 200)),
+    ((200, 300), (384, 640), (427, 640), (192, 256), (200, 300)),
+    ((1920, 1080), (640, 384), (683, 384), (640, 384), (683, 384)),
+    ((1080, 1920), (384, 640), (384, 683), (384, 640), (384, 683)),
+    ((3000, 1000), (832, 256), (832, 277), (768, 256), (768, 256)),
+    ((1000, 3000), (256, 832), (277, 832), (256, 768), (256, 768)),
+    ((4000, 500), (1024, 256), (2048, 256), (1024, 128), (1024, 128)),
+    ((500, 4000), (256, 1024), (256, 2048), (128, 1024), (128, 1024)),
+    ((513, 771), (384, 640), (426, 640), (384, 576), (384, 577)),
+    ((771, 513), (640, 384), (640, 426), (576, 384), (577, 384)),
+    ((640, 480), (576, 448), (597, 448), (512, 384), (512, 384)),
+    ((480, 640), (448, 576), (448, 597), (384, 512), (384, 512)),
+    ((800, 600), (576, 448), (597, 448), (512, 384), (512, 384)),
+    ((1024, 768), (576, 448), (597, 448), (512, 384), (512, 384)),
+    ((1280, 720), (640, 384), (683, 384), (640, 384), (683, 384)),
+    ((720, 1280), (384, 640), (384, 683), (384, 640), (384, 683)),
+    ((2560, 1440), (640, 384), (683, 384), (640, 384), (683, 384)),
+    ((1366, 768), (640, 384), (683, 384), (640, 384), (683, 384)),
+    ((1000, 1001), (512, 512), (512, 513), (512, 512), (512, 513)),
+    ((333, 777), (320, 768), (329, 768), (320, 768), (333, 777)),
+    ((5000, 5000), (512, 512), (512, 512), (512, 512), (512, 512)),
+    ((256, 1024), (256, 1024), (256, 1024), (256, 1024), (256, 1024)),
+    ((1024, 256), (1024, 256), (1024, 256), (1024, 256), (1024, 256)),
+    ((832, 1216), (384, 640), (438, 640), (384, 576), (394, 576)),
+    ((1216, 832), (576, 448), (655, 448), (576, 384), (576, 394)),
+    ((3072, 3000), (512, 512), (524, 512), (448, 448), (459, 448)),
+]
+
+
+def test_bucket_set_matches_kohya():
+    assert make_buckets(512 * 512, 256, 1024, 64) == KOHYA_512
+    assert len(KOHYA_512) == 17
+
+
+@pytest.mark.parametrize("size, bucket, resized, nu_bucket, nu_resized", TABLE, ids=[f"{s[0]}x{s[1]}" for s, *_ in TABLE])
+def test_bucket_choice_and_resize(size, bucket, resized, nu_bucket, nu_resized):
+    w, h = size
+    chosen = select_bucket(w, h, KOHYA_512)
+    assert chosen == bucket
+    f = fit(w, h, *chosen)
+    assert f.resized == resized
+    left, top, right, bottom = f.crop
+    assert (right - left, bottom - top) == bucket
+    assert (left, top) == ((resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2)  # centre crop
+    nu = no_upscale_fit(w, h, 512 * 512, 64)
+    assert nu.resized == nu_resized
+    assert (nu.crop[2] - nu.crop[0], nu.crop[3] - nu.crop[1]) == nu_bucket
+    assert not nu.upscaled
+
+
+def test_fit_reports_what_was_cut():
+    f = fit(512, 768, 384, 640)  # DESIGN.md: a 512×768 image goes to 384×640
+    assert f.resized == (427, 640) and f.crop == (21, 0, 405, 640)
+    assert f.cropped_share == pytest.approx(1 - 384 * 640 / (427 * 640))
+    assert f.ar_error == pytest.approx(384 / 640 - 512 / 768)
+    assert not f.upscaled and fit(100, 100, 512, 512).upscaled
