@@ -75,6 +75,8 @@ def build_plan(project, hashes=None) -> dict:
         })
         if c.repeats * t["epochs"] and not 100 <= c.repeats * t["epochs"] <= 200:
             warnings.append(f"{c.folder.name}: repeats × epochs = {c.repeats * t['epochs']}, far from the 100–200 that usually works")
+    if project.get("latents.random_crop"):
+        warnings.append("latents.random_crop is on: the latent cache is off and training encodes every image every epoch (slower)")
     missing = [im.id for im in ds.images if im.caption_path is None]
     if missing:
         warnings.append(f"{len(missing)} image(s) have no caption file and use their folder's tokens: {', '.join(missing[:5])}")

@@ -25,7 +25,8 @@ class TrainInputs:
     arch: str
     device: object  # torch.device
     samples: list[Sample]
-    latent_path: dict[str, Path]  # image id → latent entry
+    latent_path: dict[str, Path] | None  # image id → latent entry; None: random crop, encode here
+    pixels: dict[str, tuple[Path, list]] | None  # image id → (working copy, resize size) for random crop
     caption: dict[str, str]  # image id → caption after the fixed options
     caption_opts: dict[str, dict]  # image id → its concept's caption options
     embedding_path: dict[str, Path] | None  # caption → cached embedding; None: encode on the fly
@@ -45,14 +46,33 @@ def _load_models(inp: TrainInputs):
 
     weight_dtype = _dtype(inp.cfg["train"]["mixed_precision"])
     unet = models.load_unet(inp.model_dir, device=inp.device, dtype=weight_dtype)
-    te = tok = None
+    te = tok = vae = None
+    if inp.pixels is not None:
+        vae = models.load_vae(inp.model_dir, device=inp.device)  # fp32: the SD VAE overflows in fp16
     if inp.embedding_path is None:
         te = models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype)
         tok = models.load_tokenizer(inp.model_dir)
-    return unet, te, tok, models.load_noise_scheduler(inp.model_dir)
+    return unet, te, tok, vae, models.load_noise_scheduler(inp.model_dir)
 
 
-def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te):
+def _random_crop_latent(inp: TrainInputs, sample: Sample, g, vae):
+    """The uncached path (kohya ``random_crop``): a random bucket-sized window, encoded now."""
+    import torch
+
+    from .stages.latents import bucket_pixels, encode, to_tensor
+
+    path, resized = inp.pixels[sample.id]
+    bw, bh = sample.bucket
+    left = int(torch.randint(0, resized[0] - bw + 1, (1,), generator=g))
+    top = int(torch.randint(0, resized[1] - bh + 1, (1,), generator=g))
+    x = to_tensor([bucket_pixels(path, resized, (left, top, left + bw, top + bh), inp.cfg["latents"]["interpolation"])])
+    if inp.cfg["latents"]["flip"] and bool(torch.randint(0, 2, (1,), generator=g)):
+        x = torch.flip(x, dims=[3])
+    with torch.no_grad():
+        return encode(vae, x)[0].float().cpu()
+
+
+def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te, vae):
     """Latents, noise, timesteps and text conditioning of one batch, each drawn per sample."""
     import torch
     from safetensors.torch import load_file
@@ -63,9 +83,12 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
     latents, noises, steps, captions, weights = [], [], [], [], []
     for sample, rep in batch:
         g = torch.Generator().manual_seed(derive_seed(seed, epoch, sample.id, rep))
-        stored = load_file(str(inp.latent_path[sample.id]))
-        use_flip = flip and bool(torch.randint(0, 2, (1,), generator=g).item())
-        lat = stored["latent_flip" if use_flip else "latent"]
+        if inp.latent_path is None:
+            lat = _random_crop_latent(inp, sample, g, vae)
+        else:
+            stored = load_file(str(inp.latent_path[sample.id]))
+            use_flip = flip and bool(torch.randint(0, 2, (1,), generator=g).item())
+            lat = stored["latent_flip" if use_flip else "latent"]
         latents.append(lat)
         noises.append(torch.randn(lat.shape, generator=g))
         steps.append(torch.randint(0, n_timesteps, (1,), generator=g))
@@ -92,7 +115,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
 
     torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
     net_cfg, tr = inp.cfg["network"], inp.cfg["train"]
-    unet, te, tok, sched = _load_models(inp)
+    unet, te, tok, vae, sched = _load_models(inp)
     network = LoRANetwork(
         unet, [te] if te is not None else [], dim=net_cfg["dim"], alpha=net_cfg["alpha"],
         train_unet=net_cfg["train_unet"], train_text_encoder=net_cfg["train_text_encoder"] and te is not None,
@@ -119,7 +142,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         for i, batch in enumerate(batches):
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(te is not None and net_cfg["train_text_encoder"]), autocast:
-                latents, noise, t, hidden, weight = _batch_inputs(inp, batch, epoch, n_timesteps, tok, te)
+                latents, noise, t, hidden, weight = _batch_inputs(inp, batch, epoch, n_timesteps, tok, te, vae)
             noisy = sched.add_noise(latents, noise, t)
             target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
             # 2. loss

@@ -282,3 +282,16 @@ def test_flip_stores_both_latents(demo):
     h = json.loads((demo.root / "cache" / "manifests" / "demo" / "latents.json").read_text())["items"][0]["hash"]
     with safe_open(str(demo.root / "cache" / "objects" / "latents" / h[:2] / f"{h[2:]}.safetensors"), "pt") as f:
         assert set(f.keys()) == {"latent", "latent_flip"}
+
+
+def test_random_crop_turns_the_latent_cache_off_and_trains(demo):
+    demo.edit(lambda d: d["latents"].update(random_crop=True))
+    plan = demo.lorabuild("plan", "demo").stdout
+    assert "latents.random_crop is on: the latent cache is off" in plan
+    demo.doit("train:demo", build="crop")
+    lat = demo.report("latents")
+    assert (lat["computed"], lat["reused"]) == (0, 0)
+    assert "random_crop" in " ".join(lat["notes"])
+    assert demo.report("train")["computed"] == 1
+    with safe_open(str(demo.root / "output" / "demo" / "demo.safetensors"), "pt") as f:
+        assert f.metadata()["ss_cache_latents"] == "False"

@@ -12,7 +12,7 @@ from . import runtime
 
 STAGE = "latents"
 VERSION = 1
-PARAMS = ("latents.flip", "latents.interpolation", "latents.batch_size")
+PARAMS = ("latents.flip", "latents.interpolation", "latents.batch_size", "latents.random_crop")
 KEY_PARAMS = ("flip", "interpolation")  # batch_size does not change the result
 
 
@@ -26,7 +26,7 @@ def plan(bucket_entries: list[dict], params: dict, vae_id: str) -> list[Item]:
             "bucket": e["bucket"],
             "resized": e["resized"],
             "crop": e["crop"],
-            "params": {k: params[k] for k in KEY_PARAMS},
+            "params": {k: params[k] for k in KEY_PARAMS} | ({"random_crop": True} if params["random_crop"] else {}),
             "dtype": "fp32",
             "vae": vae_id,
         }
@@ -34,32 +34,42 @@ def plan(bucket_entries: list[dict], params: dict, vae_id: str) -> list[Item]:
     return items
 
 
-def _pixels(item: Item, resize_store, interpolation: str):
-    """The bucket-sized RGB image of one item (resize, centre crop) from the resize entry."""
+def bucket_pixels(path, resized, crop, interpolation: str):
+    """The bucket-sized RGB image of a working copy: resize to ``resized``, then crop to ``crop``."""
     from PIL import Image
 
     from ..images import RESAMPLE
 
-    with Image.open(resize_store.path(item.data["src"])) as im:
+    with Image.open(path) as im:
         im = im.convert("RGB")
-        im = im.resize(tuple(item.data["resized"]), RESAMPLE[interpolation])
-        return im.crop(tuple(item.data["crop"]))
+        return im.resize(tuple(resized), RESAMPLE[interpolation]).crop(tuple(crop))
+
+
+def to_tensor(images):
+    """PIL images → a ``[B, 3, H, W]`` float tensor in [-1, 1], as the VAE expects."""
+    import numpy as np
+    import torch
+
+    arrays = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).div_(127.5).sub_(1.0)
+
+
+def encode(vae, x):
+    """Latents already multiplied by the VAE's scaling factor (the distribution's mean)."""
+    return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
 
 def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None:
-    import numpy as np
     import torch
     from safetensors.torch import save_file
 
     resize_store, store = stores
     vae = runtime.frozen(ctx, "vae")
-    scale = vae.config.scaling_factor
-    arrays = [np.asarray(_pixels(it, resize_store, params["interpolation"]), dtype=np.float32) for it in group]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(127.5).sub_(1.0)
-    x = x.to(vae.device, vae.dtype)
+    x = to_tensor([bucket_pixels(resize_store.path(it.data["src"]), it.data["resized"], it.data["crop"],
+                                 params["interpolation"]) for it in group])
     with torch.inference_mode():
-        lat = vae.encode(x).latent_dist.mean * scale
-        lat_flip = vae.encode(torch.flip(x, dims=[3])).latent_dist.mean * scale if params["flip"] else None
+        lat = encode(vae, x)
+        lat_flip = encode(vae, torch.flip(x, dims=[3])) if params["flip"] else None
     for i, it in enumerate(group):
         tensors = {"latent": lat[i].float().cpu().contiguous()}
         if lat_flip is not None:
@@ -75,6 +85,12 @@ def run(ctx: Context, params: dict) -> dict:
     store = ctx.store(STAGE, ".safetensors")
     resize_store = ctx.store("resize", ".png")
     items = plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"))
+    if params["random_crop"]:
+        reason = "latents.random_crop is on: each epoch crops anew, so training encodes images itself"
+        sr.notes.append(f"skipped: {reason}")
+        entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "src": it.data["src"],
+                    "resized": it.data["resized"]} for it in items]
+        return sr.finish(entries, cached=False, reason=reason, flip=params["flip"])
     missing = sr.split(items, store)
     groups: dict[tuple, list[Item]] = {}
     for it in missing:
@@ -88,4 +104,4 @@ def run(ctx: Context, params: dict) -> dict:
                 sr.computed += len(group[i : i + bs])
                 bar.update(len(group[i : i + bs]))
     entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"]} for it in items]
-    return sr.finish(entries, flip=params["flip"])
+    return sr.finish(entries, cached=True, flip=params["flip"])

@@ -82,7 +82,8 @@ def run(ctx: Context, dataset) -> dict:
     p = ctx.project
     cached, _ = textemb.project_mode(p)
     captions = textemb.captions_for(ctx, dataset)
-    lat_items = ctx.read_manifest("latents")["items"]
+    lat_manifest = ctx.read_manifest("latents")
+    lat_items = lat_manifest["items"]
     latents = {e["id"]: e for e in lat_items}
     if not set(latents) <= set(captions):
         raise StageError("the latents manifest does not match the dataset: run the latents stage again")
@@ -118,7 +119,10 @@ def run(ctx: Context, dataset) -> dict:
             d["img_count"] += 1
         inp = TrainInputs(
             model_dir=mdir, arch=info["arch"], device=runtime.device(ctx), samples=samples,
-            latent_path={i: lat_store.path(latents[i]["hash"]) for i in latents}, caption=captions,
+            latent_path={i: lat_store.path(latents[i]["hash"]) for i in latents} if lat_manifest.get("cached", True) else None,
+            pixels=None if lat_manifest.get("cached", True) else {
+                i: (ctx.store("resize", ".png").path(e["src"]), e["resized"]) for i, e in latents.items()},
+            caption=captions,
             caption_opts={i: concept_options(p.section("captions"), concept_of[i]) for i in latents},
             embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
             plan=plan,
