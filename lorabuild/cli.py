@@ -1,4 +1,4 @@
-"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, gc).
+"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, gc).
 
 Training knobs live in the project YAML and its schema, never in flags here.
 """
@@ -104,6 +104,20 @@ def cmd_plan(root: Path, name: str, as_json: bool) -> int:
     return 0
 
 
+def cmd_status(root: Path, name: str, as_json: bool) -> int:
+    import json
+
+    from .status import project_status, render
+
+    try:
+        st = project_status(root, name)
+    except KeyError as exc:
+        print(f"lorabuild status: {exc.args[0]}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=1) if as_json else render(st))
+    return 1 if st.get("error") else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lorabuild", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -113,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", type=Path)
     p = sub.add_parser("plan", help="what a project will train on: concepts, buckets, steps, tags, warnings")
     p.add_argument("name", help="project name (projects/NAME.yaml) or a YAML path")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", help="each stage up to date or stale, and why (no model is loaded)")
+    p.add_argument("name", help="project name (projects/NAME.yaml)")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
@@ -125,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_init(args.dir)
     if args.cmd == "plan":
         return cmd_plan(find_root(), args.name, args.json)
+    if args.cmd == "status":
+        return cmd_status(find_root(), args.name, args.json)
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
     return 2

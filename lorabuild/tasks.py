@@ -8,6 +8,7 @@ does not save.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -65,35 +66,63 @@ def _context(root: str, project_file: str):
     return Context(ws, project)
 
 
-def run_stage(stage: str, root: str, project_file: str):
+def run_stage(stage: str, root: str, project_file: str, config: dict | None = None):
     """The action of every task: run one stage of one project; a clear message on failure."""
     from doit.exceptions import TaskFailed
 
     from .captions import CaptionError
-    from .stages import bucket, latents, resize, sample, textemb, train
     from .stages.base import StageError
 
     try:
         ctx = _context(root, project_file)
-        p = ctx.project
-        dataset = from_project(p)
-        if stage == "resize":
-            for w in dataset.warnings:
-                print(f"warning: {w}", file=sys.stderr)
-            resize.run(ctx, dataset, _params(p, resize.PARAMS), p.get("dataset.on_bad_image"))
-        elif stage == "bucket":
-            bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"))
-        elif stage == "latents":
-            latents.run(ctx, _params(p, latents.PARAMS))
-        elif stage == "textemb":
-            textemb.run(ctx, dataset, _params(p, textemb.PARAMS))
-        elif stage == "train":
-            train.run(ctx, dataset)
-        elif stage == "sample":
-            sample.run(ctx)
+        ctx.config = config or {}  # recorded in the stage's report, so `lorabuild status` can diff it
+        with _project_lock(ctx.ws, ctx.project.name):
+            _run(stage, ctx)
+        return None
     except (ProjectError, DatasetError, StageError, CaptionError) as exc:
         return TaskFailed(str(exc))
-    return None
+
+
+@contextlib.contextmanager
+def _project_lock(ws: Workspace, name: str):
+    """One stage of a project at a time across processes; a second build waits, saying so.
+
+    Entries are content-addressed and written atomically, so builds of *different*
+    projects that share images need no lock: they write identical bytes.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(ws.cache / "locks" / f"{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"lorabuild: another build of '{name}' is running; waiting for it ({lock.lock_file})", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run(stage: str, ctx) -> None:
+    from .stages import bucket, latents, resize, sample, textemb, train
+
+    p = ctx.project
+    dataset = from_project(p)
+    if stage == "resize":
+        for w in dataset.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        resize.run(ctx, dataset, _params(p, resize.PARAMS), p.get("dataset.on_bad_image"))
+    elif stage == "bucket":
+        bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"))
+    elif stage == "latents":
+        latents.run(ctx, _params(p, latents.PARAMS))
+    elif stage == "textemb":
+        textemb.run(ctx, dataset, _params(p, textemb.PARAMS))
+    elif stage == "train":
+        train.run(ctx, dataset)
+    elif stage == "sample":
+        sample.run(ctx)
 
 
 def _failing(stage: str, name: str, message: str) -> dict:
@@ -163,14 +192,15 @@ class Graph:
         if stage == "train":
             targets.append(lora)
         rel = self.ws.relative
+        config = {**cfg, **v}
         return {
             "basename": stage,
             "name": p.name,
             "doc": f"{DOCS[stage]} [{f.name}]",
-            "actions": [(run_stage, [stage, str(self.ws.root), str(f)])],
+            "actions": [(run_stage, [stage, str(self.ws.root), str(f), config])],
             "file_dep": [rel(d) for d in deps],
             "targets": [rel(t) for t in targets],
-            "uptodate": [config_changed({**cfg, **v})],
+            "uptodate": [config_changed(config)],
             "verbosity": 2,
         }
 

@@ -6,6 +6,7 @@ and by which stages ran at all in an invocation (each report names its build).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -295,3 +296,17 @@ def test_random_crop_turns_the_latent_cache_off_and_trains(demo):
     assert demo.report("train")["computed"] == 1
     with safe_open(str(demo.root / "output" / "demo" / "demo.safetensors"), "pt") as f:
         assert f.metadata()["ss_cache_latents"] == "False"
+
+
+def test_two_builds_of_one_project_at_once_wait_for_each_other(demo):
+    demo.edit(lambda d: d["train"].update(learning_rate=0.003))
+    env = {**os.environ, "LORABUILD_BUILD": "both"}
+    procs = [subprocess.Popen([sys.executable, "-m", "doit", "train:demo"], cwd=demo.root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert any("another build of 'demo' is running; waiting" in o for o in outs)
+    # one of them trained; the other found that LoRA in the cache
+    trained = [o for o in outs if "train:demo: 1 items: computed 1" in o]
+    reused = [o for o in outs if "train:demo: 1 items: computed 0, reused 1" in o]
+    assert len(trained) == 1 and len(reused) == 1, outs

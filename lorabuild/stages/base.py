@@ -36,6 +36,7 @@ class Item:
 class Context:
     ws: Workspace
     project: Project
+    config: dict = field(default_factory=dict)  # the parameters doit keyed this run on
 
     @property
     def name(self) -> str:
@@ -98,6 +99,7 @@ class StageRun:
             "items": len(entries),
             "seconds": round(time.perf_counter() - self.started, 3),
             "notes": self.notes,
+            "config": self.ctx.config,
         }
         write_json(self.ctx.ws.report(self.ctx.name, self.stage), report)
         note = f" ({'; '.join(self.notes)})" if self.notes else ""

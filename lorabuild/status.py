@@ -1,0 +1,104 @@
+"""``lorabuild status NAME``: each stage up to date or stale, and why — without loading a model.
+
+*Whether* a stage is stale is asked of doit itself (its dependency database and file
+checker, the same call ``doit info`` makes), so status agrees with what ``doit`` then
+does. *Why* comes from lorabuild's own records: each stage's last report keeps the
+parameters it ran with, so a change reads ``train.learning_rate: 0.0001 → 0.0002``; file
+reasons are summarised as images or captions added, changed or removed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cache import read_json
+from .tasks import STAGES, Graph
+
+UPSTREAM = {"bucket": ["resize"], "latents": ["bucket"], "textemb": ["resize"], "train": ["latents", "textemb"],
+            "sample": ["train"]}
+
+
+def _diff(old, new, prefix: str = "") -> list[str]:
+    """Dotted-key differences between two parameter dicts, as ``key: old → new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k, "(unset)"), new.get(k, "(unset)"), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
+
+
+def _describe(paths: list[str], verb: str) -> list[str]:
+    """``["2 images added", "the LoRA changed"]`` from doit's file reasons."""
+    from .dataset import IMAGE_EXTENSIONS
+
+    kinds: dict[str, int] = {}
+    for path in paths:
+        suffix = Path(path).suffix.lower()
+        if path.startswith("cache/manifests/"):
+            kind = f"{Path(path).stem} manifest"
+        elif path.startswith("output/"):
+            kind = "trained LoRA"
+        elif suffix in IMAGE_EXTENSIONS:
+            kind = "images"
+        elif suffix in (".safetensors", ".bin"):
+            kind = "model weight files"
+        else:
+            kind = "caption files"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return [f"{n} {k} {verb}" if k in ("images", "caption files", "model weight files") else f"{k} {verb}"
+            for k, n in sorted(kinds.items())]
+
+
+def project_status(root: Path, name: str) -> dict:
+    from doit.dependency import Dependency, MD5Checker, SqliteDB
+    from doit.task import dict_to_task
+
+    graph = Graph(root)
+    entry = next((e for e in graph.projects() if e[0].stem == name), None)
+    if entry is None:
+        raise KeyError(f"no project projects/{name}.yaml")
+    f, p, ds, error = entry
+    if p is None:
+        return {"project": name, "error": error, "stages": {}}
+    tasks = {}
+    for stage in STAGES:
+        d = graph._task(stage, f, p, ds)
+        d = {k: v for k, v in d.items() if k != "basename"} | {"name": f"{stage}:{name}"}
+        tasks[d["name"]] = dict_to_task(d)
+    db = graph.ws.cache / "doit.sqlite3"
+    dep = Dependency(SqliteDB, str(db), checker_cls=MD5Checker) if db.is_file() else None
+    stages: dict[str, dict] = {}
+    for stage in STAGES:
+        task = tasks[f"{stage}:{name}"]
+        report = read_json(graph.ws.report(name, stage), {}) or {}
+        why: list[str] = []
+        if dep is None:
+            state, why = "stale", ["never built here (no doit database)"]
+        else:
+            st = dep.get_status(task, tasks, get_log=True)
+            state = {"up-to-date": "up to date", "run": "stale", "error": "error"}[st.status]
+            r = st.reasons
+            if r.get("uptodate_false"):
+                old = report.get("config")
+                why += (old and _diff(old, task.uptodate[0][0].config)) or ["parameters changed since the last build"]
+            added, removed = r.get("added_file_dep", []), r.get("removed_file_dep", [])
+            changed = [x for x in r.get("changed_file_dep", []) if x not in added]
+            why += _describe(added, "added") + _describe(removed, "removed") + _describe(changed, "changed")
+            for t in r.get("missing_target", []):
+                why.append(f"output {t} is missing")
+            if st.status == "error":
+                why.append(st.error_reason or "a dependency is missing")
+        stale_up = [u for u in UPSTREAM.get(stage, []) if stages.get(u, {}).get("state") != "up to date"]
+        if state == "up to date" and stale_up:
+            state, why = "waits on upstream", [f"upstream {', '.join(stale_up)} stale: may re-run after it"]
+        stages[stage] = {"state": state, "why": why, "last": {k: report.get(k) for k in ("build", "computed", "reused", "removed")}}
+    return {"project": name, "stages": stages}
+
+
+def render(status: dict) -> str:
+    if status.get("error"):
+        return status["error"]
+    lines = [f"status of {status['project']}:"]
+    for stage, s in status["stages"].items():
+        lines.append(f"  {stage:8} {s['state']}" + (f": {'; '.join(s['why'])}" if s["why"] else ""))
+    return "\n".join(lines)
