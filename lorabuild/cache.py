@@ -106,6 +106,22 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return default
 
 
+class CorruptEntry(Exception):
+    """A cache entry that exists but cannot be read (truncated, damaged on disk)."""
+
+    def __init__(self, stage: str, path: Path, reason: str):
+        super().__init__(f"{stage} cache entry {path} is unreadable ({reason})")
+        self.stage, self.path = stage, Path(path)
+
+
+def checked_read(stage: str, path: str | os.PathLike, reader):
+    """``reader(path)``, with any failure turned into :class:`CorruptEntry` naming the entry."""
+    try:
+        return reader(path)
+    except Exception as exc:  # noqa: BLE001 - whatever the format library raises
+        raise CorruptEntry(stage, Path(path), f"{type(exc).__name__}: {exc}") from None
+
+
 class Store:
     """The content-addressed entries of one stage under ``cache/objects/<stage>/``."""
 

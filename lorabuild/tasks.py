@@ -70,6 +70,7 @@ def run_stage(stage: str, root: str, project_file: str, config: dict | None = No
     """The action of every task: run one stage of one project; a clear message on failure."""
     from doit.exceptions import TaskFailed
 
+    from .cache import CorruptEntry
     from .captions import CaptionError
     from .stages.base import StageError
 
@@ -81,6 +82,19 @@ def run_stage(stage: str, root: str, project_file: str, config: dict | None = No
         return None
     except (ProjectError, DatasetError, StageError, CaptionError) as exc:
         return TaskFailed(str(exc))
+    except CorruptEntry as exc:
+        return TaskFailed(_forget_corrupt(Workspace(Path(root)), Path(project_file).stem, exc))
+
+
+def _forget_corrupt(ws: Workspace, project: str, exc) -> str:
+    """Delete an unreadable entry and the manifest of the stage that made it, so the next
+    build re-runs that stage, which recomputes exactly the missing entry."""
+    for p in (exc.path, exc.path.with_name(exc.path.name.split(".", 1)[0] + ".json")):
+        with contextlib.suppress(OSError):
+            p.unlink()
+    with contextlib.suppress(OSError):
+        ws.manifest(project, exc.stage).unlink()
+    return f"{exc}; it was removed: run the build again and only that entry is recomputed"
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cache import checked_read
 from .captions import random_caption
 from .trainplan import Sample, TrainPlan, derive_seed, epoch_batches
 
@@ -86,7 +87,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
         if inp.latent_path is None:
             lat = _random_crop_latent(inp, sample, g, vae)
         else:
-            stored = load_file(str(inp.latent_path[sample.id]))
+            stored = checked_read("latents", inp.latent_path[sample.id], lambda f: load_file(str(f)))
             use_flip = flip and bool(torch.randint(0, 2, (1,), generator=g).item())
             lat = stored["latent_flip" if use_flip else "latent"]
         latents.append(lat)
@@ -96,7 +97,8 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
         captions.append(random_caption(inp.caption[sample.id], inp.caption_opts[sample.id], rng, epoch))
         weights.append(inp.cfg["train"]["prior_loss_weight"] if sample.is_reg else 1.0)
     if inp.embedding_path is not None:
-        hidden = torch.stack([load_file(str(inp.embedding_path[c]))["hidden"] for c in captions])
+        hidden = torch.stack([checked_read("textemb", inp.embedding_path[c], lambda f: load_file(str(f)))["hidden"]
+                              for c in captions])
     else:
         hidden = encode(tok, te, captions, inp.cfg["textemb"]["clip_skip"], inp.cfg["textemb"]["max_token_length"])
     to = dict(device=inp.device)

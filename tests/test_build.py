@@ -310,3 +310,17 @@ def test_two_builds_of_one_project_at_once_wait_for_each_other(demo):
     trained = [o for o in outs if "train:demo: 1 items: computed 1" in o]
     reused = [o for o in outs if "train:demo: 1 items: computed 0, reused 1" in o]
     assert len(trained) == 1 and len(reused) == 1, outs
+
+
+def test_a_corrupt_cache_entry_is_reported_removed_and_recomputed(demo):
+    item = json.loads((demo.root / "cache" / "manifests" / "demo" / "latents.json").read_text())["items"][3]
+    entry = demo.root / "cache" / "objects" / "latents" / item["hash"][:2] / f"{item['hash'][2:]}.safetensors"
+    entry.write_bytes(entry.read_bytes()[:40])  # truncated on disk
+    demo.edit(lambda d: d["train"].update(learning_rate=0.001))
+    bad = demo.doit("train:demo", build="corrupt", check=False)
+    assert bad.returncode != 0
+    assert f"latents cache entry {entry} is unreadable" in bad.stdout + bad.stderr
+    demo.doit("train:demo", build="recover")
+    lat = demo.report("latents")
+    assert (lat["computed"], lat["reused"]) == (1, N_IMAGES - 1)
+    assert demo.report("train")["computed"] == 1

@@ -38,11 +38,15 @@ def bucket_pixels(path, resized, crop, interpolation: str):
     """The bucket-sized RGB image of a working copy: resize to ``resized``, then crop to ``crop``."""
     from PIL import Image
 
+    from ..cache import checked_read
     from ..images import RESAMPLE
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        return im.resize(tuple(resized), RESAMPLE[interpolation]).crop(tuple(crop))
+    def read(p):
+        with Image.open(p) as im:
+            return im.convert("RGB")
+
+    im = checked_read("resize", path, read)
+    return im.resize(tuple(resized), RESAMPLE[interpolation]).crop(tuple(crop))
 
 
 def to_tensor(images):
