@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .cache import checked_read
 from .captions import random_caption
+from .losses import min_snr_weights, offset_noise, per_sample_loss
 from .trainplan import Sample, TrainPlan, derive_seed, epoch_batches
 
 
@@ -91,7 +92,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
             use_flip = flip and bool(torch.randint(0, 2, (1,), generator=g).item())
             lat = stored["latent_flip" if use_flip else "latent"]
         latents.append(lat)
-        noises.append(torch.randn(lat.shape, generator=g))
+        noises.append(offset_noise(torch.randn(lat.shape, generator=g), inp.cfg["train"]["noise_offset"], g))
         steps.append(torch.randint(0, n_timesteps, (1,), generator=g))
         rng = random.Random(derive_seed("caption", seed, epoch, sample.id, rep))
         captions.append(random_caption(inp.caption[sample.id], inp.caption_opts[sample.id], rng, epoch))
@@ -109,7 +110,6 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
 def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     """Train; ``save(network, epoch, step)`` is called at each save point and at the end."""
     import torch
-    import torch.nn.functional as F
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
@@ -128,13 +128,15 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], tr["text_encoder_lr"] or tr["learning_rate"])
     optimizer = torch.optim.AdamW(groups, lr=tr["learning_rate"], weight_decay=tr["weight_decay"])
     lr_sched = get_scheduler(
-        tr["lr_scheduler"], optimizer, num_warmup_steps=tr["lr_warmup_steps"], num_training_steps=inp.plan.total_steps
+        tr["lr_scheduler"], optimizer, num_warmup_steps=tr["lr_warmup_steps"], num_training_steps=inp.plan.total_steps,
+        num_cycles=tr["lr_scheduler_num_cycles"], power=tr["lr_scheduler_power"],
     )
     autocast = torch.autocast(inp.device.type, dtype=_dtype(tr["mixed_precision"]), enabled=tr["mixed_precision"] != "no")
     scaler = torch.amp.GradScaler(enabled=tr["mixed_precision"] == "fp16" and inp.device.type == "cuda")
     params = [p for g in groups for p in g["params"]]
     accum, step, t0 = tr["gradient_accumulation_steps"], 0, time.perf_counter()
     n_timesteps = sched.config.num_train_timesteps
+    v_pred = sched.config.prediction_type == "v_prediction"
 
     print(f"train: {network.module_count()} LoRA modules (unet, text encoder)\n{inp.plan.banner()}", flush=True)
     bar = tqdm(total=inp.plan.total_steps, desc="train", unit="step")
@@ -146,12 +148,14 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             with torch.set_grad_enabled(te is not None and net_cfg["train_text_encoder"]), autocast:
                 latents, noise, t, hidden, weight = _batch_inputs(inp, batch, epoch, n_timesteps, tok, te, vae)
             noisy = sched.add_noise(latents, noise, t)
-            target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+            target = sched.get_velocity(latents, noise, t) if v_pred else noise
             # 2. loss
             with autocast:
                 pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-            # per-sample loss, regularization images weighted by prior_loss_weight (kohya)
-            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            # per-sample loss; min-SNR weighting; regularization images weighted by prior_loss_weight (kohya)
+            per_sample = per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"])
+            if tr["min_snr_gamma"]:
+                per_sample = per_sample * min_snr_weights(sched.alphas_cumprod, t, tr["min_snr_gamma"], v_pred)
             loss = (per_sample * weight).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}: stopping")
@@ -164,12 +168,12 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                     torch.nn.utils.clip_grad_norm_(params, tr["max_grad_norm"])
                 scaler.step(optimizer)
                 scaler.update()
+                lr = lr_sched.get_last_lr()[0]  # the rate this step used
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 # 4. log
                 mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :])
-                lr = lr_sched.get_last_lr()[0]
                 inp.log_rows.append((step, epoch, loss.item(), lr, round(time.perf_counter() - t0, 3)))
                 bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)

@@ -324,3 +324,16 @@ def test_a_corrupt_cache_entry_is_reported_removed_and_recomputed(demo):
     lat = demo.report("latents")
     assert (lat["computed"], lat["reused"]) == (1, N_IMAGES - 1)
     assert demo.report("train")["computed"] == 1
+
+
+def test_noise_and_loss_options_train_and_are_recorded(demo):
+    demo.edit(lambda d: d["train"].update(noise_offset=0.05, min_snr_gamma=5, loss_type="huber",
+                                          lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2))
+    demo.doit("train:demo", build="opts")
+    assert demo.ran("opts") == {"train"}
+    with safe_open(str(demo.root / "output" / "demo" / "demo.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_noise_offset"], meta["ss_min_snr_gamma"], meta["ss_loss_type"]) == ("0.05", "5", "huber")
+    assert meta["ss_lr_scheduler"] == "cosine_with_restarts"
+    lrs = [float(line.split(",")[3]) for line in (demo.root / "output" / "demo" / "loss.csv").read_text().splitlines()[1:]]
+    assert lrs[0] > lrs[len(lrs) // 2 - 1] and lrs[len(lrs) // 2] > lrs[len(lrs) // 2 - 1]  # two cosine cycles

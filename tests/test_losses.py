@@ -1,0 +1,40 @@
+"""Noise offset, min-SNR weighting and the loss types do what kohya's do."""
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from lorabuild.losses import min_snr_weights, offset_noise, per_sample_loss, snr
+
+SD = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def test_min_snr_weights_clip_high_snr_only():
+    t = torch.tensor([0, 50, 300, 999])
+    s = snr(SD.alphas_cumprod, t)
+    assert s[0] > 5 > s[3]  # early timesteps are nearly clean: high SNR
+    w = min_snr_weights(SD.alphas_cumprod, t, 5.0, v_prediction=False)
+    torch.testing.assert_close(w, torch.where(s > 5, 5 / s, torch.ones_like(s)))
+    wv = min_snr_weights(SD.alphas_cumprod, t, 5.0, v_prediction=True)
+    torch.testing.assert_close(wv, torch.minimum(s, torch.tensor(5.0)) / (s + 1))
+    assert w[0] < 0.1 and w[3] == 1.0
+
+
+def test_noise_offset_shifts_each_channel_by_a_constant():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4, 8, 8, generator=g)
+    out = offset_noise(noise, 0.1, torch.Generator().manual_seed(1))
+    shift = out - noise
+    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift))
+    assert shift.abs().max() > 0
+    assert offset_noise(noise, 0.0) is noise
+
+
+def test_loss_types():
+    pred, target = torch.zeros(2, 1, 2, 2), torch.tensor([0.01, 10.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    l2, l1 = per_sample_loss(pred, target, "l2", 0.1), per_sample_loss(pred, target, "l1", 0.1)
+    torch.testing.assert_close(l2, torch.tensor([1e-4, 100.0]))
+    torch.testing.assert_close(l1, torch.tensor([0.01, 10.0]))
+    hub = per_sample_loss(pred, target, "huber", 0.1)
+    assert abs(hub[0] - 1e-4) < 1e-5  # quadratic near zero, like l2
+    assert abs(hub[1] - 2 * 0.1 * 10) < 0.05  # linear far out: ≈ 2c|x|, far below l2's 100
