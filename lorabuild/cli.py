@@ -1,4 +1,4 @@
-"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, gc).
+"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, watch, gc).
 
 Training knobs live in the project YAML and its schema, never in flags here.
 """
@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="each stage up to date or stale, and why (no model is loaded)")
     p.add_argument("name", help="project name (projects/NAME.yaml)")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("watch", help="build as images and captions land (default: up to the caches)")
+    p.add_argument("name", help="project name (projects/NAME.yaml)")
+    p.add_argument("--until", choices=["latents", "train", "sample"], default="latents",
+                   help="how far each build goes: latents (the caches, so a later train starts at once), train or sample")
+    p.add_argument("--quiet", type=float, default=1.0, help="seconds without changes before a build starts")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
@@ -144,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_plan(find_root(), args.name, args.json)
     if args.cmd == "status":
         return cmd_status(find_root(), args.name, args.json)
+    if args.cmd == "watch":
+        from .watch import cmd_watch
+
+        return cmd_watch(find_root(), args.name, args.until, args.quiet)
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
     return 2
