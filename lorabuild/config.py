@@ -25,6 +25,7 @@ from .resources import schema_path
 
 MAX_BYTES = 1 << 20  # a project file is a few KB; refuse anything absurd before parsing
 MAX_NODES = 100_000  # expanded nodes, so an alias bomb ("billion laughs") is refused
+PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
 BUILTIN_SD1 = ("tiny-sd1",)  # the built-in models' names: lorabuild.models.BUILTIN_MODELS
 
 
@@ -120,6 +121,10 @@ class _Doc:
         if self.nodes > MAX_NODES:
             raise _TooBig()
         self.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if node.tag not in PLAIN_TAGS:
+            # e.g. !!python/object: a project is plain data; never construct objects
+            self.problem(self.values[path], dotted(path), f"YAML tag {node.tag} is not allowed")
+            return None
         if isinstance(node, yaml.MappingNode):
             out: dict = {}
             self._scalar.flatten_mapping(node)  # merge keys (<<) as YAML defines them

@@ -1,0 +1,117 @@
+"""``lorabuild validate``: every problem at FILE:LINE:COL with the field, exit codes, and no re-validation of an unchanged file."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lorabuild import config
+
+
+def _validate(tmp_path, text: str, name: str = "p.yaml"):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate", name], cwd=tmp_path, capture_output=True, text=True)
+    return proc.returncode, proc.stderr.splitlines()
+
+
+GOOD = "base_model: builtin:tiny-sd1\ndataset:\n  dirs: [data]\n"
+
+
+def test_a_valid_file_passes_silently(tmp_path):
+    assert _validate(tmp_path, GOOD) == (0, [])
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("train:\n  learing_rate: 0.1\n",
+     "p.yaml:5:3: train.learing_rate: unknown field 'learing_rate' (did you mean 'learning_rate'?)"),
+    ("train:\n  batch_size: two\n", "p.yaml:5:15: train.batch_size: 'two' is not of type 'integer'"),
+    ("train:\n  batch_size: -1\n", "p.yaml:5:15: train.batch_size: -1 is less than the minimum of 1"),
+    ("bucket:\n  resolution: 512\n  step: 7\n", "p.yaml:6:9: bucket.step: 7 is less than the minimum of 8"),
+    ("network:\n  train_unet: maybe\n", "p.yaml:5:15: network.train_unet: 'maybe' is not of type 'boolean'"),
+    ("sample:\n  sampler: dpm\n", "p.yaml:5:12: sample.sampler: 'dpm' is not one of ['ddim', 'euler', 'euler_a', 'dpm++_2m', 'dpm++_2m_karras', 'pndm', 'lms', 'heun']"),
+    ("sample:\n  prompts:\n    - prompt: a cat\n      seed: -3\n",
+     "p.yaml:7:13: sample.prompts.0.seed: -3 is less than the minimum of 0"),
+])
+def test_each_problem_at_its_place(tmp_path, extra, expected):
+    rc, lines = _validate(tmp_path, GOOD + extra)
+    assert rc == 1 and lines == [expected]
+
+
+def test_missing_required_field_points_at_the_parent(tmp_path):
+    rc, lines = _validate(tmp_path, "base_model: builtin:tiny-sd1\ndataset:\n  caption_extension: .txt\ndevice: cpu\n")
+    assert rc == 1
+    assert lines == ["p.yaml:3:3: dataset: no training images: give dirs (parents of '<repeats>_<tokens>' folders) or concepts"]
+    rc, lines = _validate(tmp_path, "dataset:\n  dirs: [data]\n")
+    assert lines == ["p.yaml:1:1: base_model: required field is missing"]
+
+
+def test_yaml_syntax_error_duplicate_key_and_non_mapping(tmp_path):
+    rc, lines = _validate(tmp_path, GOOD + "train: {epochs: 3\n")
+    assert rc == 1 and lines[0].startswith("p.yaml:5:1: YAML syntax error:")
+    rc, lines = _validate(tmp_path, GOOD + "device: cpu\ndevice: cuda\n")
+    assert lines == ["p.yaml:5:1: device: duplicate key (the first one is earlier in the file)"]
+    rc, lines = _validate(tmp_path, "- a\n- b\n")
+    assert lines == ["p.yaml:1:1: a project file must be a mapping of sections (base_model:, dataset:, …)"]
+    rc, lines = _validate(tmp_path, "")
+    assert rc == 1 and "the file is empty" in lines[0]
+
+
+def test_alias_bomb_and_objects_are_refused(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh"))
+    rc, lines = _validate(tmp_path, bomb)
+    assert rc == 1 and "alias bomb" in lines[0]
+    rc, lines = _validate(tmp_path, GOOD + "x: !!python/object/apply:os.system ['true']\n")
+    assert rc == 1 and lines[0] == "p.yaml:4:4: x: YAML tag tag:yaml.org,2002:python/object/apply:os.system is not allowed"
+
+
+def test_every_problem_is_reported_and_good_files_stay_silent(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "good.yaml").write_text(GOOD)
+    (tmp_path / "bad.yaml").write_text(GOOD + "train:\n  epochs: 0\n  seed: -1\nnetwork: {dim: 0}\n")
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate", "good.yaml", "bad.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "bad.yaml:5:11: train.epochs: 0 is less than the minimum of 1",
+        "bad.yaml:6:9: train.seed: -1 is less than the minimum of 0",
+        "bad.yaml:7:16: network.dim: 0 is less than the minimum of 1",
+    ]
+
+
+def test_semantic_checks(tmp_path):
+    rc, lines = _validate(tmp_path, GOOD + "textemb: {cache: true}\n")
+    assert rc == 1 and lines[0].startswith("p.yaml:4:18: textemb.cache: true is impossible: network.train_text_encoder is true")
+    rc, lines = _validate(tmp_path, GOOD + "network: {train_text_encoder: false}\ncaptions: {shuffle: true}\ntextemb: {cache: true}\n")
+    assert "captions are randomised per epoch" in lines[0]
+    rc, lines = _validate(tmp_path, GOOD + "bucket: {min_reso: 512, max_reso: 256}\n")
+    assert lines == ["p.yaml:4:20: bucket.min_reso: 512 is larger than bucket.max_reso (256)"]
+    rc, lines = _validate(tmp_path, "base_model: builtin:huge\ndataset:\n  dirs: [data, nowhere]\n")
+    assert lines[0].startswith("p.yaml:1:13: base_model: unknown built-in model 'builtin:huge' (known: builtin:tiny-sd1)")
+    assert lines[1].startswith("p.yaml:3:16: dataset.dirs.1: folder ") and lines[1].endswith("nowhere does not exist")
+
+
+def test_defaults_are_filled_and_frozen(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "p.yaml").write_text(GOOD)
+    p = config.load_project(tmp_path / "p.yaml")
+    assert p.get("train.learning_rate") == 0.0001 and p.get("network.dim") == 32 and p.get("train.seed") == 42
+    assert p.get("dataset.caption_extension") == ".txt" and p.output_name == "p"
+    with pytest.raises(TypeError):
+        p.cfg["train"]["epochs"] = 3
+
+
+def test_an_unchanged_file_is_not_validated_again(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "p.yaml").write_text(GOOD)
+    memo = tmp_path / "memo"
+    config.load_project(tmp_path / "p.yaml", memo_dir=memo)
+    calls = []
+    monkeypatch.setattr(config, "_schema_problems", lambda *a: calls.append(a))
+    config.load_project(tmp_path / "p.yaml", memo_dir=memo)
+    assert calls == []
+    (tmp_path / "p.yaml").write_text(GOOD + "device: cpu\n")
+    config.load_project(tmp_path / "p.yaml", memo_dir=memo)
+    assert len(calls) == 1
