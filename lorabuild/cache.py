@@ -173,18 +173,24 @@ class FileHashes:
         self._memo: dict[str, list] = read_json(self.memo_path, {}) or {}
         self._dirty = False
 
-    def sha256(self, path: str | os.PathLike) -> str:
+    def sha256(self, path: str | os.PathLike, tensors_only: bool = False) -> str:
+        """sha256 of the file; with ``tensors_only``, of a safetensors file's tensor bytes alone
+        (its JSON header, which holds the metadata, skipped), so equal weights hash equal."""
         p = os.path.abspath(path)
         st = os.stat(p)
-        hit = self._memo.get(p)
+        memo_key = p + ("#tensors" if tensors_only else "")
+        hit = self._memo.get(memo_key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
         h = hashlib.sha256()
         with open(p, "rb") as fh:
+            if tensors_only:
+                header_len = int.from_bytes(fh.read(8), "little")
+                fh.seek(8 + header_len)
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         digest = h.hexdigest()
-        self._memo[p] = [st.st_size, st.st_mtime_ns, digest]
+        self._memo[memo_key] = [st.st_size, st.st_mtime_ns, digest]
         self._dirty = True
         return digest
 

@@ -243,6 +243,9 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
                         f"folder {(root / c['path']).resolve()} does not exist")
     if not ds["dirs"] and not any(not c["is_reg"] for c in ds["concepts"]):
         doc.problem(pos("dataset"), "dataset", "no training images: give dirs (parents of '<repeats>_<tokens>' folders) or concepts")
+    pf = data["sample"]["prompt_file"]
+    if pf and not (root / pf).is_file():
+        doc.problem(pos("sample", "prompt_file"), "sample.prompt_file", f"{(root / pf).resolve()} does not exist")
     b = data["bucket"]
     if b["min_reso"] > b["max_reso"]:
         doc.problem(pos("bucket", "min_reso"), "bucket.min_reso", f"{b['min_reso']} is larger than bucket.max_reso ({b['max_reso']})")

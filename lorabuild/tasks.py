@@ -200,7 +200,9 @@ class Graph:
             deps = [m("latents"), m("textemb")] + captions + _weights(p, self.ws, "unet", "text_encoder")
             cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + ("device",)), "v": train.VERSION}
         else:
-            deps = [lora] + _weights(p, self.ws, "unet", "vae", "text_encoder")
+            deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")
+            if p.get("sample.prompt_file"):
+                deps.append(str(p.resolve(p.get("sample.prompt_file"))))
             cfg = {**_params(p, ("sample", "network", "base_model", "device")), "v": sample.VERSION}
         targets = [m(stage)]
         if stage == "train":

@@ -33,10 +33,10 @@ def test_cold_build_runs_every_stage_and_writes_outputs(built_demo):
     out = ws.root / "output" / "demo"
     assert (out / "demo.safetensors").is_file()
     grid = Image.open(out / "samples" / "grid.png")
-    assert grid.size[0] == 2 * 128 and grid.size[1] > 128
+    assert grid.size == (72 + 2 * 128, 16 + 128)  # row labels + 2 prompts; column labels + 1 epoch
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
-        "00-redcircle-shape-white-background.png",
-        "01-bluesquare-shape-yellow-background.png",
+        "e000006-00-redcircle-shape-white-background.png",
+        "e000006-01-bluesquare-shape-yellow-background.png",
         "grid.png",
     ]
     buckets = json.loads((out / "buckets" / "buckets.json").read_text())
@@ -128,7 +128,7 @@ def test_changing_prompts_runs_only_sample(demo):
     assert demo.ran("prompt") == {"sample"}
     s = demo.report("sample")
     assert (s["computed"], s["reused"]) == (1, 2)
-    assert Image.open(demo.root / "output" / "demo" / "samples" / "grid.png").size[0] == 3 * 128
+    assert Image.open(demo.root / "output" / "demo" / "samples" / "grid.png").size[0] == 72 + 3 * 128
 
 
 def test_changing_bucket_resolution_reuses_resize(demo):

@@ -1,0 +1,51 @@
+"""The sample grid (rows = epochs, columns = prompts) and an ``index.html`` beside it."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from .cache import atomic_path, atomic_write
+
+LABEL_W, LABEL_H = 72, 16
+
+
+def grid(cells: list[list[Path]], row_labels: list[str], col_labels: list[str], out: Path) -> tuple[int, int]:
+    """Write the grid image; returns its size. Every row has one cell per column."""
+    from PIL import Image, ImageDraw
+
+    tiles = [[Image.open(p).convert("RGB") for p in row] for row in cells]
+    cw = max(t.width for row in tiles for t in row)
+    ch = max(t.height for row in tiles for t in row)
+    img = Image.new("RGB", (LABEL_W + cw * len(col_labels), LABEL_H + ch * len(row_labels)), "white")
+    draw = ImageDraw.Draw(img)
+    for c, label in enumerate(col_labels):
+        draw.text((LABEL_W + c * cw + 2, 2), shorten(label, max(4, cw // 6)), fill="black")
+    for r, (label, row) in enumerate(zip(row_labels, tiles)):
+        draw.text((2, LABEL_H + r * ch + ch // 2 - 6), label, fill="black")
+        for c, tile in enumerate(row):
+            img.paste(tile, (LABEL_W + c * cw, LABEL_H + r * ch))
+    with atomic_path(out) as tmp:
+        img.save(tmp, format="PNG")
+    return img.size
+
+
+def shorten(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def index_html(rows: list[tuple[str, list[tuple[str, dict]]]], out: Path, title: str) -> None:
+    """A page with the grid and every image with its full settings (``rows``: label → [(file, settings)])."""
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif}td{vertical-align:top;padding:4px}pre{font-size:11px;max-width:260px;"
+             "white-space:pre-wrap}</style>",
+             f"<h1>{html.escape(title)}</h1><p><img src='grid.png' alt='grid'></p><table>"]
+    for label, cells in rows:
+        parts.append(f"<tr><th>{html.escape(label)}</th>")
+        for fname, settings in cells:
+            parts.append(f"<td><img src='{html.escape(fname)}' alt='{html.escape(settings['prompt'])}'>"
+                         f"<pre>{html.escape(json.dumps(settings, indent=1, ensure_ascii=False))}</pre></td>")
+        parts.append("</tr>")
+    parts.append("</table>")
+    with atomic_write(out, "w") as fh:
+        fh.write("\n".join(parts) + "\n")
