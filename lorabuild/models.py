@@ -364,6 +364,17 @@ def load_noise_scheduler(model_dir: Path, device=None, dtype=None):
     return DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler", local_files_only=True)
 
 
+def load_sampling_scheduler(model_dir: Path):
+    """The scheduler saved with the model, as its own class: what ``load_pipeline`` gives a pipeline."""
+    import json
+
+    import diffusers
+
+    _offline()
+    cls_name = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    return getattr(diffusers, cls_name).from_pretrained(str(model_dir), subfolder="scheduler", local_files_only=True)
+
+
 def load_pipeline(model_dir: Path, device="cpu", dtype=None):
     """A StableDiffusionPipeline for sampling, safety checker off, every model frozen."""
     from diffusers import StableDiffusionPipeline

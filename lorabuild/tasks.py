@@ -198,7 +198,7 @@ class Graph:
             cfg = {**_params(p, keys), "v": textemb.VERSION}
         elif stage == "train":
             deps = [m("latents"), m("textemb")] + captions + _weights(p, self.ws, "unet", "text_encoder")
-            cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + ("device",)), "v": train.VERSION}
+            cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}
         else:
             deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")
             if p.get("sample.prompt_file"):

@@ -35,6 +35,12 @@ class TrainInputs:
     cfg: dict  # the project's sections (network, train, captions, textemb, latents)
     plan: TrainPlan
     log_rows: list = field(default_factory=list)
+    # In-training sample points by row id ("base" before the first step, "s000050" after
+    # optimizer step 50, "e000002" after epoch 2 is saved); the callback renders them.
+    sample_points: frozenset[str] = frozenset()
+    sample: Callable[[object, dict, str, int, int], None] | None = None
+    resume: dict | None = None  # a training state saved by ``save_state``: continue after its epoch
+    save_state: Callable[[int, dict], None] | None = None  # called at the end of every epoch
 
 
 def _dtype(mixed_precision: str):
@@ -108,7 +114,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
 
 
 def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
-    """Train; ``save(network, epoch, step)`` is called at each save point and at the end."""
+    """Train; ``save(network, epoch, step)`` is called at the end of every epoch."""
     import torch
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
@@ -135,12 +141,36 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     scaler = torch.amp.GradScaler(enabled=tr["mixed_precision"] == "fp16" and inp.device.type == "cuda")
     params = [p for g in groups for p in g["params"]]
     accum, step, t0 = tr["gradient_accumulation_steps"], 0, time.perf_counter()
+    first_epoch = 1
+    if inp.resume is not None:
+        # Continue exactly where the state was taken: weights, optimizer moments, schedule
+        # position, step count and RNG. Everything else random is derived from the seed per
+        # (epoch, image, repeat), so the rest of the run equals one never interrupted.
+        st = inp.resume
+        network.load_state_dict(st["network"])
+        optimizer.load_state_dict(st["optimizer"])
+        lr_sched.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        torch.set_rng_state(st["rng"])
+        step, first_epoch = st["step"], st["epoch"] + 1
+        inp.log_rows[:] = [tuple(row) for row in st["log"]]
+        t0 -= inp.log_rows[-1][4] if inp.log_rows else 0.0
     n_timesteps = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
 
     print(f"train: {network.module_count()} LoRA modules (unet, text encoder)\n{inp.plan.banner()}", flush=True)
-    bar = tqdm(total=inp.plan.total_steps, desc="train", unit="step")
-    for epoch in range(1, inp.plan.epochs + 1):
+    parts = {"unet": unet, "text_encoder": te, "tokenizer": tok, "vae": vae}
+
+    def sample(row_id: str, epoch: int) -> None:
+        if inp.sample is not None and row_id in inp.sample_points:
+            network.eval()
+            inp.sample(network, parts, row_id, epoch, step)
+            network.train()
+
+    if first_epoch == 1:
+        sample("base", 0)  # kohya's sample_at_first: the base model before any step
+    bar = tqdm(total=inp.plan.total_steps, initial=step, desc="train", unit="step")
+    for epoch in range(first_epoch, inp.plan.epochs + 1):
         batches = epoch_batches(inp.samples, inp.plan.batch_size, tr["seed"], epoch)
         running = []
         for i, batch in enumerate(batches):
@@ -177,8 +207,16 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 inp.log_rows.append((step, epoch, loss.item(), lr, round(time.perf_counter() - t0, 3)))
                 bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
-        # 5. save
-        if epoch == inp.plan.epochs or (tr["save_every_n_epochs"] and epoch % tr["save_every_n_epochs"] == 0):
-            save(network, epoch, step)
+                sample(f"s{step:06d}", epoch)
+        # 5. save: the LoRA (the stage keeps the saved epochs), samples, then the training state
+        save(network, epoch, step)
+        sample(f"e{epoch:06d}", epoch)
+        if inp.save_state is not None:
+            inp.save_state(epoch, {
+                "network": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
+                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step, "epoch": epoch,
+                "log": [list(row) for row in inp.log_rows],
+            })
     bar.close()
     network.restore()

@@ -41,6 +41,9 @@ class WS:
     def report(self, stage: str, project: str = "demo") -> dict:
         return json.loads((self.root / "cache" / "reports" / project / f"{stage}.json").read_text())
 
+    def manifest(self, stage: str, project: str = "demo") -> dict:
+        return json.loads((self.root / "cache" / "manifests" / project / f"{stage}.json").read_text())
+
     def ran(self, build: str, project: str = "demo") -> set[str]:
         """The stages whose last report was written by the doit invocation ``build``."""
         out = set()

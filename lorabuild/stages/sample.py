@@ -1,20 +1,24 @@
 """sample: every saved epoch's LoRA × every prompt → an image; a grid and an index.html of them all.
 
 Item = one image; key = the sha256 of the LoRA's weights (none for the base-model row) + the
-prompt's full settings (sampler included) + the base model's identity. Adding a prompt
-renders one image per epoch; a new epoch renders one image per prompt; a retrained
-LoRA renders its row again. Everything else is reused.
+prompt's full settings (sampler included) + the base model's identity + the precision it
+was rendered in. Adding a prompt renders one image per row; a new epoch renders one image
+per prompt; a retrained LoRA renders its row again. Everything else is reused, including
+the images rendered while training (``sample.every_n_epochs``/``every_n_steps``/``at_first``),
+which land in the same store under the same keys.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..cache import atomic_path
 from .base import Context, Item, StageRun
 from . import runtime
 
 STAGE = "sample"
-VERSION = 2
+VERSION = 3
 
 # Sampler names users know (A1111/kohya) → diffusers scheduler class and options.
 SAMPLERS = {
@@ -29,65 +33,199 @@ SAMPLERS = {
 }
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row of the grid: the base model (lora None) or one LoRA file."""
+
+    id: str  # "base", "e000006", "s000050"
+    label: str  # "base model", "epoch 6", "step 50"
+    lora: Path | None
+    lora_hash: str | None  # sha256 of the LoRA's tensor bytes
+
+
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:n].lower() or "prompt"
 
 
-def _render(ctx: Context, missing: list[Item], store) -> None:
-    """Render the missing images, loading the pipeline once and each LoRA file once."""
+def base_identity(ctx: Context) -> dict:
+    return {c: runtime.identity(ctx, c) for c in ("unet", "vae", "text_encoder")}
+
+
+def row_items(row: Row, settings: list[dict], base: dict, precision: str) -> list[Item]:
+    """The images of one row, content-addressed."""
+    out = []
+    for i, s in enumerate(settings):
+        key = {"stage": STAGE, "v": VERSION, "lora": row.lora_hash, "settings": s, "base": base, "precision": precision}
+        out.append(Item(f"{row.id}-{i:02d}-{slug(s['prompt'])}", key, {"settings": s, "lora": row.lora}))
+    return out
+
+
+def precision_of(unet) -> str:
+    return str(unet.dtype).removeprefix("torch.").replace("float32", "fp32").replace("float16", "fp16").replace(
+        "bfloat16", "bf16")
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    """A sampling pipeline around already loaded models (the training UNet, for one)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe, network, items: list[Item], store) -> None:
+    """Render ``items`` with ``network`` (already applied, or None for the base model) into ``store``."""
     import diffusers
     import torch
 
+    base_config = pipe.scheduler.config
+    dtype = pipe.unet.dtype
+    autocast = torch.autocast(pipe.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for it in items:
+        s = it.data["settings"]
+        cls_name, extra = SAMPLERS[s["sampler"]]
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
+        if network is not None:
+            network.set_multiplier(s["lora_weight"])
+        # A CPU generator makes the starting noise the same on every device (as A1111 does).
+        with torch.no_grad(), autocast:
+            image = pipe(
+                s["prompt"], negative_prompt=s["negative"] or None, width=s["width"], height=s["height"],
+                num_inference_steps=s["steps"], guidance_scale=s["cfg"],
+                generator=torch.Generator("cpu").manual_seed(s["seed"]),
+            ).images[0]
+        with store.put(it.hash, it.key, {"prompt": s["prompt"]}) as tmp:
+            image.save(tmp, format="PNG")
+    pipe.scheduler = type(pipe.scheduler).from_config(base_config)
+    if network is not None:
+        network.set_multiplier(1.0)
+
+
+def lora_network(ctx: Context, unet, text_encoder):
     from .. import models
     from ..network import LoRANetwork
 
     p = ctx.project
+    return LoRANetwork(
+        unet, [text_encoder], dim=p.get("network.dim"), alpha=p.get("network.alpha"),
+        train_unet=p.get("network.train_unet"), train_text_encoder=p.get("network.train_text_encoder"),
+        arch=models.model_info(runtime.model_dir(ctx))["arch"],
+    )
+
+
+def _render_missing(ctx: Context, missing: list[Item], store) -> None:
+    """Render the missing images, loading the pipeline once and each LoRA file once."""
+    from .. import models
+
     pipe = models.load_pipeline(runtime.model_dir(ctx), device=runtime.device(ctx))
     pipe.set_progress_bar_config(disable=True)
-    base_config = pipe.scheduler.config
     by_lora: dict = {}
     for it in missing:
         by_lora.setdefault(it.data["lora"], []).append(it)
     for lora, items in by_lora.items():
         network = None
         if lora is not None:
-            network = LoRANetwork(
-                pipe.unet, [pipe.text_encoder], dim=p.get("network.dim"), alpha=p.get("network.alpha"),
-                train_unet=p.get("network.train_unet"), train_text_encoder=p.get("network.train_text_encoder"),
-                arch=models.model_info(runtime.model_dir(ctx))["arch"],
-            )
+            network = lora_network(ctx, pipe.unet, pipe.text_encoder)
             network.load_weights(lora)
             network.to(pipe.device)
             network.apply()
-        for it in items:
-            s = it.data["settings"]
-            cls_name, extra = SAMPLERS[s["sampler"]]
-            pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
-            if network is not None:
-                network.set_multiplier(s["lora_weight"])
-            # A CPU generator makes the starting noise the same on every device (as A1111 does).
-            image = pipe(
-                s["prompt"], negative_prompt=s["negative"] or None, width=s["width"], height=s["height"],
-                num_inference_steps=s["steps"], guidance_scale=s["cfg"],
-                generator=torch.Generator("cpu").manual_seed(s["seed"]),
-            ).images[0]
-            with store.put(it.hash, it.key, {"prompt": s["prompt"]}) as tmp:
-                image.save(tmp, format="PNG")
+        render(pipe, network, items, store)
         if network is not None:
             network.restore()
 
 
-def lora_rows(ctx: Context) -> list[tuple[str, str, object]]:
-    """(row id, label, LoRA path or None for the base model) for every saved epoch, final last."""
+def in_training_points(sample_cfg: dict, plan) -> dict[str, tuple[str, int]]:
+    """{row id: (label, global step)} of the points to sample at while training (``plan``: a TrainPlan)."""
+    if not sample_cfg["prompts"] and not sample_cfg.get("prompt_file"):
+        return {}
+    points = {}
+    if sample_cfg["at_first"]:
+        points["base"] = ("base model", 0)
+    if sample_cfg["every_n_epochs"]:
+        for e in range(sample_cfg["every_n_epochs"], plan.epochs + 1, sample_cfg["every_n_epochs"]):
+            points[f"e{e:06d}"] = (f"epoch {e}", e * plan.steps_per_epoch)
+    if sample_cfg["every_n_steps"]:
+        for s in range(sample_cfg["every_n_steps"], plan.total_steps + 1, sample_cfg["every_n_steps"]):
+            points[f"s{s:06d}"] = (f"step {s}", s)
+    return points
+
+
+class TrainingSampler:
+    """Renders sample images while training, into the sample stage's store under the keys the
+    sample stage will look up, so ``sample:<name>`` afterwards reuses them.
+
+    The LoRA is first saved (a snapshot, unless the point is a saved epoch) and the live
+    network is loaded with the saved weights for rendering, so an image shows exactly the
+    file its key names; the training weights are put back afterwards.
+    """
+
+    def __init__(self, ctx: Context, settings: list[dict], publish_dir: Path):
+        self.ctx, self.settings, self.publish_dir = ctx, settings, publish_dir
+        self.store = ctx.store(STAGE, ".png")
+        self.base = base_identity(ctx)
+        self.pipe = None
+        self.rendered = self.reused = 0
+
+    def __call__(self, network, parts: dict, row: Row) -> None:
+        import torch
+
+        from .. import models
+
+        if self.pipe is None:
+            mdir, tok = runtime.model_dir(self.ctx), parts["tokenizer"] or runtime.frozen(self.ctx, "tokenizer")
+            self.pipe = make_pipeline(parts["unet"], parts["vae"] or runtime.frozen(self.ctx, "vae"),
+                                      parts["text_encoder"] or runtime.frozen(self.ctx, "text_encoder"), tok,
+                                      models.load_sampling_scheduler(mdir))
+        items = row_items(row, self.settings, self.base, precision_of(parts["unet"]))
+        missing = [it for it in items if not self.store.has(it.hash)]
+        self.reused += len(items) - len(missing)
+        if missing:
+            if row.lora is None:  # the base model: the LoRA switched off (its output is then exactly the base's)
+                network.set_multiplier(0.0)
+                render(self.pipe, None, missing, self.store)
+            else:
+                backup = {k: v.detach().clone() for k, v in network.state_dict().items()}
+                network.load_weights(row.lora)
+                try:
+                    render(self.pipe, network, missing, self.store)
+                finally:
+                    with torch.no_grad():
+                        network.load_state_dict(backup)
+            network.set_multiplier(1.0)
+            self.rendered += len(missing)
+        publish(self.publish_dir, items, self.store)
+
+
+def rows(ctx: Context) -> list[Row]:
+    """Base model (``baseline`` or ``at_first``), in-training snapshots and every saved epoch, by step."""
     name = ctx.project.output_name
     out = ctx.ws.output_dir(name)
-    epochs = ctx.read_manifest("train")["items"][0]["epochs"]
-    final = epochs[-1][0]
-    rows = [("base", "base model", None)] if ctx.project.get("sample.baseline") else []
-    for e, _ in epochs:
+    entry = ctx.read_manifest("train")["items"][0]
+    train_store = ctx.store("train", ".safetensors")
+    hashes = ctx.hashes()
+    found: dict[str, tuple[int, Row]] = {}
+    if ctx.project.get("sample.baseline") or ctx.project.get("sample.at_first"):
+        found["base"] = (-1, Row("base", "base model", None, None))
+    final = entry["epochs"][-1][0]
+    for row_id, label, step, h in entry.get("snapshots", []):
+        if row_id != "base":
+            path = train_store.path(h)
+            found[row_id] = (step, Row(row_id, label, path, hashes.sha256(path, tensors_only=True)))
+    for e, _h, *rest in entry["epochs"]:
         path = out / (f"{name}.safetensors" if e == final else f"{name}-{e:06d}.safetensors")
-        rows.append((f"e{e:06d}", f"epoch {e}", path))
-    return rows
+        step = rest[0] if rest else e
+        found[f"e{e:06d}"] = (step, Row(f"e{e:06d}", f"epoch {e}", path, hashes.sha256(path, tensors_only=True)))
+    hashes.save()
+    return [r for _, r in sorted(found.values(), key=lambda sr: (sr[0], sr[1].id))]
+
+
+def publish(out_dir: Path, items: list[Item], store) -> None:
+    for it in items:
+        with atomic_path(out_dir / f"{it.id}.png") as tmp:
+            tmp.write_bytes(store.path(it.hash).read_bytes())
 
 
 def run(ctx: Context) -> dict:
@@ -96,38 +234,25 @@ def run(ctx: Context) -> dict:
     sr = StageRun(ctx, STAGE)
     name = ctx.project.output_name
     settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes)
-    rows = lora_rows(ctx)
-    hashes = ctx.hashes()
-    # Keyed on the weights, not the file: a re-saved epoch with new metadata but equal
-    # weights (an extended run) keeps its images.
-    lora_hash = {str(path): hashes.sha256(path, tensors_only=True) for _, _, path in rows if path is not None}
-    hashes.save()
-    base = {c: runtime.identity(ctx, c) for c in ("unet", "vae", "text_encoder")}
-    grid_items: list[list[Item]] = []
-    for row_id, _, path in rows:
-        row = []
-        for i, s in enumerate(settings):
-            key = {"stage": STAGE, "v": VERSION, "lora": lora_hash.get(str(path)), "settings": s, "base": base}
-            row.append(Item(f"{row_id}-{i:02d}-{slug(s['prompt'])}", key, {"settings": s, "lora": path}))
-        grid_items.append(row)
+    grid_rows = rows(ctx)
+    base = base_identity(ctx)
+    grid_items = [row_items(r, settings, base, "fp32") for r in grid_rows]
     items = [it for row in grid_items for it in row]
     store = ctx.store(STAGE, ".png")
     missing = sr.split(items, store)
     if missing:
-        _render(ctx, missing, store)
+        _render_missing(ctx, missing, store)
         sr.computed += len(missing)
     out_dir = ctx.ws.output_dir(name) / "samples"
     keep = {f"{it.id}.png" for it in items} | {"grid.png"}
     for old in out_dir.glob("*.png"):
         if old.name not in keep:
             old.unlink()
-    for it in items:
-        with atomic_path(out_dir / f"{it.id}.png") as tmp:
-            tmp.write_bytes(store.path(it.hash).read_bytes())
+    publish(out_dir, items, store)
     if items:
-        size = gallery.grid([[store.path(it.hash) for it in row] for row in grid_items], [r[1] for r in rows],
+        size = gallery.grid([[store.path(it.hash) for it in row] for row in grid_items], [r.label for r in grid_rows],
                             [s["prompt"] for s in settings], out_dir / "grid.png")
-        gallery.index_html([(label, [(f"{it.id}.png", it.data["settings"]) for it in row])
-                            for (_, label, _), row in zip(rows, grid_items)], out_dir / "index.html", f"{name} samples")
-        sr.notes.append(f"grid {size[0]}x{size[1]}: {len(rows)} rows × {len(settings)} prompts")
+        gallery.index_html([(r.label, [(f"{it.id}.png", it.data["settings"]) for it in row])
+                            for r, row in zip(grid_rows, grid_items)], out_dir / "index.html", f"{name} samples")
+        sr.notes.append(f"grid {size[0]}x{size[1]}: {len(grid_rows)} rows × {len(settings)} prompts")
     return sr.finish([{"id": it.id, "hash": it.hash, "prompt": it.data["settings"]["prompt"]} for it in items])
