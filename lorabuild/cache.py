@@ -149,6 +149,9 @@ class Store:
     def discard(self, h: str, reason: str) -> None:
         """Drop an unreadable entry so it is recomputed (dvc's ``_load_cache`` does the same)."""
         print(f"lorabuild: {self.stage} cache entry {self.path(h)} is unreadable ({reason}); recomputing")
+        self.remove(h)
+
+    def remove(self, h: str) -> None:
         for p in (self.path(h), self.sidecar(h)):
             with contextlib.suppress(OSError):
                 p.unlink()

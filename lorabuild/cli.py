@@ -39,6 +39,19 @@ def cmd_init(target: Path) -> int:
     return 0
 
 
+def _collect_hashes(value, out: set[str]) -> None:
+    """Every entry hash a manifest mentions, however deep (items, epochs, snapshots, states)."""
+    if isinstance(value, str):
+        if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+            out.add(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _collect_hashes(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _collect_hashes(v, out)
+
+
 def cmd_gc(root: Path, dry_run: bool) -> int:
     """Delete cache entries that no project's manifest references."""
     from .cache import read_json
@@ -46,10 +59,7 @@ def cmd_gc(root: Path, dry_run: bool) -> int:
     ws = Workspace(root)
     live: set[str] = set()
     for manifest in (ws.cache / "manifests").glob("*/*.json"):
-        for item in (read_json(manifest, {}) or {}).get("items", []):
-            for h in [item.get("hash")] + [eh for _, eh in item.get("epochs", [])]:
-                if h:
-                    live.add(h)
+        _collect_hashes((read_json(manifest, {}) or {}).get("items", []), live)
     removed = kept = freed = 0
     for sidecar_or_entry in sorted((ws.cache / "objects").glob("*/*/*")):
         if sidecar_or_entry.name.startswith("."):

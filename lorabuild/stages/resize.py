@@ -26,7 +26,7 @@ def plan(dataset: Dataset, params: dict, hashes) -> list[Item]:
 
 
 def _compute(item: Item, params: dict, store) -> dict:
-    from ..images import RESAMPLE, ImageError, load_rgb
+    from ..images import RESAMPLE, load_rgb
 
     img = load_rgb(item.data["path"], tuple(params["background"]))
     orig = img.size

@@ -13,17 +13,21 @@ import io
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import atomic_path, atomic_write, key_hash
+from ..cache import atomic_path, atomic_write, checked_read, key_hash
 from ..captions import concept_options
 from ..trainplan import Sample, balance_reg, make_plan
 from . import runtime, textemb
+from . import sample as sample_stage
 from .base import Context, StageError, StageRun
 
 STAGE = "train"
-VERSION = 1
+VERSION = 2
 SECTIONS = ("network", "train", "captions", "output")
+# when to sample while training: decides which snapshots a run keeps, never the weights
+SAMPLE_PARAMS = ("sample.at_first", "sample.every_n_epochs", "sample.every_n_steps")
 EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "base_model", "dataset")
 
 
@@ -51,6 +55,23 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
     }
 
 
+# Learning-rate schedules whose value at step s does not depend on the run's length: with
+# these, epoch e of a 10-epoch run equals epoch e of a 6-epoch run, so epochs, states and
+# snapshots are keyed without the length and a longer run continues a shorter one.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+# what only decides how long a run goes and what it keeps, never the weights at a given epoch
+LENGTH_PARAMS = ("epochs", "save_every_n_epochs")
+
+
+def weights_key(key: dict, total_steps: int) -> dict:
+    """The run key without its length: what determines the weights after any given epoch."""
+    train = {k: v for k, v in key["params"]["train"].items() if k not in LENGTH_PARAMS}
+    wkey = {**key, "params": {**key["params"], "train": train}, "kind": "epoch-weights"}
+    if train["lr_scheduler"] not in LENGTH_FREE_SCHEDULES:
+        wkey["total_steps"] = total_steps
+    return wkey
+
+
 def _publish(src: Path, dst: Path) -> None:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
@@ -72,11 +93,132 @@ def _bucket_info(lat_items: list[dict]) -> dict:
     return {"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(counts.items()))}}
 
 
-def run(ctx: Context, dataset) -> dict:
-    from .. import models
+@dataclass
+class Run:
+    """What one training run reads and what it appends to (``epochs``, ``snapshots``)."""
+
+    ctx: Context
+    dataset: object
+    plan: object
+    samples: list
+    captions: dict
+    latents: dict
+    lat_manifest: dict
+    cached: bool
+    te_id: str
+    unet_id: str
+    info: dict
+    mdir: Path
+    wkey: dict
+    saved: set
+    points: dict
+    snapshot_points: dict
+    epochs: list
+    snapshots: list
+    store: object
+    sampler: object = None
+
+
+def _train(r: Run, resume: dict | None) -> list:
+    """Train (from ``resume``, a saved training state, when given); returns the loss log."""
     from ..metadata import kohya_metadata, tag_frequency
     from ..plan import build_plan, render
     from ..trainer import TrainInputs, train
+
+    ctx, p, store, wkey = r.ctx, r.ctx.project, r.store, r.wkey
+    states = ctx.store(STAGE, ".pt")
+    name = p.output_name
+    lat_store = ctx.store("latents", ".safetensors")
+    emb_paths = None
+    if r.cached:
+        emb_store = ctx.store("textemb", ".safetensors")
+        ck = lambda c: textemb.item_key(c, p.get("textemb.clip_skip"), p.get("textemb.max_token_length"), r.te_id)  # noqa: E731
+        emb_paths = {c: emb_store.path(key_hash(ck(c))) for c in set(r.captions.values())}
+        if not all(path.is_file() for path in emb_paths.values()):
+            raise StageError("text embeddings are missing from the cache: run the textemb stage again")
+    concept_of = {im.id: im.concept for im in r.dataset.images}
+    folder_of = {im.id: im.concept.folder.name for im in r.dataset.images}
+    dirs = {}
+    for im in r.dataset.images:
+        d = dirs.setdefault(im.concept.folder.name, {"n_repeats": im.concept.repeats, "img_count": 0})
+        d["img_count"] += 1
+    session, started = uuid.uuid4().hex, time.time()
+    dtype_name = p.get("output.save_precision")
+    kept_state: list[int] = []  # the latest state of an epoch that is not saved, replaced as training goes
+
+    def save_entry(network, ekey: dict, epoch: int, step: int) -> str:
+        import torch
+
+        md = kohya_metadata(
+            cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "bucket", "output")},
+            output_name=name, arch=r.info["arch"], prediction_type=r.info["prediction_type"], plan=r.plan,
+            epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(r.captions, folder_of),
+            bucket_info=_bucket_info(r.lat_manifest["items"]), textemb_cached=r.cached,
+            model_name=Path(str(p.get("base_model"))).name, model_hash=r.unet_id,
+            session_id=session, started=started, finished=time.time(),
+        )
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+        with store.put(key_hash(ekey), ekey, {"epoch": epoch, "step": step}) as tmp:
+            network.save(tmp, dtype=dtype, metadata=md)
+        return key_hash(ekey)
+
+    def save(network, epoch: int, step: int) -> None:
+        if epoch in r.saved:
+            r.epochs.append([epoch, save_entry(network, {**wkey, "epoch": epoch}, epoch, step), step])
+
+    def save_state(epoch: int, state: dict) -> None:
+        import torch
+
+        skey = {**wkey, "state": epoch}
+        with states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"]}) as tmp:
+            torch.save(state, tmp)
+        for old in kept_state:
+            states.remove(key_hash({**wkey, "state": old}))  # superseded by this later state
+        kept_state[:] = [] if epoch in r.saved else [epoch]
+
+    if r.points:
+        from .. import prompts
+
+        r.sampler = sample_stage.TrainingSampler(ctx, prompts.resolve(p.section("sample"), p.root),
+                                                 ctx.ws.output_dir(name) / "samples")
+
+    def sample(network, parts: dict, row_id: str, epoch: int, step: int) -> None:
+        label = r.points[row_id][0]
+        if row_id == "base":
+            path = None
+        elif row_id in r.snapshot_points:
+            sh = save_entry(network, {**wkey, "snapshot": row_id}, epoch, step)
+            r.snapshots.append([row_id, label, step, sh])
+            path = store.path(sh)
+        else:
+            path = store.path(r.epochs[-1][1])
+        hashes = ctx.hashes()
+        row = sample_stage.Row(row_id, label, path, None if path is None else hashes.sha256(path, tensors_only=True))
+        hashes.save()
+        r.sampler(network, parts, row)
+
+    pixels = not r.lat_manifest.get("cached", True)
+    inp = TrainInputs(
+        model_dir=r.mdir, arch=r.info["arch"], device=runtime.device(ctx), samples=r.samples,
+        latent_path=None if pixels else {i: lat_store.path(r.latents[i]["hash"]) for i in r.latents},
+        pixels={i: (ctx.store("resize", ".png").path(e["src"]), e["resized"]) for i, e in r.latents.items()}
+        if pixels else None,
+        caption=r.captions,
+        caption_opts={i: concept_options(p.section("captions"), concept_of[i]) for i in r.latents},
+        embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
+        plan=r.plan, sample_points=frozenset(r.points), sample=sample if r.sampler else None,
+        resume=resume, save_state=save_state,
+    )
+    print(render(build_plan(p)), flush=True)
+    try:
+        train(inp, save)
+    except FloatingPointError as exc:
+        raise StageError(f"train:{ctx.name}: {exc}") from None
+    return inp.log_rows
+
+
+def run(ctx: Context, dataset) -> dict:
+    from .. import models
 
     sr = StageRun(ctx, STAGE)
     p = ctx.project
@@ -96,64 +238,64 @@ def run(ctx: Context, dataset) -> dict:
     store = ctx.store(STAGE, ".safetensors")
     name = p.output_name
     out_dir = ctx.ws.output_dir(name)
+    concept_of = {im.id: im.concept for im in dataset.images}
+    every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg) for i in sorted(latents)]
+    samples = [s for s in every if not s.is_reg]
+    samples += balance_reg(samples, [s for s in every if s.is_reg])
+    plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"))
+    save_every = p.get("train.save_every_n_epochs")
+    saved = {e for e in range(1, plan.epochs + 1) if e == plan.epochs or (save_every and e % save_every == 0)}
+    points = sample_stage.in_training_points(p.section("sample"), plan)
+    # in-training sample points that need a LoRA file of their own (saved epochs have theirs)
+    snapshot_points = {r: v for r, v in points.items() if r != "base" and not (r[0] == "e" and int(r[1:]) in saved)}
     entry = store.info(h)
+    wkey = weights_key(key, plan.total_steps)
+    spe = plan.steps_per_epoch
+    states = ctx.store(STAGE, ".pt")  # training states: torch pickles (weights_only), not safetensors
+    epoch_h = lambda e: key_hash({**wkey, "epoch": e})  # noqa: E731
+    state_h = lambda e: key_hash({**wkey, "state": e})  # noqa: E731
+    snap_h = lambda r: key_hash({**wkey, "snapshot": r})  # noqa: E731
 
-    if entry is None or not all(store.has(eh) for _, eh in entry.get("epochs", [])):
-        lat_store = ctx.store("latents", ".safetensors")
-        emb_paths = None
-        if cached:
-            emb_store = ctx.store("textemb", ".safetensors")
-            ck = lambda c: textemb.item_key(c, p.get("textemb.clip_skip"), p.get("textemb.max_token_length"), te_id)  # noqa: E731
-            emb_paths = {c: emb_store.path(key_hash(ck(c))) for c in set(captions.values())}
-            if not all(path.is_file() for path in emb_paths.values()):
-                raise StageError("text embeddings are missing from the cache: run the textemb stage again")
-        concept_of = {im.id: im.concept for im in dataset.images}
-        every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg) for i in sorted(latents)]
-        samples = [s for s in every if not s.is_reg]
-        samples += balance_reg(samples, [s for s in every if s.is_reg])
-        plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"))
-        folder_of = {im.id: im.concept.folder.name for im in dataset.images}
-        dirs = {}
-        for im in dataset.images:
-            d = dirs.setdefault(im.concept.folder.name, {"n_repeats": im.concept.repeats, "img_count": 0})
-            d["img_count"] += 1
-        inp = TrainInputs(
-            model_dir=mdir, arch=info["arch"], device=runtime.device(ctx), samples=samples,
-            latent_path={i: lat_store.path(latents[i]["hash"]) for i in latents} if lat_manifest.get("cached", True) else None,
-            pixels=None if lat_manifest.get("cached", True) else {
-                i: (ctx.store("resize", ".png").path(e["src"]), e["resized"]) for i, e in latents.items()},
-            caption=captions,
-            caption_opts={i: concept_options(p.section("captions"), concept_of[i]) for i in latents},
-            embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
-            plan=plan,
-        )
-        session, started, epochs = uuid.uuid4().hex, time.time(), []
-        dtype_name = p.get("output.save_precision")
+    def complete(entry: dict | None) -> bool:
+        if entry is None or not all(store.has(eh) for _, eh, *_ in entry.get("epochs", [])):
+            return False
+        have = {row_id: sh for row_id, _, _, sh in entry.get("snapshots", [])}
+        return all(r in have and store.has(have[r]) for r in snapshot_points)
 
-        def save(network, epoch: int, step: int) -> None:
+    def resume_point() -> int:
+        """The last epoch whose training state, saved epochs and snapshots are all in the store."""
+        for e0 in range(plan.epochs, 0, -1):
+            if (states.has(state_h(e0)) and all(store.has(epoch_h(e)) for e in saved if e <= e0)
+                    and all(store.has(snap_h(r)) for r, (_, step) in snapshot_points.items() if step <= e0 * spe)):
+                return e0
+        return 0
+
+    sampled = None
+    if not complete(entry):
+        e0 = resume_point()
+        resume = None
+        epochs = [[e, epoch_h(e), e * spe] for e in sorted(saved) if e <= e0]
+        snapshots = [[r, label, step, snap_h(r)] for r, (label, step) in sorted(snapshot_points.items(), key=lambda kv: kv[1][1])
+                     if step <= e0 * spe]
+        if e0:
             import torch
 
-            md = kohya_metadata(
-                cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "bucket", "output")},
-                output_name=name, arch=info["arch"], prediction_type=info["prediction_type"], plan=plan,
-                epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(captions, folder_of),
-                bucket_info=_bucket_info(lat_items), textemb_cached=cached,
-                model_name=Path(str(p.get("base_model"))).name, model_hash=unet_id,
-                session_id=session, started=started, finished=time.time(),
-            )
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-            ekey = {**key, "epoch": epoch}
-            with store.put(key_hash(ekey), ekey, {"epoch": epoch, "step": step}) as tmp:
-                network.save(tmp, dtype=dtype, metadata=md)
-            epochs.append([epoch, key_hash(ekey)])
-
-        print(render(build_plan(p)), flush=True)
-        try:
-            train(inp, save)
-        except FloatingPointError as exc:
-            raise StageError(f"train:{ctx.name}: {exc}") from None
+            resume = checked_read("train", states.path(state_h(e0)), lambda f: torch.load(f, weights_only=True))
+            sr.notes.append(f"continued from the training state after epoch {e0} (step {resume['step']})"
+                            if e0 < plan.epochs else f"assembled from epochs trained before (up to epoch {e0})")
+        elif p.get("train.lr_scheduler") not in LENGTH_FREE_SCHEDULES:
+            sr.notes.append(f"trained from the start: the {p.get('train.lr_scheduler')} schedule depends on the run's "
+                            "length, so no earlier run can be continued")
+        log_rows = list(resume["log"]) if resume else []
+        if e0 < plan.epochs:
+            run = Run(ctx=ctx, dataset=dataset, plan=plan, samples=samples, captions=captions, latents=latents,
+                      lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, info=info, mdir=mdir,
+                      wkey=wkey, saved=saved, points=points, snapshot_points=snapshot_points, epochs=epochs,
+                      snapshots=snapshots, store=store)
+            log_rows = _train(run, resume)
+            sampled = run.sampler
         final_hash = epochs[-1][1]
-        with store.put(h, key, {"epochs": epochs, "loss": inp.log_rows}) as tmp:
+        with store.put(h, key, {"epochs": epochs, "snapshots": snapshots, "loss": log_rows}) as tmp:
             shutil.copyfile(store.path(final_hash), tmp)
         entry = store.info(h)
         sr.computed = 1
@@ -164,11 +306,17 @@ def run(ctx: Context, dataset) -> dict:
     # Publish: <name>.safetensors, every saved epoch as <name>-000001.safetensors, the loss log.
     _publish(store.path(h), out_dir / f"{name}.safetensors")
     final_epoch = entry["epochs"][-1][0]
-    wanted = {f"{name}-{e:06d}.safetensors": eh for e, eh in entry["epochs"] if e != final_epoch}
+    wanted = {f"{name}-{e:06d}.safetensors": eh for e, eh, *_ in entry["epochs"] if e != final_epoch}
     for old in out_dir.glob(f"{name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"):
         if old.name not in wanted:
             old.unlink()
     for fname, eh in wanted.items():
         _publish(store.path(eh), out_dir / fname)
     _write_loss_csv(out_dir / "loss.csv", entry.get("loss", []))
-    return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"]}])
+    if sampled is not None:
+        sr.notes.append(f"sampled while training: {sampled.rendered} images rendered, {sampled.reused} reused")
+    # only the snapshots the current sample settings ask for (an entry may hold more)
+    snaps = [s for s in entry.get("snapshots", []) if s[0] in snapshot_points]
+    # the training states of saved epochs (what `epochs` raised later continues from; kept by gc)
+    kept = [[e, state_h(e)] for e, *_ in entry["epochs"] if states.has(state_h(e))]
+    return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "states": kept}])

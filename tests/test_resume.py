@@ -1,0 +1,99 @@
+"""Resumable, extendable training: states saved every epoch, runs continued bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+
+def _weights(path) -> dict:
+    return load_file(str(path))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def _notes(ws) -> str:
+    return " ".join(ws.report("train")["notes"])
+
+
+def _fresh_run(ws, build: str) -> dict:
+    """Train the current configuration from scratch (no cached epochs or states) and return its LoRA."""
+    shutil.rmtree(ws.root / "cache/objects/train")
+    ws.doit("forget", "train:demo", build=f"{build}-forget")
+    ws.doit("train:demo", build=build)
+    assert "continued" not in _notes(ws) and ws.report("train")["computed"] == 1
+    return _weights(ws.root / "output/demo/demo.safetensors")
+
+
+# The demo workspaces hold the 6-epoch demo run's states (epochs 2, 4, 6), which a run with
+# the demo's settings would continue from; tests of continuing use their own seed.
+
+def test_raising_epochs_continues_the_last_run_and_equals_a_fresh_one(demo):
+    demo.edit(lambda d: d["train"].update(epochs=1, seed=43))
+    demo.doit("train:demo", build="one")
+    assert "continued" not in _notes(demo)
+    demo.edit(lambda d: d["train"].update(epochs=2))
+    demo.doit("train:demo", build="extend")
+    assert "continued from the training state after epoch 1 (step 40)" in _notes(demo)
+    loss = (demo.root / "output/demo/loss.csv").read_text().splitlines()
+    assert len(loss) == 1 + 80 and loss[-1].startswith("80,2,")  # the log carries on from the first run
+    continued = _weights(demo.root / "output/demo/demo.safetensors")
+    assert _same(continued, _fresh_run(demo, "fresh"))
+
+
+def test_lowering_epochs_assembles_saved_epochs_without_training(demo, built_demo):
+    # The workspace holds the 6-epoch demo run's epochs 2, 4, 6 and their training states.
+    demo.edit(lambda d: d["train"].update(epochs=4))
+    demo.doit("train:demo", build="lower")
+    assert "assembled from epochs trained before (up to epoch 4)" in _notes(demo)
+    assert "train: " not in demo.doit("train:demo", build="noop").stdout
+    out = demo.root / "output/demo"
+    assert _same(_weights(out / "demo.safetensors"), _weights(built_demo.root / "output/demo/demo-000004.safetensors"))
+    assert _same(_weights(out / "demo-000002.safetensors"),
+                 _weights(built_demo.root / "output/demo/demo-000002.safetensors"))
+
+
+def test_a_length_dependent_schedule_trains_from_the_start_and_says_why(demo):
+    demo.edit(lambda d: d["train"].update(epochs=2, lr_scheduler="cosine"))
+    demo.doit("train:demo", build="cosine")
+    assert "trained from the start: the cosine schedule depends on the run's length" in _notes(demo)
+
+
+def _states(ws) -> dict:
+    """{training state file: its epoch} for the states in the store now."""
+    out = {}
+    for pt in (ws.root / "cache/objects/train").glob("*/*.pt"):
+        try:
+            out[pt] = json.loads(pt.with_suffix(".json").read_text())["info"]["epoch"]
+        except (OSError, ValueError, KeyError):
+            pass  # being written
+    return out
+
+
+def test_a_killed_run_continues_from_its_last_state_and_ends_equal(demo):
+    demo.edit(lambda d: d["train"].update(epochs=3, seed=44))
+    before = set(_states(demo))
+    env = {**os.environ, "LORABUILD_BUILD": "killed"}
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "train:demo"], cwd=demo.root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while 2 not in {e for pt, e in _states(demo).items() if pt not in before}:
+            assert proc.poll() is None, "the build ended before it could be killed"
+            assert time.time() < deadline, "no training state for epoch 2 appeared"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    demo.doit("train:demo", build="resume")
+    assert "continued from the training state after epoch 2 (step 80)" in _notes(demo)
+    resumed = _weights(demo.root / "output/demo/demo.safetensors")
+    assert _same(resumed, _fresh_run(demo, "fresh"))
