@@ -146,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", choices=["latents", "train", "sample"], default="latents",
                    help="how far each build goes: latents (the caches, so a later train starts at once), train or sample")
     p.add_argument("--quiet", type=float, default=1.0, help="seconds without changes before a build starts")
+    p = sub.add_parser("report", help="the last training run: steps, time, loss, saved files")
+    p.add_argument("name", help="project name (projects/NAME.yaml)")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("import-kohya", help="write a project from a kohya config TOML or saved command line")
+    p.add_argument("config", type=Path, help="kohya --config_file TOML, or a text file with the command line")
+    p.add_argument("--dataset-config", type=Path, help="kohya dataset config TOML ([[datasets]] / [[datasets.subsets]])")
+    p.add_argument("-o", "--output", type=Path, help="the project YAML to write (default: print it)")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
@@ -159,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_plan(find_root(), args.name, args.json)
     if args.cmd == "status":
         return cmd_status(find_root(), args.name, args.json)
+    if args.cmd == "import-kohya":
+        from .kohya_import import cmd_import
+
+        return cmd_import(args.config, args.dataset_config, args.output)
+    if args.cmd == "report":
+        from .report import cmd_report
+
+        return cmd_report(find_root(), args.name, args.json)
     if args.cmd == "watch":
         from .watch import cmd_watch
 

@@ -246,6 +246,11 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     pf = data["sample"]["prompt_file"]
     if pf and not (root / pf).is_file():
         doc.problem(pos("sample", "prompt_file"), "sample.prompt_file", f"{(root / pf).resolve()} does not exist")
+    nw = data["network"]["weights"]
+    if nw and not (root / nw).is_file():
+        doc.problem(pos("network", "weights"), "network.weights", f"{(root / nw).resolve()} does not exist")
+    if data["network"]["conv_alpha"] is not None and not data["network"]["conv_dim"]:
+        doc.problem(pos("network", "conv_alpha"), "network.conv_alpha", "is set but network.conv_dim is not (LoCon is off)")
     b = data["bucket"]
     if b["min_reso"] > b["max_reso"]:
         doc.problem(pos("bucket", "min_reso"), "bucket.min_reso", f"{b['min_reso']} is larger than bucket.max_reso ({b['max_reso']})")

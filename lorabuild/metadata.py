@@ -5,6 +5,7 @@ read kohya LoRAs (A1111's additional-networks, ComfyUI-Lora-Manager) find what t
 """
 from __future__ import annotations
 
+import datetime
 import json
 from collections import Counter
 from collections.abc import Mapping
@@ -13,6 +14,17 @@ from .captions import split_tags
 from .trainplan import TrainPlan
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+# Stability AI's ModelSpec architecture ids (kohya library/sai_model_spec.py)
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+                  "sdxl": "stable-diffusion-xl-v1-base"}
+# what kohya keeps with --no_metadata (train_network.py minimum_keys), plus the ModelSpec keys
+MINIMAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
+# class paths for ss_optimizer, as kohya writes it ("module.Class(args)")
+OPTIMIZER_CLASS = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                   "lion": "lion_pytorch.lion_pytorch.Lion", "lion8bit": "bitsandbytes.optim.lion.Lion8bit",
+                   "prodigy": "prodigyopt.prodigy.Prodigy", "adafactor": "transformers.optimization.Adafactor",
+                   "sgd": "torch.optim.sgd.SGD"}
 
 
 def tag_frequency(captions: Mapping[str, str], folder_of: Mapping[str, str]) -> dict[str, dict[str, int]]:
@@ -65,12 +77,13 @@ def kohya_metadata(
         "ss_gradient_checkpointing": False,
         "ss_lr_warmup_steps": train["lr_warmup_steps"],
         "ss_lr_scheduler": train["lr_scheduler"],
-        "ss_optimizer": f"torch.optim.AdamW(weight_decay={train['weight_decay']})",
+        "ss_optimizer": _optimizer_text(train),
         "ss_max_grad_norm": train["max_grad_norm"],
         "ss_network_module": "networks.lora",
         "ss_network_dim": net["dim"],
         "ss_network_alpha": net["alpha"],
-        "ss_network_dropout": None,
+        "ss_network_dropout": net["dropout"] or None,
+        "ss_network_args": json.dumps(network_args(net)) if network_args(net) else None,
         "ss_network_train_unet_only": not net["train_text_encoder"],
         "ss_network_train_text_encoder_only": not net["train_unet"],
         "ss_mixed_precision": train["mixed_precision"],
@@ -108,4 +121,53 @@ def kohya_metadata(
         "ss_new_sd_model_hash": model_hash,
         "ss_training_tool": "lorabuild",
     }
-    return {k: str(v) for k, v in md.items()}
+    resolution = bucket["resolution"]
+    md.update({
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCH[version_key] + "/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers",
+        "modelspec.title": output_name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(finished)).isoformat(),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.encoder_layer": str(cfg["textemb"]["clip_skip"]),
+        "modelspec.implementation_version": "lorabuild",
+    })
+    md = {k: str(v) for k, v in md.items() if not (k == "ss_network_args" and v is None)}
+    return apply_mode(md, cfg["output"].get("metadata", "full"))
+
+
+def network_args(net: Mapping) -> dict[str, str]:
+    """kohya's ``ss_network_args``: the network options beyond dim/alpha, as strings."""
+    out = {}
+    if net.get("conv_dim"):
+        out["conv_dim"] = str(net["conv_dim"])
+        out["conv_alpha"] = str(net["conv_alpha"] if net.get("conv_alpha") is not None else net["conv_dim"])
+    if net.get("loraplus_lr_ratio"):
+        out["loraplus_lr_ratio"] = str(net["loraplus_lr_ratio"])
+    return out
+
+
+def _optimizer_text(train: Mapping) -> str:
+    args = {"weight_decay": train["weight_decay"], **(train.get("optimizer_args") or {})}
+    name = train.get("optimizer", "adamw")
+    return f"{OPTIMIZER_CLASS[name]}({','.join(f'{k}={v}' for k, v in args.items())})"
+
+
+def apply_mode(md: dict[str, str], mode: str) -> dict[str, str]:
+    """``full``: everything; ``public``: no local paths or folder names (safe to share);
+    ``minimal``: kohya's minimum set (its ``--no_metadata``) and the ModelSpec keys."""
+    if mode == "minimal":
+        return {k: v for k, v in md.items() if k in MINIMAL_KEYS or k.startswith("modelspec.")}
+    if mode == "public":
+        md = dict(md)
+        renames: dict[str, str] = {}
+        for key in ("ss_dataset_dirs", "ss_tag_frequency"):
+            if key in md:
+                data = json.loads(md[key])
+                for i, folder in enumerate(sorted(data), 1):
+                    renames.setdefault(folder, f"dataset_{i}")
+                md[key] = json.dumps({renames[f]: v for f, v in data.items()})
+        md.pop("ss_sd_model_name", None)
+        md.pop("ss_training_comment", None)
+    return md

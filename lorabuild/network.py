@@ -17,17 +17,20 @@ import torch
 from torch import nn
 
 UNET_TARGETS = ("Transformer2DModel",)
+# LoCon (kohya: conv_dim): the ResNet blocks and resamplers too; their 3×3 convs get
+# ``conv_dim``/``conv_alpha``, their Linear and 1×1 convs the ordinary dim/alpha.
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 
 
 class LoRAModule(nn.Module):
     """``y = W x + up(down(x)) · multiplier · alpha/dim`` around an existing Linear or 1×1 conv."""
 
-    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float):
+    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.lora_name = name
-        if isinstance(org, nn.Conv2d):
-            self.lora_down = nn.Conv2d(org.in_channels, dim, 1, bias=False)
+        if isinstance(org, nn.Conv2d):  # a 3×3 conv (LoCon) keeps its kernel, stride and padding in lora_down
+            self.lora_down = nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
             self.lora_up = nn.Conv2d(dim, org.out_channels, 1, bias=False)
         else:
             self.lora_down = nn.Linear(org.in_features, dim, bias=False)
@@ -37,6 +40,7 @@ class LoRAModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.scale = float(alpha) / dim
         self.multiplier = 1.0
+        self.dropout = dropout  # kohya network_dropout: on lora_down's output, while training
         self._org = [org]  # a list, so the frozen base module is not registered (or moved) with ours
 
     def apply_to(self) -> None:
@@ -54,19 +58,25 @@ class LoRAModule(nn.Module):
         if self.multiplier == 0.0:
             return out
         # LoRA weights stay fp32 while the base may run in fp16/bf16.
-        lx = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.dropout and self.training:
+            lx = nn.functional.dropout(lx, p=self.dropout)
+        lx = self.lora_up(lx)
         return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
 
 
-def _targets(root: nn.Module, prefix: str, container_classes: tuple[str, ...], path_prefix: str = ""):
-    """(kohya name, module) for every Linear / 1×1 Conv2d inside the named container blocks."""
+def _targets(root: nn.Module, prefix: str, container_classes: tuple[str, ...], path_prefix: str = "",
+             conv: bool = False):
+    """(kohya name, module, is 3×3) for every Linear / 1×1 Conv2d (and 3×3 Conv2d with ``conv``)
+    inside the named container blocks."""
     for name, block in root.named_modules():
         if block.__class__.__name__ not in container_classes:
             continue
         for child_name, child in block.named_modules():
-            is_1x1 = isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1)
-            if isinstance(child, nn.Linear) or is_1x1:
-                yield f"{prefix}_{path_prefix}{name}.{child_name}".replace(".", "_"), child
+            is_conv = isinstance(child, nn.Conv2d)
+            is_1x1 = is_conv and child.kernel_size == (1, 1)
+            if isinstance(child, nn.Linear) or is_1x1 or (conv and is_conv):
+                yield f"{prefix}_{path_prefix}{name}.{child_name}".replace(".", "_"), child, is_conv and not is_1x1
 
 
 def _te_path_prefix(te: nn.Module) -> str:
@@ -77,20 +87,26 @@ def _te_path_prefix(te: nn.Module) -> str:
 
 class LoRANetwork(nn.Module):
     def __init__(self, unet, text_encoders: list, dim: int, alpha: float, train_unet: bool = True,
-                 train_text_encoder: bool = True, arch: str = "sd1"):
+                 train_text_encoder: bool = True, arch: str = "sd1", conv_dim: int | None = None,
+                 conv_alpha: float | None = None, dropout: float = 0.0):
         super().__init__()
         if arch not in ("sd1", "sd2"):
             raise NotImplementedError(f"LoRA layout for {arch} is not implemented yet")
-        found: list[tuple[str, nn.Module]] = []
+        found: list[tuple[str, nn.Module, bool]] = []
         if train_unet:
             found += list(_targets(unet, "lora_unet", UNET_TARGETS))
+            if conv_dim:
+                found += list(_targets(unet, "lora_unet", UNET_CONV_TARGETS, conv=True))
         n_unet = len(found)
         if train_text_encoder:
             for te in text_encoders:
                 found += list(_targets(te, "lora_te", TE_TARGETS, _te_path_prefix(te)))
-        names = [n for n, _ in found]
+        names = [n for n, _, _ in found]
         assert len(set(names)) == len(names), "duplicate LoRA module names"
-        self.loras = nn.ModuleList(LoRAModule(n, m, dim, alpha) for n, m in found)
+        conv_alpha = conv_dim if conv_alpha is None else conv_alpha
+        self.loras = nn.ModuleList(
+            LoRAModule(n, m, conv_dim, conv_alpha, dropout) if is3 else LoRAModule(n, m, dim, alpha, dropout)
+            for n, m, is3 in found)
         self.n_unet = n_unet
 
     def apply(self) -> None:
@@ -108,14 +124,18 @@ class LoRANetwork(nn.Module):
     def module_count(self) -> tuple[int, int]:
         return self.n_unet, len(self.loras) - self.n_unet
 
-    def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
+    def param_groups(self, unet_lr: float, te_lr: float, loraplus_ratio: float | None = None) -> list[dict]:
+        """One group per (model part, down/up); LoRA+ (kohya loraplus_lr_ratio) multiplies lora_up's rate."""
         groups = []
-        unet_p = [p for m in self.loras[: self.n_unet] for p in m.parameters()]
-        te_p = [p for m in self.loras[self.n_unet :] for p in m.parameters()]
-        if unet_p:
-            groups.append({"params": unet_p, "lr": unet_lr})
-        if te_p:
-            groups.append({"params": te_p, "lr": te_lr})
+        for mods, lr in ((self.loras[: self.n_unet], unet_lr), (self.loras[self.n_unet :], te_lr)):
+            down = [m.lora_down.weight for m in mods]
+            up = [m.lora_up.weight for m in mods]
+            if not down:
+                continue
+            if loraplus_ratio:
+                groups += [{"params": down, "lr": lr}, {"params": up, "lr": lr * loraplus_ratio}]
+            else:
+                groups.append({"params": [p for m in mods for p in (m.lora_down.weight, m.lora_up.weight)], "lr": lr})
         return groups
 
     def state_dict_kohya(self) -> dict[str, torch.Tensor]:
@@ -135,22 +155,36 @@ class LoRANetwork(nn.Module):
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata or {})
 
-    def load_weights(self, path: str | Path) -> None:
-        """Load a kohya-layout file whose modules match this network's exactly."""
+    def load_weights(self, path: str | Path, strict: bool = True) -> list[str]:
+        """Load a kohya-layout file whose modules match this network's exactly (``strict``), or,
+        to start training from it, a subset of them (the rest keep their fresh initialisation;
+        returned). Extra modules or other shapes are an error either way."""
         from safetensors.torch import load_file
 
         loaded = load_file(str(path))
         mine = self.state_dict_kohya()
         missing, unexpected = sorted(set(mine) - set(loaded)), sorted(set(loaded) - set(mine))
-        if missing or unexpected:
+        if unexpected or (missing and strict):
             raise ValueError(
                 f"{path}: LoRA layout does not match: {len(missing)} missing keys (e.g. {missing[:2]}), "
                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
             )
         with torch.no_grad():
             for k, v in mine.items():
+                if k not in loaded:
+                    continue
                 if v.shape != loaded[k].shape:
                     raise ValueError(f"{path}: {k} has shape {tuple(loaded[k].shape)}, expected {tuple(v.shape)}")
                 v.copy_(loaded[k].to(v.dtype))
         for m in self.loras:
             m.scale = float(m.alpha) / m.lora_down.weight.shape[0]
+        return sorted({k.split(".")[0] for k in missing})
+
+
+def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_encoder: bool | None = None) -> LoRANetwork:
+    """The network a project's ``network`` section describes, around these models."""
+    return LoRANetwork(
+        unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
+        train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
+        arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
+    )

@@ -75,6 +75,9 @@ def build_plan(project, hashes=None) -> dict:
         })
         if c.repeats * t["epochs"] and not 100 <= c.repeats * t["epochs"] <= 200:
             warnings.append(f"{c.folder.name}: repeats × epochs = {c.repeats * t['epochs']}, far from the 100–200 that usually works")
+    from .optimizers import advice
+
+    warnings += advice(t["optimizer"], t["learning_rate"])
     if project.get("latents.random_crop"):
         warnings.append("latents.random_crop is on: the latent cache is off and training encodes every image every epoch (slower)")
     missing = [im.id for im in ds.images if im.caption_path is None]

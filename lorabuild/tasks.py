@@ -198,6 +198,8 @@ class Graph:
             cfg = {**_params(p, keys), "v": textemb.VERSION}
         elif stage == "train":
             deps = [m("latents"), m("textemb")] + captions + _weights(p, self.ws, "unet", "text_encoder")
+            if p.get("network.weights"):
+                deps.append(str(p.resolve(p.get("network.weights"))))
             cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}
         else:
             deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")

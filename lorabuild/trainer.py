@@ -19,6 +19,10 @@ from .losses import min_snr_weights, offset_noise, per_sample_loss
 from .trainplan import Sample, TrainPlan, derive_seed, epoch_batches
 
 
+class TrainError(Exception):
+    """Training cannot start or go on; the message names the setting or file at fault."""
+
+
 @dataclass
 class TrainInputs:
     """Everything the loop reads, resolved by the train stage: paths and plain settings."""
@@ -39,6 +43,7 @@ class TrainInputs:
     # optimizer step 50, "e000002" after epoch 2 is saved); the callback renders them.
     sample_points: frozenset[str] = frozenset()
     sample: Callable[[object, dict, str, int, int], None] | None = None
+    init_weights: Path | None = None  # network.weights, resolved
     resume: dict | None = None  # a training state saved by ``save_state``: continue after its epoch
     save_state: Callable[[int, dict], None] | None = None  # called at the end of every epoch
 
@@ -119,22 +124,31 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
-    from .network import LoRANetwork
+    from . import optimizers
+    from .network import from_config
 
     torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
     net_cfg, tr = inp.cfg["network"], inp.cfg["train"]
     unet, te, tok, vae, sched = _load_models(inp)
-    network = LoRANetwork(
-        unet, [te] if te is not None else [], dim=net_cfg["dim"], alpha=net_cfg["alpha"],
-        train_unet=net_cfg["train_unet"], train_text_encoder=net_cfg["train_text_encoder"] and te is not None,
-        arch=inp.arch,
-    )
+    network = from_config(net_cfg, unet, [te] if te is not None else [], inp.arch,
+                          train_text_encoder=net_cfg["train_text_encoder"] and te is not None)
+    if inp.init_weights is not None:
+        try:
+            fresh = network.load_weights(inp.init_weights, strict=False)  # kohya network_weights
+        except ValueError as exc:
+            raise TrainError(f"network.weights: {exc}") from None
+        if fresh:
+            print(f"train: {len(fresh)} LoRA modules are not in {inp.init_weights.name} and start fresh", flush=True)
     network.to(inp.device)
     network.apply()
-    groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], tr["text_encoder_lr"] or tr["learning_rate"])
-    optimizer = torch.optim.AdamW(groups, lr=tr["learning_rate"], weight_decay=tr["weight_decay"])
+    groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], tr["text_encoder_lr"] or tr["learning_rate"],
+                                  net_cfg.get("loraplus_lr_ratio"))
+    optimizer = optimizers.make(tr["optimizer"], groups, tr["learning_rate"], tr["weight_decay"], tr["optimizer_args"])
+    warmup = tr["lr_warmup_steps"]
+    if tr.get("lr_warmup_ratio") is not None:
+        warmup = int(tr["lr_warmup_ratio"] * inp.plan.total_steps)
     lr_sched = get_scheduler(
-        tr["lr_scheduler"], optimizer, num_warmup_steps=tr["lr_warmup_steps"], num_training_steps=inp.plan.total_steps,
+        tr["lr_scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=inp.plan.total_steps,
         num_cycles=tr["lr_scheduler_num_cycles"], power=tr["lr_scheduler_power"],
     )
     autocast = torch.autocast(inp.device.type, dtype=_dtype(tr["mixed_precision"]), enabled=tr["mixed_precision"] != "no")
@@ -198,7 +212,8 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                     torch.nn.utils.clip_grad_norm_(params, tr["max_grad_norm"])
                 scaler.step(optimizer)
                 scaler.update()
-                lr = lr_sched.get_last_lr()[0]  # the rate this step used
+                # the rate this step used (Prodigy's effective rate is its d × lr, as kohya logs it)
+                lr = lr_sched.get_last_lr()[0] * optimizer.param_groups[0].get("d", 1.0)
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

@@ -106,14 +106,10 @@ def render(pipe, network, items: list[Item], store) -> None:
 
 def lora_network(ctx: Context, unet, text_encoder):
     from .. import models
-    from ..network import LoRANetwork
+    from ..network import from_config
 
-    p = ctx.project
-    return LoRANetwork(
-        unet, [text_encoder], dim=p.get("network.dim"), alpha=p.get("network.alpha"),
-        train_unet=p.get("network.train_unet"), train_text_encoder=p.get("network.train_text_encoder"),
-        arch=models.model_info(runtime.model_dir(ctx))["arch"],
-    )
+    return from_config(ctx.project.section("network"), unet, [text_encoder],
+                       models.model_info(runtime.model_dir(ctx))["arch"])
 
 
 def _render_missing(ctx: Context, missing: list[Item], store) -> None:

@@ -31,8 +31,18 @@ SAMPLE_PARAMS = ("sample.at_first", "sample.every_n_epochs", "sample.every_n_ste
 EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "base_model", "dataset")
 
 
+def init_weights(ctx: Context) -> Path | None:
+    w = ctx.project.get("network.weights")
+    return ctx.project.resolve(w) if w else None
+
+
 def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, unet_id: str, cached: bool) -> dict:
     cfg = {s: ctx.project.section(s) for s in ("network", "train", "captions")}
+    start = init_weights(ctx)
+    if start is not None:  # the starting LoRA by content: a moved or touched file changes nothing
+        hashes = ctx.hashes()
+        cfg["network"] = {**cfg["network"], "weights": hashes.sha256(start, tensors_only=True)}
+        hashes.save()
     cfg["save_precision"] = ctx.project.get("output.save_precision")
     concept_of = {im.id: im.concept for im in dataset.images}
     images = []
@@ -67,7 +77,7 @@ def weights_key(key: dict, total_steps: int) -> dict:
     """The run key without its length: what determines the weights after any given epoch."""
     train = {k: v for k, v in key["params"]["train"].items() if k not in LENGTH_PARAMS}
     wkey = {**key, "params": {**key["params"], "train": train}, "kind": "epoch-weights"}
-    if train["lr_scheduler"] not in LENGTH_FREE_SCHEDULES:
+    if train["lr_scheduler"] not in LENGTH_FREE_SCHEDULES or train.get("lr_warmup_ratio") is not None:
         wkey["total_steps"] = total_steps
     return wkey
 
@@ -123,7 +133,7 @@ def _train(r: Run, resume: dict | None) -> list:
     """Train (from ``resume``, a saved training state, when given); returns the loss log."""
     from ..metadata import kohya_metadata, tag_frequency
     from ..plan import build_plan, render
-    from ..trainer import TrainInputs, train
+    from ..trainer import TrainError, TrainInputs, train
 
     ctx, p, store, wkey = r.ctx, r.ctx.project, r.store, r.wkey
     states = ctx.store(STAGE, ".pt")
@@ -207,12 +217,12 @@ def _train(r: Run, resume: dict | None) -> list:
         caption_opts={i: concept_options(p.section("captions"), concept_of[i]) for i in r.latents},
         embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
         plan=r.plan, sample_points=frozenset(r.points), sample=sample if r.sampler else None,
-        resume=resume, save_state=save_state,
+        resume=resume, save_state=save_state, init_weights=init_weights(ctx),
     )
     print(render(build_plan(p)), flush=True)
     try:
         train(inp, save)
-    except FloatingPointError as exc:
+    except (FloatingPointError, TrainError) as exc:
         raise StageError(f"train:{ctx.name}: {exc}") from None
     return inp.log_rows
 
@@ -283,9 +293,11 @@ def run(ctx: Context, dataset) -> dict:
             resume = checked_read("train", states.path(state_h(e0)), lambda f: torch.load(f, weights_only=True))
             sr.notes.append(f"continued from the training state after epoch {e0} (step {resume['step']})"
                             if e0 < plan.epochs else f"assembled from epochs trained before (up to epoch {e0})")
-        elif p.get("train.lr_scheduler") not in LENGTH_FREE_SCHEDULES:
-            sr.notes.append(f"trained from the start: the {p.get('train.lr_scheduler')} schedule depends on the run's "
-                            "length, so no earlier run can be continued")
+        elif "total_steps" in wkey:
+            what = ("warm-up ratio" if p.get("train.lr_scheduler") in LENGTH_FREE_SCHEDULES
+                    else f"{p.get('train.lr_scheduler')} schedule")
+            sr.notes.append(f"trained from the start: the {what} depends on the run's length, so no earlier run "
+                            "can be continued")
         log_rows = list(resume["log"]) if resume else []
         if e0 < plan.epochs:
             run = Run(ctx=ctx, dataset=dataset, plan=plan, samples=samples, captions=captions, latents=latents,
@@ -313,6 +325,10 @@ def run(ctx: Context, dataset) -> dict:
     for fname, eh in wanted.items():
         _publish(store.path(eh), out_dir / fname)
     _write_loss_csv(out_dir / "loss.csv", entry.get("loss", []))
+    if entry.get("loss"):
+        from ..report import loss_plot
+
+        loss_plot(entry["loss"], out_dir / "loss.png", f"{name}: loss and learning rate")
     if sampled is not None:
         sr.notes.append(f"sampled while training: {sampled.rendered} images rendered, {sampled.reused} reused")
     # only the snapshots the current sample settings ask for (an entry may hold more)

@@ -1,0 +1,100 @@
+"""The run summary (``lorabuild report NAME``) and the loss curve (``output/<name>/loss.png``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .cache import atomic_path, read_json
+from .workspace import Workspace
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_plot(rows: list, out: Path, title: str) -> None:
+    """Loss per step (faint), its running mean, and the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r[0] for r in rows]
+    loss = [r[2] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
+    window = max(1, len(rows) // 20)
+    ax.plot(steps, running_mean(loss, window), color="tab:blue", linewidth=1.6, label=f"mean of {window}")
+    # epoch boundaries
+    for (s0, e0, *_), (s1, e1, *_) in zip(rows, rows[1:]):
+        if e1 != e0:
+            ax.axvline(s0 + 0.5, color="grey", linewidth=0.5, alpha=0.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r[3] for r in rows], color="tab:orange", linewidth=1.0, label="learning rate")
+    ax2.set_ylabel("learning rate")
+    lines = ax.get_lines()[:2] + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def summary(ws: Workspace, name: str) -> dict | None:
+    """What the last train of ``name`` produced, from its manifest, report and loss log."""
+    manifest = read_json(ws.manifest(name, "train"))
+    if not manifest or not manifest.get("items"):
+        return None
+    item = manifest["items"][0]
+    report = read_json(ws.cache / "reports" / name / "train.json", {}) or {}
+    side = read_json(ws.cache / "objects" / "train" / item["hash"][:2] / f"{item['hash'][2:]}.json", {}) or {}
+    rows = side.get("info", {}).get("loss", [])
+    out = ws.output_dir(item["id"])  # the item is the LoRA, named by output.name
+    losses = [r[2] for r in rows]
+    tail = losses[-max(1, len(losses) // 10):] if losses else []
+    files = sorted(out.glob("*.safetensors")) + [p for p in (out / "loss.csv", out / "loss.png",
+                                                             out / "samples" / "grid.png") if p.exists()]
+    return {
+        "project": name,
+        "steps": rows[-1][0] if rows else 0,
+        "epochs": rows[-1][1] if rows else 0,
+        "seconds": rows[-1][4] if rows else 0.0,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "mean_loss": sum(losses) / len(losses) if losses else None,
+        "saved_epochs": [e for e, *_ in item["epochs"]],
+        "notes": report.get("notes", []),
+        "computed": report.get("computed"),
+        "files": [{"path": ws.relative(p), "bytes": p.stat().st_size} for p in files],
+    }
+
+
+def render(s: dict) -> str:
+    lines = [f"report for {s['project']}:",
+             f"  {s['steps']} steps, {s['epochs']} epochs, {s['seconds']:.0f} s of training"]
+    if s["final_loss"] is not None:
+        lines.append(f"  loss: final {s['final_loss']:.4f} (mean of the last tenth), mean {s['mean_loss']:.4f}")
+    lines.append(f"  saved epochs: {', '.join(map(str, s['saved_epochs']))}")
+    for n in s["notes"]:
+        lines.append(f"  note: {n}")
+    lines.append("  files:")
+    for f in s["files"]:
+        lines.append(f"    {f['path']}  ({f['bytes'] / 2**20:.2f} MiB)")
+    return "\n".join(lines)
+
+
+def cmd_report(root: Path, name: str, as_json: bool) -> int:
+    s = summary(Workspace(root), name)
+    if s is None:
+        print(f"lorabuild report: {name} has not been trained yet: run `doit train:{name}`")
+        return 1
+    print(json.dumps(s, indent=2) if as_json else render(s))
+    return 0

@@ -1,0 +1,174 @@
+"""Training options at kohya parity: network variants, optimizers, metadata modes, report, loss plot."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lorabuild import metadata, optimizers
+from lorabuild.network import LoRANetwork
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_te():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=77))
+    return unet, te
+
+
+def test_locon_adds_the_resnet_and_resampler_convs_with_their_own_dim(tiny_unet_te):
+    unet, te = tiny_unet_te
+    plain = LoRANetwork(unet, [te], dim=4, alpha=2)
+    locon = LoRANetwork(unet, [te], dim=4, alpha=2, conv_dim=3, conv_alpha=1)
+    extra = {m.lora_name for m in locon.loras} - {m.lora_name for m in plain.loras}
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in extra
+    assert "lora_unet_down_blocks_0_downsamplers_0_conv" in extra
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv" in extra
+    assert "lora_unet_mid_block_resnets_0_time_emb_proj" in extra  # a Linear in a ResNet block: ordinary dim
+    by_name = {m.lora_name: m for m in locon.loras}
+    conv = by_name["lora_unet_down_blocks_0_resnets_0_conv1"]
+    assert conv.lora_down.weight.shape == (3, 32, 3, 3) and conv.lora_up.weight.shape == (32, 3, 1, 1)
+    assert conv.scale == pytest.approx(1 / 3)
+    assert by_name["lora_unet_mid_block_resnets_0_time_emb_proj"].lora_down.weight.shape[0] == 4
+    # applied with zero-initialised lora_up, the UNet's output is unchanged; trained, it changes
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=h).sample
+        locon.apply()
+        same = unet(x, t, encoder_hidden_states=h).sample
+        torch.nn.init.normal_(conv.lora_up.weight)
+        changed = unet(x, t, encoder_hidden_states=h).sample
+        locon.restore()
+    assert torch.equal(before, same) and not torch.equal(before, changed)
+
+
+def test_network_dropout_acts_only_while_training(tiny_unet_te):
+    unet, te = tiny_unet_te
+    net = LoRANetwork(unet, [te], dim=4, alpha=4, dropout=0.5)
+    m = next(m for m in net.loras if isinstance(m.lora_down, torch.nn.Linear))
+    torch.nn.init.normal_(m.lora_up.weight)
+    x = torch.randn(2, 16, m.lora_down.weight.shape[1])
+    m.apply_to()
+    try:
+        net.eval()
+        assert torch.equal(m(x), m(x))
+        net.train()
+        torch.manual_seed(1)
+        a = m(x)
+        torch.manual_seed(2)
+        assert not torch.equal(a, m(x))
+    finally:
+        m.restore()
+
+
+def test_loraplus_gives_lora_up_a_higher_rate(tiny_unet_te):
+    unet, te = tiny_unet_te
+    net = LoRANetwork(unet, [te], dim=4, alpha=4)
+    groups = net.param_groups(1e-4, 5e-5, loraplus_ratio=16)
+    assert [g["lr"] for g in groups] == [1e-4, 1.6e-3, 5e-5, 8e-4]
+    up_ids = {id(m.lora_up.weight) for m in net.loras}
+    assert all(id(p) in up_ids for p in groups[1]["params"]) and not any(id(p) in up_ids for p in groups[0]["params"])
+    assert len(net.param_groups(1e-4, 5e-5)) == 2
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "prodigy", "adafactor", "sgd"])
+def test_each_optimizer_builds_and_steps(name):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = optimizers.make(name, [{"params": [w], "lr": 1.0 if name == "prodigy" else 1e-2}],
+                          lr=1e-2, weight_decay=0.0)
+    before = w.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        (w ** 2).sum().backward()
+        opt.step()
+    assert (w.detach() ** 2).sum() < (before ** 2).sum()  # every one of them descends
+
+
+def test_8bit_optimizers_say_what_they_need():
+    try:
+        import bitsandbytes.optim  # noqa: F401
+    except ImportError:
+        with pytest.raises(optimizers.OptimizerError, match="bitsandbytes"):
+            optimizers.make("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1e-3, weight_decay=0)
+    else:
+        pytest.skip("bitsandbytes is installed here")
+
+
+def test_metadata_modes():
+    md = {"ss_network_dim": "8", "ss_network_alpha": "4", "ss_v2": "False", "ss_base_model_version": "sd_v1",
+          "ss_network_module": "networks.lora", "ss_learning_rate": "0.0001", "ss_sd_model_name": "my-merge.safetensors",
+          "ss_dataset_dirs": json.dumps({"10_ayaka 1girl": {"n_repeats": 10, "img_count": 3}}),
+          "ss_tag_frequency": json.dumps({"10_ayaka 1girl": {"1girl": 3}}), "ss_training_comment": "private",
+          "modelspec.architecture": "stable-diffusion-v1/lora"}
+    assert metadata.apply_mode(md, "full") == md
+    public = metadata.apply_mode(md, "public")
+    assert "ayaka" not in json.dumps(public) and "my-merge" not in json.dumps(public)
+    assert json.loads(public["ss_dataset_dirs"]) == {"dataset_1": {"n_repeats": 10, "img_count": 3}}
+    assert json.loads(public["ss_tag_frequency"]) == {"dataset_1": {"1girl": 3}}
+    assert public["ss_learning_rate"] == "0.0001"
+    assert set(metadata.apply_mode(md, "minimal")) == {"ss_network_dim", "ss_network_alpha", "ss_v2",
+                                                        "ss_base_model_version", "ss_network_module",
+                                                        "modelspec.architecture"}
+
+
+def _meta(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_locon_lion_loraplus_from_existing_weights_end_to_end(demo):
+    lora = demo.root / "output/demo/demo.safetensors"
+    start = demo.root / "projects/start.safetensors"
+    start.write_bytes(lora.read_bytes())
+    demo.edit(lambda d: (d["network"].update(conv_dim=4, conv_alpha=2, loraplus_lr_ratio=4, dropout=0.1,
+                                             weights="start.safetensors"),
+                         d["train"].update(optimizer="lion", learning_rate=0.0002, optimizer_args={"betas": [0.9, 0.99]}),
+                         d["output"].update(metadata="public")))
+    demo.doit("train:demo", build="options")
+    weights = load_file(str(lora))
+    conv = weights["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape
+    assert conv[0] == 4 and tuple(conv[2:]) == (3, 3)
+    md = _meta(lora)
+    assert md["ss_optimizer"].startswith("lion_pytorch.lion_pytorch.Lion(")
+    assert json.loads(md["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2", "loraplus_lr_ratio": "4"}
+    assert md["ss_network_dropout"] == "0.1"
+    assert "redcircle" not in md["ss_dataset_dirs"] and "ss_sd_model_name" not in md
+    assert md["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    # Changing the starting weights' bytes retrains; the same bytes under another mtime does not.
+    demo.doit("train:demo", build="same")
+    assert demo.ran("same") == set()
+    tensors = load_file(str(start))
+    tensors = {k: v * 0.5 if "lora_up" in k else v for k, v in tensors.items()}
+    save_file(tensors, str(start))
+    demo.doit("train:demo", build="newstart")
+    assert demo.report("train", "demo")["computed"] == 1
+
+
+def test_report_and_loss_plot(built_demo):
+    out = built_demo.root / "output/demo"
+    from PIL import Image
+
+    png = Image.open(out / "loss.png")
+    assert png.size[0] >= 600 and png.size[1] >= 300
+    proc = built_demo.lorabuild("report", "demo", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["steps"] == 240 and rep["epochs"] == 6 and rep["saved_epochs"] == [2, 4, 6]
+    rows = (out / "loss.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[2]) for r in rows]
+    assert rep["mean_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert {f["path"] for f in rep["files"]} >= {"output/demo/demo.safetensors", "output/demo/loss.png"}
+    text = built_demo.lorabuild("report", "demo").stdout
+    assert "240 steps, 6 epochs" in text and "demo-000002.safetensors" in text
