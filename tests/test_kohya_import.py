@@ -1,0 +1,133 @@
+"""`lorabuild import-kohya`: kohya configs and command lines become valid projects."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from lorabuild.kohya_import import convert, parse_command_line
+
+CONFIG = """
+pretrained_model_name_or_path = "builtin:tiny-sd1"
+train_data_dir = "img"
+reg_data_dir = "reg"
+output_name = "ayaka"
+network_dim = 16
+network_alpha = 8
+network_args = ["conv_dim=4", "conv_alpha=1"]
+learning_rate = 0.0001
+unet_lr = 0.0001
+text_encoder_lr = 0.00005
+optimizer_type = "Prodigy"
+optimizer_args = ["decouple=True", "betas=0.9,0.99"]
+lr_scheduler = "cosine"
+lr_warmup_steps = 0.05
+max_train_epochs = 8
+train_batch_size = 2
+seed = 1234
+resolution = "512,512"
+enable_bucket = true
+min_bucket_reso = 256
+max_bucket_reso = 1024
+clip_skip = 2
+shuffle_caption = true
+keep_tokens = 1
+mixed_precision = "bf16"
+save_precision = "float"
+save_every_n_epochs = 2
+noise_offset = 0.05
+min_snr_gamma = 5
+cache_latents = true
+xformers = true
+network_train_unet_only = true
+sample_sampler = "k_euler_a"
+color_aug = true
+max_train_steps = 1600
+"""
+
+DATASET = """
+[general]
+shuffle_caption = true
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = 768
+batch_size = 4
+
+  [[datasets.subsets]]
+  image_dir = "chars/ayaka"
+  num_repeats = 10
+  class_tokens = "ayaka 1girl"
+
+  [[datasets.subsets]]
+  image_dir = "reg/girls"
+  num_repeats = 1
+  is_reg = true
+  color_aug = true
+"""
+
+
+def test_a_kohya_config_maps_every_known_option():
+    import tomllib
+
+    doc, unmapped, notes = convert(tomllib.loads(CONFIG))
+    assert doc["base_model"] == "builtin:tiny-sd1"
+    assert doc["dataset"] == {"dirs": ["img"], "reg_dirs": ["reg"]}
+    assert doc["network"] == {"dim": 16, "alpha": 8.0, "conv_dim": 4, "conv_alpha": 1.0, "train_text_encoder": False}
+    t = doc["train"]
+    assert (t["optimizer"], t["optimizer_args"]) == ("prodigy", {"decouple": True, "betas": [0.9, 0.99]})
+    assert (t["lr_scheduler"], t["lr_warmup_ratio"], t["epochs"], t["batch_size"], t["seed"]) == ("cosine", 0.05, 8, 2, 1234)
+    assert (t["mixed_precision"], t["noise_offset"], t["min_snr_gamma"], t["text_encoder_lr"]) == ("bf16", 0.05, 5.0, 5e-05)
+    assert doc["bucket"] == {"resolution": 512, "min_reso": 256, "max_reso": 1024}
+    assert doc["textemb"] == {"clip_skip": 2} and doc["captions"] == {"shuffle": True, "keep_tokens": 1}
+    assert doc["output"] == {"name": "ayaka", "save_precision": "fp32"}
+    assert doc["sample"] == {"sampler": "euler_a"}
+    assert unmapped == ["color_aug = True", "max_train_steps = 1600"]
+    assert any("max_train_steps" in n for n in notes)
+
+
+def test_a_dataset_config_becomes_concepts():
+    import tomllib
+
+    doc, unmapped, _ = convert({"pretrained_model_name_or_path": "m"}, tomllib.loads(DATASET))
+    assert doc["dataset"]["concepts"] == [
+        {"path": "chars/ayaka", "repeats": 10, "trigger": "ayaka 1girl"},
+        {"path": "reg/girls", "repeats": 1, "is_reg": True},
+    ]
+    assert doc["bucket"]["resolution"] == 768 and doc["train"]["batch_size"] == 4
+    assert doc["captions"]["shuffle"] is True and doc["dataset"]["caption_extension"] == ".txt"
+    assert unmapped == ["subset reg/girls: color_aug = True"]
+
+
+def test_a_saved_command_line_with_continuations():
+    text = ('accelerate launch --num_cpu_threads_per_process 1 train_network.py \\\n'
+            '  --pretrained_model_name_or_path="/models/any merge.safetensors" \\\n'
+            '  --network_dim 32 --network_alpha=16 --shuffle_caption --optimizer_args weight_decay=0.1 betas=0.9,0.99 ^\n'
+            '  --learning_rate 2e-4  # a comment\n')
+    flat = parse_command_line(text)
+    assert flat["pretrained_model_name_or_path"] == "/models/any merge.safetensors"
+    assert flat["network_dim"] == "32" and flat["network_alpha"] == "16" and flat["shuffle_caption"] is True
+    assert flat["optimizer_args"] == ["weight_decay=0.1", "betas=0.9,0.99"] and flat["learning_rate"] == "2e-4"
+    doc, unmapped, _ = convert(flat)
+    assert doc["train"]["optimizer_args"] == {"weight_decay": 0.1, "betas": [0.9, 0.99]}
+    assert doc["network"] == {"dim": 32, "alpha": 16.0} and unmapped == []
+
+
+def test_the_cli_writes_a_project_that_validates(tmp_path):
+    (tmp_path / "config.toml").write_text(CONFIG.replace('lr_scheduler = "cosine"', 'lr_scheduler = "constant"'))
+    (tmp_path / "dataset.toml").write_text(DATASET)
+    ws = tmp_path / "ws"
+    for d in ("img/10_ayaka", "reg", "chars/ayaka", "reg/girls"):
+        (ws / "projects" / d).mkdir(parents=True)
+    out = ws / "projects" / "ayaka.yaml"
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "import-kohya", str(tmp_path / "config.toml"),
+                           "--dataset-config", str(tmp_path / "dataset.toml"), "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "not mapped: color_aug = True" in proc.stderr
+    text = out.read_text()
+    assert text.startswith("# Imported from kohya sd-scripts settings") and "#   max_train_steps = 1600" in text
+    assert yaml.safe_load(text)["network"]["conv_dim"] == 4
+    val = subprocess.run([sys.executable, "-m", "lorabuild", "validate", str(out)], capture_output=True, text=True)
+    assert val.returncode == 0, val.stdout + val.stderr
