@@ -15,9 +15,11 @@ No torch here: this module is imported when doit loads the task graph.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -48,6 +50,18 @@ def _replace(src: str, dst: str) -> None:
             time.sleep(0.1)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_errno(exc: BaseException) -> int | None:
+    """The errno if ``exc`` says the disk (or quota, or file size limit) is full. Writers in
+    other languages (safetensors' Rust) report it only in their message: ``(os error 28)``."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in DISK_FULL else None
+    m = re.search(r"os error (\d+)", str(exc))
+    return int(m.group(1)) if m and int(m.group(1)) in DISK_FULL else None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; when the block ends it is fsynced and renamed onto it.
@@ -63,6 +77,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         _replace(str(tmp), str(path))
+    except Exception as exc:
+        code = disk_full_errno(exc)
+        if code and not (isinstance(exc, OSError) and exc.filename):
+            raise OSError(code, os.strerror(code), str(path)) from exc  # name the file being written
+        raise
     finally:
         if tmp.exists():
             with contextlib.suppress(OSError):

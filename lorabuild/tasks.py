@@ -84,6 +84,14 @@ def run_stage(stage: str, root: str, project_file: str, config: dict | None = No
         return TaskFailed(str(exc))
     except CorruptEntry as exc:
         return TaskFailed(_forget_corrupt(Workspace(Path(root)), Path(project_file).stem, exc))
+    except OSError as exc:
+        from .cache import DISK_FULL
+
+        if exc.errno not in DISK_FULL:
+            raise
+        where = Workspace(Path(root)).relative(Path(exc.filename)) if exc.filename else "a file"
+        return TaskFailed(f"{stage}:{Path(project_file).stem}: no space to write {where} ({exc.strerror}). "
+                          "Free some space and run the build again: everything finished before this is kept.")
 
 
 def _forget_corrupt(ws: Workspace, project: str, exc) -> str:

@@ -180,8 +180,8 @@ def _train(r: Run, resume: dict | None) -> list:
         import torch
 
         skey = {**wkey, "state": epoch}
-        with states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"]}) as tmp:
-            torch.save(state, tmp)
+        with states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"]}) as tmp, open(tmp, "wb") as fh:
+            torch.save(state, fh)  # through a Python file, so a full disk surfaces as an OSError
         for old in kept_state:
             states.remove(key_hash({**wkey, "state": old}))  # superseded by this later state
         kept_state[:] = [] if epoch in r.saved else [epoch]
