@@ -47,3 +47,37 @@ def per_sample_loss(pred, target, loss_type: str, huber_c: float):
     else:
         per = 2 * huber_c * (torch.sqrt(diff.pow(2) + huber_c**2) - huber_c)
     return per.mean(dim=tuple(range(1, per.ndim)))
+
+
+def multires_noise(noise, iterations: int, discount: float, generator=None):
+    """Multi-resolution ("pyramid") noise (wandb.ai/johnowhitaker/multires_noise; kohya
+    ``multires_noise_iterations``/``_discount``): add noise drawn at ever coarser random
+    scales, upsampled, weighted by ``discount**i``; the sum is renormalised to unit std.
+    ``noise`` is one sample (C, H, W) or a batch."""
+    import torch
+    import torch.nn.functional as F
+
+    if not iterations:
+        return noise
+    x = noise if noise.ndim == 4 else noise[None]
+    b, c, h, w = x.shape
+    out = x.clone()
+    hh, ww = h, w
+    for i in range(iterations):
+        r = float(torch.rand((), generator=generator)) * 2 + 2  # a scale factor in [2, 4)
+        hh, ww = max(1, int(hh / r**i)), max(1, int(ww / r**i))  # shrinking as kohya does, compounded
+        coarse = torch.randn((b, c, hh, ww), generator=generator).to(x.device, x.dtype)
+        out = out + F.interpolate(coarse, size=(h, w), mode="bilinear") * discount**i
+        if hh == 1 or ww == 1:
+            break
+    out = out / out.std()
+    return out if noise.ndim == 4 else out[0]
+
+
+def debiased_weights(alphas_cumprod, timesteps, v_prediction: bool):
+    """Debiased estimation loss weights (Yu et al. 2023, arXiv:2310.08442; kohya
+    ``debiased_estimation_loss``): ``1/√SNR`` (SNR capped at 1000), ``1/(SNR+1)`` for v-prediction."""
+    import torch
+
+    s = torch.minimum(snr(alphas_cumprod, timesteps), torch.tensor(1000.0, device=timesteps.device))
+    return 1.0 / (s + 1.0) if v_prediction else 1.0 / torch.sqrt(s)

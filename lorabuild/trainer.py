@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .cache import checked_read
 from .captions import random_caption
-from .losses import min_snr_weights, offset_noise, per_sample_loss
+from .losses import debiased_weights, min_snr_weights, multires_noise, offset_noise, per_sample_loss
 from .trainplan import Sample, TrainPlan, derive_seed, epoch_batches
 
 
@@ -68,6 +68,20 @@ def _load_models(inp: TrainInputs):
     return unet, te, tok, vae, models.load_noise_scheduler(inp.model_dir)
 
 
+def _memory_options(tr: dict, unet, trained_te) -> None:
+    """Gradient checkpointing and the attention backend, on the models the loss flows through."""
+    if tr["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+        if trained_te is not None:
+            trained_te.gradient_checkpointing_enable()
+    if tr["attention"] == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as exc:
+            raise TrainError(f"train.attention: xformers is not usable here ({exc}); "
+                             "install the xformers extra on a CUDA machine, or use sdpa") from None
+
+
 def _random_crop_latent(inp: TrainInputs, sample: Sample, g, vae):
     """The uncached path (kohya ``random_crop``): a random bucket-sized window, encoded now."""
     import torch
@@ -103,7 +117,13 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
             use_flip = flip and bool(torch.randint(0, 2, (1,), generator=g).item())
             lat = stored["latent_flip" if use_flip else "latent"]
         latents.append(lat)
-        noises.append(offset_noise(torch.randn(lat.shape, generator=g), inp.cfg["train"]["noise_offset"], g))
+        tr = inp.cfg["train"]
+        noise = torch.randn(lat.shape, generator=g)
+        if tr["noise_offset"]:
+            noise = offset_noise(noise, tr["noise_offset"], g)
+        elif tr["multires_noise_iterations"]:
+            noise = multires_noise(noise, tr["multires_noise_iterations"], tr["multires_noise_discount"], g)
+        noises.append(noise)
         steps.append(torch.randint(0, n_timesteps, (1,), generator=g))
         rng = random.Random(derive_seed("caption", seed, epoch, sample.id, rep))
         captions.append(random_caption(inp.caption[sample.id], inp.caption_opts[sample.id], rng, epoch))
@@ -130,6 +150,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
     net_cfg, tr = inp.cfg["network"], inp.cfg["train"]
     unet, te, tok, vae, sched = _load_models(inp)
+    _memory_options(tr, unet, te if net_cfg["train_text_encoder"] else None)
     network = from_config(net_cfg, unet, [te] if te is not None else [], inp.arch,
                           train_text_encoder=net_cfg["train_text_encoder"] and te is not None)
     if inp.init_weights is not None:
@@ -200,6 +221,8 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             per_sample = per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"])
             if tr["min_snr_gamma"]:
                 per_sample = per_sample * min_snr_weights(sched.alphas_cumprod, t, tr["min_snr_gamma"], v_pred)
+            if tr["debiased_estimation"]:
+                per_sample = per_sample * debiased_weights(sched.alphas_cumprod, t, v_pred)
             loss = (per_sample * weight).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}: stopping")

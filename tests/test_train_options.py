@@ -172,3 +172,53 @@ def test_report_and_loss_plot(built_demo):
     assert {f["path"] for f in rep["files"]} >= {"output/demo/demo.safetensors", "output/demo/loss.png"}
     text = built_demo.lorabuild("report", "demo").stdout
     assert "240 steps, 6 epochs" in text and "demo-000002.safetensors" in text
+
+
+def test_multires_noise_is_seeded_unit_std_and_coarse():
+    from lorabuild.losses import multires_noise
+
+    base = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = multires_noise(base, 6, 0.8, torch.Generator().manual_seed(1))
+    b = multires_noise(base, 6, 0.8, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == base.shape
+    assert abs(float(a.std()) - 1.0) < 1e-4
+    # low frequencies gained weight: neighbouring pixels now correlate
+    corr = lambda x: float(torch.corrcoef(torch.stack([x[:, :, :-1].flatten(), x[:, :, 1:].flatten()]))[0, 1])  # noqa: E731
+    assert corr(a) > corr(base) + 0.1
+    assert torch.equal(multires_noise(base, 0, 0.3), base)
+
+
+def test_debiased_weights_are_one_over_root_snr():
+    from lorabuild.losses import debiased_weights
+
+    alphas = torch.tensor([0.8, 0.5, 0.2])  # SNR 4, 1, 0.25
+    w = debiased_weights(alphas, torch.tensor([0, 1, 2]), v_prediction=False)
+    assert torch.allclose(w, torch.tensor([0.5, 1.0, 2.0]))
+    assert torch.allclose(debiased_weights(alphas, torch.tensor([0]), v_prediction=True), torch.tensor([0.2]))
+
+
+def test_memory_and_noise_options_change_training_as_they_should(demo):
+    out = demo.root / "output/demo/demo.safetensors"
+    plain = load_file(str(out))
+    demo.edit(lambda d: d["train"].update(gradient_checkpointing=True))
+    demo.doit("train:demo", build="gc")
+    assert demo.report("train")["computed"] == 1
+    same = load_file(str(out))
+    assert all(torch.equal(plain[k], same[k]) for k in plain)  # less memory, the same LoRA
+    demo.edit(lambda d: d["train"].update(multires_noise_iterations=6, debiased_estimation=True))
+    demo.doit("train:demo", build="noise")
+    other = load_file(str(out))
+    assert not all(torch.equal(plain[k], other[k]) for k in plain)
+    md = _meta(out)
+    assert md["ss_multires_noise_iterations"] == "6" and md["ss_debiased_estimation"] == "True"
+    demo.edit(lambda d: d["train"].update(attention="xformers"))
+    proc = demo.doit("train:demo", build="xformers", check=False)
+    assert proc.returncode != 0 and "train.attention: xformers is not usable here" in proc.stdout + proc.stderr
+
+
+def test_keep_last_keeps_the_last_saved_epochs_only(demo):
+    # epochs 6, saved every 2: assembled from the demo build's epochs without training
+    demo.edit(lambda d: (d["train"].update(epochs=6), d["output"].update(keep_last=2)))
+    demo.doit("train:demo", build="keep")
+    assert sorted(p.name for p in (demo.root / "output/demo").glob("*.safetensors")) == [
+        "demo-000004.safetensors", "demo.safetensors"]

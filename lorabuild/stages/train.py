@@ -44,6 +44,8 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
         cfg["network"] = {**cfg["network"], "weights": hashes.sha256(start, tensors_only=True)}
         hashes.save()
     cfg["save_precision"] = ctx.project.get("output.save_precision")
+    # what goes into the saved files' metadata (a change re-saves them; it retrains, for now)
+    cfg["metadata"] = [ctx.project.get("output.metadata"), ctx.project.get("output.comment")]
     concept_of = {im.id: im.concept for im in dataset.images}
     images = []
     for i in sorted(latents):
@@ -319,6 +321,9 @@ def run(ctx: Context, dataset) -> dict:
     _publish(store.path(h), out_dir / f"{name}.safetensors")
     final_epoch = entry["epochs"][-1][0]
     wanted = {f"{name}-{e:06d}.safetensors": eh for e, eh, *_ in entry["epochs"] if e != final_epoch}
+    keep_last = p.get("output.keep_last")
+    if keep_last:  # the final LoRA counts as one of the last N (kohya save_last_n_epochs)
+        wanted = dict(sorted(wanted.items())[-(keep_last - 1):]) if keep_last > 1 else {}
     for old in out_dir.glob(f"{name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"):
         if old.name not in wanted:
             old.unlink()
