@@ -66,6 +66,7 @@ SIMPLE = {
     "train_batch_size": ("train.batch_size", int),
     "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int),
     "seed": ("train.seed", int),
+    "validation_split": ("train.validation_split", float),
     "lr_scheduler": ("train.lr_scheduler", str),
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", int),
     "lr_scheduler_power": ("train.lr_scheduler_power", float),

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import buckets
 from .captions import CaptionError, dataset_captions, split_tags
 from .dataset import IMAGE_EXTENSIONS, Dataset, from_project
-from .trainplan import Sample, make_plan
+from .trainplan import Sample, make_plan, training_samples
 
 # EXIF orientations 5-8 rotate by 90°, so width and height swap.
 _SWAPS = {5, 6, 7, 8}
@@ -59,8 +59,12 @@ def build_plan(project, hashes=None) -> dict:
                 tiny.append(f"{im.id} ({size[0]}x{size[1]})")
         bucket = (f.crop[2] - f.crop[0], f.crop[3] - f.crop[1])
         histogram[f"{bucket[0]}x{bucket[1]}"] += 1
-        samples.append(Sample(im.id, bucket, im.concept.repeats))
+        samples.append(Sample(im.id, bucket, im.concept.repeats, im.concept.is_reg))
     t = project.section("train")
+    samples, held_out = training_samples(samples, t["validation_split"], t["seed"])
+    if held_out:
+        warnings.append(f"{len(held_out)} image(s) held out for validation (train.validation_split): "
+                        f"{', '.join(s.id for s in held_out[:5])}")
     tp = make_plan(samples, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"]) if samples else None
 
     concepts = []

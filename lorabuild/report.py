@@ -18,8 +18,9 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
-def loss_plot(rows: list, out: Path, title: str) -> None:
-    """Loss per step (faint), its running mean, and the learning rate on a second axis."""
+def loss_plot(rows: list, out: Path, title: str, val: list | None = None) -> None:
+    """Loss per step (faint), its running mean, the validation loss per epoch (when held-out
+    images exist), and the learning rate on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,13 +36,16 @@ def loss_plot(rows: list, out: Path, title: str) -> None:
     for (s0, e0, *_), (s1, e1, *_) in zip(rows, rows[1:]):
         if e1 != e0:
             ax.axvline(s0 + 0.5, color="grey", linewidth=0.5, alpha=0.5)
+    if val:
+        ax.plot([v[1] for v in val], [v[2] for v in val], "o-", color="tab:red", linewidth=1.4, markersize=4,
+                label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax2 = ax.twinx()
     ax2.plot(steps, [r[3] for r in rows], color="tab:orange", linewidth=1.0, label="learning rate")
     ax2.set_ylabel("learning rate")
-    lines = ax.get_lines()[:2] + ax2.get_lines()
+    lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")] + ax2.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=8)
     fig.tight_layout()
     with atomic_path(out) as tmp:
@@ -71,6 +75,7 @@ def summary(ws: Workspace, name: str) -> dict | None:
         "final_loss": sum(tail) / len(tail) if tail else None,
         "mean_loss": sum(losses) / len(losses) if losses else None,
         "saved_epochs": [e for e, *_ in item["epochs"]],
+        "validation_loss": [v[2] for v in side.get("info", {}).get("val", [])],
         "notes": report.get("notes", []),
         "computed": report.get("computed"),
         "files": [{"path": ws.relative(p), "bytes": p.stat().st_size} for p in files],
@@ -83,6 +88,10 @@ def render(s: dict) -> str:
     if s["final_loss"] is not None:
         lines.append(f"  loss: final {s['final_loss']:.4f} (mean of the last tenth), mean {s['mean_loss']:.4f}")
     lines.append(f"  saved epochs: {', '.join(map(str, s['saved_epochs']))}")
+    if s["validation_loss"]:
+        best = min(range(len(s["validation_loss"])), key=s["validation_loss"].__getitem__)
+        lines.append(f"  validation loss by epoch: {', '.join(f'{v:.4f}' for v in s['validation_loss'])} "
+                     f"(lowest after epoch {best + 1})")
     for n in s["notes"]:
         lines.append(f"  note: {n}")
     lines.append("  files:")

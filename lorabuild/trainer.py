@@ -39,6 +39,8 @@ class TrainInputs:
     cfg: dict  # the project's sections (network, train, captions, textemb, latents)
     plan: TrainPlan
     log_rows: list = field(default_factory=list)
+    val_samples: list[Sample] = field(default_factory=list)  # held-out images: validation loss every epoch
+    val_rows: list = field(default_factory=list)  # (epoch, step, validation loss)
     # In-training sample points by row id ("base" before the first step, "s000050" after
     # optimizer step 50, "e000002" after epoch 2 is saved); the callback renders them.
     sample_points: frozenset[str] = frozenset()
@@ -138,6 +140,45 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
             torch.tensor(weights, device=inp.device))
 
 
+VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, spread over the schedule
+
+
+def validation_loss(inp: TrainInputs, unet, sched, tok, te, vae, autocast) -> float:
+    """Mean loss over the held-out images at fixed timesteps and fixed noise (seeded per image),
+    with each image's fixed caption: the same measurement every epoch, so its curve compares."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .textenc import encode
+
+    seed, v_pred = inp.cfg["train"]["seed"], sched.config.prediction_type == "v_prediction"
+    n = sched.config.num_train_timesteps
+    ts = torch.tensor([t * n // 1000 for t in VAL_TIMESTEPS], device=inp.device)
+    losses = []
+    with torch.no_grad():
+        for sample in inp.val_samples:
+            image_id = sample.id
+            g = torch.Generator().manual_seed(derive_seed("validation", seed, image_id))
+            if inp.latent_path is None:
+                lat = _random_crop_latent(inp, sample, g, vae)
+            else:
+                lat = checked_read("latents", inp.latent_path[image_id], lambda f: load_file(str(f)))["latent"]
+            caption = inp.caption[image_id]
+            if inp.embedding_path is not None:
+                hidden = checked_read("textemb", inp.embedding_path[caption], lambda f: load_file(str(f)))["hidden"][None]
+            else:
+                hidden = encode(tok, te, [caption], inp.cfg["textemb"]["clip_skip"], inp.cfg["textemb"]["max_token_length"])
+            k = len(ts)
+            lat = lat[None].expand(k, *lat.shape).to(inp.device)
+            noise = torch.randn(lat.shape, generator=g).to(inp.device)
+            noisy = sched.add_noise(lat, noise, ts)
+            target = sched.get_velocity(lat, noise, ts) if v_pred else noise
+            with autocast:
+                pred = unet(noisy, ts, encoder_hidden_states=hidden.to(inp.device).expand(k, -1, -1)).sample
+            losses.append(float(torch.nn.functional.mse_loss(pred.float(), target.float())))
+    return sum(losses) / len(losses)
+
+
 def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     """Train; ``save(network, epoch, step)`` is called at the end of every epoch."""
     import torch
@@ -189,6 +230,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         torch.set_rng_state(st["rng"])
         step, first_epoch = st["step"], st["epoch"] + 1
         inp.log_rows[:] = [tuple(row) for row in st["log"]]
+        inp.val_rows[:] = [tuple(row) for row in st.get("val", [])]
         t0 -= inp.log_rows[-1][4] if inp.log_rows else 0.0
     n_timesteps = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
@@ -246,6 +288,10 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 sample(f"s{step:06d}", epoch)
+        if inp.val_samples:
+            val = validation_loss(inp, unet, sched, tok, te, vae, autocast)
+            inp.val_rows.append((epoch, step, val))
+            bar.write(f"epoch {epoch}: validation loss {val:.5f} ({len(inp.val_samples)} held-out images)")
         # 5. save: the LoRA (the stage keeps the saved epochs), samples, then the training state
         save(network, epoch, step)
         sample(f"e{epoch:06d}", epoch)
@@ -254,7 +300,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 "network": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
                 "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step, "epoch": epoch,
-                "log": [list(row) for row in inp.log_rows],
+                "log": [list(row) for row in inp.log_rows], "val": [list(row) for row in inp.val_rows],
             })
     bar.close()
     network.restore()

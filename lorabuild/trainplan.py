@@ -46,6 +46,25 @@ def balance_reg(train: list[Sample], reg: list[Sample]) -> list[Sample]:
     return [replace(s, repeats=repeats[s.id]) for s in reg if s.id in repeats]
 
 
+def hold_out(ids: list[str], share: float, seed: int) -> list[str]:
+    """The images held out for validation: ``share`` of them (at least one when share > 0,
+    never all), chosen by the seed, independent of the order they were found in."""
+    if share <= 0 or len(ids) < 2:
+        return []
+    n = min(len(ids) - 1, max(1, round(share * len(ids))))
+    return sorted(random.Random(derive_seed("validation", seed)).sample(sorted(ids), n))
+
+
+def training_samples(every: list[Sample], val_share: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(samples an epoch trains on, held-out validation samples): training images minus the
+    held-out ones, plus regularization images balanced against them (kohya)."""
+    train = [s for s in every if not s.is_reg]
+    held = set(hold_out([s.id for s in train], val_share, seed))
+    val = [s for s in train if s.id in held]
+    train = [s for s in train if s.id not in held]
+    return train + balance_reg(train, [s for s in every if s.is_reg]), val
+
+
 @dataclass(frozen=True)
 class TrainPlan:
     images: int  # training images (not regularization)

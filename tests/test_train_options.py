@@ -222,3 +222,24 @@ def test_keep_last_keeps_the_last_saved_epochs_only(demo):
     demo.doit("train:demo", build="keep")
     assert sorted(p.name for p in (demo.root / "output/demo").glob("*.safetensors")) == [
         "demo-000004.safetensors", "demo.safetensors"]
+
+
+def test_validation_split_holds_images_out_and_logs_their_loss(demo):
+    demo.edit(lambda d: d["train"].update(epochs=2, validation_split=0.25))
+    plan = json.loads(demo.lorabuild("plan", "demo", "--json").stdout)
+    held = [w for w in plan["warnings"] if "held out for validation" in w]
+    assert held and held[0].startswith("4 image(s)")
+    assert plan["steps"]["samples_per_epoch"] == 12 * 10
+    demo.doit("train:demo", build="val")
+    out = demo.root / "output/demo"
+    rows = (out / "val_loss.csv").read_text().splitlines()
+    assert rows[0] == "epoch,step,val_loss" and [r.split(",")[:2] for r in rows[1:]] == [["1", "30"], ["2", "60"]]
+    rep = json.loads(demo.lorabuild("report", "demo", "--json").stdout)
+    assert rep["steps"] == 60 and len(rep["validation_loss"]) == 2
+    assert rep["validation_loss"] == [float(r.split(",")[2]) for r in rows[1:]]
+    # a run extended by one epoch measures the first two epochs the same way (fixed noise and timesteps)
+    demo.edit(lambda d: d["train"].update(epochs=3))
+    demo.doit("train:demo", build="val3")
+    assert "continued" in " ".join(demo.report("train")["notes"])
+    rows3 = (out / "val_loss.csv").read_text().splitlines()
+    assert rows3[1:3] == rows[1:] and len(rows3) == 4

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..cache import atomic_path, atomic_write, checked_read, key_hash
 from ..captions import concept_options
-from ..trainplan import Sample, balance_reg, make_plan
+from ..trainplan import Sample, make_plan, training_samples
 from . import runtime, textemb
 from . import sample as sample_stage
 from .base import Context, StageError, StageRun
@@ -89,13 +89,17 @@ def _publish(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def _write_loss_csv(path: Path, rows: list) -> None:
+def _write_csv(path: Path, header: list[str], rows: list) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["step", "epoch", "loss", "lr", "seconds"])
+    w.writerow(header)
     w.writerows(rows)
     with atomic_write(path, "w") as fh:
         fh.write(buf.getvalue())
+
+
+def _write_loss_csv(path: Path, rows: list) -> None:
+    _write_csv(path, ["step", "epoch", "loss", "lr", "seconds"], rows)
 
 
 def _bucket_info(lat_items: list[dict]) -> dict:
@@ -113,6 +117,7 @@ class Run:
     dataset: object
     plan: object
     samples: list
+    val_samples: list
     captions: dict
     latents: dict
     lat_manifest: dict
@@ -211,7 +216,7 @@ def _train(r: Run, resume: dict | None) -> list:
 
     pixels = not r.lat_manifest.get("cached", True)
     inp = TrainInputs(
-        model_dir=r.mdir, arch=r.info["arch"], device=runtime.device(ctx), samples=r.samples,
+        model_dir=r.mdir, arch=r.info["arch"], device=runtime.device(ctx), samples=r.samples, val_samples=r.val_samples,
         latent_path=None if pixels else {i: lat_store.path(r.latents[i]["hash"]) for i in r.latents},
         pixels={i: (ctx.store("resize", ".png").path(e["src"]), e["resized"]) for i, e in r.latents.items()}
         if pixels else None,
@@ -226,7 +231,7 @@ def _train(r: Run, resume: dict | None) -> list:
         train(inp, save)
     except (FloatingPointError, TrainError) as exc:
         raise StageError(f"train:{ctx.name}: {exc}") from None
-    return inp.log_rows
+    return inp.log_rows, inp.val_rows
 
 
 def run(ctx: Context, dataset) -> dict:
@@ -252,8 +257,7 @@ def run(ctx: Context, dataset) -> dict:
     out_dir = ctx.ws.output_dir(name)
     concept_of = {im.id: im.concept for im in dataset.images}
     every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg) for i in sorted(latents)]
-    samples = [s for s in every if not s.is_reg]
-    samples += balance_reg(samples, [s for s in every if s.is_reg])
+    samples, held_out = training_samples(every, p.get("train.validation_split"), p.get("train.seed"))
     plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"))
     save_every = p.get("train.save_every_n_epochs")
     saved = {e for e in range(1, plan.epochs + 1) if e == plan.epochs or (save_every and e % save_every == 0)}
@@ -301,15 +305,17 @@ def run(ctx: Context, dataset) -> dict:
             sr.notes.append(f"trained from the start: the {what} depends on the run's length, so no earlier run "
                             "can be continued")
         log_rows = list(resume["log"]) if resume else []
+        val_rows = list(resume.get("val", [])) if resume else []
         if e0 < plan.epochs:
-            run = Run(ctx=ctx, dataset=dataset, plan=plan, samples=samples, captions=captions, latents=latents,
+            run = Run(ctx=ctx, dataset=dataset, plan=plan, samples=samples, val_samples=held_out,
+                      captions=captions, latents=latents,
                       lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, info=info, mdir=mdir,
                       wkey=wkey, saved=saved, points=points, snapshot_points=snapshot_points, epochs=epochs,
                       snapshots=snapshots, store=store)
-            log_rows = _train(run, resume)
+            log_rows, val_rows = _train(run, resume)
             sampled = run.sampler
         final_hash = epochs[-1][1]
-        with store.put(h, key, {"epochs": epochs, "snapshots": snapshots, "loss": log_rows}) as tmp:
+        with store.put(h, key, {"epochs": epochs, "snapshots": snapshots, "loss": log_rows, "val": val_rows}) as tmp:
             shutil.copyfile(store.path(final_hash), tmp)
         entry = store.info(h)
         sr.computed = 1
@@ -330,10 +336,15 @@ def run(ctx: Context, dataset) -> dict:
     for fname, eh in wanted.items():
         _publish(store.path(eh), out_dir / fname)
     _write_loss_csv(out_dir / "loss.csv", entry.get("loss", []))
+    val_csv = out_dir / "val_loss.csv"
+    if entry.get("val"):
+        _write_csv(val_csv, ["epoch", "step", "val_loss"], entry["val"])
+    elif val_csv.exists():
+        val_csv.unlink()
     if entry.get("loss"):
         from ..report import loss_plot
 
-        loss_plot(entry["loss"], out_dir / "loss.png", f"{name}: loss and learning rate")
+        loss_plot(entry["loss"], out_dir / "loss.png", f"{name}: loss and learning rate", entry.get("val"))
     if sampled is not None:
         sr.notes.append(f"sampled while training: {sampled.rendered} images rendered, {sampled.reused} reused")
     # only the snapshots the current sample settings ask for (an entry may hold more)
