@@ -26,7 +26,7 @@ from .resources import schema_path
 MAX_BYTES = 1 << 20  # a project file is a few KB; refuse anything absurd before parsing
 MAX_NODES = 100_000  # expanded nodes, so an alias bomb ("billion laughs") is refused
 PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
-BUILTIN_SD1 = ("tiny-sd1",)  # the built-in models' names: lorabuild.models.BUILTIN_MODELS
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2")  # the built-in models' names: lorabuild.models.BUILTIN_MODELS
 
 
 class Problem(NamedTuple):
@@ -227,11 +227,19 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     pos = lambda *p: doc.values.get(p) or doc.values.get(p[:-1]) or (1, 1)  # noqa: E731
     base = data["base_model"]
     if base.startswith("builtin:"):
-        if base.split(":", 1)[1] not in BUILTIN_SD1:
-            known = ", ".join("builtin:" + n for n in BUILTIN_SD1)
+        if base.split(":", 1)[1] not in BUILTIN_MODELS:
+            known = ", ".join("builtin:" + n for n in BUILTIN_MODELS)
             doc.problem(pos("base_model"), "base_model", f"unknown built-in model '{base}' (known: {known})")
     elif not (root / base).exists():
         doc.problem(pos("base_model"), "base_model", f"{(root / base).resolve()} does not exist")
+    elif (root / base).is_file() and (root / base).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") \
+            and not data["allow_pickle"]:
+        doc.problem(pos("base_model"), "base_model",
+                    f"{(root / base).resolve()} is a pickle checkpoint: unpickling can run code hidden in the file; "
+                    "use a .safetensors copy, or set allow_pickle: true to load it with torch.load(weights_only=True)")
+    for key in ("vae", "base_model_config"):
+        if data[key] and not (root / data[key]).exists():
+            doc.problem(pos(key), key, f"{(root / data[key]).resolve()} does not exist")
     ds = data["dataset"]
     for key in ("dirs", "reg_dirs"):
         for i, d in enumerate(ds[key]):

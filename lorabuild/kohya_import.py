@@ -51,6 +51,9 @@ def _resolution(v) -> int:
 # kohya key → (our dotted key, converter)
 SIMPLE = {
     "pretrained_model_name_or_path": ("base_model", str),
+    "vae": ("vae", str),
+    "v2": ("model_type", lambda v: "sd2" if _bool(v) else "auto"),
+    "v_parameterization": ("prediction_type", lambda v: "v_prediction" if _bool(v) else "auto"),
     "output_name": ("output.name", str),
     "save_precision": ("output.save_precision", _precision),
     "training_comment": ("output.comment", str),
@@ -252,7 +255,7 @@ def _datasets(doc: dict, dataset_cfg: dict, unmapped: list[str], notes: list[str
             doc.setdefault("dataset", {}).setdefault("concepts", []).append(concept)
 
 
-ORDER = ("base_model", "dataset", "captions", "resize", "bucket", "latents", "textemb", "network", "train", "sample",
+ORDER = ("base_model", "model_type", "prediction_type", "vae", "dataset", "captions", "resize", "bucket", "latents", "textemb", "network", "train", "sample",
          "output")
 
 

@@ -50,6 +50,7 @@ def kohya_metadata(
     textemb_cached: bool,
     model_name: str,
     model_hash: str,
+    model_source: Mapping | None = None,
     session_id: str,
     started: float,
     finished: float,
@@ -124,6 +125,13 @@ def kohya_metadata(
         "ss_new_sd_model_hash": model_hash,
         "ss_training_tool": "lorabuild",
     }
+    src = model_source or {}
+    if src.get("sha256"):  # a single file: A1111's hashes of it, as kohya writes them
+        md.update(ss_new_sd_model_hash=src["sha256"], ss_sd_model_hash=src["legacy_hash"])
+    if src.get("vae"):
+        md["ss_vae_name"] = src["vae"].replace("\\", "/").rsplit("/", 1)[-1]
+        if src.get("vae_sha256"):
+            md.update(ss_new_vae_hash=src["vae_sha256"], ss_vae_hash=src["vae_legacy_hash"])
     resolution = bucket["resolution"]
     md.update({
         "modelspec.sai_model_spec": "1.0.1",
@@ -172,5 +180,20 @@ def apply_mode(md: dict[str, str], mode: str) -> dict[str, str]:
                     renames.setdefault(folder, f"dataset_{i}")
                 md[key] = json.dumps({renames[f]: v for f, v in data.items()})
         md.pop("ss_sd_model_name", None)
+        md.pop("ss_vae_name", None)
         md.pop("ss_training_comment", None)
     return md
+
+
+def lora_hashes(tensors: Mapping, metadata: Mapping[str, str]) -> dict[str, str]:
+    """``sshs_model_hash`` / ``sshs_legacy_hash``: the hashes A1111's additional-networks indexes a
+    LoRA by, precomputed as kohya does: the file serialised with its ``ss_*`` metadata only, then
+    sha256 of everything after the header, and sha256 of the 64 KiB at offset 1 MiB (8 hex)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    blob = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(blob[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(blob[header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}

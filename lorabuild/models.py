@@ -1,8 +1,13 @@
-"""Base models: the built-in tiny models, diffusers folders, identities and loaders.
+"""Base models: the built-in tiny models, diffusers folders, single-file checkpoints,
+identities and loaders.
 
 Offline by design: every loader passes ``local_files_only=True``, and a built-in model
 is written once as a real diffusers folder and then loaded through the same code path
-as any user's folder. No torch/diffusers import at module level: this module is
+as any user's folder. A single-file checkpoint (the .safetensors most users have) is
+converted once, with the configs that ship in ``lorabuild/data/configs/``, into a
+diffusers folder under ``cache/models/single-file/`` (in the file's own precision), keyed
+on the file's sha256: every stage then loads it as fast as any folder, and touching the
+file without changing its bytes changes nothing. No torch/diffusers import at module level: this module is
 imported when doit loads the task graph.
 """
 from __future__ import annotations
@@ -16,11 +21,15 @@ from pathlib import Path
 
 from .resources import DATA_DIR
 
-BUILTIN_MODELS = ("tiny-sd1",)
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2")
 BUILTIN_VERSION = 1  # bump when a builtin model's configs or init change: stale folders are rebuilt
 BUILTIN_MARKER = "lorabuild_builtin.json"  # {"name", "version"} inside a built-in model's folder
 COMPONENTS = ("unet", "vae", "text_encoder")
 TOKENIZER_DIR = DATA_DIR / "clip_tokenizer"
+CONFIGS_DIR = DATA_DIR / "configs"  # sd1 / sd2 (768-v) / sdxl: model_index.json and every component's config
+ARCHS = ("sd1", "sd2", "sdxl")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CONVERT_VERSION = 1  # bump when the conversion of single files changes: they are converted again
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # SD1's noise schedule (CompVis v1-inference.yaml; diffusers' SD 1.5 scheduler config).
@@ -117,19 +126,56 @@ def _tiny_sd1_pipeline():
     )
 
 
+def _tiny_sd2_pipeline():
+    """SD 2.x's architecture in miniature: an OpenCLIP-style text encoder (gelu, the layer
+    that SD2 drops already gone), linear projections in the UNet's transformers, heads of a
+    fixed width (SD2's attention_head_dim is a per-block list), v-prediction, and the
+    tokenizer SD2 ships (padding with "!", id 0)."""
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    pipe = _tiny_sd1_pipeline()
+    torch.manual_seed(1)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+    )
+    torch.manual_seed(1)
+    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+        projection_dim=32,
+    ))
+    pipe.tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token="!")
+    sched = dict(SD1_SCHEDULER, prediction_type="v_prediction", set_alpha_to_one=False)
+    pipe.scheduler = DDIMScheduler(**sched)
+    pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                          scheduler=pipe.scheduler)
+    return pipe
+
+
+def _add_slow_tokenizer_files(folder: Path) -> None:
+    # transformers 5 saves only tokenizer.json; transformers 4's slow CLIPTokenizer (the
+    # class model_index.json names) needs vocab.json + merges.txt, as in SD 1.5's folder.
+    for tok in ("tokenizer", "tokenizer_2"):
+        if (folder / tok).is_dir():
+            for fname in ("vocab.json", "merges.txt"):
+                if not (folder / tok / fname).is_file():
+                    shutil.copyfile(TOKENIZER_DIR / fname, folder / tok / fname)
+
+
 def _write_builtin(name: str, folder: Path) -> None:
     import torch
 
     _offline()
     # fork_rng: a fixed seed for a reproducible init without moving the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
-        pipe = _tiny_sd1_pipeline()
+        pipe = {"tiny-sd1": _tiny_sd1_pipeline, "tiny-sd2": _tiny_sd2_pipeline}[name]()
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    # transformers 5 saves only tokenizer.json; transformers 4's slow CLIPTokenizer (the
-    # class model_index.json names) needs vocab.json + merges.txt, as in SD 1.5's folder.
-    for fname in ("vocab.json", "merges.txt"):
-        if not (folder / "tokenizer" / fname).is_file():
-            shutil.copyfile(TOKENIZER_DIR / fname, folder / "tokenizer" / fname)
+    _add_slow_tokenizer_files(folder)
     marker = json.dumps({"name": name, "version": BUILTIN_VERSION}) + "\n"
     (folder / BUILTIN_MARKER).write_text(marker, encoding="utf-8")
 
@@ -140,14 +186,14 @@ def _builtin_ok(folder: Path) -> bool:
     return ok and (folder / "model_index.json").is_file()
 
 
-def _install(tmp: Path, folder: Path) -> None:
+def _install(tmp: Path, folder: Path, ok=_builtin_ok) -> None:
     """Rename ``tmp`` to ``folder``: keep a current one another process installed first, set a stale one aside."""
     for _ in range(3):
         try:
             os.replace(tmp, folder)  # atomic: a half-written model is never visible
             return
         except OSError:
-            if _builtin_ok(folder):
+            if ok(folder):
                 return  # another process won the race: keep theirs (same bytes)
             if not folder.exists():
                 continue
@@ -185,20 +231,33 @@ def ensure_builtin(name: str, cache_root: Path) -> Path:
     return folder
 
 
-def resolve_base_model(spec: str, project_root: Path, cache_root: Path) -> Path:
-    """The diffusers folder that ``base_model: spec`` names (built-in models are written first).
+def resolve_base_model(spec: str, project_root: Path, cache_root: Path, opts: dict | None = None,
+                       hashes=None) -> Path:
+    """The diffusers folder that ``base_model: spec`` names, as lorabuild uses it.
 
-    A relative path is taken from the project file's folder, so a project can be built
-    from any working directory.
+    Built-in models are written first; a single-file checkpoint is converted once (see the
+    module docstring); ``opts`` (the project's ``model_type``, ``prediction_type``,
+    ``base_model_config``, ``vae``, ``allow_pickle``) apply on top. A relative path is taken
+    from the project file's folder, so a project can be built from any working directory.
     """
+    opts = dict(opts or {})
     if spec.startswith("builtin:"):
-        return ensure_builtin(spec.split(":", 1)[1], cache_root)
-    path = (Path(project_root) / Path(spec).expanduser()).resolve()
-    if path.is_file():
-        raise ModelError(f"{path}: single-file checkpoints are not supported yet; "
-                         "give a diffusers model folder (with model_index.json)")
-    if not path.is_dir():
-        raise ModelError(f"{path} does not exist")
+        folder = ensure_builtin(spec.split(":", 1)[1], cache_root)
+    else:
+        path = (Path(project_root) / Path(spec).expanduser()).resolve()
+        if path.is_file():
+            folder = _single_file(path, Path(project_root), Path(cache_root), opts, hashes)
+        elif not path.is_dir():
+            raise ModelError(f"{path} does not exist")
+        else:
+            folder = _diffusers_folder(path)
+            if _listed(_read_json(path / "model_index.json"), "text_encoder_2") or opts.get("model_type") == "sdxl":
+                raise ModelError(f"{path} is an SDXL model: SDXL training is not implemented yet "
+                                 "(SD 1.x and 2.x models are)")
+    return _compose(folder, Path(project_root), Path(cache_root), opts, hashes)
+
+
+def _diffusers_folder(path: Path) -> Path:
     index = _read_json(path / "model_index.json")
     if not isinstance(index, dict):
         raise ModelError(f"{path} is not a diffusers model folder: model_index.json is missing or unreadable")
@@ -209,6 +268,267 @@ def resolve_base_model(spec: str, project_root: Path, cache_root: Path) -> Path:
         folders = ", ".join(c + "/" for c in missing)
         raise ModelError(f"{path} is an incomplete diffusers model folder: missing {folders}")
     return path
+
+
+def _file_hashes(cache_root: Path, hashes):
+    from .cache import FileHashes
+
+    return hashes if hashes is not None else FileHashes(Path(cache_root) / "hashes.json")
+
+
+def legacy_hash(path: Path) -> str:
+    """A1111's old 8-hex model hash (kohya ``model_hash``): sha256 of the 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+
+
+def checkpoint_tensors(path: Path, allow_pickle: bool) -> dict:
+    """{key: (shape, dtype name)} of a single-file checkpoint without loading its tensors
+    (safetensors header); a pickle checkpoint only with ``allow_pickle``, via weights_only."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelError(
+                f"{path} is a pickle checkpoint ({path.suffix}): unpickling can run code hidden in the file. "
+                "Use a .safetensors copy of it, or set 'allow_pickle: true' in the project to load it with "
+                "torch.load(weights_only=True), which refuses anything but tensors")
+        return {k: (tuple(v.shape), str(v.dtype)) for k, v in _pickle_state_dict(path).items()}
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: a single-file checkpoint must be .safetensors "
+                         f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle: true)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ModelError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def _pickle_state_dict(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+        raise ModelError(f"{path} cannot be loaded with weights_only=True ({str(exc).splitlines()[0]})") from None
+    while isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        ckpt = ckpt["state_dict"]
+    return {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+
+
+def checkpoint_arch(tensors: dict) -> str | None:
+    """sd1 / sd2 / sdxl from a single file's keys: which text encoder it carries (CLIP ViT-L,
+    OpenCLIP, or SDXL's conditioner), else the UNet's cross-attention width."""
+    keys = tensors.keys()
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    widths = {shape[1] for k, (shape, _) in tensors.items()
+              if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")}
+    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(min(widths)) if widths else None
+
+
+def _config_dir(opts: dict, arch: str, project_root: Path) -> Path:
+    if opts.get("base_model_config"):
+        cfg = (project_root / Path(opts["base_model_config"]).expanduser()).resolve()
+        if not (cfg / "model_index.json").is_file():
+            raise ModelError(f"base_model_config: {cfg} is not a diffusers model folder (no model_index.json)")
+        return cfg
+    return CONFIGS_DIR / arch
+
+
+def _tree_digest(folder: Path) -> str:
+    """sha256 over a folder's JSON configs (no weights): a config's part in a cache key."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*.json")):
+        if f.name != BUILTIN_MARKER and f.stat().st_size < 1 << 20:
+            h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _marker_ok(folder: Path) -> bool:
+    marker = _read_json(folder / BUILTIN_MARKER)
+    return isinstance(marker, dict) and (folder / "model_index.json").is_file()
+
+
+def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, hashes) -> Path:
+    """Convert a single-file checkpoint once into a diffusers folder under cache/models/single-file/."""
+    tensors = checkpoint_tensors(path, bool(opts.get("allow_pickle")))
+    detected = checkpoint_arch(tensors)
+    arch = opts.get("model_type") if opts.get("model_type", "auto") != "auto" else detected
+    if arch is None:
+        raise ModelError(f"{path}: cannot tell SD1 / SD2 / SDXL from its keys (no known text encoder or UNet "
+                         "layout); set model_type: sd1, sd2 or sdxl")
+    if arch == "sdxl":
+        raise ModelError(f"{path} is an SDXL checkpoint: SDXL training is not implemented yet "
+                         "(SD 1.x and 2.x checkpoints are)")
+    cfg_dir = _config_dir(opts, arch, project_root)
+    pred = opts.get("prediction_type", "auto")
+    if pred == "auto":  # a single file has no scheduler config: the shipped one's (SD2 → 768-v, as diffusers)
+        pred = _config(cfg_dir, "scheduler").get("prediction_type", "epsilon")
+    hs = _file_hashes(cache_root, hashes)
+    sha = hs.sha256(path)
+    if hashes is None:
+        hs.save()
+    unet_dtypes = [d for k, (_, d) in sorted(tensors.items()) if k.startswith("model.diffusion_model.")]
+    dtype = unet_dtypes[0] if unet_dtypes else "F32"
+    key = {"sha256": sha, "arch": arch, "prediction_type": pred, "config": _tree_digest(cfg_dir),
+           "v": CONVERT_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_root / "models" / "single-file" / f"{path.stem[:40]}-{digest}"
+    if _marker_ok(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _convert(path, cfg_dir, arch, pred, dtype, tmp, bool(opts.get("allow_pickle")))
+        marker = {"name": "single-file", "source": str(path), "sha256": sha, "legacy_hash": legacy_hash(path),
+                  "arch": arch, "prediction_type": pred, "detected": detected, "v": CONVERT_VERSION}
+        (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        _install(tmp, folder, ok=_marker_ok)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: Path, allow_pickle: bool) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    _offline()
+    work = out.with_name(out.name + "-config")
+    try:
+        # the configs diffusers reads: the chosen ones, our tokenizer files, the prediction type
+        shutil.copytree(cfg_dir, work, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
+        for tok in ("tokenizer", "tokenizer_2"):
+            if _listed(_read_json(work / "model_index.json"), tok) and not (work / tok / "vocab.json").is_file():
+                shutil.copytree(TOKENIZER_DIR, work / tok, dirs_exist_ok=True)
+                if arch == "sd2" or tok == "tokenizer_2":  # OpenCLIP's tokenizer pads with "!"
+                    tc = _read_json(work / tok / "tokenizer_config.json", {})
+                    (work / tok / "tokenizer_config.json").write_text(json.dumps({**tc, "pad_token": "!"}, indent=2))
+        sched = _read_json(work / "scheduler" / "scheduler_config.json")
+        (work / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "prediction_type": pred}))
+        src = path
+        if path.suffix.lower() in PICKLE_SUFFIXES:  # weights_only-loaded tensors, re-saved for diffusers' reader
+            from safetensors.torch import save_file
+
+            src = work / "checkpoint.safetensors"
+            save_file({k: v.contiguous().clone() for k, v in _pickle_state_dict(path).items()}, str(src))
+        torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "float16": torch.float16,
+                       "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(src), config=str(work), local_files_only=True, torch_dtype=torch_dtype,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        except Exception as exc:  # diffusers raises ValueError/KeyError/RuntimeError on a mismatched layout
+            raise ModelError(f"{path} cannot be read as an {arch.upper()} checkpoint with the configs in "
+                             f"{cfg_dir} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); if it is a "
+                             "different architecture set model_type, or point base_model_config at a diffusers "
+                             "folder whose configs match it") from None
+        pipe.save_pretrained(str(out), safe_serialization=True)
+        _add_slow_tokenizer_files(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _compose(folder: Path, project_root: Path, cache_root: Path, opts: dict, hashes) -> Path:
+    """``folder`` with a separate VAE (``vae:``) and/or another prediction type: a folder under
+    cache/models/composed/ whose other components link to the original's (no copies)."""
+    vae = opts.get("vae")
+    pred = opts.get("prediction_type", "auto")
+    own_pred = _config(folder, "scheduler").get("prediction_type", "epsilon")
+    if not vae and pred in ("auto", own_pred):
+        return folder
+    key = {"base": str(folder), "prediction_type": pred, "v": CONVERT_VERSION}
+    vae_path = None
+    if vae:
+        vae_path = (project_root / Path(vae).expanduser()).resolve()
+        if not vae_path.exists():
+            raise ModelError(f"vae: {vae_path} does not exist")
+        if vae_path.is_file():
+            hs = _file_hashes(cache_root, hashes)
+            key["vae"] = hs.sha256(vae_path)
+            if hashes is None:
+                hs.save()
+        else:
+            vdir = vae_path if (vae_path / "config.json").is_file() else vae_path / "vae"
+            if not (vdir / "config.json").is_file():
+                raise ModelError(f"vae: {vae_path} is neither a VAE folder (config.json) nor a model folder with vae/")
+            vae_path = vdir
+            key["vae"] = str(vdir)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    out = cache_root / "models" / "composed" / digest
+    if _marker_ok(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        shutil.copyfile(folder / "model_index.json", tmp / "model_index.json")
+        for part in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if part.name == "vae" and vae_path is not None:
+                continue
+            if part.name == "scheduler":
+                shutil.copytree(part, tmp / "scheduler")
+                cfg = _config(tmp, "scheduler")
+                if pred != "auto":
+                    cfg["prediction_type"] = pred
+                (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
+                continue
+            _link(part, tmp / part.name)
+        if vae_path is not None and vae_path.is_dir():
+            _link(vae_path, tmp / "vae")
+        elif vae_path is not None:
+            _convert_vae(vae_path, folder, tmp / "vae", bool(opts.get("allow_pickle")))
+        marker = {"name": "composed", "base": str(folder), "vae": str(vae_path) if vae_path else None,
+                  "vae_sha256": key.get("vae") if vae_path and vae_path.is_file() else None,
+                  "vae_legacy_hash": legacy_hash(vae_path) if vae_path and vae_path.is_file() else None,
+                  "prediction_type": pred}
+        base_marker = _read_json(folder / BUILTIN_MARKER)
+        if isinstance(base_marker, dict) and base_marker.get("name") == "single-file":
+            marker.update(source=base_marker["source"], sha256=base_marker["sha256"],
+                          legacy_hash=base_marker["legacy_hash"])
+        (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        _install(tmp, out, ok=_marker_ok)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src, dst, target_is_directory=True)
+    except OSError:  # no symlinks (Windows without developer mode): copy
+        shutil.copytree(src, dst)
+
+
+def _convert_vae(path: Path, base: Path, out: Path, allow_pickle: bool) -> None:
+    """A VAE single file (original layout, e.g. vae-ft-mse-840000-ema-pruned.safetensors) as a diffusers vae/."""
+    from diffusers import AutoencoderKL
+
+    _offline()
+    tensors = checkpoint_tensors(path, allow_pickle)
+    src = str(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        src = {k: v for k, v in _pickle_state_dict(path).items()}
+    try:
+        vae = AutoencoderKL.from_single_file(src, config=str(base), subfolder="vae", local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"vae: {path} cannot be read as a VAE for this model ({len(tensors)} tensors; "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+    vae.save_pretrained(str(out), safe_serialization=True)
+
+
+def source_info(model_dir: Path) -> dict:
+    """What a converted or composed folder remembers of its origin (file hashes for the LoRA's metadata)."""
+    marker = _read_json(Path(model_dir) / BUILTIN_MARKER)
+    return marker if isinstance(marker, dict) else {}
 
 
 def weight_files(model_dir: Path, component: str) -> list[Path]:
@@ -280,7 +600,7 @@ def model_info(model_dir: Path) -> dict:
     vae, te = _config(model_dir, "vae"), _config(model_dir, "text_encoder")
     if _listed(index, "text_encoder_2"):
         arch = "sdxl"
-    elif te.get("hidden_size") == 1024:
+    elif te.get("hidden_size") == 1024 or te.get("hidden_act") == "gelu":  # OpenCLIP (SD2) vs CLIP ViT-L's quick_gelu
         arch = "sd2"
     else:
         arch = "sd1"
@@ -317,8 +637,8 @@ def _frozen(model, device, dtype):
     import torch
 
     model.requires_grad_(False)
-    if dtype is not None and dtype != torch.float32:
-        model.to(dtype=dtype)
+    # fp32 unless asked: a folder saved in fp16 (a converted checkpoint) is not computed in fp16 by accident
+    model.to(dtype=dtype or torch.float32)
     return model.to(device=device).eval()
 
 
@@ -354,6 +674,16 @@ def load_tokenizer(model_dir: Path, device=None, dtype=None):
 
     _offline()
     return CLIPTokenizer.from_pretrained(str(model_dir), subfolder="tokenizer", local_files_only=True)
+
+
+NOISE_KEYS = ("prediction_type", "beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "trained_betas",
+              "rescale_betas_zero_snr", "timestep_spacing", "steps_offset")
+
+
+def noise_schedule(model_dir: Path) -> dict:
+    """The parts of the scheduler config that shape training (a cache-key input beside the UNet's identity)."""
+    cfg = _config(model_dir, "scheduler")
+    return {k: cfg[k] for k in NOISE_KEYS if k in cfg}
 
 
 def load_noise_scheduler(model_dir: Path, device=None, dtype=None):

@@ -151,9 +151,14 @@ class LoRANetwork(nn.Module):
 
         from .cache import atomic_path
 
+        from .metadata import lora_hashes
+
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict_kohya().items()}
+        metadata = dict(metadata or {})
+        if any(k.startswith("ss_") for k in metadata):  # kohya's precomputed hashes go with its metadata
+            metadata.update(lora_hashes(tensors, metadata))
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata or {})
+            save_file(tensors, str(tmp), metadata=metadata)
 
     def load_weights(self, path: str | Path, strict: bool = True) -> list[str]:
         """Load a kohya-layout file whose modules match this network's exactly (``strict``), or,

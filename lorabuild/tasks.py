@@ -44,18 +44,33 @@ def _plain(value):
     return value
 
 
+# what names the base model: a change reruns the stages that load it (they reuse what its
+# identity, a content hash, says is unchanged)
+MODEL = ("base_model", "model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
+
+
 def _weights(project: Project, ws: Workspace, *components: str) -> list[str]:
-    """Weight files of a real base model as file_deps (a builtin model has none to watch)."""
-    spec = str(project.get("base_model"))
-    if spec.startswith("builtin:"):
-        return []
+    """Weight files of a real base model (and a separate VAE) as file_deps; a builtin model has
+    none to watch. A single file is named as it is (converting it is the stage's work, not
+    the task graph's)."""
     from . import models
 
-    try:
-        folder = models.resolve_base_model(spec, project.root, ws.cache)
-    except models.ModelError:
-        return []  # the stage's action reports it
-    return [str(f) for c in components for f in models.weight_files(folder, c)]
+    out = []
+    spec = str(project.get("base_model"))
+    vae = project.get("vae")
+    if vae and "vae" in components:
+        vpath = project.resolve(vae)
+        out += [str(vpath)] if vpath.is_file() else [str(f) for f in models.weight_files(vpath, "")] + [
+            str(f) for f in models.weight_files(vpath, "vae")]
+        components = tuple(c for c in components if c != "vae")
+    if spec.startswith("builtin:"):
+        return out
+    path = project.resolve(spec)
+    if path.is_file():
+        return out + [str(path)]
+    if not path.is_dir():
+        return out  # the stage's action reports it
+    return out + [str(f) for c in components for f in models.weight_files(path, c)]
 
 
 def _context(root: str, project_file: str):
@@ -199,21 +214,21 @@ class Graph:
             deps, cfg = [m("resize")], {**_params(p, bucket.PARAMS + bucket.FILTER_PARAMS), "v": bucket.VERSION}
         elif stage == "latents":
             deps = [m("bucket")] + _weights(p, self.ws, "vae")
-            cfg = {**_params(p, latents.PARAMS + ("base_model", "device")), "v": latents.VERSION}
+            cfg = {**_params(p, latents.PARAMS + MODEL + ("device",)), "v": latents.VERSION}
         elif stage == "textemb":
             deps = [m("resize")] + captions + _weights(p, self.ws, "text_encoder")
-            keys = textemb.PARAMS + ("base_model", "captions", "network.train_text_encoder", "dataset")
+            keys = textemb.PARAMS + MODEL + ("captions", "network.train_text_encoder", "dataset")
             cfg = {**_params(p, keys), "v": textemb.VERSION}
         elif stage == "train":
             deps = [m("latents"), m("textemb")] + captions + _weights(p, self.ws, "unet", "text_encoder")
             if p.get("network.weights"):
                 deps.append(str(p.resolve(p.get("network.weights"))))
-            cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}
+            cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + MODEL + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}
         else:
             deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")
             if p.get("sample.prompt_file"):
                 deps.append(str(p.resolve(p.get("sample.prompt_file"))))
-            cfg = {**_params(p, ("sample", "network", "base_model", "device")), "v": sample.VERSION}
+            cfg = {**_params(p, ("sample", "network", "device") + MODEL), "v": sample.VERSION}
         targets = [m(stage)]
         if stage == "train":
             targets.append(lora)

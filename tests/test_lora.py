@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_check import unet_outputs
 from lorabuild import models
 from lorabuild.network import LoRANetwork
 
@@ -73,24 +74,7 @@ def test_training_lowers_the_denoising_loss(built_demo):
 def test_diffusers_load_lora_weights_gives_our_unet_output(built_demo):
     folder = built_demo.root / "cache" / "models" / "tiny-sd1"
     lora = built_demo.root / "output" / "demo" / "demo.safetensors"
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    t = torch.tensor([10, 500])
-    hidden = torch.randn(2, 77, 32, generator=g)
-
-    unet = models.load_unet(folder)
-    net = LoRANetwork(unet, [], dim=8, alpha=8, train_unet=True, train_text_encoder=False, arch="sd1")
-    net.load_weights(lora)
-    net.apply()
-    with torch.no_grad():
-        ours = unet(x, t, encoder_hidden_states=hidden).sample
-        net.set_multiplier(0.0)
-        plain = unet(x, t, encoder_hidden_states=hidden).sample
-
-    pipe = models.load_pipeline(folder)
-    pipe.load_lora_weights(str(lora))
-    with torch.no_grad():
-        theirs = pipe.unet(x, t, encoder_hidden_states=hidden).sample
+    ours, plain, theirs = unet_outputs(folder, lora, "sd1", 32)
     # The LoRA changes the output, and diffusers applies it as we do (fp16 file: fp16 tolerance).
     assert (ours - plain).abs().max() > 1e-3
     torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=2e-3)

@@ -12,11 +12,22 @@ from .. import models
 from .base import Context, StageError
 
 
+MODEL_OPTIONS = ("model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
+
+
+def model_options(project) -> dict:
+    return {k: project.get(k) for k in MODEL_OPTIONS}
+
+
 def model_dir(ctx: Context) -> Path:
+    hashes = ctx.hashes()
     try:
-        return models.resolve_base_model(ctx.project.get("base_model"), ctx.project.root, ctx.ws.cache)
+        return models.resolve_base_model(ctx.project.get("base_model"), ctx.project.root, ctx.ws.cache,
+                                         model_options(ctx.project), hashes)
     except models.ModelError as exc:
         raise StageError(f"{ctx.project.file}: base_model: {exc}") from None
+    finally:
+        hashes.save()
 
 
 def identity(ctx: Context, component: str) -> str:

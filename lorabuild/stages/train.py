@@ -19,6 +19,7 @@ from pathlib import Path
 from ..cache import atomic_path, atomic_write, checked_read, key_hash
 from ..captions import concept_options
 from ..trainplan import Sample, make_plan, training_samples
+from .. import models
 from . import runtime, textemb
 from . import sample as sample_stage
 from .base import Context, StageError, StageRun
@@ -28,7 +29,7 @@ VERSION = 2
 SECTIONS = ("network", "train", "captions", "output")
 # when to sample while training: decides which snapshots a run keeps, never the weights
 SAMPLE_PARAMS = ("sample.at_first", "sample.every_n_epochs", "sample.every_n_steps")
-EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "base_model", "dataset")
+EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "dataset")
 
 
 def init_weights(ctx: Context) -> Path | None:
@@ -64,6 +65,7 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
         "textemb_cached": cached,
         "unet": unet_id,
         "te": te_id,
+        "noise": models.noise_schedule(runtime.model_dir(ctx)),  # e.g. v-prediction set on the same weights
     }
 
 
@@ -172,6 +174,7 @@ def _train(r: Run, resume: dict | None) -> list:
             epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(r.captions, folder_of),
             bucket_info=_bucket_info(r.lat_manifest["items"]), textemb_cached=r.cached,
             model_name=Path(str(p.get("base_model"))).name, model_hash=r.unet_id,
+            model_source=models.source_info(r.mdir),
             session_id=session, started=started, finished=time.time(),
         )
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -235,8 +238,6 @@ def _train(r: Run, resume: dict | None) -> list:
 
 
 def run(ctx: Context, dataset) -> dict:
-    from .. import models
-
     sr = StageRun(ctx, STAGE)
     p = ctx.project
     cached, _ = textemb.project_mode(p)

@@ -1,0 +1,128 @@
+"""Write a diffusers model as a single-file checkpoint in the original (CompVis LDM) key layout,
+the way SD 1.x/2.x .safetensors files on disk are laid out, so the tests can load such a
+file through lorabuild's real single-file path. Our own mapping, written from the layout's
+facts; loading it back goes through diffusers' converter, an independent implementation,
+so a round trip that reproduces every tensor checks both directions."""
+from __future__ import annotations
+
+import torch
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename(sd: dict, blocks: dict, inner) -> dict:
+    """Each key's longest block prefix renamed by ``blocks``, its remainder by ``inner(block, rest)``."""
+    out = {}
+    for key, value in sd.items():
+        prefix = max((p for p in blocks if key.startswith(p + ".")), key=len, default=None)
+        if prefix is None:
+            out[key] = value
+            continue
+        rest, value2 = inner(prefix, key[len(prefix) + 1:], value)
+        out[blocks[prefix] + "." + rest] = value2
+    return out
+
+
+def unet_to_ldm(sd: dict, cfg: dict) -> dict:
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    blocks = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+              "mid_block.resnets.1": "middle_block.2"}
+    for i in range(n):
+        for j in range(per):
+            blocks[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{i * (per + 1) + j + 1}.0"
+            blocks[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{i * (per + 1) + j + 1}.1"
+        if i < n - 1:
+            blocks[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (per + 1)}.0.op"
+        attn = "CrossAttn" in cfg["up_block_types"][i]
+        for j in range(per + 1):
+            blocks[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{i * (per + 1) + j}.0"
+            blocks[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{i * (per + 1) + j}.1"
+        if i < n - 1:
+            blocks[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{i * (per + 1) + per}.{2 if attn else 1}"
+
+    def inner(prefix, rest, value):
+        if ".resnets." in prefix:
+            head, _, tail = rest.partition(".")
+            return RESNET[head] + "." + tail, value
+        return rest, value
+
+    return {"model.diffusion_model." + k: v for k, v in _rename(sd, blocks, inner).items()}
+
+
+def vae_to_ldm(sd: dict, cfg: dict) -> dict:
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    blocks = {}
+    for i in range(n):
+        for j in range(per):
+            blocks[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
+        blocks[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+        for j in range(per + 1):
+            blocks[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{n - 1 - i}.block.{j}"
+        blocks[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{n - 1 - i}.upsample.conv"
+    for part in ("encoder", "decoder"):
+        blocks.update({f"{part}.mid_block.resnets.0": f"{part}.mid.block_1",
+                       f"{part}.mid_block.resnets.1": f"{part}.mid.block_2",
+                       f"{part}.mid_block.attentions.0": f"{part}.mid.attn_1",
+                       f"{part}.conv_norm_out": f"{part}.norm_out"})
+
+    def inner(prefix, rest, value):
+        if ".resnets." in prefix:
+            return rest.replace("conv_shortcut", "nin_shortcut"), value
+        if prefix.endswith("attentions.0"):
+            head, _, tail = rest.rpartition(".")
+            if value.ndim == 2:  # LDM's attention projections are 1×1 convolutions
+                value = value[:, :, None, None]
+            return VAE_ATTN[head] + "." + tail, value
+        return rest, value
+
+    return {"first_stage_model." + k: v for k, v in _rename(sd, blocks, inner).items()}
+
+
+def _flat(sd: dict) -> dict:
+    # transformers ≥5.6 flattened CLIPTextModel (no "text_model." prefix); the file layout has it
+    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in sd.items()}
+
+
+def clip_to_ldm(sd: dict, prefix: str = "cond_stage_model.transformer.") -> dict:
+    return {prefix + k: v for k, v in _flat(sd).items() if not k.endswith("position_ids")}
+
+
+def open_clip_to_ldm(sd: dict, prefix: str = "cond_stage_model.model.") -> dict:
+    sd = {k.removeprefix("text_model."): v for k, v in _flat(sd).items() if not k.endswith("position_ids")}
+    out = {"token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd.pop("text_projection.weight").T.contiguous()
+    names = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
+            for a, b in names.items():
+                out[f"{dst}{b}.{kind}"] = sd.pop(f"{src}{a}.{kind}")
+    assert not sd, f"unmapped text encoder keys: {sorted(sd)[:5]}"
+    return {prefix + k: v for k, v in out.items()}
+
+
+def pipeline_to_ldm(folder) -> dict:
+    """The single-file state dict of an SD1/SD2 diffusers folder (fp32, as saved)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = lambda c: json.loads((folder / c / "config.json").read_text())  # noqa: E731
+    weights = lambda c: load_file(str(next((folder / c).glob("*.safetensors"))))  # noqa: E731
+    te_cfg = cfg("text_encoder")
+    te = (open_clip_to_ldm if te_cfg["hidden_act"] == "gelu" else clip_to_ldm)(weights("text_encoder"))
+    return {**unet_to_ldm(weights("unet"), cfg("unet")), **vae_to_ldm(weights("vae"), cfg("vae")), **te}
