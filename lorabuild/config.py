@@ -26,7 +26,7 @@ from .resources import schema_path
 MAX_BYTES = 1 << 20  # a project file is a few KB; refuse anything absurd before parsing
 MAX_NODES = 100_000  # expanded nodes, so an alias bomb ("billion laughs") is refused
 PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
-BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2")  # the built-in models' names: lorabuild.models.BUILTIN_MODELS
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")  # the built-in models' names: lorabuild.models.BUILTIN_MODELS
 
 
 class Problem(NamedTuple):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .resources import DATA_DIR
 
-BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2")
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 BUILTIN_VERSION = 1  # bump when a builtin model's configs or init change: stale folders are rebuilt
 BUILTIN_MARKER = "lorabuild_builtin.json"  # {"name", "version"} inside a built-in model's folder
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -157,6 +157,47 @@ def _tiny_sd2_pipeline():
     return pipe
 
 
+def _tiny_sdxl_pipeline():
+    """SDXL's architecture in miniature (as diffusers' own SDXL tests build it): two text
+    encoders (CLIP-L-like; OpenCLIP-bigG-like with a projection, whose pooled output joins
+    the size/crop ``time_ids`` in the UNet's ``text_time`` embedding), a UNet whose first
+    level has no attention and whose deeper levels stack transformer blocks, SDXL's VAE
+    scale and the Euler scheduler it ships with."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=72, norm_num_groups=32,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        sample_size=128, scaling_factor=0.13025, force_upcast=True,
+    )
+    te_cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, projection_dim=32)
+    torch.manual_seed(2)
+    te1 = CLIPTextModel(CLIPTextConfig(**te_cfg, pad_token_id=49407))
+    torch.manual_seed(3)
+    # wider than the first, as in SDXL (1280 vs 768): single-file readers tell them apart by width
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**te_cfg, "hidden_size": 40, "intermediate_size": 48},
+                                                     pad_token_id=0, hidden_act="gelu"))
+    sched = {k: v for k, v in SD1_SCHEDULER.items() if k != "clip_sample"}
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, unet=unet,
+        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token="!"),
+        scheduler=EulerDiscreteScheduler(**sched, timestep_spacing="leading"),
+    )
+
+
 def _add_slow_tokenizer_files(folder: Path) -> None:
     # transformers 5 saves only tokenizer.json; transformers 4's slow CLIPTokenizer (the
     # class model_index.json names) needs vocab.json + merges.txt, as in SD 1.5's folder.
@@ -173,7 +214,7 @@ def _write_builtin(name: str, folder: Path) -> None:
     _offline()
     # fork_rng: a fixed seed for a reproducible init without moving the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
-        pipe = {"tiny-sd1": _tiny_sd1_pipeline, "tiny-sd2": _tiny_sd2_pipeline}[name]()
+        pipe = {"tiny-sd1": _tiny_sd1_pipeline, "tiny-sd2": _tiny_sd2_pipeline, "tiny-sdxl": _tiny_sdxl_pipeline}[name]()
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _add_slow_tokenizer_files(folder)
     marker = json.dumps({"name": name, "version": BUILTIN_VERSION}) + "\n"
@@ -251,9 +292,6 @@ def resolve_base_model(spec: str, project_root: Path, cache_root: Path, opts: di
             raise ModelError(f"{path} does not exist")
         else:
             folder = _diffusers_folder(path)
-            if _listed(_read_json(path / "model_index.json"), "text_encoder_2") or opts.get("model_type") == "sdxl":
-                raise ModelError(f"{path} is an SDXL model: SDXL training is not implemented yet "
-                                 "(SD 1.x and 2.x models are)")
     return _compose(folder, Path(project_root), Path(cache_root), opts, hashes)
 
 
@@ -365,9 +403,6 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     if arch is None:
         raise ModelError(f"{path}: cannot tell SD1 / SD2 / SDXL from its keys (no known text encoder or UNet "
                          "layout); set model_type: sd1, sd2 or sdxl")
-    if arch == "sdxl":
-        raise ModelError(f"{path} is an SDXL checkpoint: SDXL training is not implemented yet "
-                         "(SD 1.x and 2.x checkpoints are)")
     cfg_dir = _config_dir(opts, arch, project_root)
     pred = opts.get("prediction_type", "auto")
     if pred == "auto":  # a single file has no scheduler config: the shipped one's (SD2 → 768-v, as diffusers)
@@ -399,7 +434,7 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
 
 def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: Path, allow_pickle: bool) -> None:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     _offline()
     work = out.with_name(out.name + "-config")
@@ -423,9 +458,13 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
         torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "float16": torch.float16,
                        "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16}.get(dtype, torch.float32)
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(src), config=str(work), local_files_only=True, torch_dtype=torch_dtype,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            if arch == "sdxl":
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    str(src), config=str(work), local_files_only=True, torch_dtype=torch_dtype)
+            else:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(src), config=str(work), local_files_only=True, torch_dtype=torch_dtype,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         except Exception as exc:  # diffusers raises ValueError/KeyError/RuntimeError on a mismatched layout
             raise ModelError(f"{path} cannot be read as an {arch.upper()} checkpoint with the configs in "
                              f"{cfg_dir} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); if it is a "
@@ -660,20 +699,28 @@ def load_unet(model_dir: Path, device="cpu", dtype=None):
     return _frozen(unet, device, dtype)
 
 
-def load_text_encoder(model_dir: Path, device="cpu", dtype=None):
-    from transformers import CLIPTextModel
+def load_text_encoder(model_dir: Path, device="cpu", dtype=None, which: str = "text_encoder"):
+    """A text encoder: ``text_encoder`` (CLIP), or SDXL's ``text_encoder_2`` (with its projection)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     _offline()
-    te = CLIPTextModel.from_pretrained(str(model_dir), subfolder="text_encoder", local_files_only=True)
+    cls = CLIPTextModelWithProjection if which == "text_encoder_2" else CLIPTextModel
+    te = cls.from_pretrained(str(model_dir), subfolder=which, local_files_only=True)
     return _frozen(te, device, dtype)
 
 
-def load_tokenizer(model_dir: Path, device=None, dtype=None):
-    """The CLIP tokenizer (``device``/``dtype`` accepted for a uniform loader signature, unused)."""
+def load_tokenizer(model_dir: Path, device=None, dtype=None, which: str = "tokenizer"):
+    """The CLIP tokenizer, or SDXL's ``tokenizer_2`` (``device``/``dtype``: a uniform loader signature, unused)."""
     from transformers import CLIPTokenizer
 
     _offline()
-    return CLIPTokenizer.from_pretrained(str(model_dir), subfolder="tokenizer", local_files_only=True)
+    return CLIPTokenizer.from_pretrained(str(model_dir), subfolder=which, local_files_only=True)
+
+
+def text_parts(model_dir: Path) -> tuple[str, ...]:
+    """The text encoders a model has: ("text_encoder",) or SDXL's ("text_encoder", "text_encoder_2")."""
+    index = _read_json(Path(model_dir) / "model_index.json", {})
+    return ("text_encoder", "text_encoder_2") if _listed(index, "text_encoder_2") else ("text_encoder",)
 
 
 NOISE_KEYS = ("prediction_type", "beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "trained_betas",
@@ -706,13 +753,17 @@ def load_sampling_scheduler(model_dir: Path):
 
 
 def load_pipeline(model_dir: Path, device="cpu", dtype=None):
-    """A StableDiffusionPipeline for sampling, safety checker off, every model frozen."""
-    from diffusers import StableDiffusionPipeline
+    """The sampling pipeline the folder names (SD or SDXL), safety checker off, every model frozen."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     _offline()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(model_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False
-    )
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        _frozen(part, device, dtype)
+    if len(text_parts(model_dir)) == 2:
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(model_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if part is not None:
+            _frozen(part, device, dtype)
     return pipe.to(device)

@@ -6,7 +6,10 @@ attention and MLP blocks; names are ``lora_unet_`` / ``lora_te_`` + the module p
 ``.`` → ``_``; tensors ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and a 0-dim
 ``<name>.alpha``; scale = alpha / dim; ``lora_down`` kaiming-uniform(a=√5), ``lora_up``
 zeros. For SD 1.x/2.x diffusers' module paths *are* kohya's names (its UNet mirrors
-diffusers), so AUTOMATIC1111, ComfyUI and diffusers read the file unchanged.
+diffusers); for SDXL kohya's UNet names follow the original SGM layout
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, see ``layout.py``) and the
+two text encoders are ``lora_te1_`` / ``lora_te2_``. So AUTOMATIC1111, ComfyUI and
+diffusers read the file unchanged.
 """
 from __future__ import annotations
 
@@ -66,9 +69,9 @@ class LoRAModule(nn.Module):
 
 
 def _targets(root: nn.Module, prefix: str, container_classes: tuple[str, ...], path_prefix: str = "",
-             conv: bool = False):
+             conv: bool = False, rename=None):
     """(kohya name, module, is 3×3) for every Linear / 1×1 Conv2d (and 3×3 Conv2d with ``conv``)
-    inside the named container blocks."""
+    inside the named container blocks; ``rename`` maps a module path to the layout kohya names."""
     for name, block in root.named_modules():
         if block.__class__.__name__ not in container_classes:
             continue
@@ -76,7 +79,9 @@ def _targets(root: nn.Module, prefix: str, container_classes: tuple[str, ...], p
             is_conv = isinstance(child, nn.Conv2d)
             is_1x1 = is_conv and child.kernel_size == (1, 1)
             if isinstance(child, nn.Linear) or is_1x1 or (conv and is_conv):
-                yield f"{prefix}_{path_prefix}{name}.{child_name}".replace(".", "_"), child, is_conv and not is_1x1
+                path = f"{path_prefix}{name}.{child_name}"
+                path = rename(path) if rename else path
+                yield f"{prefix}_{path}".replace(".", "_"), child, is_conv and not is_1x1
 
 
 def _te_path_prefix(te: nn.Module) -> str:
@@ -90,17 +95,27 @@ class LoRANetwork(nn.Module):
                  train_text_encoder: bool = True, arch: str = "sd1", conv_dim: int | None = None,
                  conv_alpha: float | None = None, dropout: float = 0.0):
         super().__init__()
-        if arch not in ("sd1", "sd2"):
-            raise NotImplementedError(f"LoRA layout for {arch} is not implemented yet")
+        if arch not in ("sd1", "sd2", "sdxl"):
+            raise ValueError(f"unknown model architecture {arch!r}")
+        rename = None
+        if arch == "sdxl":
+            from .layout import to_original, unet_block_map
+
+            blocks = unet_block_map(dict(unet.config))
+            rename = lambda path: to_original(path, blocks)  # noqa: E731
         found: list[tuple[str, nn.Module, bool]] = []
         if train_unet:
-            found += list(_targets(unet, "lora_unet", UNET_TARGETS))
+            found += list(_targets(unet, "lora_unet", UNET_TARGETS, rename=rename))
             if conv_dim:
-                found += list(_targets(unet, "lora_unet", UNET_CONV_TARGETS, conv=True))
+                found += list(_targets(unet, "lora_unet", UNET_CONV_TARGETS, conv=True, rename=rename))
         n_unet = len(found)
+        self.te_counts: list[int] = []
         if train_text_encoder:
-            for te in text_encoders:
-                found += list(_targets(te, "lora_te", TE_TARGETS, _te_path_prefix(te)))
+            prefixes = ["lora_te1", "lora_te2"] if len(text_encoders) == 2 else ["lora_te"]
+            for te, prefix in zip(text_encoders, prefixes):
+                mine = list(_targets(te, prefix, TE_TARGETS, _te_path_prefix(te)))
+                found += mine
+                self.te_counts.append(len(mine))
         names = [n for n, _, _ in found]
         assert len(set(names)) == len(names), "duplicate LoRA module names"
         conv_alpha = conv_dim if conv_alpha is None else conv_alpha
@@ -124,10 +139,15 @@ class LoRANetwork(nn.Module):
     def module_count(self) -> tuple[int, int]:
         return self.n_unet, len(self.loras) - self.n_unet
 
-    def param_groups(self, unet_lr: float, te_lr: float, loraplus_ratio: float | None = None) -> list[dict]:
-        """One group per (model part, down/up); LoRA+ (kohya loraplus_lr_ratio) multiplies lora_up's rate."""
+    def param_groups(self, unet_lr: float, te_lr: float, loraplus_ratio: float | None = None,
+                     te2_lr: float | None = None) -> list[dict]:
+        """One group per (model part, down/up); LoRA+ (kohya loraplus_lr_ratio) multiplies lora_up's rate.
+        SDXL's second text encoder has its own rate (``te2_lr``, default ``te_lr``)."""
         groups = []
-        for mods, lr in ((self.loras[: self.n_unet], unet_lr), (self.loras[self.n_unet :], te_lr)):
+        n1 = self.te_counts[0] if self.te_counts else 0
+        parts = ((self.loras[: self.n_unet], unet_lr), (self.loras[self.n_unet : self.n_unet + n1], te_lr),
+                 (self.loras[self.n_unet + n1 :], te_lr if te2_lr is None else te2_lr))
+        for mods, lr in parts:
             down = [m.lora_down.weight for m in mods]
             up = [m.lora_up.weight for m in mods]
             if not down:

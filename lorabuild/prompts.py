@@ -59,8 +59,18 @@ def read_prompt_file(path: Path, warnings: list[str] | None = None) -> list[dict
     return [d for d in (parse_line(ln, warnings) for ln in text.splitlines()) if d is not None]
 
 
-def resolve(sample_cfg: dict, project_root: Path, warnings: list[str] | None = None) -> list[dict]:
-    """Every prompt (YAML list, then the prompt file) with the project-wide defaults filled in."""
+NATIVE_SIZE = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
+
+
+def native_size(info: dict) -> int:
+    """The size a model was trained at, from ``models.model_info``: the default sample size."""
+    v = info["arch"] == "sd2" and info["prediction_type"] == "v_prediction"
+    return NATIVE_SIZE["sd2-v" if v else info["arch"]]
+
+
+def resolve(sample_cfg: dict, project_root: Path, warnings: list[str] | None = None, native: int = 512) -> list[dict]:
+    """Every prompt (YAML list, then the prompt file) with the project-wide defaults filled in
+    (``native``: the model's own size, where the project sets none)."""
     entries: list[dict] = []
     for p in sample_cfg["prompts"]:
         entries.append(parse_line(p, warnings) or {"prompt": p} if isinstance(p, str) else dict(p))
@@ -69,6 +79,7 @@ def resolve(sample_cfg: dict, project_root: Path, warnings: list[str] | None = N
     out = []
     for e in entries:
         s = {"prompt": e["prompt"], **{k: e.get(k, sample_cfg[k]) for k in SETTINGS}}
+        s["width"], s["height"] = (native if v is None else v for v in (s["width"], s["height"]))
         s["width"], s["height"] = (max(64, int(v) // 8 * 8) for v in (s["width"], s["height"]))
         s["steps"] = min(1000, max(1, int(s["steps"])))
         out.append(s)

@@ -48,6 +48,7 @@ class TrainInputs:
     init_weights: Path | None = None  # network.weights, resolved
     resume: dict | None = None  # a training state saved by ``save_state``: continue after its epoch
     save_state: Callable[[int, dict], None] | None = None  # called at the end of every epoch
+    sizes: dict[str, dict] = field(default_factory=dict)  # image id → latents manifest entry (SDXL time_ids)
 
 
 def _dtype(mixed_precision: str):
@@ -61,21 +62,22 @@ def _load_models(inp: TrainInputs):
 
     weight_dtype = _dtype(inp.cfg["train"]["mixed_precision"])
     unet = models.load_unet(inp.model_dir, device=inp.device, dtype=weight_dtype)
-    te = tok = vae = None
+    tes, toks, vae = [], [], None
     if inp.pixels is not None:
         vae = models.load_vae(inp.model_dir, device=inp.device)  # fp32: the SD VAE overflows in fp16
-    if inp.embedding_path is None:
-        te = models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype)
-        tok = models.load_tokenizer(inp.model_dir)
-    return unet, te, tok, vae, models.load_noise_scheduler(inp.model_dir)
+    if inp.embedding_path is None:  # one text encoder, or SDXL's two
+        for part in models.text_parts(inp.model_dir):
+            tes.append(models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype, which=part))
+            toks.append(models.load_tokenizer(inp.model_dir, which=part.replace("text_encoder", "tokenizer")))
+    return unet, tes, toks, vae, models.load_noise_scheduler(inp.model_dir)
 
 
-def _memory_options(tr: dict, unet, trained_te) -> None:
+def _memory_options(tr: dict, unet, trained_tes: list) -> None:
     """Gradient checkpointing and the attention backend, on the models the loss flows through."""
     if tr["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
-        if trained_te is not None:
-            trained_te.gradient_checkpointing_enable()
+        for te in trained_tes:
+            te.gradient_checkpointing_enable()
     if tr["attention"] == "xformers":
         try:
             unet.enable_xformers_memory_efficient_attention()
@@ -95,30 +97,68 @@ def _random_crop_latent(inp: TrainInputs, sample: Sample, g, vae):
     left = int(torch.randint(0, resized[0] - bw + 1, (1,), generator=g))
     top = int(torch.randint(0, resized[1] - bh + 1, (1,), generator=g))
     x = to_tensor([bucket_pixels(path, resized, (left, top, left + bw, top + bh), inp.cfg["latents"]["interpolation"])])
-    if inp.cfg["latents"]["flip"] and bool(torch.randint(0, 2, (1,), generator=g)):
+    flipped = inp.cfg["latents"]["flip"] and bool(torch.randint(0, 2, (1,), generator=g))
+    if flipped:
         x = torch.flip(x, dims=[3])
     with torch.no_grad():
-        return encode(vae, x)[0].float().cpu()
+        return encode(vae, x)[0].float().cpu(), (left, top), flipped
 
 
-def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te, vae):
-    """Latents, noise, timesteps and text conditioning of one batch, each drawn per sample."""
+def _time_ids(inp: TrainInputs, sample: Sample, crop_lt=None, flipped: bool = False) -> list[float]:
+    """SDXL's size/crop conditioning (kohya, diffusers): original (h, w), crop (top, left) in the
+    resized image, target (h, w) = the bucket. A mirrored image is cropped from the other side."""
+    e = inp.sizes.get(sample.id, {})
+    bw, bh = sample.bucket
+    resized = e.get("resized") or [bw, bh]
+    ow, oh = e.get("orig_size") or resized
+    left, top = crop_lt if crop_lt is not None else (e.get("crop") or [0, 0])[:2]
+    if flipped:
+        left = resized[0] - left - bw
+    return [oh, ow, top, left, bh, bw]
+
+
+def _conditioning(inp: TrainInputs, captions: list[str], toks, tes):
+    """(hidden states, pooled or None): cached embeddings when they serve, else encoded now."""
     import torch
     from safetensors.torch import load_file
 
-    from .textenc import encode
+    from .textenc import condition
+
+    if inp.embedding_path is None:
+        return condition(inp.arch, toks, tes, captions, inp.cfg["textemb"]["clip_skip"],
+                         inp.cfg["textemb"]["max_token_length"])
+    stored = [checked_read("textemb", inp.embedding_path[c], lambda f: load_file(str(f))) for c in captions]
+    pooled = torch.stack([s["pooled"] for s in stored]) if inp.arch == "sdxl" else None
+    return torch.stack([s["hidden"] for s in stored]), pooled
+
+
+def _added(inp: TrainInputs, pooled, time_ids: list) -> dict | None:
+    """The UNet's extra inputs: SDXL's pooled text and size/crop ids; nothing for SD 1.x/2.x."""
+    import torch
+
+    if inp.arch != "sdxl":
+        return None
+    return {"text_embeds": pooled.to(inp.device),
+            "time_ids": torch.tensor(time_ids, dtype=torch.float32, device=inp.device)}
+
+
+def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, tes, vae):
+    """Latents, noise, timesteps and conditioning of one batch, each drawn per sample."""
+    import torch
+    from safetensors.torch import load_file
 
     seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
-    latents, noises, steps, captions, weights = [], [], [], [], []
+    latents, noises, steps, captions, weights, time_ids = [], [], [], [], [], []
     for sample, rep in batch:
         g = torch.Generator().manual_seed(derive_seed(seed, epoch, sample.id, rep))
         if inp.latent_path is None:
-            lat = _random_crop_latent(inp, sample, g, vae)
+            lat, crop_lt, use_flip = _random_crop_latent(inp, sample, g, vae)
         else:
             stored = checked_read("latents", inp.latent_path[sample.id], lambda f: load_file(str(f)))
             use_flip = flip and bool(torch.randint(0, 2, (1,), generator=g).item())
-            lat = stored["latent_flip" if use_flip else "latent"]
+            lat, crop_lt = stored["latent_flip" if use_flip else "latent"], None
         latents.append(lat)
+        time_ids.append(_time_ids(inp, sample, crop_lt, use_flip))
         tr = inp.cfg["train"]
         noise = torch.randn(lat.shape, generator=g)
         if tr["noise_offset"]:
@@ -130,26 +170,20 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, tok, te
         rng = random.Random(derive_seed("caption", seed, epoch, sample.id, rep))
         captions.append(random_caption(inp.caption[sample.id], inp.caption_opts[sample.id], rng, epoch))
         weights.append(inp.cfg["train"]["prior_loss_weight"] if sample.is_reg else 1.0)
-    if inp.embedding_path is not None:
-        hidden = torch.stack([checked_read("textemb", inp.embedding_path[c], lambda f: load_file(str(f)))["hidden"]
-                              for c in captions])
-    else:
-        hidden = encode(tok, te, captions, inp.cfg["textemb"]["clip_skip"], inp.cfg["textemb"]["max_token_length"])
+    hidden, pooled = _conditioning(inp, captions, toks, tes)
     to = dict(device=inp.device)
     return (torch.stack(latents).to(**to), torch.stack(noises).to(**to), torch.cat(steps).to(**to), hidden.to(**to),
-            torch.tensor(weights, device=inp.device))
+            torch.tensor(weights, device=inp.device), _added(inp, pooled, time_ids))
 
 
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, spread over the schedule
 
 
-def validation_loss(inp: TrainInputs, unet, sched, tok, te, vae, autocast) -> float:
+def validation_loss(inp: TrainInputs, unet, sched, toks, tes, vae, autocast) -> float:
     """Mean loss over the held-out images at fixed timesteps and fixed noise (seeded per image),
     with each image's fixed caption: the same measurement every epoch, so its curve compares."""
     import torch
     from safetensors.torch import load_file
-
-    from .textenc import encode
 
     seed, v_pred = inp.cfg["train"]["seed"], sched.config.prediction_type == "v_prediction"
     n = sched.config.num_train_timesteps
@@ -159,22 +193,22 @@ def validation_loss(inp: TrainInputs, unet, sched, tok, te, vae, autocast) -> fl
         for sample in inp.val_samples:
             image_id = sample.id
             g = torch.Generator().manual_seed(derive_seed("validation", seed, image_id))
+            crop_lt = None
             if inp.latent_path is None:
-                lat = _random_crop_latent(inp, sample, g, vae)
+                lat, crop_lt, _ = _random_crop_latent(inp, sample, g, vae)
             else:
                 lat = checked_read("latents", inp.latent_path[image_id], lambda f: load_file(str(f)))["latent"]
-            caption = inp.caption[image_id]
-            if inp.embedding_path is not None:
-                hidden = checked_read("textemb", inp.embedding_path[caption], lambda f: load_file(str(f)))["hidden"][None]
-            else:
-                hidden = encode(tok, te, [caption], inp.cfg["textemb"]["clip_skip"], inp.cfg["textemb"]["max_token_length"])
+            hidden, pooled = _conditioning(inp, [inp.caption[image_id]], toks, tes)
             k = len(ts)
             lat = lat[None].expand(k, *lat.shape).to(inp.device)
             noise = torch.randn(lat.shape, generator=g).to(inp.device)
             noisy = sched.add_noise(lat, noise, ts)
             target = sched.get_velocity(lat, noise, ts) if v_pred else noise
+            added = _added(inp, None if pooled is None else pooled.expand(k, -1),
+                           [_time_ids(inp, sample, crop_lt)] * k)
             with autocast:
-                pred = unet(noisy, ts, encoder_hidden_states=hidden.to(inp.device).expand(k, -1, -1)).sample
+                pred = unet(noisy, ts, encoder_hidden_states=hidden.to(inp.device).expand(k, -1, -1),
+                            added_cond_kwargs=added).sample
             losses.append(float(torch.nn.functional.mse_loss(pred.float(), target.float())))
     return sum(losses) / len(losses)
 
@@ -190,10 +224,10 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
 
     torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
     net_cfg, tr = inp.cfg["network"], inp.cfg["train"]
-    unet, te, tok, vae, sched = _load_models(inp)
-    _memory_options(tr, unet, te if net_cfg["train_text_encoder"] else None)
-    network = from_config(net_cfg, unet, [te] if te is not None else [], inp.arch,
-                          train_text_encoder=net_cfg["train_text_encoder"] and te is not None)
+    unet, tes, toks, vae, sched = _load_models(inp)
+    train_te = net_cfg["train_text_encoder"] and bool(tes)
+    _memory_options(tr, unet, tes if train_te else [])
+    network = from_config(net_cfg, unet, tes, inp.arch, train_text_encoder=train_te)
     if inp.init_weights is not None:
         try:
             fresh = network.load_weights(inp.init_weights, strict=False)  # kohya network_weights
@@ -203,8 +237,9 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             print(f"train: {len(fresh)} LoRA modules are not in {inp.init_weights.name} and start fresh", flush=True)
     network.to(inp.device)
     network.apply()
-    groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], tr["text_encoder_lr"] or tr["learning_rate"],
-                                  net_cfg.get("loraplus_lr_ratio"))
+    te_lr = tr["text_encoder_lr"] or tr["learning_rate"]
+    groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], te_lr, net_cfg.get("loraplus_lr_ratio"),
+                                  te2_lr=tr.get("text_encoder_2_lr") or te_lr)
     optimizer = optimizers.make(tr["optimizer"], groups, tr["learning_rate"], tr["weight_decay"], tr["optimizer_args"])
     warmup = tr["lr_warmup_steps"]
     if tr.get("lr_warmup_ratio") is not None:
@@ -236,7 +271,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     v_pred = sched.config.prediction_type == "v_prediction"
 
     print(f"train: {network.module_count()} LoRA modules (unet, text encoder)\n{inp.plan.banner()}", flush=True)
-    parts = {"unet": unet, "text_encoder": te, "tokenizer": tok, "vae": vae}
+    parts = {"unet": unet, "text_encoders": tes, "tokenizers": toks, "vae": vae}
 
     def sample(row_id: str, epoch: int) -> None:
         if inp.sample is not None and row_id in inp.sample_points:
@@ -252,13 +287,13 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         running = []
         for i, batch in enumerate(batches):
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
-            with torch.set_grad_enabled(te is not None and net_cfg["train_text_encoder"]), autocast:
-                latents, noise, t, hidden, weight = _batch_inputs(inp, batch, epoch, n_timesteps, tok, te, vae)
+            with torch.set_grad_enabled(train_te), autocast:
+                latents, noise, t, hidden, weight, added = _batch_inputs(inp, batch, epoch, n_timesteps, toks, tes, vae)
             noisy = sched.add_noise(latents, noise, t)
             target = sched.get_velocity(latents, noise, t) if v_pred else noise
             # 2. loss
             with autocast:
-                pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+                pred = unet(noisy, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
             # per-sample loss; min-SNR weighting; regularization images weighted by prior_loss_weight (kohya)
             per_sample = per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"])
             if tr["min_snr_gamma"]:
@@ -289,7 +324,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 bar.update(1)
                 sample(f"s{step:06d}", epoch)
         if inp.val_samples:
-            val = validation_loss(inp, unet, sched, tok, te, vae, autocast)
+            val = validation_loss(inp, unet, sched, toks, tes, vae, autocast)
             inp.val_rows.append((epoch, step, val))
             bar.write(f"epoch {epoch}: validation loss {val:.5f} ({len(inp.val_samples)} held-out images)")
         # 5. save: the LoRA (the stage keeps the saved epochs), samples, then the training state

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+from lorabuild.layout import to_original, unet_block_map
+
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -26,32 +26,8 @@ def _rename(sd: dict, blocks: dict, inner) -> dict:
 
 
 def unet_to_ldm(sd: dict, cfg: dict) -> dict:
-    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
-    blocks = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-              "mid_block.resnets.1": "middle_block.2"}
-    for i in range(n):
-        for j in range(per):
-            blocks[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{i * (per + 1) + j + 1}.0"
-            blocks[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{i * (per + 1) + j + 1}.1"
-        if i < n - 1:
-            blocks[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (per + 1)}.0.op"
-        attn = "CrossAttn" in cfg["up_block_types"][i]
-        for j in range(per + 1):
-            blocks[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{i * (per + 1) + j}.0"
-            blocks[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{i * (per + 1) + j}.1"
-        if i < n - 1:
-            blocks[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{i * (per + 1) + per}.{2 if attn else 1}"
-
-    def inner(prefix, rest, value):
-        if ".resnets." in prefix:
-            head, _, tail = rest.partition(".")
-            return RESNET[head] + "." + tail, value
-        return rest, value
-
-    return {"model.diffusion_model." + k: v for k, v in _rename(sd, blocks, inner).items()}
+    blocks = unet_block_map(cfg)
+    return {"model.diffusion_model." + to_original(k, blocks): v for k, v in sd.items()}
 
 
 def vae_to_ldm(sd: dict, cfg: dict) -> dict:
@@ -114,7 +90,8 @@ def open_clip_to_ldm(sd: dict, prefix: str = "cond_stage_model.model.") -> dict:
 
 
 def pipeline_to_ldm(folder) -> dict:
-    """The single-file state dict of an SD1/SD2 diffusers folder (fp32, as saved)."""
+    """The single-file state dict of an SD1/SD2/SDXL diffusers folder (fp32, as saved); SDXL's
+    text encoders go under ``conditioner.embedders.0`` (CLIP) and ``.1`` (OpenCLIP, with its projection)."""
     import json
     from pathlib import Path
 
@@ -123,6 +100,10 @@ def pipeline_to_ldm(folder) -> dict:
     folder = Path(folder)
     cfg = lambda c: json.loads((folder / c / "config.json").read_text())  # noqa: E731
     weights = lambda c: load_file(str(next((folder / c).glob("*.safetensors"))))  # noqa: E731
-    te_cfg = cfg("text_encoder")
-    te = (open_clip_to_ldm if te_cfg["hidden_act"] == "gelu" else clip_to_ldm)(weights("text_encoder"))
+    if (folder / "text_encoder_2").is_dir():
+        te = {**clip_to_ldm(weights("text_encoder"), "conditioner.embedders.0.transformer."),
+              **open_clip_to_ldm(weights("text_encoder_2"), "conditioner.embedders.1.model.")}
+    else:
+        te_cfg = cfg("text_encoder")
+        te = (open_clip_to_ldm if te_cfg["hidden_act"] == "gelu" else clip_to_ldm)(weights("text_encoder"))
     return {**unet_to_ldm(weights("unet"), cfg("unet")), **vae_to_ldm(weights("vae"), cfg("vae")), **te}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def _configs_only(folder: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("name,arch,pred", [("tiny-sd1", "sd1", "epsilon"), ("tiny-sd2", "sd2", "v_prediction")])
+@pytest.mark.parametrize("name,arch,pred", [("tiny-sd1", "sd1", "epsilon"), ("tiny-sd2", "sd2", "v_prediction"),
+                                            ("tiny-sdxl", "sdxl", "epsilon")])
 def test_a_single_file_loads_to_the_folders_weights(tmp_path, name, arch, pred):
     cache = tmp_path / "cache"
     folder = models.ensure_builtin(name, cache)
@@ -70,13 +72,17 @@ def test_a_single_file_loads_to_the_folders_weights(tmp_path, name, arch, pred):
     out = models.resolve_base_model(str(f), tmp_path, cache, opts)
     info = models.model_info(out)
     assert (info["arch"], info["prediction_type"]) == (arch, pred)
-    for part, loader in (("unet", models.load_unet), ("vae", models.load_vae), ("text_encoder", models.load_text_encoder)):
+    loaders = [models.load_unet, models.load_vae] + [
+        lambda f, p=p: models.load_text_encoder(f, which=p) for p in models.text_parts(folder)]
+    assert models.text_parts(out) == models.text_parts(folder)
+    for part, loader in enumerate(loaders):
         want, got = loader(folder).state_dict(), loader(out).state_dict()
         assert want.keys() == got.keys()
         for k in want:  # the file is fp16: the folder's weights rounded to fp16, exactly
             assert torch.equal(got[k], want[k].half().float()), (part, k)
-    tok_a, tok_b = models.load_tokenizer(folder), models.load_tokenizer(out)
-    assert tok_a("a cat", padding="max_length").input_ids == tok_b("a cat", padding="max_length").input_ids
+    for which in ("tokenizer", "tokenizer_2")[: len(models.text_parts(folder))]:
+        tok_a, tok_b = models.load_tokenizer(folder, which=which), models.load_tokenizer(out, which=which)
+        assert tok_a("a cat", padding="max_length").input_ids == tok_b("a cat", padding="max_length").input_ids
     # converted once: a second resolve is the same folder, not a new conversion
     stamp = (out / "model_index.json").stat().st_mtime_ns
     assert models.resolve_base_model(str(f), tmp_path, cache, opts) == out
@@ -224,3 +230,47 @@ def test_sd2_v_prediction_end_to_end(demo):
     ours, plain, theirs = unet_outputs(demo.root / "cache" / "models" / "tiny-sd2", lora, "sd2", 48)
     assert (ours - plain).abs().max() > 1e-3
     torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=2e-3)
+
+
+def test_sdxl_end_to_end_with_both_text_encoders(demo):
+    demo.edit(lambda d: d.update(base_model="builtin:tiny-sdxl"))
+    demo.doit("sample:demo", build="xl")
+    ran = _computed(demo, "xl")
+    assert ran["latents"] > 0 and ran["textemb"] > 0 and ran["train"] == 1 and ran["sample"] > 0
+    emb = demo.manifest("textemb")["items"][0]["hash"]
+    stored = load_file(str(demo.root / "cache" / "objects" / "textemb" / emb[:2] / f"{emb[2:]}.safetensors"))
+    assert stored["hidden"].shape == (77, 32 + 40) and stored["pooled"].shape == (32,)  # both encoders; pooled
+
+    # the text encoders train too (their own rates), and the size/crop conditioning sees mirrored images
+    demo.edit(lambda d: (d["network"].update(train_text_encoder=True), d["latents"].update(flip=True),
+                         d["train"].update(text_encoder_lr=0.001, text_encoder_2_lr=0.0005)))
+    demo.doit("sample:demo", build="xl-te")
+    lora = demo.root / "output" / "demo" / "demo.safetensors"
+    with safe_open(str(lora), "pt") as fh:
+        md, keys = fh.metadata(), list(fh.keys())
+    assert (md["ss_base_model_version"], md["modelspec.architecture"]) == ("sdxl_base_v1-0",
+                                                                           "stable-diffusion-xl-v1-base/lora")
+    prefixes = {re.match(r"lora_(unet_[a-z]+_blocks?|te\d?)_", k).group(1) for k in keys}
+    assert prefixes == {"unet_input_blocks", "unet_middle_block", "unet_output_blocks", "te1", "te2"}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in keys  # kohya's SGM names
+    ours, plain, theirs = unet_outputs(demo.root / "cache" / "models" / "tiny-sdxl", lora, "sdxl", 72, pooled=32)
+    assert (ours - plain).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=2e-3)
+
+
+def test_sdxl_network_names_and_rates(tmp_path):
+    from lorabuild.network import LoRANetwork
+
+    folder = models.ensure_builtin("tiny-sdxl", tmp_path / "cache")
+    tes = [models.load_text_encoder(folder, which=p) for p in models.text_parts(folder)]
+    net = LoRANetwork(models.load_unet(folder), tes, dim=4, alpha=4, arch="sdxl", conv_dim=2)
+    names = [m.lora_name for m in net.loras]
+    assert net.te_counts == [30, 30]  # 5 layers each × (q, k, v, out, fc1, fc2)
+    # LoCon's ResNet convs and resamplers in the original layout as well
+    for name in ("lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_3_0_op",
+                 "lora_unet_output_blocks_2_2_conv", "lora_unet_middle_block_0_emb_layers_1",
+                 "lora_te2_text_model_encoder_layers_4_mlp_fc2"):
+        assert name in names
+    groups = net.param_groups(1e-4, 2e-5, te2_lr=1e-5)
+    assert [g["lr"] for g in groups] == [1e-4, 2e-5, 1e-5]
+    assert [len(g["params"]) for g in groups] == [2 * net.n_unet, 60, 60]

@@ -161,15 +161,6 @@ def test_resolve_base_model(tiny, tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"x")
     with pytest.raises(models.ModelError, match=r"model\.onnx: a single-file checkpoint must be \.safetensors"):
         models.resolve_base_model("model.onnx", tmp_path, cache)
-    xl = tmp_path / "xl"
-    shutil.copytree(tiny, xl)
-    index = json.loads((xl / "model_index.json").read_text())
-    (xl / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": ["transformers", "CLIPTextModel"],
-                                                     "tokenizer_2": ["transformers", "CLIPTokenizer"]}))
-    shutil.copytree(xl / "text_encoder", xl / "text_encoder_2")
-    shutil.copytree(xl / "tokenizer", xl / "tokenizer_2")
-    with pytest.raises(models.ModelError, match=r"xl is an SDXL model: SDXL training is not implemented yet"):
-        models.resolve_base_model("xl", tmp_path, cache)
     (tmp_path / "empty").mkdir()
     with pytest.raises(models.ModelError, match=r"empty.*model_index\.json is missing"):
         models.resolve_base_model("empty", tmp_path, cache)

@@ -93,7 +93,7 @@ def run(ctx: Context, params: dict) -> dict:
         reason = "latents.random_crop is on: each epoch crops anew, so training encodes images itself"
         sr.notes.append(f"skipped: {reason}")
         entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "src": it.data["src"],
-                    "resized": it.data["resized"]} for it in items]
+                    "resized": it.data["resized"], "orig_size": it.data.get("orig_size")} for it in items]
         return sr.finish(entries, cached=False, reason=reason, flip=params["flip"])
     missing = sr.split(items, store)
     groups: dict[tuple, list[Item]] = {}
@@ -107,5 +107,7 @@ def run(ctx: Context, params: dict) -> dict:
                 _encode_group(ctx, group[i : i + bs], params, (resize_store, store))
                 sr.computed += len(group[i : i + bs])
                 bar.update(len(group[i : i + bs]))
-    entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"]} for it in items]
+    # sizes and crop ride along for SDXL's size/crop conditioning (not part of the keys' meaning)
+    entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "resized": it.data["resized"],
+                "crop": it.data["crop"], "orig_size": it.data.get("orig_size")} for it in items]
     return sr.finish(entries, cached=True, flip=params["flip"])

@@ -38,6 +38,26 @@ def identity(ctx: Context, component: str) -> str:
         hashes.save()
 
 
+def arch(ctx: Context) -> str:
+    return models.model_info(model_dir(ctx))["arch"]
+
+
+def text_identity(ctx: Context) -> str:
+    """The text conditioning's identity: the text encoder's, or for SDXL both encoders' together."""
+    parts = models.text_parts(model_dir(ctx))
+    if len(parts) == 1:
+        return identity(ctx, parts[0])
+    import hashlib
+
+    return hashlib.sha256("+".join(identity(ctx, p) for p in parts).encode()).hexdigest()
+
+
+def text_models(ctx: Context) -> tuple[list, list]:
+    """(tokenizers, text encoders), frozen and shared: one of each, two for SDXL."""
+    parts = models.text_parts(model_dir(ctx))
+    return [frozen(ctx, p.replace("text_encoder", "tokenizer")) for p in parts], [frozen(ctx, p) for p in parts]
+
+
 def device(ctx: Context):
     try:
         return models.pick_device(ctx.project.get("device"))
@@ -47,16 +67,13 @@ def device(ctx: Context):
 
 @functools.lru_cache(maxsize=4)
 def _load(kind: str, folder: str, dev: str):
-    loader = {
-        "vae": models.load_vae,
-        "text_encoder": models.load_text_encoder,
-        "tokenizer": models.load_tokenizer,
-    }[kind]
-    if kind == "tokenizer":
-        return loader(Path(folder))
-    return loader(Path(folder), device=dev)
+    if kind.startswith("tokenizer"):
+        return models.load_tokenizer(Path(folder), which=kind)
+    if kind.startswith("text_encoder"):
+        return models.load_text_encoder(Path(folder), device=dev, which=kind)
+    return {"vae": models.load_vae}[kind](Path(folder), device=dev)
 
 
 def frozen(ctx: Context, kind: str):
-    """A frozen, shared component (vae, text_encoder, tokenizer). Never train these copies."""
+    """A frozen, shared component (vae, text_encoder[_2], tokenizer[_2]). Never train these copies."""
     return _load(kind, str(model_dir(ctx)), str(device(ctx)))

@@ -48,7 +48,8 @@ def slug(text: str, n: int = 40) -> str:
 
 
 def base_identity(ctx: Context) -> dict:
-    return {c: runtime.identity(ctx, c) for c in ("unet", "vae", "text_encoder")}
+    return {"unet": runtime.identity(ctx, "unet"), "vae": runtime.identity(ctx, "vae"),
+            "text_encoder": runtime.text_identity(ctx)}
 
 
 def row_items(row: Row, settings: list[dict], base: dict, precision: str) -> list[Item]:
@@ -65,13 +66,18 @@ def precision_of(unet) -> str:
         "bfloat16", "bf16")
 
 
-def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
-    """A sampling pipeline around already loaded models (the training UNet, for one)."""
-    from diffusers import StableDiffusionPipeline
+def make_pipeline(unet, vae, text_encoders: list, tokenizers: list, scheduler):
+    """A sampling pipeline around already loaded models (the training UNet, for one): SD, or SDXL with two encoders."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if len(text_encoders) == 2:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                         scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -104,12 +110,11 @@ def render(pipe, network, items: list[Item], store) -> None:
         network.set_multiplier(1.0)
 
 
-def lora_network(ctx: Context, unet, text_encoder):
-    from .. import models
+def lora_network(ctx: Context, pipe):
     from ..network import from_config
 
-    return from_config(ctx.project.section("network"), unet, [text_encoder],
-                       models.model_info(runtime.model_dir(ctx))["arch"])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+    return from_config(ctx.project.section("network"), pipe.unet, encoders, runtime.arch(ctx))
 
 
 def _render_missing(ctx: Context, missing: list[Item], store) -> None:
@@ -124,7 +129,7 @@ def _render_missing(ctx: Context, missing: list[Item], store) -> None:
     for lora, items in by_lora.items():
         network = None
         if lora is not None:
-            network = lora_network(ctx, pipe.unet, pipe.text_encoder)
+            network = lora_network(ctx, pipe)
             network.load_weights(lora)
             network.to(pipe.device)
             network.apply()
@@ -171,10 +176,10 @@ class TrainingSampler:
         from .. import models
 
         if self.pipe is None:
-            mdir, tok = runtime.model_dir(self.ctx), parts["tokenizer"] or runtime.frozen(self.ctx, "tokenizer")
-            self.pipe = make_pipeline(parts["unet"], parts["vae"] or runtime.frozen(self.ctx, "vae"),
-                                      parts["text_encoder"] or runtime.frozen(self.ctx, "text_encoder"), tok,
-                                      models.load_sampling_scheduler(mdir))
+            toks, tes = (parts["tokenizers"], parts["text_encoders"]) if parts["text_encoders"] else \
+                runtime.text_models(self.ctx)
+            self.pipe = make_pipeline(parts["unet"], parts["vae"] or runtime.frozen(self.ctx, "vae"), tes, toks,
+                                      models.load_sampling_scheduler(runtime.model_dir(self.ctx)))
         items = row_items(row, self.settings, self.base, precision_of(parts["unet"]))
         missing = [it for it in items if not self.store.has(it.hash)]
         self.reused += len(items) - len(missing)
@@ -225,11 +230,12 @@ def publish(out_dir: Path, items: list[Item], store) -> None:
 
 
 def run(ctx: Context) -> dict:
-    from .. import gallery, prompts
+    from .. import gallery, models, prompts
 
     sr = StageRun(ctx, STAGE)
     name = ctx.project.output_name
-    settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes)
+    settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes,
+                               prompts.native_size(models.model_info(runtime.model_dir(ctx))))
     grid_rows = rows(ctx)
     base = base_identity(ctx)
     grid_items = [row_items(r, settings, base, "fp32") for r in grid_rows]

@@ -1,4 +1,4 @@
-"""textemb: each distinct caption → the text encoder's hidden states.
+"""textemb: each distinct caption → the text encoder's hidden states (SDXL: both encoders', and the pooled output).
 
 Item = one distinct caption (after the fixed caption options); key = caption text +
 clip_skip + the text encoder's identity. ``textemb.cache: auto`` skips the stage, and
@@ -57,7 +57,7 @@ def run(ctx: Context, dataset, params: dict) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from ..textenc import encode
+    from ..textenc import condition
 
     sr = StageRun(ctx, STAGE)
     enabled, reason = project_mode(ctx.project)
@@ -66,21 +66,25 @@ def run(ctx: Context, dataset, params: dict) -> dict:
         return sr.finish([], enabled=False, reason=reason)
     store = ctx.store(STAGE, ".safetensors")
     captions = captions_for(ctx, dataset)
-    te_id = runtime.identity(ctx, "text_encoder")
+    te_id = runtime.text_identity(ctx)
+    arch = runtime.arch(ctx)
     items = [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id))
              for c in sorted(set(captions.values()))]
     missing = sr.split(items, store)
     if missing:
-        tokenizer = runtime.frozen(ctx, "tokenizer")
-        te = runtime.frozen(ctx, "text_encoder")
+        tokenizers, encoders = runtime.text_models(ctx)
         bs = params["batch_size"]
         for i in range(0, len(missing), bs):
             chunk = missing[i : i + bs]
             with torch.inference_mode():
-                hidden = encode(tokenizer, te, [it.id for it in chunk], params["clip_skip"], params["max_token_length"])
+                hidden, pooled = condition(arch, tokenizers, encoders, [it.id for it in chunk], params["clip_skip"],
+                                           params["max_token_length"])
             for j, it in enumerate(chunk):
+                tensors = {"hidden": hidden[j].float().cpu().contiguous()}
+                if pooled is not None:  # SDXL: the second encoder's pooled projection too
+                    tensors["pooled"] = pooled[j].float().cpu().contiguous()
                 with store.put(it.hash, it.key, {"shape": list(hidden[j].shape)}) as tmp:
-                    save_file({"hidden": hidden[j].float().cpu().contiguous()}, str(tmp))
+                    save_file(tensors, str(tmp))
             sr.computed += len(chunk)
     entries = [{"id": it.id, "hash": it.hash} for it in items]
     return sr.finish(entries, enabled=True)

@@ -199,7 +199,8 @@ def _train(r: Run, resume: dict | None) -> list:
     if r.points:
         from .. import prompts
 
-        r.sampler = sample_stage.TrainingSampler(ctx, prompts.resolve(p.section("sample"), p.root),
+        r.sampler = sample_stage.TrainingSampler(ctx, prompts.resolve(p.section("sample"), p.root, None,
+                                                                 prompts.native_size(r.info)),
                                                  ctx.ws.output_dir(name) / "samples")
 
     def sample(network, parts: dict, row_id: str, epoch: int, step: int) -> None:
@@ -220,6 +221,7 @@ def _train(r: Run, resume: dict | None) -> list:
     pixels = not r.lat_manifest.get("cached", True)
     inp = TrainInputs(
         model_dir=r.mdir, arch=r.info["arch"], device=runtime.device(ctx), samples=r.samples, val_samples=r.val_samples,
+        sizes=r.latents,
         latent_path=None if pixels else {i: lat_store.path(r.latents[i]["hash"]) for i in r.latents},
         pixels={i: (ctx.store("resize", ".png").path(e["src"]), e["resized"]) for i, e in r.latents.items()}
         if pixels else None,
@@ -250,7 +252,7 @@ def run(ctx: Context, dataset) -> dict:
     captions = {i: c for i, c in captions.items() if i in latents}  # images the resize stage skipped drop out
     mdir = runtime.model_dir(ctx)
     info = models.model_info(mdir)
-    te_id, unet_id = runtime.identity(ctx, "text_encoder"), runtime.identity(ctx, "unet")
+    te_id, unet_id = runtime.text_identity(ctx), runtime.identity(ctx, "unet")
     key = run_key(ctx, dataset, captions, latents, te_id, unet_id, cached)
     h = key_hash(key)
     store = ctx.store(STAGE, ".safetensors")
