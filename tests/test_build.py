@@ -80,7 +80,13 @@ def test_adding_one_image_computes_one_item_per_stage(demo):
     img.putpixel((5, 5), (1, 2, 3))  # new content, same size
     img.save(demo.data / "10_redcircle shape" / "redcircle_new.png")
     (demo.data / "10_redcircle shape" / "redcircle_new.txt").write_text("redcircle, shape, new one\n")
+    sheets = {p.name: p.stat().st_mtime_ns for p in (demo.root / "output" / "demo" / "buckets").glob("*.jpg")}
     demo.doit("train:demo", build="add")
+    bucket_of = {e["id"]: e["bucket"] for e in demo.manifest("bucket")["items"]}
+    new_sheet = "{}x{}.jpg".format(*bucket_of["demo/10_redcircle shape/redcircle_new.png"])
+    redrawn = {p.name for p in (demo.root / "output" / "demo" / "buckets").glob("*.jpg")
+               if p.stat().st_mtime_ns != sheets.get(p.name)}
+    assert redrawn == {new_sheet}  # only the contact sheet the new image is on is drawn again
     assert demo.ran("add") == {"resize", "bucket", "latents", "textemb", "train"}
     r = demo.report("resize")
     assert (r["computed"], r["reused"], r["removed"]) == (1, N_IMAGES, 0)

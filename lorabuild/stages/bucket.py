@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import buckets
-from ..cache import atomic_path, canonical_json, write_json_if_changed
+from ..cache import atomic_path, canonical_json, read_json, write_json_if_changed
 from .base import Context, Item, StageRun
 
 STAGE = "bucket"
@@ -71,33 +71,57 @@ def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
     return sr.finish(entries, buckets=dict(sorted(histogram.items())), ladder=[list(b) for b in ladder])
 
 
+SHEET_PAGE = 256  # images per contact sheet; a bigger bucket gets pages <bucket>-p2.jpg, …
+
+
 def contact_sheets(resize_store, entries: list[dict], out: Path, thumb: int = 128, columns: int = 8) -> None:
-    """One sheet per bucket: every image in it, the kept region outlined, the cut-off part dimmed."""
-    from PIL import Image, ImageDraw
+    """One sheet per bucket (paged): every image in it, the kept region outlined, the cut-off part dimmed.
+
+    A sheet is drawn again only when what it shows changed (its images, their fit), as
+    ``sheets.json`` beside them records: adding one image redraws one page, not thousands of thumbnails.
+    """
+    import hashlib
+    import json
 
     by_bucket: dict[str, list[dict]] = {}
     for e in entries:
         by_bucket.setdefault(f"{e['bucket'][0]}x{e['bucket'][1]}", []).append(e)
-    for old in out.glob("*.jpg"):
-        if old.stem not in by_bucket:
-            old.unlink()
+    pages: dict[str, list[dict]] = {}
     for label, group in by_bucket.items():
-        rows = (len(group) + columns - 1) // columns
-        sheet = Image.new("RGB", (min(len(group), columns) * thumb, rows * (thumb + 12)), "white")
-        draw = ImageDraw.Draw(sheet)
-        for i, e in enumerate(group):
-            with Image.open(resize_store.path(e["src"])) as im:
-                im = im.convert("RGB").resize(tuple(e["resized"]))
-            k = thumb / max(im.size)
-            tile = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))))
-            dim = Image.new("RGB", tile.size, "black")
-            left, top, right, bottom = (round(c * k) for c in e["crop"])
-            mask = Image.new("L", tile.size, 110)
-            ImageDraw.Draw(mask).rectangle([left, top, right - 1, bottom - 1], fill=255)
-            tile = Image.composite(tile, dim, mask)
-            x, y = (i % columns) * thumb, (i // columns) * (thumb + 12)
-            sheet.paste(tile, (x, y))
-            draw.rectangle([x + left, y + top, x + right - 1, y + bottom - 1], outline=(255, 0, 0))
-            draw.text((x + 2, y + thumb), Path(e["id"]).name[:20], fill="black")
-        with atomic_path(out / f"{label}.jpg") as tmp:
-            sheet.save(tmp, format="JPEG", quality=85)
+        for n, i in enumerate(range(0, len(group), SHEET_PAGE), 1):
+            pages[label if n == 1 else f"{label}-p{n}"] = group[i : i + SHEET_PAGE]
+    for old in out.glob("*.jpg"):
+        if old.stem not in pages:
+            old.unlink()
+    drawn = read_json(out / "sheets.json", {}) or {}
+    now = {}
+    for name, group in pages.items():
+        shown = [[e["id"], e["src"], e["resized"], e["crop"]] for e in group]
+        now[name] = hashlib.sha256(json.dumps([thumb, columns, shown]).encode()).hexdigest()
+        if drawn.get(name) != now[name] or not (out / f"{name}.jpg").is_file():
+            _sheet(resize_store, group, out / f"{name}.jpg", thumb, columns)
+    write_json_if_changed(out / "sheets.json", now)
+
+
+def _sheet(resize_store, group: list[dict], path: Path, thumb: int, columns: int) -> None:
+    from PIL import Image, ImageDraw
+
+    rows = (len(group) + columns - 1) // columns
+    sheet = Image.new("RGB", (min(len(group), columns) * thumb, rows * (thumb + 12)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, e in enumerate(group):
+        with Image.open(resize_store.path(e["src"])) as im:
+            im = im.convert("RGB").resize(tuple(e["resized"]))
+        k = thumb / max(im.size)
+        tile = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))))
+        dim = Image.new("RGB", tile.size, "black")
+        left, top, right, bottom = (round(c * k) for c in e["crop"])
+        mask = Image.new("L", tile.size, 110)
+        ImageDraw.Draw(mask).rectangle([left, top, right - 1, bottom - 1], fill=255)
+        tile = Image.composite(tile, dim, mask)
+        x, y = (i % columns) * thumb, (i // columns) * (thumb + 12)
+        sheet.paste(tile, (x, y))
+        draw.rectangle([x + left, y + top, x + right - 1, y + bottom - 1], outline=(255, 0, 0))
+        draw.text((x + 2, y + thumb), Path(e["id"]).name[:20], fill="black")
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="JPEG", quality=85)
