@@ -97,3 +97,14 @@ def quick_demo(built_demo, tmp_path_factory) -> WS:
 def demo(quick_demo, tmp_path) -> WS:
     """A private copy of the built one-epoch demo workspace."""
     return copy_workspace(quick_demo, tmp_path / "ws")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from figures import COUNTS, FIGURES
+
+    if FIGURES or COUNTS:
+        terminalreporter.section("fault and bad-input figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+        for kind, n in sorted(COUNTS.items()):
+            terminalreporter.write_line(f"bad input: {n} {kind}, each a result or a clear error, no traceback")

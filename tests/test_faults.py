@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import WS
+from figures import record
 
 
 def _fresh_workspace(tmp_path: Path) -> WS:
@@ -71,6 +72,9 @@ def test_a_build_killed_at_many_points_ends_as_a_clean_build(tmp_path, built_dem
     _same_outputs(ws, built_demo)
     ws.doit("sample:demo", build="noop")
     assert ws.ran("noop") == set()
+    record(f"kill: doit sample:demo SIGKILLed at {kills} points (2–37 s in: resize to sampling); after each, "
+           f"every cache entry read back whole; the final build equals an uninterrupted one ({_every_entry_reads(ws)} "
+           "entries, LoRA and samples byte-identical)")
 
 
 def _limit_file_size(nbytes: int):
@@ -95,3 +99,5 @@ def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, built_demo):
     ws.doit("sample:demo", build="space")
     assert ws.ran("space") == {"train", "sample"}  # what the failed build finished is kept
     _same_outputs(ws, built_demo)
+    record("disk full: a 200 kB file-size limit fails the build naming the file; bucket and latents kept; "
+           "the next build trains and samples only, to the same LoRA")

@@ -6,6 +6,7 @@ import io
 import pytest
 from PIL import Image
 
+from figures import COUNTS
 from lorabuild.images import ImageError, load_rgb
 
 
@@ -82,6 +83,7 @@ def test_broken_files_name_the_file(tmp_path, name, data):
     with pytest.raises(ImageError) as exc:
         load_rgb(path)
     assert str(path) in str(exc.value)
+    COUNTS["broken image files (empty, not an image, truncated)"] += 1
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
@@ -89,3 +91,4 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)  # 300² is over twice the limit
     with pytest.raises(ImageError, match="decompression bomb"):
         load_rgb(path)
+    COUNTS["decompression bombs"] += 1

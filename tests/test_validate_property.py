@@ -5,6 +5,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from figures import COUNTS
 from lorabuild import config
 
 KEYS = ["base_model", "dataset", "dirs", "train", "epochs", "batch_size", "network", "dim", "bucket", "step", "sample",
@@ -26,6 +27,7 @@ def test_any_document_gives_a_result_or_problems(tmp_path, doc):
     assert (data is None) == bool(problems)
     for p in problems:
         assert p.file == "p.yaml" and p.line >= 1 and p.col >= 1 and p.message
+    COUNTS["generated project documents"] += 1
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -35,3 +37,5 @@ def test_any_text_gives_a_result_or_problems(tmp_path, text):
     path.write_text(text, encoding="utf-8")
     data, problems = config.check(path, "p.yaml")
     assert (data is None) == bool(problems)
+    COUNTS["generated texts as project files"] += 1
+
