@@ -79,6 +79,7 @@ SIMPLE = {
     "prior_loss_weight": ("train.prior_loss_weight", float),
     "noise_offset": ("train.noise_offset", float),
     "min_snr_gamma": ("train.min_snr_gamma", float),
+    "zero_terminal_snr": ("train.zero_terminal_snr", _bool),
     "loss_type": ("train.loss_type", str),
     "huber_c": ("train.huber_c", float),
     "clip_skip": ("textemb.clip_skip", int),

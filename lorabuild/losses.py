@@ -19,9 +19,10 @@ def offset_noise(noise, offset: float, generator=None):
 
 
 def snr(alphas_cumprod, timesteps):
-    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) of each timestep."""
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) of each timestep; floored at 1e-8 so a zero-terminal-SNR
+    schedule's last step (SNR 0) gives finite weights (SD's own smallest SNR is about 0.005)."""
     a = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return a / (1.0 - a)
+    return (a / (1.0 - a)).clamp(min=1e-8)
 
 
 def min_snr_weights(alphas_cumprod, timesteps, gamma: float, v_prediction: bool):

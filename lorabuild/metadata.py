@@ -98,6 +98,7 @@ def kohya_metadata(
         "ss_seed": train["seed"],
         "ss_noise_offset": train["noise_offset"] or None,
         "ss_min_snr_gamma": train["min_snr_gamma"],
+        "ss_zero_terminal_snr": bool(train.get("zero_terminal_snr")),
         "ss_multires_noise_iterations": train["multires_noise_iterations"] or None,
         "ss_multires_noise_discount": train["multires_noise_discount"],
         "ss_debiased_estimation": bool(train["debiased_estimation"]),

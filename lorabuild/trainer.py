@@ -49,6 +49,7 @@ class TrainInputs:
     resume: dict | None = None  # a training state saved by ``save_state``: continue after its epoch
     save_state: Callable[[int, dict], None] | None = None  # called at the end of every epoch
     sizes: dict[str, dict] = field(default_factory=dict)  # image id → latents manifest entry (SDXL time_ids)
+    scalar: Callable[[str, float, int], None] | None = None  # (tag, value, step): a live log such as TensorBoard
 
 
 def _dtype(mixed_precision: str):
@@ -69,7 +70,12 @@ def _load_models(inp: TrainInputs):
         for part in models.text_parts(inp.model_dir):
             tes.append(models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype, which=part))
             toks.append(models.load_tokenizer(inp.model_dir, which=part.replace("text_encoder", "tokenizer")))
-    return unet, tes, toks, vae, models.load_noise_scheduler(inp.model_dir)
+    sched = models.load_noise_scheduler(inp.model_dir)
+    if inp.cfg["train"].get("zero_terminal_snr"):  # kohya zero_terminal_snr: betas rescaled so ᾱ_T = 0
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(sched.config, rescale_betas_zero_snr=True)
+    return unet, tes, toks, vae, sched
 
 
 def _memory_options(tr: dict, unet, trained_tes: list) -> None:
@@ -320,12 +326,18 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 # 4. log
                 mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :])
                 inp.log_rows.append((step, epoch, loss.item(), lr, round(time.perf_counter() - t0, 3)))
+                if inp.scalar is not None:
+                    inp.scalar("loss/step", loss.item(), step)
+                    inp.scalar("loss/running_mean", mean, step)
+                    inp.scalar("lr", lr, step)
                 bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 sample(f"s{step:06d}", epoch)
         if inp.val_samples:
             val = validation_loss(inp, unet, sched, toks, tes, vae, autocast)
             inp.val_rows.append((epoch, step, val))
+            if inp.scalar is not None:
+                inp.scalar("loss/validation", val, step)
             bar.write(f"epoch {epoch}: validation loss {val:.5f} ({len(inp.val_samples)} held-out images)")
         # 5. save: the LoRA (the stage keeps the saved epochs), samples, then the training state
         save(network, epoch, step)

@@ -226,10 +226,37 @@ def test_sd2_v_prediction_end_to_end(demo):
         md = fh.metadata()
     assert (md["ss_v2"], md["ss_base_model_version"], md["modelspec.prediction_type"]) == ("True", "sd_v2_v", "v")
     assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert md["ss_zero_terminal_snr"] == "False"
 
     ours, plain, theirs = unet_outputs(demo.root / "cache" / "models" / "tiny-sd2", lora, "sd2", 48)
     assert (ours - plain).abs().max() > 1e-3
     torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=2e-3)
+
+    # zero terminal SNR (v-prediction's companion), with Min-SNR weighting: trains to a finite, different LoRA
+    demo.edit(lambda d: d["train"].update(zero_terminal_snr=True, min_snr_gamma=5))
+    demo.doit("train:demo", build="ztsnr")
+    assert demo.report("train")["computed"] == 1
+    with safe_open(str(lora), "pt") as fh:
+        assert fh.metadata()["ss_zero_terminal_snr"] == "True"
+        assert all(torch.isfinite(fh.get_tensor(k)).all() for k in fh.keys())
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise(tmp_path):
+    from lorabuild.losses import debiased_weights, min_snr_weights
+    from lorabuild.trainer import TrainInputs, _load_models
+    from lorabuild.trainplan import make_plan
+
+    folder = models.ensure_builtin("tiny-sd2", tmp_path / "cache")
+    cfg = {"train": {"mixed_precision": "no", "zero_terminal_snr": True}}
+    inp = TrainInputs(model_dir=folder, arch="sd2", device=torch.device("cpu"), samples=[], latent_path={},
+                      pixels=None, caption={}, caption_opts={}, embedding_path={}, cfg=cfg, plan=make_plan([], 1, 1, 1))
+    sched = _load_models(inp)[-1]
+    plain = models.load_noise_scheduler(folder)
+    assert float(sched.alphas_cumprod[-1]) == 0.0 < float(plain.alphas_cumprod[-1])
+    t = torch.tensor([0, 500, 999])
+    for v in (True, False):
+        assert torch.isfinite(min_snr_weights(sched.alphas_cumprod, t, 5.0, v)).all()
+        assert torch.isfinite(debiased_weights(sched.alphas_cumprod, t, v)).all()
 
 
 def test_sdxl_end_to_end_with_both_text_encoders(demo):

@@ -45,6 +45,19 @@ def test_raising_epochs_continues_the_last_run_and_equals_a_fresh_one(demo):
     assert "continued from the training state after epoch 1 (step 40)" in _notes(demo)
     loss = (demo.root / "output/demo/loss.csv").read_text().splitlines()
     assert len(loss) == 1 + 80 and loss[-1].startswith("80,2,")  # the log carries on from the first run
+    # TensorBoard: the continued run logs into the first one's folder, one point per step, as loss.csv has them
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = {}
+    for run_dir in (demo.root / "output/demo/tensorboard").iterdir():
+        acc = EventAccumulator(str(run_dir))
+        acc.Reload()
+        if "loss/step" in acc.Tags()["scalars"]:
+            logged[run_dir.name] = [(e.step, e.value) for e in acc.Scalars("loss/step")]
+    csv_points = [(int(r.split(",")[0]), float(r.split(",")[2])) for r in loss[1:]]
+    matching = [pts for pts in logged.values() if [st for st, _ in pts] == list(range(1, 81))]
+    assert len(matching) == 1
+    assert all(abs(v - c) < 1e-5 for (_, v), (_, c) in zip(matching[0], csv_points))
     continued = _weights(demo.root / "output/demo/demo.safetensors")
     assert _same(continued, _fresh_run(demo, "fresh"))
 

@@ -138,6 +138,19 @@ class Run:
     sampler: object = None
 
 
+def _tensorboard(ctx: Context, run_hash: str, start_step: int):
+    """A TensorBoard writer for this run (``output/<name>/tensorboard/<run>/``) when tensorboard is
+    installed, else None. A continued run purges what its killed predecessor logged after the
+    state it continues from, so the curves have no doubled stretch."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    log_dir = ctx.ws.output_dir(ctx.project.output_name) / "tensorboard" / run_hash[:12]
+    # purge_step: events at this step and later are dropped; this run's first step is start_step + 1
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+
 def _train(r: Run, resume: dict | None) -> list:
     """Train (from ``resume``, a saved training state, when given); returns the loss log."""
     from ..metadata import kohya_metadata, tag_frequency
@@ -232,10 +245,16 @@ def _train(r: Run, resume: dict | None) -> list:
         resume=resume, save_state=save_state, init_weights=init_weights(ctx),
     )
     print(render(build_plan(p)), flush=True)
+    writer = _tensorboard(ctx, key_hash(wkey), resume["step"] if resume else 0)
+    if writer is not None:
+        inp.scalar = writer.add_scalar
     try:
         train(inp, save)
     except (FloatingPointError, TrainError) as exc:
         raise StageError(f"train:{ctx.name}: {exc}") from None
+    finally:
+        if writer is not None:
+            writer.close()
     return inp.log_rows, inp.val_rows
 
 
