@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import WS
-from figures import record
+from figures import COUNTS, record
 
 
 def _fresh_workspace(tmp_path: Path) -> WS:
@@ -101,3 +102,28 @@ def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, built_demo):
     _same_outputs(ws, built_demo)
     record("disk full: a 200 kB file-size limit fails the build naming the file; bucket and latents kept; "
            "the next build trains and samples only, to the same LoRA")
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_good_lora(demo):
+    lora = demo.root / "output/demo/demo.safetensors"
+    good = lora.read_bytes()
+    demo.edit(lambda d: d["train"].update(optimizer="sgd", learning_rate=1e30))
+    proc = demo.doit("train:demo", build="nan", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out
+    assert re.search(r"loss is (nan|inf) at epoch 1, step \d+: stopping", out), out[-2000:]
+    assert lora.read_bytes() == good  # the output is not replaced by a broken LoRA
+    record("numerical fault: lr 1e30 stops at the first non-finite loss, naming epoch and step; output kept")
+    demo.edit(lambda d: d["train"].update(optimizer="adamw", learning_rate=0.002))
+    demo.doit("train:demo", build="back")
+    assert demo.ran("back") == set() or demo.report("train")["computed"] == 0  # the good run is still cached
+
+
+def test_a_binary_caption_file_is_named(demo):
+    bad = demo.data / "10_redcircle shape" / "redcircle_00.txt"
+    bad.write_bytes(b"\xff\xfe\x00\x81 not text")
+    proc = demo.doit("train:demo", build="bin", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out
+    assert "redcircle_00.txt" in out and "not a UTF-8 text caption" in out
+    COUNTS["binary caption files"] += 1
