@@ -21,12 +21,12 @@ import yaml
 
 from . import __version__
 from .captions import is_randomised
+from .models import BUILTIN_MODELS, PICKLE_SUFFIXES
 from .resources import schema_path
 
 MAX_BYTES = 1 << 20  # a project file is a few KB; refuse anything absurd before parsing
 MAX_NODES = 100_000  # expanded nodes, so an alias bomb ("billion laughs") is refused
 PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
-BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")  # the built-in models' names: lorabuild.models.BUILTIN_MODELS
 
 
 class Problem(NamedTuple):
@@ -232,8 +232,7 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
             doc.problem(pos("base_model"), "base_model", f"unknown built-in model '{base}' (known: {known})")
     elif not (root / base).exists():
         doc.problem(pos("base_model"), "base_model", f"{(root / base).resolve()} does not exist")
-    elif (root / base).is_file() and (root / base).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") \
-            and not data["allow_pickle"]:
+    elif (root / base).is_file() and (root / base).suffix.lower() in PICKLE_SUFFIXES and not data["allow_pickle"]:
         doc.problem(pos("base_model"), "base_model",
                     f"{(root / base).resolve()} is a pickle checkpoint: unpickling can run code hidden in the file; "
                     "use a .safetensors copy, or set allow_pickle: true to load it with torch.load(weights_only=True)")

@@ -30,6 +30,8 @@ CONFIGS_DIR = DATA_DIR / "configs"  # sd1 / sd2 (768-v) / sdxl: model_index.json
 ARCHS = ("sd1", "sd2", "sdxl")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONVERT_VERSION = 1  # bump when the conversion of single files changes: they are converted again
+# project keys beside base_model that decide which model a project trains on
+MODEL_OPTIONS = ("model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # SD1's noise schedule (CompVis v1-inference.yaml; diffusers' SD 1.5 scheduler config).
@@ -308,10 +310,16 @@ def _diffusers_folder(path: Path) -> Path:
     return path
 
 
-def _file_hashes(cache_root: Path, hashes):
+def _sha256(path: Path, cache_root: Path, hashes) -> str:
+    """A file's sha256 through ``hashes`` (a FileHashes), or the workspace's own memo, saved, when none is given."""
     from .cache import FileHashes
 
-    return hashes if hashes is not None else FileHashes(Path(cache_root) / "hashes.json")
+    if hashes is not None:
+        return hashes.sha256(path)
+    own = FileHashes(Path(cache_root) / "hashes.json")
+    digest = own.sha256(path)
+    own.save()
+    return digest
 
 
 def legacy_hash(path: Path) -> str:
@@ -407,10 +415,7 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     pred = opts.get("prediction_type", "auto")
     if pred == "auto":  # a single file has no scheduler config: the shipped one's (SD2 → 768-v, as diffusers)
         pred = _config(cfg_dir, "scheduler").get("prediction_type", "epsilon")
-    hs = _file_hashes(cache_root, hashes)
-    sha = hs.sha256(path)
-    if hashes is None:
-        hs.save()
+    sha = _sha256(path, cache_root, hashes)
     unet_dtypes = [d for k, (_, d) in sorted(tensors.items()) if k.startswith("model.diffusion_model.")]
     dtype = unet_dtypes[0] if unet_dtypes else "F32"
     key = {"sha256": sha, "arch": arch, "prediction_type": pred, "config": _tree_digest(cfg_dir),
@@ -491,10 +496,7 @@ def _compose(folder: Path, project_root: Path, cache_root: Path, opts: dict, has
         if not vae_path.exists():
             raise ModelError(f"vae: {vae_path} does not exist")
         if vae_path.is_file():
-            hs = _file_hashes(cache_root, hashes)
-            key["vae"] = hs.sha256(vae_path)
-            if hashes is None:
-                hs.save()
+            key["vae"] = _sha256(vae_path, cache_root, hashes)
         else:
             vdir = vae_path if (vae_path / "config.json").is_file() else vae_path / "vae"
             if not (vdir / "config.json").is_file():
@@ -553,9 +555,7 @@ def _convert_vae(path: Path, base: Path, out: Path, allow_pickle: bool) -> None:
 
     _offline()
     tensors = checkpoint_tensors(path, allow_pickle)
-    src = str(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        src = {k: v for k, v in _pickle_state_dict(path).items()}
+    src = _pickle_state_dict(path) if path.suffix.lower() in PICKLE_SUFFIXES else str(path)
     try:
         vae = AutoencoderKL.from_single_file(src, config=str(base), subfolder="vae", local_files_only=True)
     except Exception as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from . import models
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
 from .workspace import Workspace, build_id
@@ -46,15 +47,13 @@ def _plain(value):
 
 # what names the base model: a change reruns the stages that load it (they reuse what its
 # identity, a content hash, says is unchanged)
-MODEL = ("base_model", "model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
+MODEL = ("base_model",) + models.MODEL_OPTIONS
 
 
 def _weights(project: Project, ws: Workspace, *components: str) -> list[str]:
     """Weight files of a real base model (and a separate VAE) as file_deps; a builtin model has
     none to watch. A single file is named as it is (converting it is the stage's work, not
     the task graph's)."""
-    from . import models
-
     out = []
     spec = str(project.get("base_model"))
     vae = project.get("vae")

@@ -37,6 +37,7 @@ class Context:
     ws: Workspace
     project: Project
     config: dict = field(default_factory=dict)  # the parameters doit keyed this run on
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # what one stage run resolves once
 
     @property
     def name(self) -> str:

@@ -12,22 +12,20 @@ from .. import models
 from .base import Context, StageError
 
 
-MODEL_OPTIONS = ("model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
-
-
-def model_options(project) -> dict:
-    return {k: project.get(k) for k in MODEL_OPTIONS}
-
-
 def model_dir(ctx: Context) -> Path:
-    hashes = ctx.hashes()
-    try:
-        return models.resolve_base_model(ctx.project.get("base_model"), ctx.project.root, ctx.ws.cache,
-                                         model_options(ctx.project), hashes)
-    except models.ModelError as exc:
-        raise StageError(f"{ctx.project.file}: base_model: {exc}") from None
-    finally:
-        hashes.save()
+    """The base model's folder, resolved once per stage run (a single file's header is read,
+    a pickle loaded, its hash looked up: not for every component a stage asks about)."""
+    if "model_dir" not in ctx.memo:
+        hashes = ctx.hashes()
+        opts = {k: ctx.project.get(k) for k in models.MODEL_OPTIONS}
+        try:
+            ctx.memo["model_dir"] = models.resolve_base_model(ctx.project.get("base_model"), ctx.project.root,
+                                                              ctx.ws.cache, opts, hashes)
+        except models.ModelError as exc:
+            raise StageError(f"{ctx.project.file}: base_model: {exc}") from None
+        finally:
+            hashes.save()
+    return ctx.memo["model_dir"]
 
 
 def identity(ctx: Context, component: str) -> str:
