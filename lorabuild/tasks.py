@@ -69,7 +69,9 @@ def _weights(project: Project, ws: Workspace, *components: str) -> list[str]:
         return out + [str(path)]
     if not path.is_dir():
         return out  # the stage's action reports it
-    return out + [str(f) for c in components for f in models.weight_files(path, c)]
+    # SDXL's second text encoder is read wherever the first is (a folder without one lists nothing)
+    parts = [p for c in components for p in ((c, "text_encoder_2") if c == "text_encoder" else (c,))]
+    return out + [str(f) for c in parts for f in models.weight_files(path, c)]
 
 
 def _context(root: str, project_file: str):

@@ -301,3 +301,19 @@ def test_sdxl_network_names_and_rates(tmp_path):
     groups = net.param_groups(1e-4, 2e-5, te2_lr=1e-5)
     assert [g["lr"] for g in groups] == [1e-4, 2e-5, 1e-5]
     assert [len(g["params"]) for g in groups] == [2 * net.n_unet, 60, 60]
+
+
+def test_an_sdxl_folders_second_text_encoder_is_a_dependency(tmp_path):
+    from lorabuild.config import load_project
+    from lorabuild.tasks import _weights
+    from lorabuild.workspace import Workspace
+
+    xl = tmp_path / "projects" / "xl"
+    shutil.copytree(models.ensure_builtin("tiny-sdxl", tmp_path / "cache"), xl)
+    (tmp_path / "projects" / "data" / "1_x").mkdir(parents=True)
+    (tmp_path / "projects" / "p.yaml").write_text("base_model: xl\ndataset: {dirs: [data]}\n")
+    project = load_project(tmp_path / "projects" / "p.yaml")
+    deps = {Path(d).relative_to(xl).parent.as_posix() for d in _weights(project, Workspace(tmp_path), "text_encoder")}
+    assert deps == {"text_encoder", "text_encoder_2"}
+    deps = {Path(d).relative_to(xl).parent.as_posix() for d in _weights(project, Workspace(tmp_path), "unet")}
+    assert deps == {"unet"}
