@@ -65,7 +65,7 @@ def build_plan(project, hashes=None) -> dict:
     if held_out:
         warnings.append(f"{len(held_out)} image(s) held out for validation (train.validation_split): "
                         f"{', '.join(s.id for s in held_out[:5])}")
-    tp = make_plan(samples, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"]) if samples else None
+    tp = make_plan(samples, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"], t["max_steps"]) if samples else None
 
     concepts = []
     total = sum(s.repeats for s in samples) or 1
@@ -104,6 +104,7 @@ def build_plan(project, hashes=None) -> dict:
             "gradient_accumulation_steps": tp.gradient_accumulation_steps, "effective_batch": tp.effective_batch,
             "batches_per_epoch": tp.batches_per_epoch, "steps_per_epoch": tp.steps_per_epoch,
             "epochs": tp.epochs, "total_steps": tp.total_steps,
+            "last_epoch_steps": tp.total_steps - (tp.epochs - 1) * tp.steps_per_epoch,
         },
         "top_tags": tags.most_common(20),
         "warnings": warnings,
@@ -146,6 +147,8 @@ def render(plan: dict) -> str:
             f"  steps: {s['samples_per_epoch']} samples per epoch, batch {s['batch_size']} × accumulation "
             f"{s['gradient_accumulation_steps']} → {s['steps_per_epoch']} steps per epoch × {s['epochs']} epochs = "
             f"{s['total_steps']} steps"
+            + (f" (max_steps: epoch {s['epochs']} stops after {s['last_epoch_steps']} of its steps)"
+               if s["last_epoch_steps"] < s["steps_per_epoch"] else "")
         )
     lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in plan["top_tags"]))
     for w in plan["warnings"]:

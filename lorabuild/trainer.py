@@ -333,6 +333,8 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 sample(f"s{step:06d}", epoch)
+                if step >= inp.plan.total_steps:  # max_steps: the last epoch stops here
+                    break
         if inp.val_samples:
             val = validation_loss(inp, unet, sched, toks, tes, vae, autocast)
             inp.val_rows.append((epoch, step, val))

@@ -75,11 +75,20 @@ class TrainPlan:
     gradient_accumulation_steps: int
     steps_per_epoch: int
     epochs: int
-    total_steps: int
+    total_steps: int  # steps_per_epoch × epochs, or max_steps (which may cut the last epoch short)
 
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps
+
+    @property
+    def cut_short(self) -> bool:
+        """max_steps ends the last epoch before its end."""
+        return self.total_steps < self.steps_per_epoch * self.epochs
+
+    def epoch_end_step(self, epoch: int) -> int:
+        """The global step at which ``epoch`` ends (the last one at total_steps)."""
+        return min(epoch * self.steps_per_epoch, self.total_steps)
 
     def banner(self) -> str:
         return (
@@ -88,6 +97,8 @@ class TrainPlan:
             f"batch {self.batch_size} × accumulation {self.gradient_accumulation_steps} = {self.effective_batch}\n"
             f"  batches per epoch {self.batches_per_epoch}, steps per epoch {self.steps_per_epoch}, "
             f"epochs {self.epochs}, total optimizer steps {self.total_steps}"
+            + (f" (max_steps: epoch {self.epochs} stops after "
+               f"{self.total_steps - (self.epochs - 1) * self.steps_per_epoch} of its steps)" if self.cut_short else "")
         )
 
 
@@ -113,9 +124,15 @@ def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int)
     return batches
 
 
-def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: int) -> TrainPlan:
+def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: int,
+              max_steps: int | None = None) -> TrainPlan:
+    """kohya's arithmetic; ``max_steps`` (kohya max_train_steps), when given, replaces ``epochs``:
+    as many epochs as it takes, the last one stopped at that step."""
     batches = len(epoch_batches(samples, batch_size, 0, 0))
     steps = math.ceil(batches / grad_accum)
+    total = steps * epochs
+    if max_steps and steps:
+        epochs, total = max(1, math.ceil(max_steps / steps)), max_steps
     return TrainPlan(
         images=sum(not s.is_reg for s in samples),
         reg_samples_per_epoch=sum(s.repeats for s in samples if s.is_reg),
@@ -125,5 +142,5 @@ def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: i
         gradient_accumulation_steps=grad_accum,
         steps_per_epoch=steps,
         epochs=epochs,
-        total_steps=steps * epochs,
+        total_steps=total,
     )

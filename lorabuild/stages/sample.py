@@ -147,7 +147,7 @@ def in_training_points(sample_cfg: dict, plan) -> dict[str, tuple[str, int]]:
         points["base"] = ("base model", 0)
     if sample_cfg["every_n_epochs"]:
         for e in range(sample_cfg["every_n_epochs"], plan.epochs + 1, sample_cfg["every_n_epochs"]):
-            points[f"e{e:06d}"] = (f"epoch {e}", e * plan.steps_per_epoch)
+            points[f"e{e:06d}"] = (f"epoch {e}", plan.epoch_end_step(e))
     if sample_cfg["every_n_steps"]:
         for s in range(sample_cfg["every_n_steps"], plan.total_steps + 1, sample_cfg["every_n_steps"]):
             points[f"s{s:06d}"] = (f"step {s}", s)

@@ -74,7 +74,7 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
 # snapshots are keyed without the length and a longer run continues a shorter one.
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 # what only decides how long a run goes and what it keeps, never the weights at a given epoch
-LENGTH_PARAMS = ("epochs", "save_every_n_epochs")
+LENGTH_PARAMS = ("epochs", "max_steps", "save_every_n_epochs", "save_every_n_steps")
 
 
 def weights_key(key: dict, total_steps: int) -> dict:
@@ -84,6 +84,25 @@ def weights_key(key: dict, total_steps: int) -> dict:
     if train["lr_scheduler"] not in LENGTH_FREE_SCHEDULES or train.get("lr_warmup_ratio") is not None:
         wkey["total_steps"] = total_steps
     return wkey
+
+
+def entry_key(wkey: dict, plan, kind: str, epoch: int) -> dict:
+    """The key of the LoRA (``kind`` "epoch") or training state ("state") after ``epoch``. An
+    epoch that max_steps cuts short is a different thing from the whole epoch: its key says
+    where it stopped, so a longer run never takes it for a whole one."""
+    key = {**wkey, kind: epoch}
+    if plan.cut_short and epoch == plan.epochs:
+        key["until_step"] = plan.total_steps
+    return key
+
+
+def step_save_points(every: int | None, plan) -> dict[str, tuple[str, int]]:
+    """{row id: (label, step)} of the steps ``train.save_every_n_steps`` saves at (kohya
+    save_every_n_steps; the final step is the final file). Row ids are the sample stage's, so a
+    step that is also sampled uses the same file."""
+    if not every:
+        return {}
+    return {f"s{s:06d}": (f"step {s}", s) for s in range(every, plan.total_steps, every)}
 
 
 def _publish(src: Path, dst: Path) -> None:
@@ -130,8 +149,8 @@ class Run:
     mdir: Path
     wkey: dict
     saved: set
-    points: dict
-    snapshot_points: dict
+    points: dict  # in-training sample points: {row id: (label, step)}
+    snapshot_points: dict  # points that need a LoRA file of their own (step saves included)
     epochs: list
     snapshots: list
     store: object
@@ -197,16 +216,16 @@ def _train(r: Run, resume: dict | None) -> list:
 
     def save(network, epoch: int, step: int) -> None:
         if epoch in r.saved:
-            r.epochs.append([epoch, save_entry(network, {**wkey, "epoch": epoch}, epoch, step), step])
+            r.epochs.append([epoch, save_entry(network, entry_key(wkey, r.plan, "epoch", epoch), epoch, step), step])
 
     def save_state(epoch: int, state: dict) -> None:
         import torch
 
-        skey = {**wkey, "state": epoch}
+        skey = entry_key(wkey, r.plan, "state", epoch)
         with states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"]}) as tmp, open(tmp, "wb") as fh:
             torch.save(state, fh)  # through a Python file, so a full disk surfaces as an OSError
         for old in kept_state:
-            states.remove(key_hash({**wkey, "state": old}))  # superseded by this later state
+            states.remove(key_hash(entry_key(wkey, r.plan, "state", old)))  # superseded by this later state
         kept_state[:] = [] if epoch in r.saved else [epoch]
 
     if r.points:
@@ -216,16 +235,18 @@ def _train(r: Run, resume: dict | None) -> list:
                                                                  prompts.native_size(r.info)),
                                                  ctx.ws.output_dir(name) / "samples")
 
-    def sample(network, parts: dict, row_id: str, epoch: int, step: int) -> None:
-        label = r.points[row_id][0]
-        if row_id == "base":
-            path = None
-        elif row_id in r.snapshot_points:
+    def at_point(network, parts: dict, row_id: str, epoch: int, step: int) -> None:
+        """A sample point or a step save: save the snapshot it needs, then render its samples."""
+        path = None
+        if row_id in r.snapshot_points:
             sh = save_entry(network, {**wkey, "snapshot": row_id}, epoch, step)
-            r.snapshots.append([row_id, label, step, sh])
+            r.snapshots.append([row_id, r.snapshot_points[row_id][0], step, sh])
             path = store.path(sh)
-        else:
+        elif row_id != "base":
             path = store.path(r.epochs[-1][1])
+        if r.sampler is None or row_id not in r.points:
+            return
+        label = r.points[row_id][0]
         hashes = ctx.hashes()
         row = sample_stage.Row(row_id, label, path, None if path is None else hashes.sha256(path, tensors_only=True))
         hashes.save()
@@ -241,7 +262,8 @@ def _train(r: Run, resume: dict | None) -> list:
         caption=r.captions,
         caption_opts={i: concept_options(p.section("captions"), concept_of[i]) for i in r.latents},
         embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
-        plan=r.plan, sample_points=frozenset(r.points), sample=sample if r.sampler else None,
+        plan=r.plan, sample_points=frozenset(r.points) | frozenset(r.snapshot_points),
+        sample=at_point if r.sampler or r.snapshot_points else None,
         resume=resume, save_state=save_state, init_weights=init_weights(ctx),
     )
     print(render(build_plan(p)), flush=True)
@@ -280,18 +302,20 @@ def run(ctx: Context, dataset) -> dict:
     concept_of = {im.id: im.concept for im in dataset.images}
     every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg) for i in sorted(latents)]
     samples, held_out = training_samples(every, p.get("train.validation_split"), p.get("train.seed"))
-    plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"))
+    plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"),
+                     p.get("train.max_steps"))
     save_every = p.get("train.save_every_n_epochs")
     saved = {e for e in range(1, plan.epochs + 1) if e == plan.epochs or (save_every and e % save_every == 0)}
     points = sample_stage.in_training_points(p.section("sample"), plan)
     # in-training sample points that need a LoRA file of their own (saved epochs have theirs)
     snapshot_points = {r: v for r, v in points.items() if r != "base" and not (r[0] == "e" and int(r[1:]) in saved)}
+    step_saves = step_save_points(p.get("train.save_every_n_steps"), plan)
+    snapshot_points = {**step_saves, **snapshot_points}
     entry = store.info(h)
     wkey = weights_key(key, plan.total_steps)
-    spe = plan.steps_per_epoch
     states = ctx.store(STAGE, ".pt")  # training states: torch pickles (weights_only), not safetensors
-    epoch_h = lambda e: key_hash({**wkey, "epoch": e})  # noqa: E731
-    state_h = lambda e: key_hash({**wkey, "state": e})  # noqa: E731
+    epoch_h = lambda e: key_hash(entry_key(wkey, plan, "epoch", e))  # noqa: E731
+    state_h = lambda e: key_hash(entry_key(wkey, plan, "state", e))  # noqa: E731
     snap_h = lambda r: key_hash({**wkey, "snapshot": r})  # noqa: E731
 
     def complete(entry: dict | None) -> bool:
@@ -304,7 +328,8 @@ def run(ctx: Context, dataset) -> dict:
         """The last epoch whose training state, saved epochs and snapshots are all in the store."""
         for e0 in range(plan.epochs, 0, -1):
             if (states.has(state_h(e0)) and all(store.has(epoch_h(e)) for e in saved if e <= e0)
-                    and all(store.has(snap_h(r)) for r, (_, step) in snapshot_points.items() if step <= e0 * spe)):
+                    and all(store.has(snap_h(r)) for r, (_, step) in snapshot_points.items()
+                            if step <= plan.epoch_end_step(e0))):
                 return e0
         return 0
 
@@ -312,9 +337,9 @@ def run(ctx: Context, dataset) -> dict:
     if not complete(entry):
         e0 = resume_point()
         resume = None
-        epochs = [[e, epoch_h(e), e * spe] for e in sorted(saved) if e <= e0]
+        epochs = [[e, epoch_h(e), plan.epoch_end_step(e)] for e in sorted(saved) if e <= e0]
         snapshots = [[r, label, step, snap_h(r)] for r, (label, step) in sorted(snapshot_points.items(), key=lambda kv: kv[1][1])
-                     if step <= e0 * spe]
+                     if step <= plan.epoch_end_step(e0)]
         if e0:
             import torch
 
@@ -352,9 +377,16 @@ def run(ctx: Context, dataset) -> dict:
     keep_last = p.get("output.keep_last")
     if keep_last:  # the final LoRA counts as one of the last N (kohya save_last_n_epochs)
         wanted = dict(sorted(wanted.items())[-(keep_last - 1):]) if keep_last > 1 else {}
-    for old in out_dir.glob(f"{name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"):
-        if old.name not in wanted:
-            old.unlink()
+    # step saves (kohya naming <name>-step00000500.safetensors), the last N of them with keep_last
+    steps = [[st, sh] for row_id, _, st, sh in entry.get("snapshots", []) if row_id in step_saves]
+    step_files = {f"{name}-step{st:08d}.safetensors": sh for st, sh in steps}
+    if keep_last:
+        step_files = dict(sorted(step_files.items())[-keep_last:])
+    wanted.update(step_files)
+    for pattern in ("[0-9]" * 6, "step" + "[0-9]" * 8):
+        for old in out_dir.glob(f"{name}-{pattern}.safetensors"):
+            if old.name not in wanted:
+                old.unlink()
     for fname, eh in wanted.items():
         _publish(store.path(eh), out_dir / fname)
     _write_loss_csv(out_dir / "loss.csv", entry.get("loss", []))
@@ -370,7 +402,8 @@ def run(ctx: Context, dataset) -> dict:
     if sampled is not None:
         sr.notes.append(f"sampled while training: {sampled.rendered} images rendered, {sampled.reused} reused")
     # only the snapshots the current sample settings ask for (an entry may hold more)
-    snaps = [s for s in entry.get("snapshots", []) if s[0] in snapshot_points]
+    snaps = [s for s in entry.get("snapshots", []) if s[0] in points]
     # the training states of saved epochs (what `epochs` raised later continues from; kept by gc)
     kept = [[e, state_h(e)] for e, *_ in entry["epochs"] if states.has(state_h(e))]
-    return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "states": kept}])
+    return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "steps": steps,
+                       "states": kept}])
