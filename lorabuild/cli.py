@@ -92,6 +92,21 @@ def _project(root: Path, name: str):
         return None
 
 
+def _tagged(root: Path, project) -> dict[str, str] | None:
+    """The captions of the tag stage's last run; a note when a tagger is set but has not run."""
+    from .cache import read_json
+    from .stages.tag import captions_of, enabled
+
+    if not enabled(project):
+        return None
+    manifest = read_json(Workspace(root).manifest(project.name, "tag"))
+    if not isinstance(manifest, dict):
+        print(f"note: the tagger has not run yet, so captions are shown without its tags: lorabuild tag {project.name}",
+              file=sys.stderr)
+        return None
+    return captions_of(manifest)
+
+
 def cmd_plan(root: Path, name: str, as_json: bool) -> int:
     import json
 
@@ -104,7 +119,7 @@ def cmd_plan(root: Path, name: str, as_json: bool) -> int:
         return 1
     hashes = FileHashes(Workspace(root).cache / "hashes.json")
     try:
-        plan = build_plan(project, hashes)
+        plan = build_plan(project, hashes, _tagged(root, project))
     except DatasetError as exc:
         print(f"{project.file}: dataset: {exc}", file=sys.stderr)
         return 1

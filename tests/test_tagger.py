@@ -243,3 +243,108 @@ def test_tag_stage_counts_per_image(fresh):
     assert _counts(fresh) == (14, 3)
     existing = (fresh.data / "10_redcircle shape" / "redcircle_00.txt").read_text().strip()
     assert _captions(fresh)["demo/10_redcircle shape/redcircle_00.png"].startswith(f"xyz, {existing}, ")
+
+
+def test_tags_reach_textemb_and_train(demo):
+    """The built demo plus a tagger: the two uncaptioned images' captions come from the
+    tagger, textemb encodes them (and reuses every other caption), train sees them."""
+    from safetensors import safe_open
+
+    _add_tagger(demo, additional_tags=["sks"])
+    demo.doit("train:demo", build="t1")
+    assert {"tag", "textemb", "train"} <= demo.ran("t1") and "latents" not in demo.ran("t1")
+    caps = _captions(demo)
+    encoded = {e["id"] for e in demo.manifest("textemb")["items"]}
+    assert caps[RED] in encoded and caps[BLUE] in encoded
+    assert "redcircle shape" not in encoded  # the folder caption the two images had before
+    assert _counts(demo, "textemb") == (2, 14)  # two new captions; the caption files' ones reused
+    lora = demo.root / "output" / "demo" / "demo.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        freq = json.loads(f.metadata()["ss_tag_frequency"])
+    assert freq["10_redcircle shape"]["sks"] == 1 and freq["10_bluesquare shape"]["long hair"] == 1
+    demo.doit("train:demo", build="t2")
+    assert demo.ran("t2") == set()  # up to date
+
+
+def test_cli_prints_and_writes_only_missing_captions_without_force(fresh):
+    _add_tagger(fresh, additional_tags=["sks"])
+    red_txt = fresh.data / "10_redcircle shape" / "redcircle_07.txt"
+    plan = fresh.lorabuild("plan", "demo")
+    assert "the tagger has not run yet" in plan.stderr and "defaulted 1" in plan.stdout
+    out = fresh.lorabuild("tag", "demo")
+    assert out.returncode == 0, out.stderr
+    assert f"{RED}: sks, " in out.stdout and not red_txt.exists()  # printed, nothing written
+    plan = json.loads(fresh.lorabuild("plan", "demo", "--json").stdout)
+    assert [(c["captions_defaulted"], c["captions_tagged"]) for c in plan["concepts"]] == [(0, 1), (0, 1)]
+    assert ["sks", 2] in plan["top_tags"]
+    out = fresh.lorabuild("tag", "demo", "--write")
+    assert out.returncode == 0, out.stderr
+    assert "wrote 2 caption file(s)" in out.stdout
+    assert red_txt.read_text(encoding="utf-8") == _captions(fresh)[RED] + "\n"
+    # the written files now are those images' captions: the build sees the same text
+    fresh.doit("textemb:demo", build="w1")
+    assert _counts(fresh) == (0, 0) and fresh.manifest("tag")["items"] == []
+    assert _captions_used(fresh)[RED] == red_txt.read_text(encoding="utf-8").strip()
+
+    # replace: the 14 hand-written caption files differ from the tagger's text (the 2 it
+    # wrote do not); none is overwritten without --force
+    before = {p: p.read_bytes() for p in fresh.data.rglob("*.txt")}
+    _set(fresh, mode="replace")
+    out = fresh.lorabuild("tag", "demo", "--write")
+    assert out.returncode == 0, out.stderr
+    assert "wrote 0 caption file(s); 2 already said the same" in out.stdout
+    assert "skipped 14 existing caption file(s) that differ (--force overwrites them)" in out.stdout
+    assert "redcircle_00.txt" in out.stdout
+    assert {p: p.read_bytes() for p in fresh.data.rglob("*.txt")} == before
+    out = fresh.lorabuild("tag", "demo", "--write", "--force")
+    assert "wrote 14 caption file(s)" in out.stdout and "skipped" not in out.stdout
+    replaced = (fresh.data / "10_redcircle shape" / "redcircle_00.txt").read_text()
+    assert replaced == _captions(fresh)["demo/10_redcircle shape/redcircle_00.png"] + "\n"
+    assert replaced.startswith("sks, ") and "redcircle" not in replaced
+    out = fresh.lorabuild("tag", "demo", "--write")  # written once: now they agree
+    assert "wrote 0 caption file(s); 16 already said the same" in out.stdout and "skipped" not in out.stdout
+    bad = fresh.lorabuild("tag", "demo", "--force")
+    assert bad.returncode != 0 and "--force only applies with --write" in bad.stderr
+
+
+def _captions_used(ws: WS) -> dict[str, str]:
+    """Image id → the caption textemb and train use, computed by lorabuild itself."""
+    code = ("import json, sys; from pathlib import Path; from lorabuild.tasks import _context; "
+            "from lorabuild.dataset import from_project; from lorabuild.stages.textemb import captions_for; "
+            "ctx = _context(sys.argv[1], sys.argv[2]); print(json.dumps(captions_for(ctx, from_project(ctx.project))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(ws.root), str(ws.yaml_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_errors_name_the_folder_files_and_layout(fresh):
+    model = make_tagger(fresh.root / "projects" / "tagger-model")
+    fresh.edit(lambda d: d.update(tagger={"model": "no-such-folder"}))
+    out = fresh.lorabuild("validate", "projects/demo.yaml")
+    assert out.returncode == 1
+    assert "tagger.model: folder" in out.stderr and "no-such-folder does not exist" in out.stderr
+    assert "model.onnx and selected_tags.csv" in out.stderr
+    (model / "model.onnx").rename(model / "other.onnx")
+    fresh.edit(lambda d: d.update(tagger={"model": "tagger-model"}))
+    out = fresh.lorabuild("validate", "projects/demo.yaml")
+    assert f"{model / 'model.onnx'} is missing: a tagger folder holds model.onnx and selected_tags.csv" in out.stderr
+    doit = fresh.doit("tag:demo", build="e1", check=False)
+    assert doit.returncode != 0 and "tagger.model" in doit.stdout + doit.stderr
+    # a tag list from another model
+    make_tagger(model, n_tags=len(TAGS) - 2)
+    doit = fresh.doit("tag:demo", build="e2", check=False)
+    assert doit.returncode != 0
+    assert f"{model / 'selected_tags.csv'} lists {len(TAGS) - 2} tags but {model / 'model.onnx'} outputs {len(TAGS)}" in doit.stdout + doit.stderr
+    (model / "selected_tags.csv").write_text("id,tag\n0,x\n", encoding="utf-8")
+    doit = fresh.doit("tag:demo", build="e3", check=False)
+    assert "selected_tags.csv: the header must start with tag_id,name,category" in doit.stdout + doit.stderr
+
+
+def test_status_names_the_tag_stage_and_why(fresh):
+    _add_tagger(fresh)
+    fresh.doit("tag:demo", build="s1")
+    st = json.loads(fresh.lorabuild("status", "demo", "--json").stdout)["stages"]
+    assert st["tag"]["state"] == "up to date"
+    _set(fresh, character_threshold=0.5)
+    st = json.loads(fresh.lorabuild("status", "demo", "--json").stdout)["stages"]
+    assert st["tag"]["state"] == "stale" and "tagger.character_threshold: 0.85 → 0.5" in st["tag"]["why"]

@@ -153,8 +153,11 @@ def run(ctx: Context, dataset) -> dict:
     return sr.finish(entries, mode=settings["mode"], model=model_id)
 
 
+def captions_of(manifest: dict) -> dict[str, str]:
+    """Image id → caption text from a tag manifest, for the images whose caption the tagger sets."""
+    return {e["id"]: e["caption"] for e in manifest.get("items", []) if e.get("caption") is not None}
+
+
 def tagged_captions(ctx: Context) -> dict[str, str]:
-    """Image id → caption text from the tagger, for the images whose caption it sets."""
-    if not enabled(ctx.project):
-        return {}
-    return {e["id"]: e["caption"] for e in ctx.read_manifest(STAGE)["items"] if e.get("caption") is not None}
+    """The tagger's captions for textemb and train ({} for a project without a tagger)."""
+    return captions_of(ctx.read_manifest(STAGE)) if enabled(ctx.project) else {}
