@@ -16,7 +16,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import WS, copy_workspace
+from conftest import WS
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -348,3 +348,34 @@ def test_status_names_the_tag_stage_and_why(fresh):
     _set(fresh, character_threshold=0.5)
     st = json.loads(fresh.lorabuild("status", "demo", "--json").stdout)["stages"]
     assert st["tag"]["state"] == "stale" and "tagger.character_threshold: 0.85 → 0.5" in st["tag"]["why"]
+
+
+def test_fixed_batch_model_pads_the_last_chunk(tmp_path):
+    """Some exported taggers take one batch size only: a short last chunk is padded, and the
+    tags equal those of a model with a dynamic batch."""
+    import numpy as np
+
+    from lorabuild.tagger import Tagger, preprocess
+
+    fixed = Tagger(make_tagger(tmp_path / "fixed", batch=4), "cpu")
+    dynamic = Tagger(make_tagger(tmp_path / "dynamic"), "cpu")
+    assert fixed.fixed_batch == 4 and dynamic.fixed_batch is None
+    batch = np.stack([preprocess(Image.new("RGB", (8, 8), c), SIZE) for c in list(SOLID.values())[:3]])
+    assert np.allclose(fixed.predict(batch), dynamic.predict(batch), atol=1e-6)
+
+
+def test_unreadable_entry_is_recomputed_and_bad_images_follow_on_bad_image(fresh):
+    _add_tagger(fresh)
+    fresh.doit("tag:demo", build="c1")
+    entries = sorted((fresh.root / "cache" / "objects" / "tag").glob("*/*.tags.json"))
+    assert len(entries) == 2 and all(e.with_name(e.name.replace(".tags", "")).is_file() for e in entries)  # key beside each
+    entries[0].write_text("{trunc")
+    fresh.doit("-a", "tag:demo", build="c2")  # -a: run even though doit sees nothing changed
+    assert _counts(fresh) == (1, 1) and len(_captions(fresh)) == 2
+    (fresh.data / "10_redcircle shape" / "broken.png").write_bytes(b"not a png")
+    proc = fresh.doit("tag:demo", build="c3", check=False)
+    assert proc.returncode != 0 and "broken.png: not a readable image" in proc.stdout + proc.stderr
+    fresh.edit(lambda d: d["dataset"].update(on_bad_image="skip"))
+    fresh.doit("tag:demo", build="c4")
+    assert _counts(fresh) == (0, 2) and "broken.png" in "; ".join(fresh.report("tag")["notes"])
+    assert "demo/10_redcircle shape/broken.png" not in _captions(fresh)

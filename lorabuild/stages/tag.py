@@ -11,6 +11,7 @@ it beside the images. Nothing is written beside the images by a build.
 """
 from __future__ import annotations
 
+import json
 import posixpath
 from pathlib import Path
 
@@ -85,7 +86,6 @@ def _tag(items: list[Item], ctx: Context, settings: dict, store, sr: StageRun) -
     """Run the model over ``items`` in batches and store each image's tags."""
     import numpy as np
 
-    from ..cache import write_json
     from ..images import ImageError, load_rgb
     from ..tagger import Tagger, preprocess, select
 
@@ -108,8 +108,8 @@ def _tag(items: list[Item], ctx: Context, settings: dict, store, sr: StageRun) -
         probs = tagger.predict(np.stack(arrays))
         for it, p in zip(chunk, probs):
             tags = select(p, tagger.labels, settings)
-            with ctx.store(STAGE, ".json").put(it.hash, it.key, {"n": len(tags)}) as tmp:
-                write_json(tmp, {"tags": tags})
+            with store.put(it.hash, it.key, {"n": len(tags)}) as tmp:
+                tmp.write_text(json.dumps({"tags": tags}, ensure_ascii=False), encoding="utf-8")
         sr.computed += len(chunk)
 
 
@@ -126,7 +126,7 @@ def run(ctx: Context, dataset) -> dict:
         items = plan(dataset, settings, model_id, hashes)
     finally:
         hashes.save()
-    store = ctx.store(STAGE, ".json")
+    store = ctx.store(STAGE, ".tags.json")
     missing = {it.hash: it for it in sr.split(items, store)}
     for it in items:  # an unreadable entry is a miss (recounted as computed)
         if it.hash not in missing and _stored(store, it.hash) is None:
