@@ -252,7 +252,8 @@ def test_tags_reach_textemb_and_train(demo):
 
     _add_tagger(demo, additional_tags=["sks"])
     demo.doit("train:demo", build="t1")
-    assert {"tag", "textemb", "train"} <= demo.ran("t1") and "latents" not in demo.ran("t1")
+    assert demo.report("tag")["build"] == "t1" and _counts(demo) == (2, 0)
+    assert {"textemb", "train"} <= demo.ran("t1") and "latents" not in demo.ran("t1")
     caps = _captions(demo)
     encoded = {e["id"] for e in demo.manifest("textemb")["items"]}
     assert caps[RED] in encoded and caps[BLUE] in encoded
@@ -263,7 +264,7 @@ def test_tags_reach_textemb_and_train(demo):
         freq = json.loads(f.metadata()["ss_tag_frequency"])
     assert freq["10_redcircle shape"]["sks"] == 1 and freq["10_bluesquare shape"]["long hair"] == 1
     demo.doit("train:demo", build="t2")
-    assert demo.ran("t2") == set()  # up to date
+    assert demo.ran("t2") == set() and demo.report("tag")["build"] == "t1"  # up to date
 
 
 def test_cli_prints_and_writes_only_missing_captions_without_force(fresh):
