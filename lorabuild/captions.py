@@ -99,11 +99,14 @@ def random_caption(text: str, opts: Mapping, rng: random.Random, epoch: int = 1)
     return ", ".join(keep + rest)
 
 
-def dataset_captions(images, opts: Mapping) -> dict[str, str]:
-    """Image id → caption after the fixed options (caption file, else the concept's tokens)."""
+def dataset_captions(images, opts: Mapping, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Image id → caption after the fixed options (``overrides``, e.g. the tagger's text,
+    else the caption file, else the concept's tokens)."""
     out = {}
     for im in images:
-        if im.caption_path is None:
+        if overrides and im.id in overrides:
+            raw = overrides[im.id]
+        elif im.caption_path is None:
             raw = im.concept.tokens
         else:
             try:

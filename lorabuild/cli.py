@@ -1,4 +1,4 @@
-"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, watch, gc).
+"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, watch, tag, gc).
 
 Training knobs live in the project YAML and its schema, never in flags here.
 """
@@ -92,6 +92,21 @@ def _project(root: Path, name: str):
         return None
 
 
+def _tagged(root: Path, project) -> dict[str, str] | None:
+    """The captions of the tag stage's last run; a note when a tagger is set but has not run."""
+    from .cache import read_json
+    from .stages.tag import captions_of, enabled
+
+    if not enabled(project):
+        return None
+    manifest = read_json(Workspace(root).manifest(project.name, "tag"))
+    if not isinstance(manifest, dict):
+        print(f"note: the tagger has not run yet, so captions are shown without its tags: lorabuild tag {project.name}",
+              file=sys.stderr)
+        return None
+    return captions_of(manifest)
+
+
 def cmd_plan(root: Path, name: str, as_json: bool) -> int:
     import json
 
@@ -104,7 +119,7 @@ def cmd_plan(root: Path, name: str, as_json: bool) -> int:
         return 1
     hashes = FileHashes(Workspace(root).cache / "hashes.json")
     try:
-        plan = build_plan(project, hashes)
+        plan = build_plan(project, hashes, _tagged(root, project))
     except DatasetError as exc:
         print(f"{project.file}: dataset: {exc}", file=sys.stderr)
         return 1
@@ -153,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", type=Path, help="kohya --config_file TOML, or a text file with the command line")
     p.add_argument("--dataset-config", type=Path, help="kohya dataset config TOML ([[datasets]] / [[datasets.subsets]])")
     p.add_argument("-o", "--output", type=Path, help="the project YAML to write (default: print it)")
+    p = sub.add_parser("tag", help="run the WD14 tag stage and print each image's caption; --write puts them beside the images")
+    p.add_argument("name", help="project name (projects/NAME.yaml)")
+    p.add_argument("--write", action="store_true", help="write the captions as caption files beside the images that have none")
+    p.add_argument("--force", action="store_true", help="with --write: also overwrite caption files that differ")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
@@ -178,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         from .watch import cmd_watch
 
         return cmd_watch(find_root(), args.name, args.until, args.quiet)
+    if args.cmd == "tag":
+        if args.force and not args.write:
+            ap.error("--force only applies with --write (it lets --write overwrite caption files)")
+        from .tagcmd import cmd_tag
+
+        return cmd_tag(find_root(), args.name, args.write, args.force)
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
     return 2

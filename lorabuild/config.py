@@ -253,6 +253,13 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     pf = data["sample"]["prompt_file"]
     if pf and not (root / pf).is_file():
         doc.problem(pos("sample", "prompt_file"), "sample.prompt_file", f"{(root / pf).resolve()} does not exist")
+    tagger = data.get("tagger")
+    if tagger:
+        from .tagger import folder_problem
+
+        problem = folder_problem((root / tagger["model"]).resolve())
+        if problem:
+            doc.problem(pos("tagger", "model"), "tagger.model", problem)
     nw = data["network"]["weights"]
     if nw and not (root / nw).is_file():
         doc.problem(pos("network", "weights"), "network.weights", f"{(root / nw).resolve()} does not exist")

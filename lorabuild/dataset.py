@@ -26,6 +26,7 @@ class Concept:
     tokens: str  # the caption of images without a caption file
     is_reg: bool = False
     captions: dict = field(default_factory=dict, compare=False)  # caption options over the project's
+    caption_extension: str = field(default=".txt", compare=False)  # where a caption file is (or is written)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def scan(dirs: list[Path], project_root: Path, caption_extension: str, reg_dirs:
     warnings: list[str] = []
     for is_reg, group in ((False, dirs), (True, reg_dirs)):
         for ds in group:
-            for concept in _kohya_concepts(ds, is_reg, warnings):
+            for concept in _kohya_concepts(ds, is_reg, warnings, caption_extension):
                 concepts.append(concept)
                 images.extend(_concept_images(concept, project_root, caption_extension))
     for c in explicit:
@@ -86,9 +87,10 @@ def scan(dirs: list[Path], project_root: Path, caption_extension: str, reg_dirs:
         if not folder.is_dir():
             raise DatasetError(f"concept folder {folder} does not exist")
         tokens = " ".join(t for t in (c["trigger"], c["class"]) if t)
-        concept = Concept(folder, c["repeats"], tokens, c["is_reg"], dict(c["captions"]))
+        ext = c["caption_extension"] or caption_extension
+        concept = Concept(folder, c["repeats"], tokens, c["is_reg"], dict(c["captions"]), ext)
         concepts.append(concept)
-        found = _concept_images(concept, project_root, c["caption_extension"] or caption_extension)
+        found = _concept_images(concept, project_root, ext)
         if not found:
             warnings.append(f"{folder}: no images in this concept folder")
         images.extend(found)
@@ -102,7 +104,7 @@ def scan(dirs: list[Path], project_root: Path, caption_extension: str, reg_dirs:
     return Dataset(tuple(concepts), tuple(images), tuple(warnings))
 
 
-def _kohya_concepts(ds: Path, is_reg: bool, warnings: list[str]) -> list[Concept]:
+def _kohya_concepts(ds: Path, is_reg: bool, warnings: list[str], caption_extension: str) -> list[Concept]:
     """The ``<repeats>_<tokens>`` sub-folders of one dataset folder, with clear errors for the usual mistakes."""
     if not ds.is_dir():
         raise DatasetError(f"dataset folder {ds} does not exist")
@@ -118,7 +120,7 @@ def _kohya_concepts(ds: Path, is_reg: bool, warnings: list[str]) -> list[Concept
                 f"(rename it to e.g. '10_{sub.name}', or list it under dataset.concepts)"
             )
             continue
-        out.append(Concept(Path(sub.path), parsed[0], parsed[1], is_reg))
+        out.append(Concept(Path(sub.path), parsed[0], parsed[1], is_reg, caption_extension=caption_extension))
     if not out:
         if loose and parse_concept_name(ds.name) is not None:
             raise DatasetError(

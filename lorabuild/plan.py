@@ -33,12 +33,14 @@ def header_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def build_plan(project, hashes=None) -> dict:
-    """The plan as plain data (also printed by :func:`render`)."""
+def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> dict:
+    """The plan as plain data (also printed by :func:`render`); ``tagged``: the captions
+    the tag stage's last run gave (image id → text)."""
     ds: Dataset = from_project(project)
     warnings = list(ds.warnings)
+    tagged = tagged or {}
     try:
-        captions = dataset_captions(ds.images, project.section("captions"))
+        captions = dataset_captions(ds.images, project.section("captions"), tagged)
     except CaptionError as exc:
         warnings.append(str(exc))
         captions = {im.id: im.concept.tokens for im in ds.images}
@@ -74,7 +76,8 @@ def build_plan(project, hashes=None) -> dict:
         concepts.append({
             "folder": str(c.folder), "images": len(ims), "repeats": c.repeats, "default_caption": c.tokens,
             "captions_found": sum(im.caption_path is not None for im in ims),
-            "captions_defaulted": sum(im.caption_path is None for im in ims),
+            "captions_defaulted": sum(im.caption_path is None and im.id not in tagged for im in ims),
+            "captions_tagged": sum(im.id in tagged for im in ims),
             "share_of_epoch": round(len(ims) * c.repeats / total, 4),
         })
         if c.repeats * t["epochs"] and not 100 <= c.repeats * t["epochs"] <= 200:
@@ -84,7 +87,7 @@ def build_plan(project, hashes=None) -> dict:
     warnings += advice(t["optimizer"], t["learning_rate"])
     if project.get("latents.random_crop"):
         warnings.append("latents.random_crop is on: the latent cache is off and training encodes every image every epoch (slower)")
-    missing = [im.id for im in ds.images if im.caption_path is None]
+    missing = [im.id for im in ds.images if im.caption_path is None and im.id not in tagged]
     if missing:
         warnings.append(f"{len(missing)} image(s) have no caption file and use their folder's tokens: {', '.join(missing[:5])}")
     if tiny:
@@ -139,6 +142,7 @@ def render(plan: dict) -> str:
         lines.append(
             f"    {c['folder']}: {c['images']} images × {c['repeats']} repeats = {c['share_of_epoch']:.0%} of an epoch; "
             f"caption default '{c['default_caption']}'; captions found {c['captions_found']}, defaulted {c['captions_defaulted']}"
+            + (f", tagged {c['captions_tagged']}" if c.get("captions_tagged") else "")
         )
     lines.append("  buckets: " + ", ".join(f"{k}: {v}" for k, v in plan["buckets"].items()))
     s = plan["steps"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cache import read_json
-from .tasks import STAGES, Graph
+from .tasks import Graph, stages_of
 
-UPSTREAM = {"bucket": ["resize"], "latents": ["bucket"], "textemb": ["resize"], "train": ["latents", "textemb"],
+UPSTREAM = {"bucket": ["resize"], "latents": ["bucket"], "textemb": ["resize", "tag"], "train": ["latents", "textemb", "tag"],
             "sample": ["train"]}
 
 
@@ -42,10 +42,13 @@ def _describe(paths: list[str], verb: str) -> list[str]:
             kind = "images"
         elif suffix in (".safetensors", ".bin"):
             kind = "model weight files"
+        elif suffix in (".onnx", ".csv"):
+            kind = "tagger model files"
         else:
             kind = "caption files"
         kinds[kind] = kinds.get(kind, 0) + 1
-    return [f"{n} {k} {verb}" if k in ("images", "caption files", "model weight files") else f"{k} {verb}"
+    counted = ("images", "caption files", "model weight files", "tagger model files")
+    return [f"{n} {k} {verb}" if k in counted else f"{k} {verb}"
             for k, n in sorted(kinds.items())]
 
 
@@ -61,14 +64,15 @@ def project_status(root: Path, name: str) -> dict:
     if p is None:
         return {"project": name, "error": error, "stages": {}}
     tasks = {}
-    for stage in STAGES:
+    stages_here = stages_of(p)
+    for stage in stages_here:
         d = graph._task(stage, f, p, ds)
         d = {k: v for k, v in d.items() if k != "basename"} | {"name": f"{stage}:{name}"}
         tasks[d["name"]] = dict_to_task(d)
     db = graph.ws.cache / "doit.sqlite3"
     dep = Dependency(SqliteDB, str(db), checker_cls=MD5Checker) if db.is_file() else None
     stages: dict[str, dict] = {}
-    for stage in STAGES:
+    for stage in stages_here:
         task = tasks[f"{stage}:{name}"]
         report = read_json(graph.ws.report(name, stage), {}) or {}
         why: list[str] = []
@@ -88,7 +92,7 @@ def project_status(root: Path, name: str) -> dict:
                 why.append(f"output {t} is missing")
             if st.status == "error":
                 why.append(st.error_reason or "a dependency is missing")
-        stale_up = [u for u in UPSTREAM.get(stage, []) if stages.get(u, {}).get("state") != "up to date"]
+        stale_up = [u for u in UPSTREAM.get(stage, []) if u in stages and stages[u]["state"] != "up to date"]
         if state == "up to date" and stale_up:
             state, why = "waits on upstream", [f"upstream {', '.join(stale_up)} stale: may re-run after it"]
         stages[stage] = {"state": state, "why": why, "last": {k: report.get(k) for k in ("build", "computed", "reused", "removed")}}

@@ -19,9 +19,10 @@ from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
 from .workspace import Workspace, build_id
 
-STAGES = ("resize", "bucket", "latents", "textemb", "train", "sample")
+STAGES = ("resize", "tag", "bucket", "latents", "textemb", "train", "sample")
 DOCS = {
     "resize": "images → RGB working copies (EXIF-aware, longest side ≤ resize.max_side)",
+    "tag": "images → WD14 tags from the project's tagger (only projects with a tagger section)",
     "bucket": "working copies → kohya aspect-ratio buckets, resize sizes and crops",
     "latents": "bucketed images → VAE latents (content-addressed)",
     "textemb": "distinct captions → text-encoder embeddings (when they can be cached)",
@@ -48,6 +49,13 @@ def _plain(value):
 # what names the base model: a change reruns the stages that load it (they reuse what its
 # identity, a content hash, says is unchanged)
 MODEL = ("base_model",) + models.MODEL_OPTIONS
+
+
+def stages_of(project: Project) -> tuple[str, ...]:
+    """The stages a project has: ``tag`` only with a ``tagger`` section."""
+    from .stages import tag
+
+    return STAGES if tag.enabled(project) else tuple(s for s in STAGES if s != "tag")
 
 
 def _weights(project: Project, ws: Workspace, *components: str) -> list[str]:
@@ -143,7 +151,7 @@ def _project_lock(ws: Workspace, name: str):
 
 
 def _run(stage: str, ctx) -> None:
-    from .stages import bucket, latents, resize, sample, textemb, train
+    from .stages import bucket, latents, resize, sample, tag, textemb, train
 
     p = ctx.project
     dataset = from_project(p)
@@ -151,6 +159,8 @@ def _run(stage: str, ctx) -> None:
         for w in dataset.warnings:
             print(f"warning: {w}", file=sys.stderr)
         resize.run(ctx, dataset, _params(p, resize.PARAMS), p.get("dataset.on_bad_image"))
+    elif stage == "tag":
+        tag.run(ctx, dataset)
     elif stage == "bucket":
         bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"))
     elif stage == "latents":
@@ -198,30 +208,34 @@ class Graph:
         for f, p, ds, error in self.projects():
             if p is None:
                 yield _failing(stage, f.stem, error)
-                continue
-            yield self._task(stage, f, p, ds)
+            elif stage in stages_of(p):
+                yield self._task(stage, f, p, ds)
 
     def _task(self, stage: str, f: Path, p: Project, ds: Dataset) -> dict:
-        from .stages import bucket, latents, resize, sample, textemb, train
+        from .stages import bucket, latents, resize, sample, tag, textemb, train
 
         m = lambda s: str(self.ws.manifest(p.name, s))  # noqa: E731
         lora = str(self.ws.output_dir(p.output_name) / f"{p.output_name}.safetensors")
         captions = [str(c) for c in ds.caption_files()]
         v = {"task_version": TASK_VERSION}
+        tagged = [m("tag")] if tag.enabled(p) else []  # the tagger's captions, when there is one
         if stage == "resize":
             keys = resize.PARAMS + ("dataset.on_bad_image",)
             deps, cfg = [str(im.path) for im in ds.images], {**_params(p, keys), "v": resize.VERSION}
+        elif stage == "tag":
+            deps = [str(im.path) for im in ds.images] + captions + [str(f) for f in tag.model_files(p)]
+            cfg = {**_params(p, ("tagger", "dataset", "device")), "v": tag.VERSION}
         elif stage == "bucket":
             deps, cfg = [m("resize")], {**_params(p, bucket.PARAMS + bucket.FILTER_PARAMS), "v": bucket.VERSION}
         elif stage == "latents":
             deps = [m("bucket")] + _weights(p, self.ws, "vae")
             cfg = {**_params(p, latents.PARAMS + MODEL + ("device",)), "v": latents.VERSION}
         elif stage == "textemb":
-            deps = [m("resize")] + captions + _weights(p, self.ws, "text_encoder")
+            deps = [m("resize")] + tagged + captions + _weights(p, self.ws, "text_encoder")
             keys = textemb.PARAMS + MODEL + ("captions", "network.train_text_encoder", "dataset")
             cfg = {**_params(p, keys), "v": textemb.VERSION}
         elif stage == "train":
-            deps = [m("latents"), m("textemb")] + captions + _weights(p, self.ws, "unet", "text_encoder")
+            deps = [m("latents"), m("textemb")] + tagged + captions + _weights(p, self.ws, "unet", "text_encoder")
             if p.get("network.weights"):
                 deps.append(str(p.resolve(p.get("network.weights"))))
             cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + MODEL + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}

@@ -45,10 +45,13 @@ def item_key(caption: str, clip_skip: int, max_token_length: int, te_id: str) ->
 
 
 def captions_for(ctx: Context, dataset) -> dict[str, str]:
-    """Image id → caption, for the images the resize stage kept."""
+    """Image id → caption, for the images the resize stage kept (the tagger's where it sets them)."""
+    from .tag import tagged_captions
+
     kept = {e["id"] for e in ctx.read_manifest("resize")["items"]}
     try:
-        return dataset_captions([im for im in dataset.images if im.id in kept], ctx.project.section("captions"))
+        return dataset_captions([im for im in dataset.images if im.id in kept], ctx.project.section("captions"),
+                                tagged_captions(ctx))
     except CaptionError as exc:
         raise StageError(str(exc)) from None
 
