@@ -76,16 +76,18 @@ class TrainPlan:
     steps_per_epoch: int
     epochs: int
     total_steps: int
+    processes: int = 1  # ranks sharing each step's batches (train.processes × nodes)
 
     @property
     def effective_batch(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps
+        return self.batch_size * self.processes * self.gradient_accumulation_steps
 
     def banner(self) -> str:
         return (
             f"  images {self.images}, samples per epoch {self.samples_per_epoch} (with repeats; "
             f"{self.reg_samples_per_epoch} regularization), "
-            f"batch {self.batch_size} × accumulation {self.gradient_accumulation_steps} = {self.effective_batch}\n"
+            f"batch {self.batch_size}{f' × processes {self.processes}' if self.processes > 1 else ''} "
+            f"× accumulation {self.gradient_accumulation_steps} = {self.effective_batch}\n"
             f"  batches per epoch {self.batches_per_epoch}, steps per epoch {self.steps_per_epoch}, "
             f"epochs {self.epochs}, total optimizer steps {self.total_steps}"
         )
@@ -113,9 +115,10 @@ def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int)
     return batches
 
 
-def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: int) -> TrainPlan:
+def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: int, processes: int = 1) -> TrainPlan:
+    """kohya's step arithmetic; with several processes a step takes ``processes × grad_accum`` batches."""
     batches = len(epoch_batches(samples, batch_size, 0, 0))
-    steps = math.ceil(batches / grad_accum)
+    steps = math.ceil(batches / (grad_accum * processes))
     return TrainPlan(
         images=sum(not s.is_reg for s in samples),
         reg_samples_per_epoch=sum(s.repeats for s in samples if s.is_reg),
@@ -126,4 +129,5 @@ def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: i
         steps_per_epoch=steps,
         epochs=epochs,
         total_steps=steps * epochs,
+        processes=processes,
     )
