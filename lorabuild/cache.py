@@ -130,7 +130,7 @@ class CorruptEntry(Exception):
 
     def __init__(self, stage: str, path: Path, reason: str):
         super().__init__(f"{stage} cache entry {path} is unreadable ({reason})")
-        self.stage, self.path = stage, Path(path)
+        self.stage, self.path, self.reason = stage, Path(path), reason
 
 
 def checked_read(stage: str, path: str | os.PathLike, reader):

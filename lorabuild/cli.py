@@ -2,7 +2,7 @@
 and ``train`` for launching a build on several processes or nodes.
 
 Training knobs live in the project YAML and its schema, never in flags here; ``train``'s flags
-say only where training runs (torchrun's own options).
+are torchrun's (how many processes, which nodes), ``--nproc`` overriding ``train.processes``.
 """
 from __future__ import annotations
 

@@ -28,7 +28,23 @@ ENV = {"nproc": "LORABUILD_NPROC", "nnodes": "LORABUILD_NNODES", "node_rank": "L
 
 
 class LaunchError(Exception):
-    """The ranks did not finish; the message names the rank that failed and its error."""
+    """The ranks did not finish; the message names the rank that failed and its error.
+    ``corrupt``: (stage, path, reason) when that error was an unreadable cache entry."""
+
+    def __init__(self, message: str, corrupt: list | None = None, who: str = ""):
+        super().__init__(message)
+        self.corrupt, self.who = corrupt, who
+
+    def for_stage(self, where: str) -> Exception:
+        """The parent stage's error: an unreadable cache entry stays a CorruptEntry (so the build
+        removes it and the next run recomputes just that entry), anything else a StageError."""
+        from .cache import CorruptEntry
+        from .stages.base import StageError
+
+        if self.corrupt:
+            stage, path, reason = self.corrupt
+            return CorruptEntry(stage, Path(path), f"{reason}; read by {self.who}")
+        return StageError(f"{where}: {self}")
 
 
 @dataclass(frozen=True)
@@ -93,8 +109,8 @@ def keyed_train(train: dict, world: int) -> dict:
     return out
 
 
-def micro_batches(batches: list, accum: int, rank: Rank = SINGLE) -> list[tuple[list, bool, bool]]:
-    """This rank's share of one epoch: ``(batch, live, ends_step)`` triples.
+def micro_batches(batches: list, accum: int, rank: Rank = SINGLE) -> list[tuple[list, bool, bool, bool]]:
+    """This rank's share of one epoch: ``(batch, live, ends_step, last)`` tuples.
 
     The epoch's batches (the same list on every rank: ``epoch_batches`` is seeded) are cut
     into optimizer steps of ``world × accum`` batches; rank r takes batches r, r+world, …
@@ -104,14 +120,16 @@ def micro_batches(batches: list, accum: int, rank: Rank = SINGLE) -> list[tuple[
     A rank with no batch in the last, short step still joins that step's all-reduce with a
     batch whose loss is weighted 0 (``live`` False), as DDP needs every rank in every
     reduction. With one process this is the familiar "step every ``accum`` batches and at
-    the end of the epoch".
+    the end of the epoch". ``last`` marks the step's last batch in epoch order (on one
+    rank): its loss is the one the log shows, as with one process.
     """
     group = accum * rank.world
     out = []
     for start in range(0, len(batches), group):
-        mine = [(b, True) for b in batches[start + rank.rank: start + group: rank.world]]
-        mine = mine or [(batches[start], False)]
-        out.extend((b, live, j == len(mine) - 1) for j, (b, live) in enumerate(mine))
+        end = min(start + group, len(batches))
+        mine = [(b, True, i == end - 1) for i, b in enumerate(batches[start:end], start) if (i - start) % rank.world == rank.rank]
+        mine = mine or [(batches[start], False, False)]
+        out.extend((b, live, j == len(mine) - 1, last) for j, (b, live, last) in enumerate(mine))
     return out
 
 
@@ -126,7 +144,11 @@ def local_device(device):
 
     if device.type != "cuda" or "LOCAL_RANK" not in os.environ:
         return device
-    dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if local >= gpus:
+        raise ValueError(f"process {local} of this machine has no GPU of its own (torch sees {gpus}): "
+                         "use at most that many processes (train.processes / --nproc)")
+    dev = torch.device("cuda", local)
     torch.cuda.set_device(dev)
     return dev
 
@@ -181,17 +203,17 @@ class Denoise:
         self.ddp.require_backward_grad_sync = ends_step
         return self.ddp(noisy, t, hidden, added)
 
-    def mean(self, value: float, live: bool) -> float:
-        """A step's loss for the log: the mean over the ranks' last live micro-batches."""
+    def logged(self, value: float, last: bool) -> float:
+        """A step's loss for the log: that of its last batch, from the rank that has it (so the
+        log reads the same as one process accumulating)."""
         if self.ddp is None:
             return value
         import torch
         import torch.distributed as td
 
-        t = torch.tensor([value if live else 0.0, float(live)], dtype=torch.float64,
-                         device=next(self.module.parameters()).device)
+        t = torch.tensor([value if last else 0.0], dtype=torch.float64, device=next(self.module.parameters()).device)
         td.all_reduce(t)
-        return float(t[0] / t[1].clamp(min=1))
+        return float(t[0])
 
 
 # ---------------------------------------------------------------------------- launching
@@ -230,30 +252,35 @@ def run_ranks(job: str, cache_root: Path, root: Path, project_file: Path, launch
         cmd = _torchrun(launch, [job, str(root), str(project_file), str(folder)])
         code = subprocess.run(cmd).returncode
         if code != 0:
-            raise LaunchError(_failure(folder, code, launch))
+            raise _failure(folder, code, launch)
         return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(folder.glob("result-*.json"))]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _failure(folder: Path, code: int, launch: Launch) -> str:
+def _failure(folder: Path, code: int, launch: Launch) -> LaunchError:
     """The first rank's error: a rank that fails first breaks the others' collectives, so the
     earliest report is the cause."""
-    errors = sorted((json.loads(f.read_text(encoding="utf-8")) for f in folder.glob("error-*.json")),
+    from .cache import read_json
+
+    errors = sorted((read_json(f) for f in folder.glob("error-*.json")),
                     key=lambda e: e["time"])
     if not errors:
-        return (f"torchrun exited with code {code} and no rank reported an error "
-                "(a process was killed, or could not start: see the output above)")
+        return LaunchError(f"torchrun exited with code {code} and no rank reported an error "
+                           "(a process was killed, or could not start: see the output above)")
     e = errors[0]
-    return f"rank {e['rank']} of {launch.world} failed: {e['error']}"
+    who = f"rank {e['rank']} of {launch.world}"
+    return LaunchError(f"{who} failed: {e['error']}", e.get("corrupt"), who)
 
 
-def report(folder: str | Path, rank: Rank, result: dict | None = None, error: str | None = None) -> None:
+def report(folder: str | Path, rank: Rank, result: dict | None = None, error: str | None = None,
+           corrupt: list | None = None) -> None:
     """A rank's answer to its parent: its counts, or its error (written before it exits)."""
     from .cache import write_json
 
     if error is not None:
-        write_json(Path(folder) / f"error-{rank.rank}.json", {"rank": rank.rank, "error": error, "time": time.time()})
+        write_json(Path(folder) / f"error-{rank.rank}.json", {"rank": rank.rank, "error": error, "time": time.time(),
+                                                                  "corrupt": corrupt})
     else:
         write_json(Path(folder) / f"result-{rank.rank}.json", {"rank": rank.rank, **(result or {})})
 

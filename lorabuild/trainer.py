@@ -296,7 +296,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     for epoch in range(first_epoch, inp.plan.epochs + 1):
         batches = epoch_batches(inp.samples, inp.plan.batch_size, tr["seed"], epoch)
         running = []
-        for batch, live, ends_step in dist.micro_batches(batches, accum, inp.rank):
+        for batch, live, ends_step, last in dist.micro_batches(batches, accum, inp.rank):
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(train_te), autocast:
                 latents, noise, t, hidden, weight, added = _batch_inputs(inp, batch, epoch, n_timesteps, toks, tes, vae)
@@ -330,7 +330,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 # 4. log
-                logged = denoise.mean(loss.item(), live)  # several ranks: their mean
+                logged = denoise.logged(loss.item(), last)  # several ranks: from the one with the step's last batch
                 mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :]) if running else logged
                 inp.log_rows.append((step, epoch, logged, lr, round(time.perf_counter() - t0, 3)))
                 if inp.scalar is not None:

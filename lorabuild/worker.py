@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _run(stage, root, project_file, folder, rank)
     except Exception as exc:
-        dist.report(folder, rank, error=_message(exc))
+        from .cache import CorruptEntry
+
+        corrupt = [exc.stage, str(exc.path), exc.reason] if isinstance(exc, CorruptEntry) else None
+        dist.report(folder, rank, error=_message(exc), corrupt=corrupt)
         raise  # the traceback goes to this rank's stderr; torchrun stops the other ranks
     dist.report(folder, rank, result)
     return 0

@@ -98,13 +98,14 @@ class StageRun:
                 results = run_ranks(self.stage, self.ctx.ws.cache, self.ctx.ws.root, self.ctx.project.file, launch,
                                     [it.hash for it in missing])
             except LaunchError as exc:
-                raise StageError(f"{self.stage}:{self.ctx.name}: {exc}") from None
+                raise exc.for_stage(f"{self.stage}:{self.ctx.name}") from None
             absent = [it.id for it in missing if not store.has(it.hash)]
             if absent:
                 raise StageError(f"{self.stage}:{self.ctx.name}: the processes finished without computing "
                                  f"{len(absent)} entries (e.g. {absent[0]})")
-            done = sum(r["computed"] for r in results)
-            self.notes.append(f"computed by {launch.nproc} processes")
+            shares = [r["computed"] for r in sorted(results, key=lambda r: r["rank"])]
+            done = sum(shares)
+            self.notes.append(f"computed by {launch.nproc} processes: {' + '.join(map(str, shares))}")
         self.computed += done
         self.reused += len(missing) - done
 

@@ -256,7 +256,7 @@ def _train(r: Run, resume: dict | None) -> list:
     try:
         train(inp, save)
     except (FloatingPointError, TrainError) as exc:
-        raise StageError(f"train:{ctx.name}: {exc}") from None
+        raise exc.for_stage(f"train:{ctx.name}") from None
     finally:
         if writer is not None:
             writer.close()
@@ -268,7 +268,7 @@ def _launch(ctx: Context, launch) -> tuple | None:
     try:
         results = dist.run_ranks(STAGE, ctx.ws.cache, ctx.ws.root, ctx.project.file, launch)
     except dist.LaunchError as exc:
-        raise StageError(f"train:{ctx.name}: {exc}") from None
+        raise exc.for_stage(f"train:{ctx.name}") from None
     main = [r for r in results if r["rank"] == 0]
     return tuple(main[0]["sampled"]) if main and main[0].get("sampled") else None
 
