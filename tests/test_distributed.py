@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import WS
+from conftest import copy_workspace as _copy
 from lorabuild.dist import Rank, micro_batches
 from lorabuild.trainplan import Sample, epoch_batches
 
@@ -68,15 +68,9 @@ def template(tmp_path_factory) -> WS:
 @pytest.fixture(scope="module")
 def cached(template, tmp_path_factory) -> WS:
     """The template with project a's caches built (one process)."""
-    ws = WS(tmp_path_factory.mktemp("cached") / "ws")
-    shutil.copytree(template.root, ws.root, symlinks=True)
+    ws = _copy(template, tmp_path_factory.mktemp("cached") / "ws")
     ws.doit("latents:a", "textemb:a", build="caches")
     return ws
-
-
-def _copy(src: WS, dst: Path) -> WS:
-    shutil.copytree(src.root, dst, symlinks=True)
-    return WS(dst)
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +241,10 @@ def test_doit_n2_two_projects_share_entries_computed_once(template, tmp_path):
     for name in ("a", "b"):
         assert load_file(ws.root / "output" / name / f"{name}.safetensors")
         assert ws.report("train", name)["computed"] == 1
-    for stage in ("resize", "latents", "textemb"):
+    for stage in ("resize", "bucket", "latents", "textemb"):
         a, b = ws.report(stage, "a"), ws.report(stage, "b")
-        assert a["computed"] + b["computed"] == 5, (stage, a, b)
+        keys = {e["hash"] for e in ws.manifest(stage, "a")["items"]}
+        assert keys == {e["hash"] for e in ws.manifest(stage, "b")["items"]}
+        assert a["computed"] + b["computed"] == len(keys), (stage, a, b)
         assert a["computed"] + a["reused"] == b["computed"] + b["reused"] == 5
     assert _entries_whole(ws) > 0
