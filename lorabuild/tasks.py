@@ -227,7 +227,7 @@ class Graph:
                 deps.append(str(p.resolve(p.get("network.weights"))))
             cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + MODEL + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}
             world = launch_options(p).world
-            if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA
+            if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA it trains
                 cfg["world"] = world
         else:
             deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")

@@ -256,7 +256,7 @@ def _train(r: Run, resume: dict | None) -> list:
     try:
         train(inp, save)
     except (FloatingPointError, TrainError) as exc:
-        raise exc.for_stage(f"train:{ctx.name}") from None
+        raise StageError(f"train:{ctx.name}: {exc}") from None
     finally:
         if writer is not None:
             writer.close()
