@@ -130,7 +130,7 @@ class CorruptEntry(Exception):
 
     def __init__(self, stage: str, path: Path, reason: str):
         super().__init__(f"{stage} cache entry {path} is unreadable ({reason})")
-        self.stage, self.path = stage, Path(path)
+        self.stage, self.path, self.reason = stage, Path(path), reason
 
 
 def checked_read(stage: str, path: str | os.PathLike, reader):
@@ -185,6 +185,30 @@ class Store:
         write_json(self.sidecar(h), {"key": key, "info": info or {}})
         with atomic_path(self.path(h)) as tmp:
             yield tmp
+
+
+    def lock_path(self, h: str) -> Path:
+        # 4,096 lock files per stage at most: two keys share one only by their first 3 hex digits
+        return self.root.parent.parent / "locks" / "objects" / self.stage / f"{h[:3]}.lock"
+
+    @contextlib.contextmanager
+    def claim(self, hashes: list[str]) -> Iterator[set[str]]:
+        """Lock these keys against other processes and yield the ones still missing.
+
+        Two builds that share an entry (``doit -n 2`` over projects with the same images)
+        would otherwise both find it missing and both compute it; with the claim the second
+        waits for the first and then finds it present. Locks are taken in sorted order, so
+        two claims over overlapping keys cannot deadlock. Writes stay atomic either way: the
+        lock only saves the duplicate work.
+        """
+        from filelock import FileLock
+
+        stripes = sorted({self.lock_path(h) for h in hashes})
+        with contextlib.ExitStack() as stack:
+            for path in stripes:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(FileLock(str(path)))
+            yield {h for h in hashes if not self.has(h)}
 
 
 class FileHashes:

@@ -1,6 +1,8 @@
-"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, watch, tag, gc).
+"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, watch, tag, gc),
+and ``train`` for launching a build on several processes or nodes.
 
-Training knobs live in the project YAML and its schema, never in flags here.
+Training knobs live in the project YAML and its schema, never in flags here; ``train``'s flags
+are torchrun's (how many processes, which nodes), ``--nproc`` overriding ``train.processes``.
 """
 from __future__ import annotations
 
@@ -143,6 +145,37 @@ def cmd_status(root: Path, name: str, as_json: bool) -> int:
     return 1 if st.get("error") else 0
 
 
+def cmd_train(root: Path, name: str, launch: dict, until: str) -> int:
+    """Build NAME up to ``until`` with training spread over processes (and nodes) by torchrun.
+
+    Node 0 runs the build (``doit train:NAME``); its train stage starts torchrun with these
+    options, and rank 0 there writes everything. Another node only starts its ranks, which
+    read the caches and the project from the shared workspace and write nothing.
+    """
+    import os
+    import subprocess
+
+    from . import dist
+
+    for k, v in launch.items():
+        if v is not None:
+            os.environ[dist.ENV[k]] = str(v)
+    project = _project(root, name)
+    if project is None:
+        return 1
+    opts = dist.launch_options(project)
+    try:
+        dist.check_launch(opts)
+        if opts.node_rank == 0:
+            return subprocess.run([sys.executable, "-m", "doit", f"{until}:{project.name}"], cwd=root).returncode
+        dist.run_ranks("train", Workspace(root).cache, root, project.file, opts)
+    except dist.LaunchError as exc:
+        print(f"lorabuild train: {exc}", file=sys.stderr)
+        return 1
+    print(f"lorabuild train: node {opts.node_rank} of {opts.nnodes} finished its ranks; node 0 writes the LoRA")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lorabuild", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -172,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", help="project name (projects/NAME.yaml)")
     p.add_argument("--write", action="store_true", help="write the captions as caption files beside the images that have none")
     p.add_argument("--force", action="store_true", help="with --write: also overwrite caption files that differ")
+    p = sub.add_parser("train", help="build a LoRA, training on several processes/GPUs/nodes through torchrun")
+    p.add_argument("name", help="project name (projects/NAME.yaml)")
+    p.add_argument("--nproc", type=int, help="processes on this machine, one per GPU (default: train.processes)")
+    p.add_argument("--nnodes", type=int, help="machines taking part (torchrun --nnodes; default 1)")
+    p.add_argument("--node-rank", type=int, help="this machine's place, 0 … nnodes-1; node 0 runs the build and writes")
+    p.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, where the nodes meet (torchrun --rdzv-endpoint)")
+    p.add_argument("--until", choices=["train", "sample"], default="train", help="on node 0: stop after train or sample")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
@@ -203,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         from .tagcmd import cmd_tag
 
         return cmd_tag(find_root(), args.name, args.write, args.force)
+    if args.cmd == "train":
+        launch = {"nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
+                  "rdzv_endpoint": args.rdzv_endpoint}
+        return cmd_train(find_root(), args.name, launch, args.until)
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
     return 2

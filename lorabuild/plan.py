@@ -67,7 +67,10 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     if held_out:
         warnings.append(f"{len(held_out)} image(s) held out for validation (train.validation_split): "
                         f"{', '.join(s.id for s in held_out[:5])}")
-    tp = make_plan(samples, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"], t["max_steps"]) if samples else None
+    from .dist import launch_options
+
+    tp = make_plan(samples, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"], t["max_steps"],
+                   launch_options(project).world) if samples else None
 
     concepts = []
     total = sum(s.repeats for s in samples) or 1
@@ -106,7 +109,7 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
             "images": tp.images, "samples_per_epoch": tp.samples_per_epoch, "batch_size": tp.batch_size,
             "gradient_accumulation_steps": tp.gradient_accumulation_steps, "effective_batch": tp.effective_batch,
             "batches_per_epoch": tp.batches_per_epoch, "steps_per_epoch": tp.steps_per_epoch,
-            "epochs": tp.epochs, "total_steps": tp.total_steps,
+            "epochs": tp.epochs, "total_steps": tp.total_steps, "processes": tp.processes,
             "last_epoch_steps": tp.total_steps - (tp.epochs - 1) * tp.steps_per_epoch,
         },
         "top_tags": tags.most_common(20),
@@ -148,7 +151,8 @@ def render(plan: dict) -> str:
     s = plan["steps"]
     if s:
         lines.append(
-            f"  steps: {s['samples_per_epoch']} samples per epoch, batch {s['batch_size']} × accumulation "
+            f"  steps: {s['samples_per_epoch']} samples per epoch, batch {s['batch_size']} × "
+            + (f"processes {s['processes']} × " if s.get("processes", 1) > 1 else "") + "accumulation "
             f"{s['gradient_accumulation_steps']} → {s['steps_per_epoch']} steps per epoch × {s['epochs']} epochs = "
             f"{s['total_steps']} steps"
             + (f" (max_steps: epoch {s['epochs']} stops after {s['last_epoch_steps']} of its steps)"

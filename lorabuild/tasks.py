@@ -17,6 +17,7 @@ from doit.tools import config_changed
 from . import models
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
+from .dist import launch_options
 from .workspace import Workspace, build_id
 
 STAGES = ("resize", "tag", "bucket", "latents", "textemb", "train", "sample")
@@ -239,6 +240,9 @@ class Graph:
             if p.get("network.weights"):
                 deps.append(str(p.resolve(p.get("network.weights"))))
             cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + MODEL + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}
+            world = launch_options(p).world
+            if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA it trains
+                cfg["world"] = world
         else:
             deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")
             if p.get("sample.prompt_file"):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import dist
 from .cache import checked_read
 from .captions import random_caption
 from .losses import debiased_weights, min_snr_weights, multires_noise, offset_noise, per_sample_loss
@@ -50,6 +51,7 @@ class TrainInputs:
     save_state: Callable[[int, dict], None] | None = None  # called at the end of every epoch
     sizes: dict[str, dict] = field(default_factory=dict)  # image id → latents manifest entry (SDXL time_ids)
     scalar: Callable[[str, float, int], None] | None = None  # (tag, value, step): a live log such as TensorBoard
+    rank: dist.Rank = dist.SINGLE  # with several processes: this one's share of each epoch (see dist.py)
 
 
 def _dtype(mixed_precision: str):
@@ -275,8 +277,11 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         t0 -= inp.log_rows[-1][4] if inp.log_rows else 0.0
     n_timesteps = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
+    denoise = dist.Denoise(unet, network, inp.rank, inp.device)  # DDP when there are several ranks
+    main = inp.rank.main
 
-    print(f"train: {network.module_count()} LoRA modules (unet, text encoder)\n{inp.plan.banner()}", flush=True)
+    if main:
+        print(f"train: {network.module_count()} LoRA modules (unet, text encoder)\n{inp.plan.banner()}", flush=True)
     parts = {"unet": unet, "text_encoders": tes, "tokenizers": toks, "vae": vae}
 
     def sample(row_id: str, epoch: int) -> None:
@@ -287,11 +292,11 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
 
     if first_epoch == 1:
         sample("base", 0)  # kohya's sample_at_first: the base model before any step
-    bar = tqdm(total=inp.plan.total_steps, initial=step, desc="train", unit="step")
+    bar = tqdm(total=inp.plan.total_steps, initial=step, desc="train", unit="step", disable=not main)
     for epoch in range(first_epoch, inp.plan.epochs + 1):
         batches = epoch_batches(inp.samples, inp.plan.batch_size, tr["seed"], epoch)
         running = []
-        for i, batch in enumerate(batches):
+        for batch, live, ends_step, last in dist.micro_batches(batches, accum, inp.rank):
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(train_te), autocast:
                 latents, noise, t, hidden, weight, added = _batch_inputs(inp, batch, epoch, n_timesteps, toks, tes, vae)
@@ -299,20 +304,21 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             target = sched.get_velocity(latents, noise, t) if v_pred else noise
             # 2. loss
             with autocast:
-                pred = unet(noisy, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+                pred = denoise(noisy, t, hidden, added, ends_step)
             # per-sample loss; min-SNR weighting; regularization images weighted by prior_loss_weight (kohya)
             per_sample = per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"])
             if tr["min_snr_gamma"]:
                 per_sample = per_sample * min_snr_weights(sched.alphas_cumprod, t, tr["min_snr_gamma"], v_pred)
             if tr["debiased_estimation"]:
                 per_sample = per_sample * debiased_weights(sched.alphas_cumprod, t, v_pred)
-            loss = (per_sample * weight).mean()
+            loss = (per_sample * weight).mean() * (1.0 if live else 0.0)  # a rank's filler joins the all-reduce only
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}: stopping")
             scaler.scale(loss / accum).backward()
-            running.append(loss.item())
+            if live:
+                running.append(loss.item())
             # 3. optimizer step every `accum` batches (and at the end of the epoch)
-            if (i + 1) % accum == 0 or i + 1 == len(batches):
+            if ends_step:
                 scaler.unscale_(optimizer)
                 if tr["max_grad_norm"] > 0:
                     torch.nn.utils.clip_grad_norm_(params, tr["max_grad_norm"])
@@ -324,10 +330,11 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 # 4. log
-                mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :])
-                inp.log_rows.append((step, epoch, loss.item(), lr, round(time.perf_counter() - t0, 3)))
+                logged = denoise.logged(loss.item(), last)  # several ranks: from the one with the step's last batch
+                mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :]) if running else logged
+                inp.log_rows.append((step, epoch, logged, lr, round(time.perf_counter() - t0, 3)))
                 if inp.scalar is not None:
-                    inp.scalar("loss/step", loss.item(), step)
+                    inp.scalar("loss/step", logged, step)
                     inp.scalar("loss/running_mean", mean, step)
                     inp.scalar("lr", lr, step)
                 bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
@@ -335,7 +342,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 sample(f"s{step:06d}", epoch)
                 if step >= inp.plan.total_steps:  # max_steps: the last epoch stops here
                     break
-        if inp.val_samples:
+        if inp.val_samples and main:
             val = validation_loss(inp, unet, sched, toks, tes, vae, autocast)
             inp.val_rows.append((epoch, step, val))
             if inp.scalar is not None:

@@ -76,10 +76,11 @@ class TrainPlan:
     steps_per_epoch: int
     epochs: int
     total_steps: int  # steps_per_epoch × epochs, or max_steps (which may cut the last epoch short)
+    processes: int = 1  # ranks sharing each step's batches (train.processes × nodes)
 
     @property
     def effective_batch(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps
+        return self.batch_size * self.processes * self.gradient_accumulation_steps
 
     @property
     def cut_short(self) -> bool:
@@ -94,7 +95,8 @@ class TrainPlan:
         return (
             f"  images {self.images}, samples per epoch {self.samples_per_epoch} (with repeats; "
             f"{self.reg_samples_per_epoch} regularization), "
-            f"batch {self.batch_size} × accumulation {self.gradient_accumulation_steps} = {self.effective_batch}\n"
+            f"batch {self.batch_size}{f' × processes {self.processes}' if self.processes > 1 else ''} "
+            f"× accumulation {self.gradient_accumulation_steps} = {self.effective_batch}\n"
             f"  batches per epoch {self.batches_per_epoch}, steps per epoch {self.steps_per_epoch}, "
             f"epochs {self.epochs}, total optimizer steps {self.total_steps}"
             + (f" (max_steps: epoch {self.epochs} stops after "
@@ -125,11 +127,12 @@ def epoch_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int)
 
 
 def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: int,
-              max_steps: int | None = None) -> TrainPlan:
-    """kohya's arithmetic; ``max_steps`` (kohya max_train_steps), when given, replaces ``epochs``:
-    as many epochs as it takes, the last one stopped at that step."""
+              max_steps: int | None = None, processes: int = 1) -> TrainPlan:
+    """kohya's step arithmetic; with several processes a step takes ``processes × grad_accum`` batches.
+    ``max_steps`` (kohya max_train_steps), when given, replaces ``epochs``: as many epochs as it
+    takes, the last one stopped at that step."""
     batches = len(epoch_batches(samples, batch_size, 0, 0))
-    steps = math.ceil(batches / grad_accum)
+    steps = math.ceil(batches / (grad_accum * processes))
     total = steps * epochs
     if max_steps and steps:
         epochs, total = max(1, math.ceil(max_steps / steps)), max_steps
@@ -143,4 +146,5 @@ def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: i
         steps_per_epoch=steps,
         epochs=epochs,
         total_steps=total,
+        processes=processes,
     )

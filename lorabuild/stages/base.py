@@ -83,6 +83,32 @@ class StageRun:
                 missing[it.hash] = it
         return list(missing.values())
 
+    def compute(self, missing: list[Item], store: Store, here) -> None:
+        """Compute the missing entries and count them: ``here()`` in this process (it returns how
+        many it computed; the rest another build computed meanwhile, so they are reused), or,
+        with ``train.processes`` > 1, shared out over that many processes through torchrun
+        (:mod:`lorabuild.worker`), each computing every n-th key: the counts are their sum."""
+        from ..dist import LaunchError, cache_launch, run_ranks
+
+        launch = cache_launch(self.ctx.project)
+        if launch is None or len(missing) < 2:
+            done = here()
+        else:
+            try:
+                results = run_ranks(self.stage, self.ctx.ws.cache, self.ctx.ws.root, self.ctx.project.file, launch,
+                                    [it.hash for it in missing])
+            except LaunchError as exc:
+                raise exc.for_stage(f"{self.stage}:{self.ctx.name}") from None
+            absent = [it.id for it in missing if not store.has(it.hash)]
+            if absent:
+                raise StageError(f"{self.stage}:{self.ctx.name}: the processes finished without computing "
+                                 f"{len(absent)} entries (e.g. {absent[0]})")
+            shares = [r["computed"] for r in sorted(results, key=lambda r: r["rank"])]
+            done = sum(shares)
+            self.notes.append(f"computed by {launch.nproc} processes: {' + '.join(map(str, shares))}")
+        self.computed += done
+        self.reused += len(missing) - done
+
     def finish(self, entries: list[dict], **extra: Any) -> dict:
         """Write the manifest (``entries``: one dict per item, each with an ``id``) and the report."""
         path = self.ctx.manifest_path(self.stage)

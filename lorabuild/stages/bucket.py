@@ -55,10 +55,15 @@ def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
         if d is not None and "bucket" in d:
             sr.reused += 1
         else:
-            d = decide(w, h, params, ladder)
-            with store.put(item.hash, item.key, d) as tmp:
-                tmp.write_text(canonical_json(d), encoding="utf-8")
-            sr.computed += 1
+            with store.claim([item.hash]):  # another build may be deciding the same size meanwhile
+                d = store.info(item.hash) if store.has(item.hash) else None
+                if d is not None and "bucket" in d:
+                    sr.reused += 1
+                else:
+                    d = decide(w, h, params, ladder)
+                    with store.put(item.hash, item.key, d) as tmp:
+                        tmp.write_text(canonical_json(d), encoding="utf-8")
+                    sr.computed += 1
         if small_images == "reject" and min(w, h) < params["min_reso"]:
             sr.notes.append(f"rejected {item.id} ({w}x{h}): a side is below bucket.min_reso ({params['min_reso']})")
             continue

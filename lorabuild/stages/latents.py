@@ -82,13 +82,46 @@ def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None
             save_file(tensors, str(tmp))
 
 
-def run(ctx: Context, params: dict) -> dict:
+def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool = True) -> int:
+    """Encode ``missing`` in batches of one bucket; returns how many this process computed.
+    Each batch claims its keys first: one another build is computing is waited for, then reused."""
     from tqdm import tqdm
 
+    store, resize_store = ctx.store(STAGE, ".safetensors"), ctx.store("resize", ".png")
+    groups: dict[tuple, list[Item]] = {}
+    for it in missing:
+        groups.setdefault(tuple(it.data["bucket"]), []).append(it)
+    bs, computed = params["batch_size"], 0
+    with tqdm(total=len(missing), desc=f"latents:{ctx.name}", unit="img", disable=not (missing and show)) as bar:
+        for bucket in sorted(groups):
+            group = groups[bucket]
+            for i in range(0, len(group), bs):
+                chunk = group[i : i + bs]
+                with store.claim([it.hash for it in chunk]) as todo:
+                    todo_items = [it for it in chunk if it.hash in todo]
+                    if todo_items:
+                        _encode_group(ctx, todo_items, params, (resize_store, store))
+                computed += len(todo_items)
+                bar.update(len(chunk))
+    return computed
+
+
+def _items(ctx: Context, params: dict) -> list[Item]:
+    return plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"))
+
+
+def run_shard(ctx: Context, params: dict, hashes: list[str], rank) -> dict:
+    """One rank's share of the missing latents (see :func:`lorabuild.dist.shard`)."""
+    from ..dist import shard
+
+    by_hash = {it.hash: it for it in _items(ctx, params)}
+    return {"computed": _encode_missing(ctx, shard([by_hash[h] for h in hashes], rank), params, show=rank.main)}
+
+
+def run(ctx: Context, params: dict) -> dict:
     sr = StageRun(ctx, STAGE)
     store = ctx.store(STAGE, ".safetensors")
-    resize_store = ctx.store("resize", ".png")
-    items = plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"))
+    items = _items(ctx, params)
     if params["random_crop"]:
         reason = "latents.random_crop is on: each epoch crops anew, so training encodes images itself"
         sr.notes.append(f"skipped: {reason}")
@@ -96,17 +129,7 @@ def run(ctx: Context, params: dict) -> dict:
                     "resized": it.data["resized"], "orig_size": it.data.get("orig_size")} for it in items]
         return sr.finish(entries, cached=False, reason=reason, flip=params["flip"])
     missing = sr.split(items, store)
-    groups: dict[tuple, list[Item]] = {}
-    for it in missing:
-        groups.setdefault(tuple(it.data["bucket"]), []).append(it)
-    bs = params["batch_size"]
-    with tqdm(total=len(missing), desc=f"latents:{ctx.name}", unit="img", disable=not missing) as bar:
-        for bucket in sorted(groups):
-            group = groups[bucket]
-            for i in range(0, len(group), bs):
-                _encode_group(ctx, group[i : i + bs], params, (resize_store, store))
-                sr.computed += len(group[i : i + bs])
-                bar.update(len(group[i : i + bs]))
+    sr.compute(missing, store, lambda: _encode_missing(ctx, missing, params))
     # sizes and crop ride along for SDXL's size/crop conditioning (not part of the keys' meaning)
     entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "resized": it.data["resized"],
                 "crop": it.data["crop"], "orig_size": it.data.get("orig_size")} for it in items]

@@ -56,7 +56,11 @@ def run(ctx: Context, dataset: Dataset, params: dict, on_bad_image: str = "error
     infos, bad = {}, set()
     for item in sr.split(items, store):
         try:
-            infos[item.hash] = _compute(item, params, store)
+            with store.claim([item.hash]) as todo:  # another build may be making the same copy
+                if not todo:
+                    sr.reused += 1
+                    continue
+                infos[item.hash] = _compute(item, params, store)
         except ImageError as exc:
             if on_bad_image != "skip":
                 raise StageError(str(exc)) from None

@@ -58,9 +58,14 @@ def text_models(ctx: Context) -> tuple[list, list]:
 
 def device(ctx: Context):
     try:
-        return models.pick_device(ctx.project.get("device"))
+        dev = models.pick_device(ctx.project.get("device"))
     except Exception as exc:  # pick_device raises on an unavailable explicit device
         raise StageError(f"{ctx.project.file}: device: {exc}") from None
+    if "rank" in ctx.memo:  # one of several processes (lorabuild.worker): its own GPU
+        from ..dist import local_device
+
+        dev = local_device(dev)
+    return dev
 
 
 @functools.lru_cache(maxsize=4)

@@ -56,29 +56,24 @@ def captions_for(ctx: Context, dataset) -> dict[str, str]:
         raise StageError(str(exc)) from None
 
 
-def run(ctx: Context, dataset, params: dict) -> dict:
+def _encode_missing(ctx: Context, missing: list[Item], params: dict) -> int:
+    """Encode ``missing`` captions in batches; returns how many this process computed. Each
+    batch claims its keys first: one another build is computing is waited for, then reused."""
     import torch
     from safetensors.torch import save_file
 
     from ..textenc import condition
 
-    sr = StageRun(ctx, STAGE)
-    enabled, reason = project_mode(ctx.project)
-    if not enabled:
-        sr.notes.append(f"skipped: {reason}")
-        return sr.finish([], enabled=False, reason=reason)
-    store = ctx.store(STAGE, ".safetensors")
-    captions = captions_for(ctx, dataset)
-    te_id = runtime.text_identity(ctx)
-    arch = runtime.arch(ctx)
-    items = [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id))
-             for c in sorted(set(captions.values()))]
-    missing = sr.split(items, store)
-    if missing:
-        tokenizers, encoders = runtime.text_models(ctx)
-        bs = params["batch_size"]
-        for i in range(0, len(missing), bs):
-            chunk = missing[i : i + bs]
+    if not missing:
+        return 0
+    store, arch = ctx.store(STAGE, ".safetensors"), runtime.arch(ctx)
+    tokenizers, encoders = runtime.text_models(ctx)
+    bs, computed = params["batch_size"], 0
+    for i in range(0, len(missing), bs):
+        with store.claim([it.hash for it in missing[i : i + bs]]) as todo:
+            chunk = [it for it in missing[i : i + bs] if it.hash in todo]
+            if not chunk:
+                continue
             with torch.inference_mode():
                 hidden, pooled = condition(arch, tokenizers, encoders, [it.id for it in chunk], params["clip_skip"],
                                            params["max_token_length"])
@@ -88,6 +83,35 @@ def run(ctx: Context, dataset, params: dict) -> dict:
                     tensors["pooled"] = pooled[j].float().cpu().contiguous()
                 with store.put(it.hash, it.key, {"shape": list(hidden[j].shape)}) as tmp:
                     save_file(tensors, str(tmp))
-            sr.computed += len(chunk)
+        computed += len(chunk)
+    return computed
+
+
+def _items(ctx: Context, dataset, params: dict) -> list[Item]:
+    captions = captions_for(ctx, dataset)
+    te_id = runtime.text_identity(ctx)
+    return [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id))
+            for c in sorted(set(captions.values()))]
+
+
+def run_shard(ctx: Context, params: dict, hashes: list[str], rank) -> dict:
+    """One rank's share of the missing embeddings (see :func:`lorabuild.dist.shard`)."""
+    from ..dataset import from_project
+    from ..dist import shard
+
+    by_hash = {it.hash: it for it in _items(ctx, from_project(ctx.project), params)}
+    return {"computed": _encode_missing(ctx, shard([by_hash[h] for h in hashes], rank), params)}
+
+
+def run(ctx: Context, dataset, params: dict) -> dict:
+    sr = StageRun(ctx, STAGE)
+    enabled, reason = project_mode(ctx.project)
+    if not enabled:
+        sr.notes.append(f"skipped: {reason}")
+        return sr.finish([], enabled=False, reason=reason)
+    store = ctx.store(STAGE, ".safetensors")
+    items = _items(ctx, dataset, params)
+    missing = sr.split(items, store)
+    sr.compute(missing, store, lambda: _encode_missing(ctx, missing, params))
     entries = [{"id": it.id, "hash": it.hash} for it in items]
     return sr.finish(entries, enabled=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..cache import atomic_path, atomic_write, checked_read, key_hash
 from ..captions import concept_options
 from ..trainplan import Sample, make_plan, training_samples
-from .. import models
+from .. import dist, models
 from . import runtime, textemb
 from . import sample as sample_stage
 from .base import Context, StageError, StageRun
@@ -39,6 +39,7 @@ def init_weights(ctx: Context) -> Path | None:
 
 def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, unet_id: str, cached: bool) -> dict:
     cfg = {s: ctx.project.section(s) for s in ("network", "train", "captions")}
+    cfg["train"] = dist.keyed_train(cfg["train"], dist.launch_options(ctx.project).world)
     start = init_weights(ctx)
     if start is not None:  # the starting LoRA by content: a moved or touched file changes nothing
         hashes = ctx.hashes()
@@ -177,6 +178,7 @@ def _train(r: Run, resume: dict | None) -> list:
     from ..trainer import TrainError, TrainInputs, train
 
     ctx, p, store, wkey = r.ctx, r.ctx.project, r.store, r.wkey
+    rank = ctx.memo.get("rank", dist.SINGLE)
     states = ctx.store(STAGE, ".pt")
     name = p.output_name
     lat_store = ctx.store("latents", ".safetensors")
@@ -215,12 +217,14 @@ def _train(r: Run, resume: dict | None) -> list:
         return key_hash(ekey)
 
     def save(network, epoch: int, step: int) -> None:
-        if epoch in r.saved:
+        if epoch in r.saved and rank.main:  # rank 0 alone writes
             r.epochs.append([epoch, save_entry(network, entry_key(wkey, r.plan, "epoch", epoch), epoch, step), step])
 
     def save_state(epoch: int, state: dict) -> None:
         import torch
 
+        if not rank.main:
+            return
         skey = entry_key(wkey, r.plan, "state", epoch)
         with states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"]}) as tmp, open(tmp, "wb") as fh:
             torch.save(state, fh)  # through a Python file, so a full disk surfaces as an OSError
@@ -228,7 +232,7 @@ def _train(r: Run, resume: dict | None) -> list:
             states.remove(key_hash(entry_key(wkey, r.plan, "state", old)))  # superseded by this later state
         kept_state[:] = [] if epoch in r.saved else [epoch]
 
-    if r.points:
+    if r.points and rank.main:
         from .. import prompts
 
         r.sampler = sample_stage.TrainingSampler(ctx, prompts.resolve(p.section("sample"), p.root, None,
@@ -263,11 +267,12 @@ def _train(r: Run, resume: dict | None) -> list:
         caption_opts={i: concept_options(p.section("captions"), concept_of[i]) for i in r.latents},
         embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
         plan=r.plan, sample_points=frozenset(r.points) | frozenset(r.snapshot_points),
-        sample=at_point if r.sampler or r.snapshot_points else None,
-        resume=resume, save_state=save_state, init_weights=init_weights(ctx),
+        sample=at_point if rank.main and (r.sampler or r.snapshot_points) else None,  # rank 0 alone writes
+        resume=resume, save_state=save_state, init_weights=init_weights(ctx), rank=rank,
     )
-    print(render(build_plan(p)), flush=True)
-    writer = _tensorboard(ctx, key_hash(wkey), resume["step"] if resume else 0)
+    if rank.main:
+        print(render(build_plan(p)), flush=True)
+    writer = _tensorboard(ctx, key_hash(wkey), resume["step"] if resume else 0) if rank.main else None
     if writer is not None:
         inp.scalar = writer.add_scalar
     try:
@@ -278,6 +283,16 @@ def _train(r: Run, resume: dict | None) -> list:
         if writer is not None:
             writer.close()
     return inp.log_rows, inp.val_rows
+
+
+def _launch(ctx: Context, launch) -> tuple | None:
+    """Train on ``launch.world`` processes (:mod:`lorabuild.worker`); returns rank 0's sampling counts."""
+    try:
+        results = dist.run_ranks(STAGE, ctx.ws.cache, ctx.ws.root, ctx.project.file, launch)
+    except dist.LaunchError as exc:
+        raise exc.for_stage(f"train:{ctx.name}") from None
+    main = [r for r in results if r["rank"] == 0]
+    return tuple(main[0]["sampled"]) if main and main[0].get("sampled") else None
 
 
 def run(ctx: Context, dataset) -> dict:
@@ -302,8 +317,9 @@ def run(ctx: Context, dataset) -> dict:
     concept_of = {im.id: im.concept for im in dataset.images}
     every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg) for i in sorted(latents)]
     samples, held_out = training_samples(every, p.get("train.validation_split"), p.get("train.seed"))
+    launch = dist.launch_options(p)
     plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"),
-                     p.get("train.max_steps"))
+                     p.get("train.max_steps"), launch.world)
     save_every = p.get("train.save_every_n_epochs")
     saved = {e for e in range(1, plan.epochs + 1) if e == plan.epochs or (save_every and e % save_every == 0)}
     points = sample_stage.in_training_points(p.section("sample"), plan)
@@ -333,8 +349,8 @@ def run(ctx: Context, dataset) -> dict:
                 return e0
         return 0
 
-    sampled = None
-    if not complete(entry):
+    def start(notes: list) -> tuple:
+        """(last epoch in the store, its training state, saved epochs and snapshots so far)."""
         e0 = resume_point()
         resume = None
         epochs = [[e, epoch_h(e), plan.epoch_end_step(e)] for e in sorted(saved) if e <= e0]
@@ -344,23 +360,41 @@ def run(ctx: Context, dataset) -> dict:
             import torch
 
             resume = checked_read("train", states.path(state_h(e0)), lambda f: torch.load(f, weights_only=True))
-            sr.notes.append(f"continued from the training state after epoch {e0} (step {resume['step']})"
-                            if e0 < plan.epochs else f"assembled from epochs trained before (up to epoch {e0})")
+            notes.append(f"continued from the training state after epoch {e0} (step {resume['step']})"
+                         if e0 < plan.epochs else f"assembled from epochs trained before (up to epoch {e0})")
         elif "total_steps" in wkey:
             what = ("warm-up ratio" if p.get("train.lr_scheduler") in LENGTH_FREE_SCHEDULES
                     else f"{p.get('train.lr_scheduler')} schedule")
-            sr.notes.append(f"trained from the start: the {what} depends on the run's length, so no earlier run "
-                            "can be continued")
+            notes.append(f"trained from the start: the {what} depends on the run's length, so no earlier run "
+                         "can be continued")
+        return e0, resume, epochs, snapshots
+
+    sampled = None  # (rendered, reused) by in-training sampling
+    rank = ctx.memo.get("rank")  # set in a process started by torchrun (lorabuild.worker)
+    if not complete(entry):
+        e0, resume, epochs, snapshots = start(sr.notes)
         log_rows = list(resume["log"]) if resume else []
         val_rows = list(resume.get("val", [])) if resume else []
-        if e0 < plan.epochs:
+        if e0 < plan.epochs and launch.world > 1 and rank is None:
+            # Several processes: torchrun starts the ranks; rank 0 saves every epoch and state
+            # in the store, and this process assembles them as it assembles a run trained before.
+            sampled = _launch(ctx, launch)
+            sr.notes.append(f"trained by {launch.world} processes" + (f" on {launch.nnodes} nodes" if launch.nnodes > 1 else ""))
+            e0, resume, epochs, snapshots = start([])
+            if e0 < plan.epochs:
+                raise StageError(f"train:{ctx.name}: the ranks finished but the store has no training state "
+                                 f"after epoch {plan.epochs} (only up to epoch {e0})")
+            log_rows, val_rows = list(resume["log"]), list(resume.get("val", []))
+        elif e0 < plan.epochs:
             run = Run(ctx=ctx, dataset=dataset, plan=plan, samples=samples, val_samples=held_out,
                       captions=captions, latents=latents,
                       lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, info=info, mdir=mdir,
                       wkey=wkey, saved=saved, points=points, snapshot_points=snapshot_points, epochs=epochs,
                       snapshots=snapshots, store=store)
             log_rows, val_rows = _train(run, resume)
-            sampled = run.sampler
+            sampled = (run.sampler.rendered, run.sampler.reused) if run.sampler else None
+        if rank is not None:
+            return {"sampled": sampled}  # a rank's part ends here: its parent assembles and publishes
         final_hash = epochs[-1][1]
         with store.put(h, key, {"epochs": epochs, "snapshots": snapshots, "loss": log_rows, "val": val_rows}) as tmp:
             shutil.copyfile(store.path(final_hash), tmp)
@@ -400,7 +434,7 @@ def run(ctx: Context, dataset) -> dict:
 
         loss_plot(entry["loss"], out_dir / "loss.png", f"{name}: loss and learning rate", entry.get("val"))
     if sampled is not None:
-        sr.notes.append(f"sampled while training: {sampled.rendered} images rendered, {sampled.reused} reused")
+        sr.notes.append(f"sampled while training: {sampled[0]} images rendered, {sampled[1]} reused")
     # only the snapshots the current sample settings ask for (an entry may hold more)
     snaps = [s for s in entry.get("snapshots", []) if s[0] in points]
     # the training states of saved epochs (what `epochs` raised later continues from; kept by gc)
