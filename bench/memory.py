@@ -5,8 +5,8 @@ One workspace per model grows by adding images (10 → 100 → 1,000), caches wa
 beforehand (``doit latents:bench textemb:bench``), then a fresh ``doit train:bench`` whose
 own peak RSS is read with ``os.wait4``. The tiny built-in model trains a whole epoch
 (batch 1, every latent read once); the full-size SD 1.5 architecture at 256 px (random
-weights, UNet + text encoder trained) is stopped after a few steps, since its set-up and
-first steps are where memory peaks. The latents' size on disk is listed: holding them all
+weights, UNet + text encoder trained) is stopped after its first step, since its set-up and
+first step (when the optimizer's state is made) are where memory peaks. The latents' size on disk is listed: holding them all
 would add about that much.
 
     python bench/memory.py [--quick]
@@ -57,10 +57,13 @@ def main() -> None:
         rows += series("tiny-sd1, 128 px buckets", tiny, concept, (10, 100, 1000), None)
         sd = Path(tmp) / "sd15"
         concept = sd15_project(sd, 0, 256)
-        rows += series("SD 1.5 arch, 256 px", sd, concept, (10,) if args.quick else (10, 100), 3,
+        # stopped after the first step: the optimizer's state exists from then on
+        rows += series("SD 1.5 arch, 256 px", sd, concept, (10,) if args.quick else (10, 100), 1,
                        scale=2, square=True)
     loads.append(load())
-    text = ("### Peak RSS of `doit train:bench` against the number of images (fresh process, caches warm)\n\n"
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    text = (f"### Peak RSS of `doit train:bench` against the number of images (fresh process, caches warm, "
+            f"OMP_NUM_THREADS={threads})\n\n"
             + table(["model", "images", "optimizer steps", "cached latents on disk MiB", "peak RSS GiB"], rows))
     publish("Memory against dataset size" + (" (--quick)" if args.quick else ""), text, loads)
 

@@ -55,9 +55,19 @@ def noop_rows(root: Path, n: int, cold_wall: float, before: str | None, rounds: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="200 and 1,000 images (under 10 minutes on 2 cores)")
-    ap.add_argument("--before", help="a folder holding an older lorabuild package: its no-op is timed too (ABAB)")
+    ap.add_argument("--before", help="an older checkout (lorabuild/ and schemas/, e.g. from git archive): its no-op is timed too (ABAB)")
     ap.add_argument("--rounds", type=int, default=3, help="no-op builds per variant (median)")
+    ap.add_argument("--workspace", type=Path, help="only the no-op, on this already built workspace (project 'bench')")
     args = ap.parse_args()
+    if args.workspace:
+        loads = [load()]
+        n = len(list((args.workspace / "projects" / "bench").rglob("*.png")))
+        rows = noop_rows(args.workspace.resolve(), n, float("nan"), args.before, args.rounds)
+        loads.append(load())
+        publish("No-op rebuild", f"### No-op rebuild: `doit train:bench` with nothing changed (median of {args.rounds}, "
+                "new process, ABAB; CPU = user + system)\n\n"
+                + table(["images", "code", "cold build s", "no-op wall s", "no-op CPU s", "stages that ran"], rows), loads)
+        return
     sizes = (200, 1000) if args.quick else (1000, 5000)
     noop, add_rows, loads = [], [], [load()]
     for n in sizes:
