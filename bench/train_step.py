@@ -73,7 +73,8 @@ def main_table(args, tmp: Path) -> str:
                      f"{rss:.2f}", f"{KOHYA_RSS[size]} ({rss / KOHYA_RSS[size]:.2f}×)" if te and not gc else "-"])
     loads.append(load())
     return loads, (f"### s/step and peak RSS, SD 1.5 architecture (random weights, fp32), batch 1, LoRA dim 32, "
-                   f"AdamW, SDPA; median of steps 2..{args.steps} over {args.rounds} round(s)\n\n"
+                   f"AdamW, SDPA; median of steps 2..{args.steps} over {args.rounds} round(s); "
+                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}\n\n"
                    + table(["px", "text encoder", "grad. checkpointing", "s/step", "CPU s/step", "kohya s/step (ratio)",
                             "peak RSS GiB", "kohya peak RSS GiB (ratio)"], rows))
 
