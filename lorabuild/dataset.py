@@ -151,6 +151,10 @@ def _concept_images(concept: Concept, project_root: Path, caption_extension: str
     with os.scandir(concept.folder) as it:
         entries = sorted(it, key=lambda e: e.name)
     names = {e.name for e in entries if e.is_file()}
+    # ids are the folder's id + the file name: one relative_to per folder, not per image
+    # (this runs on every doit invocation, for every image)
+    folder_id = _relative_id(concept.folder, project_root)
+    prefix = "" if folder_id == "." else folder_id + "/"
     out = []
     for entry in entries:
         if not _is_image(entry):
@@ -158,6 +162,5 @@ def _concept_images(concept: Concept, project_root: Path, caption_extension: str
         stem = os.path.splitext(entry.name)[0]
         cap_name = stem + caption_extension
         cap = concept.folder / cap_name if cap_name in names else None
-        path = Path(entry.path)
-        out.append(ImageFile(_relative_id(path, project_root), path, concept, cap))
+        out.append(ImageFile(prefix + entry.name, Path(entry.path), concept, cap))
     return out

@@ -94,6 +94,35 @@ def _memory_options(tr: dict, unet, trained_tes: list) -> None:
                              "install the xformers extra on a CUDA machine, or use sdpa") from None
 
 
+def _compiled(tr: dict, unet, device):
+    """The UNet the loss calls: ``torch.compile``d with ``train.compile`` (after the LoRA is
+    applied, so its modules are traced in). Compilation happens at the first call; on CPU
+    inductor builds C++ kernels, so a missing compiler is named here rather than deep
+    inside that call."""
+    import os
+    import shutil
+
+    import torch
+
+    if not tr.get("compile"):
+        return unet
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+        raise TrainError("train.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH, "
+                         "and none was found; install one (e.g. apt-get install g++) or set train.compile: false")
+    return torch.compile(unet)
+
+
+def _guarded(fn, *args):
+    """``fn(*args)``, with a failed ``torch.compile`` reported as the setting at fault."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if type(exc).__module__.startswith("torch._dynamo") or type(exc).__module__.startswith("torch._inductor"):
+            raise TrainError(f"train.compile: torch.compile failed ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); set train.compile: false") from exc
+        raise
+
+
 def _random_crop_latent(inp: TrainInputs, sample: Sample, g, vae):
     """The uncached path (kohya ``random_crop``): a random bucket-sized window, encoded now."""
     import torch
@@ -245,6 +274,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             print(f"train: {len(fresh)} LoRA modules are not in {inp.init_weights.name} and start fresh", flush=True)
     network.to(inp.device)
     network.apply()
+    forward = _compiled(tr, unet, inp.device)
     te_lr = tr["text_encoder_lr"] or tr["learning_rate"]
     groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], te_lr, net_cfg.get("loraplus_lr_ratio"),
                                   te2_lr=tr.get("text_encoder_2_lr") or te_lr)
@@ -277,7 +307,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         t0 -= inp.log_rows[-1][4] if inp.log_rows else 0.0
     n_timesteps = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
-    denoise = dist.Denoise(unet, network, inp.rank, inp.device)  # DDP when there are several ranks
+    denoise = dist.Denoise(forward, network, inp.rank, inp.device)  # DDP when there are several ranks
     main = inp.rank.main
 
     if main:
@@ -304,7 +334,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             target = sched.get_velocity(latents, noise, t) if v_pred else noise
             # 2. loss
             with autocast:
-                pred = denoise(noisy, t, hidden, added, ends_step)
+                pred = _guarded(denoise, noisy, t, hidden, added, ends_step)
             # per-sample loss; min-SNR weighting; regularization images weighted by prior_loss_weight (kohya)
             per_sample = per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"])
             if tr["min_snr_gamma"]:

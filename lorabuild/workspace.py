@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 
@@ -33,11 +34,29 @@ class Workspace:
         return self.output / output_name
 
     def relative(self, path: str | os.PathLike) -> str:
-        """``path`` relative to the workspace, POSIX style (doit compares paths as strings)."""
+        """``path`` relative to the workspace, POSIX style (doit compares paths as strings).
+
+        A plain path under the root is cut by string: the task graph asks this for every
+        image and caption on each ``doit`` run, and ``os.path.relpath`` (absolutising and
+        splitting both paths) cost ~0.1 s per 15,000 paths. Anything else (``..``, ``.``,
+        doubled separators, another root) takes the general way.
+        """
+        s = os.fspath(path)
+        prefix = self._prefix
+        if prefix and s.startswith(prefix):
+            rest = s[len(prefix):]
+            if rest and f"{os.sep}." not in os.sep + rest and os.sep * 2 not in rest:
+                return rest.replace(os.sep, "/")
         try:
             return Path(os.path.relpath(path, self.root)).as_posix()
         except ValueError:  # another drive on Windows
             return Path(path).as_posix()
+
+    @cached_property
+    def _prefix(self) -> str | None:
+        """The root with a trailing separator, when it is absolute (the fast path's test)."""
+        root = os.fspath(self.root)
+        return os.path.join(root, "") if os.path.isabs(root) else None
 
     def project_files(self) -> list[Path]:
         return sorted(self.projects.glob("*.yaml"))
