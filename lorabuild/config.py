@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -263,8 +264,7 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     nw = data["network"]["weights"]
     if nw and not (root / nw).is_file():
         doc.problem(pos("network", "weights"), "network.weights", f"{(root / nw).resolve()} does not exist")
-    if data["network"]["conv_alpha"] is not None and not data["network"]["conv_dim"]:
-        doc.problem(pos("network", "conv_alpha"), "network.conv_alpha", "is set but network.conv_dim is not (LoCon is off)")
+    _network_problems(data, doc, pos)
     b = data["bucket"]
     if b["min_reso"] > b["max_reso"]:
         doc.problem(pos("bucket", "min_reso"), "bucket.min_reso", f"{b['min_reso']} is larger than bucket.max_reso ({b['max_reso']})")
@@ -286,6 +286,28 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
             why.append("captions are randomised per epoch (shuffle, dropout, tag_dropout, dropout_every_n_epochs or wildcards)")
         if why:
             doc.problem(pos("textemb", "cache"), "textemb.cache", "true is impossible: " + " and ".join(why) + "; use auto")
+
+
+def _network_problems(data: dict, doc: _Doc, pos) -> None:
+    from .blocks import length_problems
+
+    net = data["network"]
+    locon = net["conv_dim"] or net["conv_block_dims"]
+    for key in ("conv_alpha", "conv_block_alphas"):
+        if net[key] is not None and not locon:
+            doc.problem(pos("network", key), f"network.{key}", "is set but network.conv_dim is not (LoCon is off)")
+    for key in ("exclude_patterns", "include_patterns"):
+        for i, p in enumerate(net[key]):
+            try:
+                re.compile(p)
+            except re.error as exc:
+                doc.problem(pos("network", key, i), f"network.{key}.{i}", f"{p!r} is not a regular expression ({exc})")
+    # the architecture is known here for a built-in model or a set model_type; otherwise at train time
+    base = data["base_model"]
+    arch = {"builtin:tiny-sd1": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-sdxl": "sdxl"}.get(base)
+    arch = data.get("model_type") if data.get("model_type") in ("sd1", "sd2", "sdxl") else arch
+    for key, msg in length_problems(net, arch):
+        doc.problem(pos("network", key), f"network.{key}", msg)
 
 
 def apply_defaults(data: Any, sch: dict) -> Any:

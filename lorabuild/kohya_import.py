@@ -8,6 +8,7 @@ the YAML's header and on the terminal, so nothing is dropped silently.
 """
 from __future__ import annotations
 
+import ast
 import math
 import re
 import shlex
@@ -27,15 +28,51 @@ def _bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "")
 
 
+def _raw_kv(v) -> dict[str, str]:
+    """kohya's ``["conv_dim=4", "betas=0.9,0.99"]`` → ``{"conv_dim": "4", "betas": "0.9,0.99"}``."""
+    items = v if isinstance(v, list) else shlex.split(str(v))
+    return {k.strip(): val for k, _, val in (str(item).partition("=") for item in items)}
+
+
 def _kv_list(v) -> dict:
     """kohya's ``["conv_dim=4", "betas=0.9,0.99"]`` → ``{"conv_dim": 4, "betas": [0.9, 0.99]}``."""
-    items = v if isinstance(v, list) else shlex.split(str(v))
     out = {}
-    for item in items:
-        k, _, val = str(item).partition("=")
+    for k, val in _raw_kv(v).items():
         parts = [yaml.safe_load(p) for p in val.split(",")]
-        out[k.strip()] = parts[0] if len(parts) == 1 else parts
+        out[k] = parts[0] if len(parts) == 1 else parts
     return out
+
+
+def _numbers(v: str, conv) -> list:
+    """A kohya block list ``"1,,0.5"``: an empty entry is 0, as sd-scripts parses lr weights."""
+    return [conv(x) if x.strip() else conv(0) for x in v.split(",")]
+
+
+def _patterns(v: str) -> list[str]:
+    """kohya reads exclude/include_patterns with ``ast.literal_eval``: a list literal or one string."""
+    try:
+        value = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        value = v
+    return [str(p) for p in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def _lr_weight(v: str):
+    return _numbers(v, float) if "," in v or not re.match(r"^[a-z_]+", v) else v
+
+
+# kohya network_args → (network field, converter of kohya's string)
+NETWORK_ARGS = {
+    "conv_dim": ("conv_dim", int), "conv_rank": ("conv_dim", int), "conv_alpha": ("conv_alpha", float),
+    "loraplus_lr_ratio": ("loraplus_lr_ratio", float),
+    "block_dims": ("block_dims", lambda v: _numbers(v, int)), "block_alphas": ("block_alphas", lambda v: _numbers(v, float)),
+    "conv_block_dims": ("conv_block_dims", lambda v: _numbers(v, int)),
+    "conv_block_alphas": ("conv_block_alphas", lambda v: _numbers(v, float)),
+    "down_lr_weight": ("down_lr_weight", _lr_weight), "up_lr_weight": ("up_lr_weight", _lr_weight),
+    "mid_lr_weight": ("mid_lr_weight", lambda v: _numbers(v, float)),
+    "block_lr_zero_threshold": ("block_lr_zero_threshold", float),
+    "exclude_patterns": ("exclude_patterns", _patterns), "include_patterns": ("include_patterns", _patterns),
+}
 
 
 def _sampler(v: str) -> str:
@@ -185,16 +222,19 @@ def convert(cfg: dict, dataset_cfg: dict | None = None) -> tuple[dict, list[str]
         elif key == "optimizer_args":
             _set(doc, "train.optimizer_args", _kv_list(value))
         elif key == "network_args":
-            args = _kv_list(value)
-            for k2, v2 in args.items():
-                if k2 in ("conv_dim", "conv_rank"):
-                    _set(doc, "network.conv_dim", int(v2))
-                elif k2 == "conv_alpha":
-                    _set(doc, "network.conv_alpha", float(v2))
-                elif k2 == "loraplus_lr_ratio":
-                    _set(doc, "network.loraplus_lr_ratio", float(v2))
-                else:
+            for k2, v2 in _raw_kv(value).items():
+                if k2 not in NETWORK_ARGS:
                     unmapped.append(f"network_args {k2}={v2}")
+                    continue
+                field, conv = NETWORK_ARGS[k2]
+                try:
+                    _set(doc, f"network.{field}", conv(v2.strip()))
+                except ValueError:
+                    unmapped.append(f"network_args {k2}={v2} (not understood)")
+                if k2 == "exclude_patterns":
+                    notes.append("network.exclude_patterns/include_patterns match the whole kohya module name "
+                                 "(lora_unet_…_attn2_to_k); kohya's FLUX/SD3 networks match the dotted module path: "
+                                 "check the patterns (lorabuild validate; a pattern matching nothing is an error)")
         elif key == "lr_warmup_steps":
             v = float(value)
             _set(doc, "train.lr_warmup_ratio" if 0 < v < 1 else "train.lr_warmup_steps", v if v < 1 else int(v))

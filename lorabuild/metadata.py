@@ -157,6 +157,23 @@ def network_args(net: Mapping) -> dict[str, str]:
         out["conv_alpha"] = str(net["conv_alpha"] if net.get("conv_alpha") is not None else net["conv_dim"])
     if net.get("loraplus_lr_ratio"):
         out["loraplus_lr_ratio"] = str(net["loraplus_lr_ratio"])
+    # block-wise options as kohya's command line gives them: comma-separated, or a preset name
+    for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
+                "down_lr_weight", "mid_lr_weight", "up_lr_weight"):
+        v = net.get(key)
+        if v is not None:
+            out[key] = v if isinstance(v, str) else ",".join(str(x) for x in v)
+    if any(net.get(k) is not None for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")) \
+            and net.get("block_lr_zero_threshold"):
+        out["block_lr_zero_threshold"] = str(net["block_lr_zero_threshold"])
+    # kohya reads these with ast.literal_eval: a Python list literal
+    for key in ("exclude_patterns", "include_patterns"):
+        if net.get(key):
+            out[key] = repr(list(net[key]))
+    for key, default in (("unet_target_modules", ["Transformer2DModel"]),
+                         ("text_encoder_target_modules", ["CLIPAttention", "CLIPMLP"])):
+        if net.get(key) and list(net[key]) != default:  # no kohya equivalent; recorded so the file says how it was made
+            out[key] = ",".join(net[key])
     return out
 
 

@@ -14,16 +14,25 @@ diffusers read the file unchanged.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-UNET_TARGETS = ("Transformer2DModel",)
+from .blocks import block_index, block_settings
+
+UNET_TARGETS = ("Transformer2DModel",)  # kohya UNET_TARGET_REPLACE_MODULE
 # LoCon (kohya: conv_dim): the ResNet blocks and resamplers too; their 3×3 convs get
 # ``conv_dim``/``conv_alpha``, their Linear and 1×1 convs the ordinary dim/alpha.
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+TE_TARGETS = ("CLIPAttention", "CLIPMLP")  # kohya TEXT_ENCODER_TARGET_REPLACE_MODULE
+# transformers names its attention class after the attention implementation in use
+TE_ALIASES = {"CLIPAttention": ("CLIPSdpaAttention", "CLIPFlashAttention2")}
+
+
+class NetworkConfigError(ValueError):
+    """The network options cannot build a network on this model; the message names the field."""
 
 
 class LoRAModule(nn.Module):
@@ -68,7 +77,7 @@ class LoRAModule(nn.Module):
         return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
 
 
-def _targets(root: nn.Module, prefix: str, container_classes: tuple[str, ...], path_prefix: str = "",
+def _targets(root: nn.Module, prefix: str, container_classes, path_prefix: str = "",
              conv: bool = False, rename=None):
     """(kohya name, module, is 3×3) for every Linear / 1×1 Conv2d (and 3×3 Conv2d with ``conv``)
     inside the named container blocks; ``rename`` maps a module path to the layout kohya names."""
@@ -90,10 +99,45 @@ def _te_path_prefix(te: nn.Module) -> str:
     return "" if hasattr(te, "text_model") else "text_model."
 
 
+def _classes(roots: list, wanted, field: str, aliases: dict | None = None) -> tuple[str, ...]:
+    """The wanted container class names (with their aliases); a name no module has is an error."""
+    present = {m.__class__.__name__ for r in roots for m in r.modules()}
+    out = []
+    for c in wanted:
+        names = (c, *(aliases or {}).get(c, ()))
+        if not present.intersection(names):
+            raise NetworkConfigError(f"network.{field}: no module of class {c!r} in this model")
+        out += names
+    return tuple(out)
+
+
+def _compile(patterns, field: str) -> list:
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as exc:
+        raise NetworkConfigError(f"network.{field}: {exc.pattern!r} is not a regular expression ({exc})") from None
+
+
+def _filter(found: list, exclude, include) -> list:
+    """kohya's rule: a module is dropped when its name matches (whole) an exclude pattern and
+    no include pattern. A pattern that matches no module is a mistake worth an error."""
+    ex, inc = _compile(exclude, "exclude_patterns"), _compile(include, "include_patterns")
+    names = [n for n, *_ in found]
+    for field, pats in (("exclude_patterns", ex), ("include_patterns", inc)):
+        for p in pats:
+            if not any(p.fullmatch(n) for n in names):
+                raise NetworkConfigError(
+                    f"network.{field}: {p.pattern!r} matches none of the {len(names)} modules (a pattern matches the "
+                    f"whole kohya name, e.g. {names[0] if names else 'lora_unet_…'})")
+    return [f for f in found if not (any(p.fullmatch(f[0]) for p in ex) and not any(p.fullmatch(f[0]) for p in inc))]
+
+
 class LoRANetwork(nn.Module):
     def __init__(self, unet, text_encoders: list, dim: int, alpha: float, train_unet: bool = True,
                  train_text_encoder: bool = True, arch: str = "sd1", conv_dim: int | None = None,
-                 conv_alpha: float | None = None, dropout: float = 0.0):
+                 conv_alpha: float | None = None, dropout: float = 0.0, unet_targets=UNET_TARGETS,
+                 te_targets=TE_TARGETS, exclude_patterns=(), include_patterns=(), blocks: dict | None = None):
+        """``blocks``: per-block settings from ``blocks.block_settings`` (kohya block_dims & co.)."""
         super().__init__()
         if arch not in ("sd1", "sd2", "sdxl"):
             raise ValueError(f"unknown model architecture {arch!r}")
@@ -101,28 +145,48 @@ class LoRANetwork(nn.Module):
         if arch == "sdxl":
             from .layout import to_original, unet_block_map
 
-            blocks = unet_block_map(dict(unet.config))
-            rename = lambda path: to_original(path, blocks)  # noqa: E731
-        found: list[tuple[str, nn.Module, bool]] = []
+            block_map = unet_block_map(dict(unet.config))
+            rename = lambda path: to_original(path, block_map)  # noqa: E731
+        conv = bool(conv_dim) or bool(blocks and blocks["conv_dims"])
+        found: list[tuple[str, nn.Module, bool, int]] = []  # (name, module, is 3×3, part: 0 UNet, 1/2 text encoders)
         if train_unet:
-            found += list(_targets(unet, "lora_unet", UNET_TARGETS, rename=rename))
-            if conv_dim:
-                found += list(_targets(unet, "lora_unet", UNET_CONV_TARGETS, conv=True, rename=rename))
-        n_unet = len(found)
-        self.te_counts: list[int] = []
-        if train_text_encoder:
+            classes = _classes([unet], unet_targets, "unet_target_modules")
+            found += [(*t, 0) for t in _targets(unet, "lora_unet", classes, conv=conv, rename=rename)]
+            if conv:
+                extra = tuple(c for c in UNET_CONV_TARGETS if c not in classes)
+                found += [(*t, 0) for t in _targets(unet, "lora_unet", extra, conv=True, rename=rename)]
+        if train_text_encoder and text_encoders:
+            classes = _classes(text_encoders, te_targets, "text_encoder_target_modules", TE_ALIASES)
             prefixes = ["lora_te1", "lora_te2"] if len(text_encoders) == 2 else ["lora_te"]
-            for te, prefix in zip(text_encoders, prefixes):
-                mine = list(_targets(te, prefix, TE_TARGETS, _te_path_prefix(te)))
-                found += mine
-                self.te_counts.append(len(mine))
-        names = [n for n, _, _ in found]
-        assert len(set(names)) == len(names), "duplicate LoRA module names"
+            for part, (te, prefix) in enumerate(zip(text_encoders, prefixes), 1):
+                found += [(*t, part) for t in _targets(te, prefix, classes, _te_path_prefix(te))]
+        seen: set[str] = set()
+        found = [f for f in found if not (f[0] in seen or seen.add(f[0]))]  # nested target classes: once
+        if not found:
+            raise NetworkConfigError("network: the target modules hold no Linear or 1×1 conv to train "
+                                     "(unet_target_modules, text_encoder_target_modules)")
+        found = _filter(found, exclude_patterns, include_patterns)
+        if not found:
+            raise NetworkConfigError("network.exclude_patterns: every module is excluded (include_patterns "
+                                     "brings modules back)")
         conv_alpha = conv_dim if conv_alpha is None else conv_alpha
-        self.loras = nn.ModuleList(
-            LoRAModule(n, m, conv_dim, conv_alpha, dropout) if is3 else LoRAModule(n, m, dim, alpha, dropout)
-            for n, m, is3 in found)
-        self.n_unet = n_unet
+        made = []
+        for name, module, is3, part in found:
+            d, a = (conv_dim, conv_alpha) if is3 else (dim, alpha)
+            if blocks and part == 0:
+                i = block_index(name, arch)
+                d, a = (blocks["conv_dims"][i], blocks["conv_alphas"][i]) if is3 else (blocks["dims"][i], blocks["alphas"][i])
+            if d:  # kohya: a block dim of 0 (or an lr weight of 0) creates no module there
+                made.append((part, LoRAModule(name, module, d, a, dropout)))
+        if not made:
+            raise NetworkConfigError("network.block_dims: every remaining module sits in a block whose dim or lr "
+                                     "weight is 0")
+        self.loras = nn.ModuleList(m for _, m in made)
+        self.n_unet = sum(1 for p, _ in made if p == 0)
+        self.te_counts = [sum(1 for p, _ in made if p == k) for k in range(1, len(text_encoders) + 1)] \
+            if train_text_encoder and text_encoders else []
+        self.arch = arch
+        self.block_lr_weight = blocks["lr_weights"] if blocks else None
 
     def apply(self) -> None:
         for m in self.loras:
@@ -142,20 +206,30 @@ class LoRANetwork(nn.Module):
     def param_groups(self, unet_lr: float, te_lr: float, loraplus_ratio: float | None = None,
                      te2_lr: float | None = None) -> list[dict]:
         """One group per (model part, down/up); LoRA+ (kohya loraplus_lr_ratio) multiplies lora_up's rate.
-        SDXL's second text encoder has its own rate (``te2_lr``, default ``te_lr``)."""
-        groups = []
+        SDXL's second text encoder has its own rate (``te2_lr``, default ``te_lr``). With block lr
+        weights (kohya down/mid/up_lr_weight) each UNet block is its own part at ``unet_lr × weight``,
+        and its groups carry ``lr_weight`` so the log can show the base rate."""
         n1 = self.te_counts[0] if self.te_counts else 0
-        parts = ((self.loras[: self.n_unet], unet_lr), (self.loras[self.n_unet : self.n_unet + n1], te_lr),
-                 (self.loras[self.n_unet + n1 :], te_lr if te2_lr is None else te2_lr))
-        for mods, lr in parts:
-            down = [m.lora_down.weight for m in mods]
-            up = [m.lora_up.weight for m in mods]
-            if not down:
+        unet = list(self.loras[: self.n_unet])
+        parts = [(unet, unet_lr, None)]
+        if self.block_lr_weight is not None:
+            by_block: dict[int, list] = {}
+            for m in unet:  # in module order, as kohya's prepare_optimizer_params
+                by_block.setdefault(block_index(m.lora_name, self.arch), []).append(m)
+            parts = [(mods, unet_lr * self.block_lr_weight[i], self.block_lr_weight[i]) for i, mods in by_block.items()]
+        parts += [(self.loras[self.n_unet : self.n_unet + n1], te_lr, None),
+                  (self.loras[self.n_unet + n1 :], te_lr if te2_lr is None else te2_lr, None)]
+        groups = []
+        for mods, lr, weight in parts:
+            if not len(mods):
                 continue
+            extra = {} if weight is None else {"lr_weight": weight}
             if loraplus_ratio:
-                groups += [{"params": down, "lr": lr}, {"params": up, "lr": lr * loraplus_ratio}]
+                groups += [{"params": [m.lora_down.weight for m in mods], "lr": lr, **extra},
+                           {"params": [m.lora_up.weight for m in mods], "lr": lr * loraplus_ratio, **extra}]
             else:
-                groups.append({"params": [p for m in mods for p in (m.lora_down.weight, m.lora_up.weight)], "lr": lr})
+                groups.append({"params": [p for m in mods for p in (m.lora_down.weight, m.lora_up.weight)], "lr": lr,
+                               **extra})
         return groups
 
     def state_dict_kohya(self) -> dict[str, torch.Tensor]:
@@ -207,9 +281,18 @@ class LoRANetwork(nn.Module):
 
 
 def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_encoder: bool | None = None) -> LoRANetwork:
-    """The network a project's ``network`` section describes, around these models."""
+    """The network a project's ``network`` section describes, around these models. Options that
+    do not fit the model raise ``NetworkConfigError`` naming the field."""
+    try:
+        blocks = block_settings(net, arch)
+    except ValueError as exc:
+        raise NetworkConfigError(str(exc)) from None
     return LoRANetwork(
         unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
         train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
         arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
+        unet_targets=net.get("unet_target_modules") or UNET_TARGETS,
+        te_targets=net.get("text_encoder_target_modules") or TE_TARGETS,
+        exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
+        blocks=blocks,
     )

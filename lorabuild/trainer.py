@@ -257,14 +257,17 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     from tqdm import tqdm
 
     from . import optimizers
-    from .network import from_config
+    from .network import NetworkConfigError, from_config
 
     torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
     net_cfg, tr = inp.cfg["network"], inp.cfg["train"]
     unet, tes, toks, vae, sched = _load_models(inp)
     train_te = net_cfg["train_text_encoder"] and bool(tes)
     _memory_options(tr, unet, tes if train_te else [])
-    network = from_config(net_cfg, unet, tes, inp.arch, train_text_encoder=train_te)
+    try:
+        network = from_config(net_cfg, unet, tes, inp.arch, train_text_encoder=train_te)
+    except NetworkConfigError as exc:
+        raise TrainError(str(exc)) from None
     if inp.init_weights is not None:
         try:
             fresh = network.load_weights(inp.init_weights, strict=False)  # kohya network_weights
@@ -355,7 +358,9 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 scaler.step(optimizer)
                 scaler.update()
                 # the rate this step used (Prodigy's effective rate is its d × lr, as kohya logs it)
-                lr = lr_sched.get_last_lr()[0] * optimizer.param_groups[0].get("d", 1.0)
+                # (a block-weighted group's rate over its weight: the base rate, as without block weights)
+                g0 = optimizer.param_groups[0]
+                lr = lr_sched.get_last_lr()[0] * g0.get("d", 1.0) / (g0.get("lr_weight") or 1.0)
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

@@ -99,6 +99,23 @@ def demo(quick_demo, tmp_path) -> WS:
     return copy_workspace(quick_demo, tmp_path / "ws")
 
 
+@pytest.fixture(scope="module")
+def tiny_unet_te():
+    """A two-level SD-style UNet (4 Transformer2D blocks) and a two-layer CLIP text encoder, in memory."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=77))
+    return unet, te
+
+
 def pytest_terminal_summary(terminalreporter):
     from figures import COUNTS, FIGURES
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..cache import atomic_path, atomic_write, checked_read, key_hash
 from ..captions import concept_options
 from ..trainplan import Sample, make_plan, training_samples
-from .. import dist, models
+from .. import blocks, dist, models
 from . import runtime, textemb
 from . import sample as sample_stage
 from .base import Context, StageError, StageRun
@@ -39,6 +39,7 @@ def init_weights(ctx: Context) -> Path | None:
 
 def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, unet_id: str, cached: bool) -> dict:
     cfg = {s: ctx.project.section(s) for s in ("network", "train", "captions")}
+    cfg["network"] = blocks.keyed(cfg["network"])  # options added later count only when set
     cfg["train"] = dist.keyed_train(cfg["train"], dist.launch_options(ctx.project).world)
     start = init_weights(ctx)
     if start is not None:  # the starting LoRA by content: a moved or touched file changes nothing
