@@ -6,12 +6,14 @@ from pathlib import Path
 import torch
 
 from lorabuild import models
-from lorabuild.network import LoRANetwork
+from lorabuild.network import LoRANetwork, from_config
 
 
-def unet_outputs(folder: Path, lora: Path, arch: str, width: int, dim: int = 8, alpha: float = 8, pooled: int = 0):
+def unet_outputs(folder: Path, lora: Path, arch: str, width: int, dim: int = 8, alpha: float = 8, pooled: int = 0,
+                 net_cfg: dict | None = None):
     """(our UNet output with the LoRA, without it, diffusers' with the LoRA) on fixed random inputs
-    (``pooled``: SDXL's pooled text width; its size/crop ids are those of a 128² image)."""
+    (``pooled``: SDXL's pooled text width; its size/crop ids are those of a 128² image; ``net_cfg``: a
+    project's ``network`` section, for a LoRA whose modules or ranks are not uniform)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([10, 500])
@@ -26,7 +28,10 @@ def unet_outputs(folder: Path, lora: Path, arch: str, width: int, dim: int = 8, 
     with safe_open(str(lora), "pt") as fh:
         with_te = any(k.startswith("lora_te") for k in fh.keys())
     tes = [models.load_text_encoder(folder, which=p) for p in models.text_parts(folder)] if with_te else []
-    net = LoRANetwork(unet, tes, dim=dim, alpha=alpha, train_unet=True, train_text_encoder=with_te, arch=arch)
+    if net_cfg is not None:
+        net = from_config(net_cfg, unet, tes, arch, train_text_encoder=with_te)
+    else:
+        net = LoRANetwork(unet, tes, dim=dim, alpha=alpha, train_unet=True, train_text_encoder=with_te, arch=arch)
     net.load_weights(lora)
     net.apply()
     with torch.no_grad():

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lorabuild import blocks, config, metadata
 from lorabuild.kohya_import import convert
 from lorabuild.network import LoRANetwork, NetworkConfigError, from_config
+from lora_check import unet_outputs
 
-SD25 = list(range(25))
 
 
 def _net(**over) -> dict:
@@ -203,3 +207,47 @@ def test_import_kohya_maps_block_args():
     assert net["exclude_patterns"] == ["lora_unet_.*attn2.*", "lora_te_.*"]
     assert net["include_patterns"] == [".*attn2_to_k"]
     assert any("exclude_patterns" in n for n in notes)
+
+
+@pytest.fixture
+def ws(tmp_path):
+    """A fresh demo workspace trained for two steps (its caches built)."""
+    from conftest import WS
+
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(tmp_path / "ws")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ws = WS(tmp_path / "ws")
+    ws.edit(lambda d: (d["train"].update(epochs=1, max_steps=2, save_every_n_epochs=None), d.pop("sample")))
+    ws.doit("train:demo", build="first")
+    return ws
+
+
+def test_block_options_through_the_cli_give_a_kohya_file(ws):
+    dims = [4] * 25
+    dims[2], dims[12], dims[16] = 0, 2, 6  # down_blocks_0_attentions_1: none; mid: rank 2; up_blocks_1_attentions_0: 6
+    up = [1.0] * 12
+    up[5] = 0  # up_blocks_1_attentions_2 (block 18): none
+    net = {"block_dims": dims, "up_lr_weight": up, "exclude_patterns": [".*attn1.*"], "include_patterns": [".*attn1_to_q"]}
+    ws.edit(lambda d: d["network"].update(net))
+    ws.doit("train:demo", build="blocks")
+    assert ws.ran("blocks") == {"train"}  # latents and text embeddings are not keyed on the network
+    lora = ws.root / "output" / "demo" / "demo.safetensors"
+    weights = load_file(str(lora))
+    rank = {k.split(".")[0]: v.shape[0] for k, v in weights.items() if k.endswith("lora_down.weight")}
+    idx = {n: blocks.block_index(n, "sd1") for n in rank}
+    assert set(idx.values()) == {1, 4, 5, 12, 13, 14, 15, 16, 17}
+    assert all(r == dims[idx[n]] for n, r in rank.items())
+    assert not any("attn1" in n and not n.endswith("attn1_to_q") for n in rank)
+    assert len(rank) == 9 * 9  # 9 blocks × (proj_in, proj_out, attn1 to_q, attn2 × 4, ff × 2)
+    with safe_open(str(lora), "pt") as fh:
+        args = json.loads(fh.metadata()["ss_network_args"])
+    assert args["block_dims"] == ",".join(map(str, dims)) and args["exclude_patterns"] == "['.*attn1.*']"
+    # it loads in our loader from the same settings, and diffusers applies it as we do
+    doc = config.load_project(ws.yaml_path).section("network")
+    ours, plain, theirs = unet_outputs(ws.root / "cache" / "models" / "tiny-sd1", lora, "sd1", 32, net_cfg=doc)
+    torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=2e-3)
+    # a wrong length for this model's architecture: the field, the length it needs
+    ws.edit(lambda d: d["network"].update(block_dims=[4] * 23))
+    proc = ws.doit("train:demo", build="bad", check=False)
+    assert proc.returncode != 0
+    assert "network.block_dims: has 23 entries; it needs 25 for SD 1.x/2.x" in proc.stdout + proc.stderr
