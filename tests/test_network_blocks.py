@@ -251,3 +251,23 @@ def test_block_options_through_the_cli_give_a_kohya_file(ws):
     proc = ws.doit("train:demo", build="bad", check=False)
     assert proc.returncode != 0
     assert "network.block_dims: has 23 entries; it needs 25 for SD 1.x/2.x" in proc.stdout + proc.stderr
+
+
+def test_sdxl_blocks_follow_the_original_layout(tmp_path):
+    from lorabuild import models
+
+    folder = models.ensure_builtin("tiny-sdxl", tmp_path / "cache")
+    unet = models.load_unet(folder)
+    dims = [4] * 23
+    dims[11] = 2  # middle_block_1, the middle Transformer2D
+    net = from_config(_net(block_dims=dims, mid_lr_weight=[1, 0.5, 1], down_lr_weight="zeros+1", up_lr_weight="linear",
+                           train_text_encoder=False), unet, [], "sdxl")
+    rank = _rank(net)
+    idx = {n: blocks.block_index(n, "sdxl") for n in rank}
+    assert all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in rank)
+    assert all(r == dims[idx[n]] for n, r in rank.items()) and 2 in rank.values()
+    assert 13 not in idx.values()  # linear: output_blocks_0 has weight 0, so no modules
+    groups = {g.get("lr_weight"): g["lr"] for g in net.param_groups(1e-4, 1e-5)}
+    assert groups[0.5] == pytest.approx(0.5e-4) and 0.0 not in groups
+    with pytest.raises(NetworkConfigError, match=r"network\.mid_lr_weight: has 1 entries; it needs 3 for SDXL"):
+        from_config(_net(mid_lr_weight=[1]), unet, [], "sdxl")
