@@ -132,6 +132,31 @@ def _filter(found: list, exclude, include) -> list:
     return [f for f in found if not (any(p.fullmatch(f[0]) for p in ex) and not any(p.fullmatch(f[0]) for p in inc))]
 
 
+def _candidates(unet, text_encoders: list, arch: str, train_unet: bool, conv: bool, unet_targets, te_targets) -> list:
+    """(kohya name, module, is 3×3, part: 0 UNet, 1/2 text encoders) for every module the targets
+    hold, UNet first; LoCon (``conv``) adds kohya's ResNet and resampler classes."""
+    rename = None
+    if arch == "sdxl":
+        from .layout import to_original, unet_block_map
+
+        block_map = unet_block_map(dict(unet.config))
+        rename = lambda path: to_original(path, block_map)  # noqa: E731
+    found: list[tuple[str, nn.Module, bool, int]] = []
+    if train_unet:
+        classes = _classes([unet], unet_targets, "unet_target_modules")
+        found += [(*t, 0) for t in _targets(unet, "lora_unet", classes, conv=conv, rename=rename)]
+        if conv:
+            extra = tuple(c for c in UNET_CONV_TARGETS if c not in classes)
+            found += [(*t, 0) for t in _targets(unet, "lora_unet", extra, conv=True, rename=rename)]
+    if text_encoders:
+        classes = _classes(text_encoders, te_targets, "text_encoder_target_modules", TE_ALIASES)
+        prefixes = ["lora_te1", "lora_te2"] if len(text_encoders) == 2 else ["lora_te"]
+        for part, (te, prefix) in enumerate(zip(text_encoders, prefixes), 1):
+            found += [(*t, part) for t in _targets(te, prefix, classes, _te_path_prefix(te))]
+    seen: set[str] = set()
+    return [f for f in found if not (f[0] in seen or seen.add(f[0]))]  # nested target classes: once
+
+
 class LoRANetwork(nn.Module):
     def __init__(self, unet, text_encoders: list, dim: int, alpha: float, train_unet: bool = True,
                  train_text_encoder: bool = True, arch: str = "sd1", conv_dim: int | None = None,
@@ -141,27 +166,9 @@ class LoRANetwork(nn.Module):
         super().__init__()
         if arch not in ("sd1", "sd2", "sdxl"):
             raise ValueError(f"unknown model architecture {arch!r}")
-        rename = None
-        if arch == "sdxl":
-            from .layout import to_original, unet_block_map
-
-            block_map = unet_block_map(dict(unet.config))
-            rename = lambda path: to_original(path, block_map)  # noqa: E731
         conv = bool(conv_dim) or bool(blocks and blocks["conv_dims"])
-        found: list[tuple[str, nn.Module, bool, int]] = []  # (name, module, is 3×3, part: 0 UNet, 1/2 text encoders)
-        if train_unet:
-            classes = _classes([unet], unet_targets, "unet_target_modules")
-            found += [(*t, 0) for t in _targets(unet, "lora_unet", classes, conv=conv, rename=rename)]
-            if conv:
-                extra = tuple(c for c in UNET_CONV_TARGETS if c not in classes)
-                found += [(*t, 0) for t in _targets(unet, "lora_unet", extra, conv=True, rename=rename)]
-        if train_text_encoder and text_encoders:
-            classes = _classes(text_encoders, te_targets, "text_encoder_target_modules", TE_ALIASES)
-            prefixes = ["lora_te1", "lora_te2"] if len(text_encoders) == 2 else ["lora_te"]
-            for part, (te, prefix) in enumerate(zip(text_encoders, prefixes), 1):
-                found += [(*t, part) for t in _targets(te, prefix, classes, _te_path_prefix(te))]
-        seen: set[str] = set()
-        found = [f for f in found if not (f[0] in seen or seen.add(f[0]))]  # nested target classes: once
+        found = _candidates(unet, text_encoders if train_text_encoder else [], arch, train_unet, conv,
+                            unet_targets, te_targets)
         if not found:
             raise NetworkConfigError("network: the target modules hold no Linear or 1×1 conv to train "
                                      "(unet_target_modules, text_encoder_target_modules)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import models
+from . import blocks, models
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
 from .dist import launch_options
@@ -240,6 +240,7 @@ class Graph:
             if p.get("network.weights"):
                 deps.append(str(p.resolve(p.get("network.weights"))))
             cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + MODEL + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}
+            cfg["network"] = blocks.keyed(cfg["network"])  # unset new options leave an existing build up to date
             world = launch_options(p).world
             if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA it trains
                 cfg["world"] = world
