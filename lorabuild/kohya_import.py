@@ -113,6 +113,10 @@ SIMPLE = {
     "max_grad_norm": ("train.max_grad_norm", float),
     "mixed_precision": ("train.mixed_precision", str),
     "save_every_n_epochs": ("train.save_every_n_epochs", int),
+    "save_every_n_steps": ("train.save_every_n_steps", int),
+    "max_train_steps": ("train.max_steps", int),
+    "save_last_n_epochs": ("output.keep_last", int),
+    "save_last_n_steps": ("output.keep_last", int),
     "prior_loss_weight": ("train.prior_loss_weight", float),
     "noise_offset": ("train.noise_offset", float),
     "min_snr_gamma": ("train.min_snr_gamma", float),
@@ -242,19 +246,21 @@ def convert(cfg: dict, dataset_cfg: dict | None = None) -> tuple[dict, list[str]
             _set(doc, "network.train_text_encoder", False)
         elif key == "network_train_text_encoder_only" and _bool(value):
             _set(doc, "network.train_unet", False)
-        elif key == "max_train_steps":
-            notes.append(f"max_train_steps = {value}: set train.epochs instead (lorabuild plan shows steps per epoch)")
-            unmapped.append(f"max_train_steps = {value!r}")
-        elif key in ("v2", "v_parameterization", "sdxl") and _bool(value):
-            unmapped.append(f"{key} (only SD 1.x models are supported so far)")
+        elif key == "sdxl" and _bool(value):
+            _set(doc, "model_type", "sdxl")
         elif key in NOT_NEEDED:
             continue
         elif key in ("network_train_unet_only", "network_train_text_encoder_only"):
             continue
         else:
             unmapped.append(f"{key} = {value!r}")
-    if "train" not in doc or "epochs" not in doc.get("train", {}):
-        notes.append("no max_train_epochs: train.epochs takes lorabuild's default (10)")
+    train = doc.get("train", {})
+    if "epochs" in train and "max_steps" in train:  # kohya: max_train_epochs overrides max_train_steps
+        notes.append(f"max_train_epochs overrides max_train_steps in kohya: train.max_steps "
+                     f"{train.pop('max_steps')} dropped")
+    elif "epochs" not in train and "max_steps" not in train:
+        _set(doc, "train.max_steps", 1600)
+        notes.append("neither max_train_epochs nor max_train_steps: train.max_steps is kohya's default, 1600")
     if dataset_cfg:
         _datasets(doc, dataset_cfg, unmapped, notes)
     doc.setdefault("base_model", "builtin:tiny-sd1")

@@ -83,8 +83,19 @@ def test_a_kohya_config_maps_every_known_option():
     assert doc["textemb"] == {"clip_skip": 2} and doc["captions"] == {"shuffle": True, "keep_tokens": 1}
     assert doc["output"] == {"name": "ayaka", "save_precision": "fp32"}
     assert doc["sample"] == {"sampler": "euler_a"}
-    assert unmapped == ["color_aug = True", "max_train_steps = 1600"]
-    assert any("max_train_steps" in n for n in notes)
+    assert unmapped == ["color_aug = True"]
+    # kohya: max_train_epochs overrides max_train_steps
+    assert "max_steps" not in t and any("overrides max_train_steps" in n for n in notes)
+
+
+def test_length_and_saving_options_map():
+    doc, unmapped, notes = convert({"max_train_steps": "900", "save_every_n_steps": "300", "save_last_n_steps": "2",
+                                    "sdxl": True, "pretrained_model_name_or_path": "m.safetensors"})
+    assert doc["train"] == {"max_steps": 900, "save_every_n_steps": 300}
+    assert doc["output"] == {"keep_last": 2} and doc["model_type"] == "sdxl" and unmapped == []
+    # neither length given: kohya trains its default 1600 steps, and so does the import
+    doc, _, notes = convert({"pretrained_model_name_or_path": "m.safetensors"})
+    assert doc["train"] == {"max_steps": 1600} and any("1600" in n for n in notes)
 
 
 def test_a_dataset_config_becomes_concepts():
@@ -127,7 +138,7 @@ def test_the_cli_writes_a_project_that_validates(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "not mapped: color_aug = True" in proc.stderr
     text = out.read_text()
-    assert text.startswith("# Imported from kohya sd-scripts settings") and "#   max_train_steps = 1600" in text
+    assert text.startswith("# Imported from kohya sd-scripts settings") and "#   color_aug = True" in text
     assert yaml.safe_load(text)["network"]["conv_dim"] == 4
     val = subprocess.run([sys.executable, "-m", "lorabuild", "validate", str(out)], capture_output=True, text=True)
     assert val.returncode == 0, val.stdout + val.stderr
