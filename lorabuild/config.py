@@ -241,7 +241,7 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
         if data[key] and not (root / data[key]).exists():
             doc.problem(pos(key), key, f"{(root / data[key]).resolve()} does not exist")
     ds = data["dataset"]
-    for key in ("dirs", "reg_dirs"):
+    for key in ("dirs", "reg_dirs", "val_dirs"):
         for i, d in enumerate(ds[key]):
             if not (root / d).is_dir():
                 doc.problem(pos("dataset", key, i), f"dataset.{key}.{i}", f"folder {(root / d).resolve()} does not exist")
@@ -249,7 +249,10 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
         if not (root / c["path"]).is_dir():
             doc.problem(pos("dataset", "concepts", i, "path"), f"dataset.concepts.{i}.path",
                         f"folder {(root / c['path']).resolve()} does not exist")
-    if not ds["dirs"] and not any(not c["is_reg"] for c in ds["concepts"]):
+        if c["is_reg"] and c["is_val"]:
+            doc.problem(pos("dataset", "concepts", i, "is_val"), f"dataset.concepts.{i}.is_val",
+                        "a concept is either regularization (is_reg) or validation (is_val) images, not both")
+    if not ds["dirs"] and not any(not c["is_reg"] and not c["is_val"] for c in ds["concepts"]):
         doc.problem(pos("dataset"), "dataset", "no training images: give dirs (parents of '<repeats>_<tokens>' folders) or concepts")
     pf = data["sample"]["prompt_file"]
     if pf and not (root / pf).is_file():

@@ -9,7 +9,7 @@ doit loads the task graph.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -27,6 +27,7 @@ class Concept:
     is_reg: bool = False
     captions: dict = field(default_factory=dict, compare=False)  # caption options over the project's
     caption_extension: str = field(default=".txt", compare=False)  # where a caption file is (or is written)
+    is_val: bool = False  # validation images: cached and measured every epoch, never trained on
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,12 @@ def _relative_id(path: Path, project_root: Path) -> str:
 
 
 def scan(dirs: list[Path], project_root: Path, caption_extension: str, reg_dirs: list[Path] = (),
-         explicit: list[dict] = ()) -> Dataset:
+         explicit: list[dict] = (), val_dirs: list[Path] = ()) -> Dataset:
     """List concepts, images and caption files.
 
-    ``dirs``/``reg_dirs`` are parents of ``<repeats>_<tokens>`` folders; ``explicit`` are
-    concept dicts from the YAML (``path`` absolute, ``repeats``, ``trigger``, ``class``,
-    ``caption_extension``, ``is_reg``, ``captions``).
+    ``dirs``/``reg_dirs`` are parents of ``<repeats>_<tokens>`` folders; ``val_dirs`` too, or
+    plain folders of images; ``explicit`` are concept dicts from the YAML (``path`` absolute,
+    ``repeats``, ``trigger``, ``class``, ``caption_extension``, ``is_reg``, ``is_val``, ``captions``).
     """
     concepts: list[Concept] = []
     images: list[ImageFile] = []
@@ -82,13 +83,17 @@ def scan(dirs: list[Path], project_root: Path, caption_extension: str, reg_dirs:
             for concept in _kohya_concepts(ds, is_reg, warnings, caption_extension):
                 concepts.append(concept)
                 images.extend(_concept_images(concept, project_root, caption_extension))
+    for ds in val_dirs:
+        for concept in _val_concepts(ds, warnings, caption_extension):
+            concepts.append(concept)
+            images.extend(_concept_images(concept, project_root, caption_extension))
     for c in explicit:
         folder = Path(c["path"])
         if not folder.is_dir():
             raise DatasetError(f"concept folder {folder} does not exist")
         tokens = " ".join(t for t in (c["trigger"], c["class"]) if t)
         ext = c["caption_extension"] or caption_extension
-        concept = Concept(folder, c["repeats"], tokens, c["is_reg"], dict(c["captions"]), ext)
+        concept = Concept(folder, c["repeats"], tokens, c["is_reg"], dict(c["captions"]), ext, c.get("is_val", False))
         concepts.append(concept)
         found = _concept_images(concept, project_root, ext)
         if not found:
@@ -99,7 +104,7 @@ def scan(dirs: list[Path], project_root: Path, caption_extension: str, reg_dirs:
         if im.id in seen:
             raise DatasetError(f"{im.path} is listed twice (two dataset entries name the same folder)")
         seen.add(im.id)
-    if not any(not im.concept.is_reg for im in images):
+    if not any(not im.concept.is_reg and not im.concept.is_val for im in images):
         raise DatasetError("the dataset has no training images (" + ", ".join(str(d) for d in dirs) + ")")
     return Dataset(tuple(concepts), tuple(images), tuple(warnings))
 
@@ -139,12 +144,26 @@ def _kohya_concepts(ds: Path, is_reg: bool, warnings: list[str], caption_extensi
     return out
 
 
+def _val_concepts(ds: Path, warnings: list[str], caption_extension: str) -> list[Concept]:
+    """A validation folder: the parent of ``<repeats>_<tokens>`` folders like a dataset folder
+    (repeats do not matter here), or itself a folder of images (their captions from caption
+    files, else the folder's tokens when it is named ``<repeats>_<tokens>``, else empty)."""
+    if not ds.is_dir():
+        raise DatasetError(f"validation folder {ds} does not exist")
+    with os.scandir(ds) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    if any(_is_image(e) for e in entries):
+        parsed = parse_concept_name(ds.name)
+        return [Concept(ds, 1, parsed[1] if parsed else "", caption_extension=caption_extension, is_val=True)]
+    return [replace(c, is_val=True) for c in _kohya_concepts(ds, False, warnings, caption_extension)]
+
+
 def from_project(project) -> Dataset:
     """The dataset a project describes (paths resolved against the project's folder)."""
     d = project.section("dataset")
     explicit = [{**c, "path": project.resolve(c["path"])} for c in d["concepts"]]
     return scan([project.resolve(x) for x in d["dirs"]], project.root, d["caption_extension"],
-                [project.resolve(x) for x in d["reg_dirs"]], explicit)
+                [project.resolve(x) for x in d["reg_dirs"]], explicit, [project.resolve(x) for x in d["val_dirs"]])
 
 
 def _concept_images(concept: Concept, project_root: Path, caption_extension: str) -> list[ImageFile]:

@@ -107,6 +107,8 @@ SIMPLE = {
     "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int),
     "seed": ("train.seed", int),
     "validation_split": ("train.validation_split", float),
+    "validation_seed": ("train.validation_seed", int),
+    "masked_loss": ("train.masked_loss", _bool),
     "lr_scheduler": ("train.lr_scheduler", str),
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", int),
     "lr_scheduler_power": ("train.lr_scheduler_power", float),
@@ -239,6 +241,9 @@ def convert(cfg: dict, dataset_cfg: dict | None = None) -> tuple[dict, list[str]
                     notes.append("network.exclude_patterns/include_patterns match the whole kohya module name "
                                  "(lora_unet_…_attn2_to_k); kohya's FLUX/SD3 networks match the dotted module path: "
                                  "check the patterns (lorabuild validate; a pattern matching nothing is an error)")
+        elif key == "alpha_mask":  # kohya applies an alpha mask whenever it loads one, masked_loss or not
+            if _bool(value):
+                _set(doc, "train.masked_loss", True)
         elif key == "lr_warmup_steps":
             v = float(value)
             _set(doc, "train.lr_warmup_ratio" if 0 < v < 1 else "train.lr_warmup_steps", v if v < 1 else int(v))
@@ -275,10 +280,13 @@ def _datasets(doc: dict, dataset_cfg: dict, unmapped: list[str], notes: list[str
     for d in dataset_cfg.get("datasets", []):
         settings = {**general, **{k: v for k, v in d.items() if k != "subsets"}}
         for k in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
-                  "caption_extension", "shuffle_caption", "keep_tokens", "flip_aug", "random_crop"):
+                  "caption_extension", "shuffle_caption", "keep_tokens", "flip_aug", "random_crop", "validation_split",
+                  "validation_seed"):
             if k in settings:
                 dotted, conv = SIMPLE[k]
                 _set(doc, dotted, conv(settings[k]))
+        if _bool(settings.get("alpha_mask", False)):
+            _set(doc, "train.masked_loss", True)
         if "batch_size" in settings:
             _set(doc, "train.batch_size", int(settings["batch_size"]))
         for s in d.get("subsets", []):
@@ -292,12 +300,18 @@ def _datasets(doc: dict, dataset_cfg: dict, unmapped: list[str], notes: list[str
                 concept["is_reg"] = True
             if s.get("caption_extension"):
                 concept["caption_extension"] = str(s["caption_extension"])
+            if "alpha_mask" in s:
+                if _bool(s["alpha_mask"]):
+                    _set(doc, "train.masked_loss", True)
+                elif doc.get("train", {}).get("masked_loss"):
+                    notes.append(f"subset {s['image_dir']}: alpha_mask = false, but train.masked_loss masks every image "
+                                 "that has an alpha channel (remove the alpha from images that should count everywhere)")
             caps = {k2: s[k] for k, k2 in (("shuffle_caption", "shuffle"), ("keep_tokens", "keep_tokens")) if k in s}
             if caps:
                 concept["captions"] = caps
             for k in s:
                 if k not in ("image_dir", "num_repeats", "class_tokens", "is_reg", "caption_extension",
-                             "shuffle_caption", "keep_tokens"):
+                             "shuffle_caption", "keep_tokens", "alpha_mask"):
                     unmapped.append(f"subset {s['image_dir']}: {k} = {s[k]!r}")
             doc.setdefault("dataset", {}).setdefault("concepts", []).append(concept)
 

@@ -35,9 +35,13 @@ def min_snr_weights(alphas_cumprod, timesteps, gamma: float, v_prediction: bool)
     return clipped / (s + 1.0) if v_prediction else clipped / s
 
 
-def per_sample_loss(pred, target, loss_type: str, huber_c: float):
+def per_sample_loss(pred, target, loss_type: str, huber_c: float, mask=None):
     """Mean loss per sample: ``l2`` (MSE), ``l1``, or ``huber`` (kohya's pseudo-Huber,
-    ``2c(√((x−y)² + c²) − c)``, quadratic near 0 and linear far out)."""
+    ``2c(√((x−y)² + c²) − c)``, quadratic near 0 and linear far out).
+
+    ``mask`` (``[B, h, w]`` at latent size, in [0, 1]) weights each position's loss before the
+    mean, as kohya's ``apply_masked_loss`` does: the mean still divides by every position, so
+    a half-transparent image's loss is half that of its opaque part, not renormalised."""
     import torch
 
     diff = pred.float() - target.float()
@@ -47,6 +51,8 @@ def per_sample_loss(pred, target, loss_type: str, huber_c: float):
         per = diff.abs()
     else:
         per = 2 * huber_c * (torch.sqrt(diff.pow(2) + huber_c**2) - huber_c)
+    if mask is not None:
+        per = per * mask.to(per.device, per.dtype).unsqueeze(1)  # one mask for every latent channel
     return per.mean(dim=tuple(range(1, per.ndim)))
 
 

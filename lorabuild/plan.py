@@ -61,12 +61,15 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
                 tiny.append(f"{im.id} ({size[0]}x{size[1]})")
         bucket = (f.crop[2] - f.crop[0], f.crop[3] - f.crop[1])
         histogram[f"{bucket[0]}x{bucket[1]}"] += 1
-        samples.append(Sample(im.id, bucket, im.concept.repeats, im.concept.is_reg))
+        samples.append(Sample(im.id, bucket, im.concept.repeats, im.concept.is_reg, im.concept.is_val))
     t = project.section("train")
-    samples, held_out = training_samples(samples, t["validation_split"], t["seed"])
+    val_seed = t["seed"] if t["validation_seed"] is None else t["validation_seed"]
+    samples, val = training_samples(samples, t["validation_split"], val_seed)
+    held_out = [s for s in val if not s.is_val]
     if held_out:
         warnings.append(f"{len(held_out)} image(s) held out for validation (train.validation_split): "
                         f"{', '.join(s.id for s in held_out[:5])}")
+    validation = {"images": len(val), "held_out": len(held_out), "val_images": len(val) - len(held_out)}
     from .dist import launch_options
 
     tp = make_plan(samples, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"], t["max_steps"],
@@ -77,13 +80,14 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     for c in ds.concepts:
         ims = [im for im in ds.images if im.concept == c]
         concepts.append({
-            "folder": str(c.folder), "images": len(ims), "repeats": c.repeats, "default_caption": c.tokens,
+            "folder": str(c.folder), "images": len(ims), "repeats": 0 if c.is_val else c.repeats,
+            "default_caption": c.tokens, "validation": c.is_val,
             "captions_found": sum(im.caption_path is not None for im in ims),
             "captions_defaulted": sum(im.caption_path is None and im.id not in tagged for im in ims),
             "captions_tagged": sum(im.id in tagged for im in ims),
-            "share_of_epoch": round(len(ims) * c.repeats / total, 4),
+            "share_of_epoch": 0.0 if c.is_val else round(len(ims) * c.repeats / total, 4),
         })
-        if c.repeats * t["epochs"] and not 100 <= c.repeats * t["epochs"] <= 200:
+        if not c.is_val and c.repeats * t["epochs"] and not 100 <= c.repeats * t["epochs"] <= 200:
             warnings.append(f"{c.folder.name}: repeats × epochs = {c.repeats * t['epochs']}, far from the 100–200 that usually works")
     from .optimizers import advice
 
@@ -100,7 +104,8 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     warnings += _orphan_captions(ds, project.get("dataset.caption_extension"))
     if hashes is not None:
         warnings += _duplicates(ds, hashes)
-    tags = Counter(t_ for c in captions.values() for t_ in set(split_tags(c)))
+    val_ids = {s.id for s in val}  # what training sees: validation images are not in the tag counts
+    tags = Counter(t_ for i, c in captions.items() if i not in val_ids for t_ in set(split_tags(c)))
     return {
         "project": project.name,
         "concepts": concepts,
@@ -112,6 +117,7 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
             "epochs": tp.epochs, "total_steps": tp.total_steps, "processes": tp.processes,
             "last_epoch_steps": tp.total_steps - (tp.epochs - 1) * tp.steps_per_epoch,
         },
+        "validation": validation,
         "top_tags": tags.most_common(20),
         "warnings": warnings,
     }
@@ -142,6 +148,10 @@ def _duplicates(ds: Dataset, hashes) -> list[str]:
 def render(plan: dict) -> str:
     lines = [f"plan for {plan['project']}:", "  concepts:"]
     for c in plan["concepts"]:
+        if c.get("validation"):
+            lines.append(f"    {c['folder']}: {c['images']} validation images; caption default '{c['default_caption']}'; "
+                         f"captions found {c['captions_found']}, defaulted {c['captions_defaulted']}")
+            continue
         lines.append(
             f"    {c['folder']}: {c['images']} images × {c['repeats']} repeats = {c['share_of_epoch']:.0%} of an epoch; "
             f"caption default '{c['default_caption']}'; captions found {c['captions_found']}, defaulted {c['captions_defaulted']}"
@@ -158,6 +168,10 @@ def render(plan: dict) -> str:
             + (f" (max_steps: epoch {s['epochs']} stops after {s['last_epoch_steps']} of its steps)"
                if s["last_epoch_steps"] < s["steps_per_epoch"] else "")
         )
+    v = plan.get("validation") or {}
+    if v.get("images"):
+        lines.append(f"  validation: {v['images']} images, never trained on, their loss measured after every epoch ("
+                     f"{v['val_images']} from val_dirs/is_val concepts, {v['held_out']} held out by validation_split)")
     lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in plan["top_tags"]))
     for w in plan["warnings"]:
         lines.append(f"  warning: {w}")

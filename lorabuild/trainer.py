@@ -52,6 +52,9 @@ class TrainInputs:
     sizes: dict[str, dict] = field(default_factory=dict)  # image id → latents manifest entry (SDXL time_ids)
     scalar: Callable[[str, float, int], None] | None = None  # (tag, value, step): a live log such as TensorBoard
     rank: dist.Rank = dist.SINGLE  # with several processes: this one's share of each epoch (see dist.py)
+    # random crop with train.masked_loss: image id → (source image, working size, resize filter) of
+    # the images with alpha, whose mask is cut with each crop (cached latents carry theirs)
+    alpha: dict[str, tuple] = field(default_factory=dict)
 
 
 def _dtype(mixed_precision: str):
@@ -124,10 +127,11 @@ def _guarded(fn, *args):
 
 
 def _random_crop_latent(inp: TrainInputs, sample: Sample, g, vae):
-    """The uncached path (kohya ``random_crop``): a random bucket-sized window, encoded now."""
+    """The uncached path (kohya ``random_crop``): a random bucket-sized window, encoded now;
+    (latent, crop's left/top, flipped, its alpha mask or None)."""
     import torch
 
-    from .stages.latents import bucket_pixels, encode, to_tensor
+    from .stages.latents import bucket_mask, bucket_pixels, encode, to_tensor
 
     path, resized = inp.pixels[sample.id]
     bw, bh = sample.bucket
@@ -138,7 +142,15 @@ def _random_crop_latent(inp: TrainInputs, sample: Sample, g, vae):
     if flipped:
         x = torch.flip(x, dims=[3])
     with torch.no_grad():
-        return encode(vae, x)[0].float().cpu(), (left, top), flipped
+        lat = encode(vae, x)[0].float().cpu()
+    mask = None
+    if sample.id in inp.alpha:
+        source, working, resize_filter = inp.alpha[sample.id]
+        mask = bucket_mask(source, working, resize_filter, resized, (left, top, left + bw, top + bh),
+                           inp.cfg["latents"]["interpolation"], lat.shape[-2:])
+        if mask is not None and flipped:
+            mask = torch.flip(mask, dims=[-1])
+    return lat, (left, top), flipped, mask
 
 
 def _time_ids(inp: TrainInputs, sample: Sample, crop_lt=None, flipped: bool = False) -> list[float]:
@@ -179,22 +191,43 @@ def _added(inp: TrainInputs, pooled, time_ids: list) -> dict | None:
             "time_ids": torch.tensor(time_ids, dtype=torch.float32, device=inp.device)}
 
 
-def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, tes, vae):
-    """Latents, noise, timesteps and conditioning of one batch, each drawn per sample."""
+def _stored_latent(inp: TrainInputs, image_id: str, flipped: bool):
+    """(cached latent, its alpha mask or None) of an image, mirrored when ``flipped``."""
     import torch
     from safetensors.torch import load_file
 
+    stored = checked_read("latents", inp.latent_path[image_id], lambda f: load_file(str(f)))
+    mask = stored.get("mask") if inp.cfg["train"].get("masked_loss") else None
+    if mask is not None and flipped:
+        mask = torch.flip(mask, dims=[-1])
+    return stored["latent_flip" if flipped else "latent"], mask
+
+
+def _mask_batch(masks: list, latents: list, device):
+    """The batch's masks ``[B, h, w]`` (all ones for an image without alpha), or None when no
+    image of the batch has one."""
+    import torch
+
+    if all(m is None for m in masks):
+        return None
+    return torch.stack([m if m is not None else torch.ones(lat.shape[-2:]) for m, lat in zip(masks, latents)]).to(device)
+
+
+def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, tes, vae):
+    """Latents, noise, timesteps and conditioning of one batch, each drawn per sample."""
+    import torch
+
     seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
-    latents, noises, steps, captions, weights, time_ids = [], [], [], [], [], []
+    latents, noises, steps, captions, weights, time_ids, masks = [], [], [], [], [], [], []
     for sample, rep in batch:
         g = torch.Generator().manual_seed(derive_seed(seed, epoch, sample.id, rep))
         if inp.latent_path is None:
-            lat, crop_lt, use_flip = _random_crop_latent(inp, sample, g, vae)
+            lat, crop_lt, use_flip, mask = _random_crop_latent(inp, sample, g, vae)
         else:
-            stored = checked_read("latents", inp.latent_path[sample.id], lambda f: load_file(str(f)))
             use_flip = flip and bool(torch.randint(0, 2, (1,), generator=g).item())
-            lat, crop_lt = stored["latent_flip" if use_flip else "latent"], None
+            (lat, mask), crop_lt = _stored_latent(inp, sample.id, use_flip), None
         latents.append(lat)
+        masks.append(mask)
         time_ids.append(_time_ids(inp, sample, crop_lt, use_flip))
         tr = inp.cfg["train"]
         noise = torch.randn(lat.shape, generator=g)
@@ -210,7 +243,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, t
     hidden, pooled = _conditioning(inp, captions, toks, tes)
     to = dict(device=inp.device)
     return (torch.stack(latents).to(**to), torch.stack(noises).to(**to), torch.cat(steps).to(**to), hidden.to(**to),
-            torch.tensor(weights, device=inp.device), _added(inp, pooled, time_ids))
+            torch.tensor(weights, device=inp.device), _added(inp, pooled, time_ids), _mask_batch(masks, latents, inp.device))
 
 
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, spread over the schedule
@@ -218,9 +251,10 @@ VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, spread over the schedule
 
 def validation_loss(inp: TrainInputs, unet, sched, toks, tes, vae, autocast) -> float:
     """Mean loss over the held-out images at fixed timesteps and fixed noise (seeded per image),
-    with each image's fixed caption: the same measurement every epoch, so its curve compares."""
+    with each image's fixed caption: the same measurement every epoch, so its curve compares.
+    With ``train.masked_loss`` an image's mask weighs its loss as in training (kohya measures
+    validation unmasked; here the curve then measures what training optimises)."""
     import torch
-    from safetensors.torch import load_file
 
     seed, v_pred = inp.cfg["train"]["seed"], sched.config.prediction_type == "v_prediction"
     n = sched.config.num_train_timesteps
@@ -232,9 +266,9 @@ def validation_loss(inp: TrainInputs, unet, sched, toks, tes, vae, autocast) -> 
             g = torch.Generator().manual_seed(derive_seed("validation", seed, image_id))
             crop_lt = None
             if inp.latent_path is None:
-                lat, crop_lt, _ = _random_crop_latent(inp, sample, g, vae)
+                lat, crop_lt, _, mask = _random_crop_latent(inp, sample, g, vae)
             else:
-                lat = checked_read("latents", inp.latent_path[image_id], lambda f: load_file(str(f)))["latent"]
+                lat, mask = _stored_latent(inp, image_id, False)
             hidden, pooled = _conditioning(inp, [inp.caption[image_id]], toks, tes)
             k = len(ts)
             lat = lat[None].expand(k, *lat.shape).to(inp.device)
@@ -246,7 +280,8 @@ def validation_loss(inp: TrainInputs, unet, sched, toks, tes, vae, autocast) -> 
             with autocast:
                 pred = unet(noisy, ts, encoder_hidden_states=hidden.to(inp.device).expand(k, -1, -1),
                             added_cond_kwargs=added).sample
-            losses.append(float(torch.nn.functional.mse_loss(pred.float(), target.float())))
+            mask = None if mask is None else mask[None].expand(k, *mask.shape)
+            losses.append(float(per_sample_loss(pred, target, "l2", 0.0, mask).mean()))
     return sum(losses) / len(losses)
 
 
@@ -332,14 +367,16 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         for batch, live, ends_step, last in dist.micro_batches(batches, accum, inp.rank):
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(train_te), autocast:
-                latents, noise, t, hidden, weight, added = _batch_inputs(inp, batch, epoch, n_timesteps, toks, tes, vae)
+                latents, noise, t, hidden, weight, added, mask = _batch_inputs(inp, batch, epoch, n_timesteps, toks, tes,
+                                                                               vae)
             noisy = sched.add_noise(latents, noise, t)
             target = sched.get_velocity(latents, noise, t) if v_pred else noise
             # 2. loss
             with autocast:
                 pred = _guarded(denoise, noisy, t, hidden, added, ends_step)
-            # per-sample loss; min-SNR weighting; regularization images weighted by prior_loss_weight (kohya)
-            per_sample = per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"])
+            # per-sample loss (masked by alpha with masked_loss); min-SNR weighting; regularization
+            # images weighted by prior_loss_weight (kohya)
+            per_sample = per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"], mask)
             if tr["min_snr_gamma"]:
                 per_sample = per_sample * min_snr_weights(sched.alphas_cumprod, t, tr["min_snr_gamma"], v_pred)
             if tr["debiased_estimation"]:

@@ -18,6 +18,7 @@ class Sample:
     bucket: tuple[int, int]
     repeats: int
     is_reg: bool = False
+    is_val: bool = False  # a validation image (dataset.val_dirs, an is_val concept): never trained on
 
 
 def balance_reg(train: list[Sample], reg: list[Sample]) -> list[Sample]:
@@ -56,11 +57,13 @@ def hold_out(ids: list[str], share: float, seed: int) -> list[str]:
 
 
 def training_samples(every: list[Sample], val_share: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(samples an epoch trains on, held-out validation samples): training images minus the
-    held-out ones, plus regularization images balanced against them (kohya)."""
-    train = [s for s in every if not s.is_reg]
+    """(samples an epoch trains on, validation samples): training images minus the held-out
+    ones, plus regularization images balanced against them (kohya); the validation images
+    (``is_val``) and the held-out ones, both measured, neither trained on. ``seed`` chooses
+    the held-out share among the training images only."""
+    train = [s for s in every if not s.is_reg and not s.is_val]
     held = set(hold_out([s.id for s in train], val_share, seed))
-    val = [s for s in train if s.id in held]
+    val = [s for s in train if s.id in held] + [s for s in every if s.is_val]
     train = [s for s in train if s.id not in held]
     return train + balance_reg(train, [s for s in every if s.is_reg]), val
 

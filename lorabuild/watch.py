@@ -136,7 +136,7 @@ class Watcher:
         if problems:
             return [self.yaml.parent]
         base = self.yaml.parent
-        folders = [base / d for d in data["dataset"]["dirs"] + data["dataset"]["reg_dirs"]]
+        folders = [base / d for d in data["dataset"]["dirs"] + data["dataset"]["reg_dirs"] + data["dataset"]["val_dirs"]]
         folders += [base / c["path"] for c in data["dataset"]["concepts"]]
         return [f.resolve() for f in folders if f.is_dir()]
 

@@ -70,6 +70,32 @@ def test_explicit_concepts_and_regularization(tmp_path):
     assert caps == {"mine/a.png": "best, sks dog", "reg/1_person/r.png": "person"}  # per-concept prepend
 
 
+def test_validation_folders_plain_or_kohya_and_is_val_concepts(tmp_path):
+    from lorabuild.trainplan import training_samples
+
+    _img(tmp_path / "train" / "5_sks dog" / "t1.png")
+    _img(tmp_path / "train" / "5_sks dog" / "t2.png")
+    _img(tmp_path / "val plain" / "v1.png")  # a plain folder of images
+    _img(tmp_path / "val kohya" / "3_sks dog" / "v2.png")  # or kohya's layout
+    _img(tmp_path / "more" / "v3.png")
+    explicit = [{"path": tmp_path / "more", "repeats": 1, "trigger": "sks", "class": "", "caption_extension": None,
+                 "is_reg": False, "is_val": True, "captions": {}}]
+    ds = scan([tmp_path / "train"], tmp_path, ".txt", [], explicit, [tmp_path / "val plain", tmp_path / "val kohya"])
+    kinds = {im.id: (im.concept.is_val, im.concept.tokens) for im in ds.images}
+    assert kinds == {"train/5_sks dog/t1.png": (False, "sks dog"), "train/5_sks dog/t2.png": (False, "sks dog"),
+                     "val plain/v1.png": (True, ""), "val kohya/3_sks dog/v2.png": (True, "sks dog"),
+                     "more/v3.png": (True, "sks")}
+    every = [Sample(im.id, (64, 64), im.concept.repeats, im.concept.is_reg, im.concept.is_val) for im in ds.images]
+    train, val = training_samples(every, 0.5, 1)  # the split holds one of the two training images out too
+    assert len(train) == 1 and not train[0].is_val
+    assert sorted(s.id for s in val if s.is_val) == ["more/v3.png", "val kohya/3_sks dog/v2.png", "val plain/v1.png"]
+    assert len(val) == 4 and make_plan(train, 1, 1, 1).samples_per_epoch == 5
+    with pytest.raises(DatasetError, match="no training images"):
+        scan([], tmp_path, ".txt", [], explicit, [tmp_path / "val plain"])
+    with pytest.raises(DatasetError, match="validation folder .* does not exist"):
+        scan([tmp_path / "train"], tmp_path, ".txt", [], [], [tmp_path / "nope"])
+
+
 def test_regularization_is_balanced_like_kohya():
     train = [Sample("t1", (64, 64), 5), Sample("t2", (64, 64), 5)]  # 10 training samples per epoch
     few = balance_reg(train, [Sample("r1", (64, 64), 1, True), Sample("r2", (64, 64), 1, True)])

@@ -142,3 +142,26 @@ def test_the_cli_writes_a_project_that_validates(tmp_path):
     assert yaml.safe_load(text)["network"]["conv_dim"] == 4
     val = subprocess.run([sys.executable, "-m", "lorabuild", "validate", str(out)], capture_output=True, text=True)
     assert val.returncode == 0, val.stdout + val.stderr
+
+
+def test_masked_loss_alpha_mask_and_validation_options_are_mapped():
+    import tomllib
+
+    doc, unmapped, _ = convert(parse_command_line(
+        "train_network.py --masked_loss --validation_split 0.1 --validation_seed 7 --validate_every_n_epochs 1"))
+    assert doc["train"] == {"masked_loss": True, "validation_split": 0.1, "validation_seed": 7}
+    assert unmapped == ["validate_every_n_epochs = '1'"]
+    dataset = """
+[[datasets]]
+validation_split = 0.2
+validation_seed = 3
+
+  [[datasets.subsets]]
+  image_dir = "chars/ayaka"
+  alpha_mask = true
+"""
+    doc, unmapped, _ = convert({}, tomllib.loads(dataset))
+    assert doc["train"] == {"masked_loss": True, "validation_split": 0.2, "validation_seed": 3}
+    assert doc["dataset"]["concepts"] == [{"path": "chars/ayaka", "repeats": 1}] and unmapped == []
+    doc, _, _ = convert({"alpha_mask": False, "masked_loss": True})
+    assert doc["train"] == {"masked_loss": True}

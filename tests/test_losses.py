@@ -38,3 +38,42 @@ def test_loss_types():
     hub = per_sample_loss(pred, target, "huber", 0.1)
     assert abs(hub[0] - 1e-4) < 1e-5  # quadratic near zero, like l2
     assert abs(hub[1] - 2 * 0.1 * 10) < 0.05  # linear far out: ≈ 2c|x|, far below l2's 100
+
+
+def test_masked_loss_counts_only_the_opaque_half():
+    """kohya ``apply_masked_loss``: loss × mask, then the mean over every position. With the left
+    half transparent, the loss is the opaque half's sum over all positions; the error on the
+    transparent half does not count at all."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.ones(2, 8, 8)
+    mask[:, :, :4] = 0
+    for kind in ("l2", "l1", "huber"):
+        masked = per_sample_loss(pred, target, kind, 0.1, mask)
+        opaque = per_sample_loss(pred[..., 4:], target[..., 4:], kind, 0.1)  # the mean over the opaque half
+        torch.testing.assert_close(masked, opaque * 0.5)
+        wild = pred.clone()
+        wild[..., :4] += 100  # anything at all where the image is transparent
+        torch.testing.assert_close(per_sample_loss(wild, target, kind, 0.1, mask), masked)
+    torch.testing.assert_close(per_sample_loss(pred, target, "l2", 0.1, torch.ones(2, 8, 8)),
+                               per_sample_loss(pred, target, "l2", 0.1))
+
+
+def test_bucket_mask_follows_the_pixels_resize_and_crop(tmp_path):
+    """The alpha of a 200×100 image, left half transparent: resized like its working copy and
+    bucket, cropped, and averaged to latent size; an image without alpha has no mask."""
+    import numpy as np
+    from PIL import Image
+
+    from lorabuild.stages.latents import bucket_mask
+
+    rgba = np.full((100, 200, 4), 255, dtype=np.uint8)
+    rgba[:, :100, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    # working copy 160×80, resized to 144×72 for a 128×64 bucket cropped from x = 8
+    m = bucket_mask(tmp_path / "a.png", [160, 80], "lanczos", [144, 72], (8, 4, 136, 68), "area", (8, 16))
+    assert m.shape == (8, 16)
+    # bucket pixels 0..63 transparent (x 8..71 of 144, the border at 72), 64..127 opaque
+    assert m[:, :7].max() < 0.02 and m[:, 9:].min() > 0.98
+    Image.new("RGB", (200, 100), "red").save(tmp_path / "b.png")
+    assert bucket_mask(tmp_path / "b.png", [160, 80], "lanczos", [144, 72], (8, 4, 136, 68), "area", (8, 16)) is None

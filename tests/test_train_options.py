@@ -228,3 +228,98 @@ def test_validation_split_holds_images_out_and_logs_their_loss(demo):
     assert "continued" in " ".join(demo.report("train")["notes"])
     rows3 = (out / "val_loss.csv").read_text().splitlines()
     assert rows3[1:3] == rows[1:] and len(rows3) == 4
+
+
+def _make_rgba(path, transparent_left: bool = True) -> None:
+    """The image at ``path`` with an alpha channel: its left half fully transparent."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgba = im.convert("RGBA")
+    alpha = Image.new("L", rgba.size, 255)
+    if transparent_left:
+        alpha.paste(0, (0, 0, rgba.size[0] // 2, rgba.size[1]))
+    rgba.putalpha(alpha)
+    rgba.save(path)
+
+
+def test_masked_loss_masks_images_with_alpha_and_keeps_the_others_entries(demo):
+    folder = demo.data / "10_redcircle shape"
+    alpha_images = sorted(folder.glob("*.png"))[:4]
+    for p in alpha_images:
+        _make_rgba(p)
+    demo.doit("train:demo", build="rgba")
+    assert demo.report("latents")["computed"] == 4  # new bytes; their working copies are flattened RGB
+    lora = demo.root / "output/demo/demo.safetensors"
+    plain = load_file(str(lora))
+    before = {e["id"]: e["hash"] for e in demo.manifest("latents")["items"]}
+
+    demo.edit(lambda d: d["train"].update(masked_loss=True))
+    demo.doit("train:demo", build="masked")
+    rep = demo.report("latents")
+    assert (rep["computed"], rep["reused"]) == (4, 12)  # only the images with alpha get a mask (a new key)
+    after = {e["id"]: e["hash"] for e in demo.manifest("latents")["items"]}
+    ids = {p.relative_to(demo.root / "projects").as_posix() for p in alpha_images}
+    assert {i for i in after if after[i] != before[i]} == ids
+    entry = load_file(str(demo.root / "cache/objects/latents" / after[min(ids)][:2] / f"{after[min(ids)][2:]}.safetensors"))
+    mask = entry["mask"]
+    assert mask.shape == entry["latent"].shape[-2:]
+    w = mask.shape[-1]
+    assert mask[:, : w // 2 - 1].max() < 0.05 and mask[:, w // 2 + 1 :].min() > 0.95
+    assert demo.report("train")["computed"] == 1
+    masked = load_file(str(lora))
+    assert not all(torch.equal(plain[k], masked[k]) for k in plain)
+
+    demo.edit(lambda d: d["train"].update(masked_loss=False))
+    demo.doit("train:demo", build="unmasked")
+    rep = demo.report("latents")
+    assert (rep["computed"], rep["reused"]) == (0, 16)
+    assert demo.report("train")["reused"] == 1  # the unmasked LoRA trained before is restored
+    again = load_file(str(lora))
+    assert all(torch.equal(plain[k], again[k]) for k in plain)
+
+
+def _val_image(src, dst) -> None:
+    """A new validation image: a demo image mirrored (new bytes), with its caption."""
+    from PIL import Image, ImageOps
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        ImageOps.mirror(im).save(dst)
+    dst.with_suffix(".txt").write_text(src.with_suffix(".txt").read_text())
+
+
+def test_val_dirs_are_measured_every_epoch_and_never_trained_on(demo):
+    lora = demo.root / "output/demo/demo.safetensors"
+    demo.edit(lambda d: d["train"].update(epochs=2))
+    demo.doit("train:demo", build="two")  # continues the one-epoch demo run
+    plain = load_file(str(lora))
+    red = sorted((demo.data / "10_redcircle shape").glob("*.png"))
+    for i in range(2):
+        _val_image(red[i], demo.root / "projects/val" / f"v{i}.png")
+    demo.edit(lambda d: d["dataset"].update(val_dirs=["val"]))
+    plan = json.loads(demo.lorabuild("plan", "demo", "--json").stdout)
+    assert plan["validation"] == {"images": 2, "held_out": 0, "val_images": 2}
+    assert plan["steps"]["samples_per_epoch"] == 160 and plan["steps"]["total_steps"] == 80  # val images do not count
+    assert "validation: 2 images" in demo.lorabuild("plan", "demo").stdout
+    demo.doit("train:demo", build="val")
+    assert demo.report("resize")["computed"] == 2 and demo.report("latents")["computed"] == 2
+    rows = (demo.root / "output/demo/val_loss.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [["1", "40"], ["2", "80"]]
+    rep = json.loads(demo.lorabuild("report", "demo", "--json").stdout)
+    assert rep["steps"] == 80 and len(rep["validation_loss"]) == 2
+    # never trained on: the LoRA is the one trained without them, bit for bit
+    with_val = load_file(str(lora))
+    assert all(torch.equal(plain[k], with_val[k]) for k in plain)
+    md = _meta(lora)
+    assert "val" not in json.loads(md["ss_tag_frequency"]) and "val" not in json.loads(md["ss_dataset_dirs"])
+    assert md["ss_num_train_images"] == "160"
+    # another validation image: measured from the first epoch again (the rows are part of the run),
+    # with the same weights; only the new image is cached
+    _val_image(red[2], demo.root / "projects/val/v2.png")
+    demo.doit("train:demo", build="val3")
+    assert demo.report("latents")["computed"] == 1 and demo.report("train")["computed"] == 1
+    rows3 = (demo.root / "output/demo/val_loss.csv").read_text().splitlines()
+    assert len(rows3) == 3 and rows3 != rows
+    again = load_file(str(lora))
+    assert all(torch.equal(plain[k], again[k]) for k in plain)

@@ -4,6 +4,10 @@ Item = one image; key = working image hash + its fit (resize size, crop, bucket)
 flip + interpolation + the VAE's identity. Encoded in batches of one bucket size.
 Latents are stored already multiplied by the VAE's ``scaling_factor`` (read from
 its config: 0.18215 for SD1/2, 0.13025 for SDXL).
+
+With ``train.masked_loss`` an image that has an alpha channel also gets its mask (kohya
+``alpha_mask``), and ``"mask"`` joins its key; images without alpha keep the key and entry
+they have without it, so turning the option on or off recomputes only images with alpha.
 """
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ from . import runtime
 
 STAGE = "latents"
 VERSION = 1
-PARAMS = ("latents.flip", "latents.interpolation", "latents.batch_size", "latents.random_crop")
+PARAMS = ("latents.flip", "latents.interpolation", "latents.batch_size", "latents.random_crop", "train.masked_loss")
 KEY_PARAMS = ("flip", "interpolation")  # batch_size does not change the result
 
 
-def plan(bucket_entries: list[dict], params: dict, vae_id: str) -> list[Item]:
+def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | None = None) -> list[Item]:
+    """``alpha``: {image id: source path} of the images whose alpha channel is their mask."""
     items = []
+    alpha = alpha or {}
     for e in bucket_entries:
         key = {
             "stage": STAGE,
@@ -30,7 +36,11 @@ def plan(bucket_entries: list[dict], params: dict, vae_id: str) -> list[Item]:
             "dtype": "fp32",
             "vae": vae_id,
         }
-        items.append(Item(e["id"], key, e))
+        data = e
+        if e["id"] in alpha:
+            key["mask"] = "alpha"
+            data = {**e, "source": alpha[e["id"]]}
+        items.append(Item(e["id"], key, data))
     return items
 
 
@@ -47,6 +57,48 @@ def bucket_pixels(path, resized, crop, interpolation: str):
 
     im = checked_read("resize", path, read)
     return im.resize(tuple(resized), RESAMPLE[interpolation]).crop(tuple(crop))
+
+
+def bucket_mask(source, working_size, resize_interpolation: str, resized, crop, interpolation: str, latent_hw):
+    """The alpha mask of ``source`` as its latent sees it: a ``[h, w]`` float tensor in [0, 1] at
+    latent size, or None when the image has no alpha. The alpha goes through the working copy's
+    resize and then the bucket's resize and crop, as the pixels do; the final area average
+    is kohya's ``F.interpolate(mask, size=latent size, mode="area")`` (``apply_masked_loss``,
+    custom_train_functions.py), done once here instead of at every step."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ..images import RESAMPLE, load_alpha
+
+    alpha = load_alpha(source)
+    if alpha is None:
+        return None
+    if alpha.size != tuple(working_size):
+        alpha = alpha.resize(tuple(working_size), RESAMPLE[resize_interpolation])
+    alpha = alpha.resize(tuple(resized), RESAMPLE[interpolation]).crop(tuple(crop))
+    m = torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None, None]
+    return F.interpolate(m, size=tuple(latent_hw), mode="area")[0, 0].contiguous()
+
+
+def working_copy(resize_store, src: str) -> tuple[list, str]:
+    """(size, resize filter) of a working copy, from the entry's own sidecar: a mask is resized
+    the way its pixels were, and the copy's key (``src``) already holds both."""
+    from ..cache import read_json
+
+    side = read_json(resize_store.sidecar(src)) or {}
+    return side["info"]["size"], side["key"]["params"]["interpolation"]
+
+
+def alpha_sources(ctx: Context, params: dict) -> dict:
+    """{image id: source path} of the images whose alpha is their mask: with ``train.masked_loss``,
+    every image with an alpha channel (read from the file headers only)."""
+    if not params.get("masked_loss"):
+        return {}
+    from ..dataset import from_project
+    from ..images import has_alpha
+
+    return {im.id: im.path for im in from_project(ctx.project).images if has_alpha(im.path)}
 
 
 def to_tensor(images):
@@ -78,6 +130,10 @@ def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None
         tensors = {"latent": lat[i].float().cpu().contiguous()}
         if lat_flip is not None:
             tensors["latent_flip"] = lat_flip[i].float().cpu().contiguous()
+        if "source" in it.data:  # the flipped mask is this one mirrored: the trainer flips it
+            mask = bucket_mask(it.data["source"], *working_copy(resize_store, it.data["src"]), it.data["resized"],
+                               it.data["crop"], params["interpolation"], lat.shape[-2:])
+            tensors["mask"] = mask if mask is not None else torch.ones(lat.shape[-2:])
         with store.put(it.hash, it.key, {"shape": list(tensors["latent"].shape)}) as tmp:
             save_file(tensors, str(tmp))
 
@@ -107,7 +163,7 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool 
 
 
 def _items(ctx: Context, params: dict) -> list[Item]:
-    return plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"))
+    return plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"), alpha_sources(ctx, params))
 
 
 def run_shard(ctx: Context, params: dict, hashes: list[str], rank) -> dict:

@@ -32,6 +32,16 @@ SAMPLE_PARAMS = ("sample.at_first", "sample.every_n_epochs", "sample.every_n_ste
 EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "dataset")
 
 
+# train options added after LoRAs were trained without them, with the value that means "off"
+NEWER_OFF = {"masked_loss": False, "validation_seed": None}
+
+
+def validation_seed(p) -> int:
+    """The seed that chooses the images validation_split holds out (kohya validation_seed)."""
+    v = p.get("train.validation_seed")
+    return p.get("train.seed") if v is None else v
+
+
 def init_weights(ctx: Context) -> Path | None:
     w = ctx.project.get("network.weights")
     return ctx.project.resolve(w) if w else None
@@ -41,6 +51,9 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
     cfg = {s: ctx.project.section(s) for s in ("network", "train", "captions")}
     cfg["network"] = blocks.keyed(cfg["network"])  # options added later count only when set
     cfg["train"] = dist.keyed_train(cfg["train"], dist.launch_options(ctx.project).world)
+    for k, off in NEWER_OFF.items():  # keyed only when set, so LoRAs trained before they existed stay valid
+        if cfg["train"].get(k) == off:
+            del cfg["train"][k]
     start = init_weights(ctx)
     if start is not None:  # the starting LoRA by content: a moved or touched file changes nothing
         hashes = ctx.hashes()
@@ -55,7 +68,7 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
         c = concept_of[i]
         # everything per image that shapes training: latent, caption, repeats, reg, caption options
         images.append([i, latents[i]["hash"], captions[i], c.repeats] + ([True] if c.is_reg else [])
-                      + ([c.captions] if c.captions else []))
+                      + ([c.captions] if c.captions else []) + (["val"] if c.is_val else []))
     return {
         "stage": STAGE,
         "v": VERSION,
@@ -192,8 +205,13 @@ def _train(r: Run, resume: dict | None) -> list:
             raise StageError("text embeddings are missing from the cache: run the textemb stage again")
     concept_of = {im.id: im.concept for im in r.dataset.images}
     folder_of = {im.id: im.concept.folder.name for im in r.dataset.images}
+    # the metadata describes what was trained: validation images are left out of it
+    val_ids = {s.id for s in r.val_samples}
+    trained_captions = {i: c for i, c in r.captions.items() if i not in val_ids}
     dirs = {}
     for im in r.dataset.images:
+        if im.id in val_ids:
+            continue
         d = dirs.setdefault(im.concept.folder.name, {"n_repeats": im.concept.repeats, "img_count": 0})
         d["img_count"] += 1
     session, started = uuid.uuid4().hex, time.time()
@@ -206,8 +224,8 @@ def _train(r: Run, resume: dict | None) -> list:
         md = kohya_metadata(
             cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "bucket", "output")},
             output_name=name, arch=r.info["arch"], prediction_type=r.info["prediction_type"], plan=r.plan,
-            epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(r.captions, folder_of),
-            bucket_info=_bucket_info(r.lat_manifest["items"]), textemb_cached=r.cached,
+            epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(trained_captions, folder_of),
+            bucket_info=_bucket_info([e for e in r.lat_manifest["items"] if e["id"] not in val_ids]), textemb_cached=r.cached,
             model_name=Path(str(p.get("base_model"))).name, model_hash=r.unet_id,
             model_source=models.source_info(r.mdir),
             session_id=session, started=started, finished=time.time(),
@@ -271,6 +289,12 @@ def _train(r: Run, resume: dict | None) -> list:
         sample=at_point if rank.main and (r.sampler or r.snapshot_points) else None,  # rank 0 alone writes
         resume=resume, save_state=save_state, init_weights=init_weights(ctx), rank=rank,
     )
+    if pixels and p.get("train.masked_loss"):  # random crop: each crop cuts its mask from the image's alpha
+        from .latents import alpha_sources, working_copy
+
+        resize_store = ctx.store("resize", ".png")
+        inp.alpha = {i: (path, *working_copy(resize_store, r.latents[i]["src"]))
+                     for i, path in alpha_sources(ctx, {"masked_loss": True}).items() if i in r.latents}
     if rank.main:
         print(render(build_plan(p)), flush=True)
     writer = _tensorboard(ctx, key_hash(wkey), resume["step"] if resume else 0) if rank.main else None
@@ -316,8 +340,9 @@ def run(ctx: Context, dataset) -> dict:
     name = p.output_name
     out_dir = ctx.ws.output_dir(name)
     concept_of = {im.id: im.concept for im in dataset.images}
-    every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg) for i in sorted(latents)]
-    samples, held_out = training_samples(every, p.get("train.validation_split"), p.get("train.seed"))
+    every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg, concept_of[i].is_val)
+             for i in sorted(latents)]
+    samples, held_out = training_samples(every, p.get("train.validation_split"), validation_seed(p))
     launch = dist.launch_options(p)
     plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"),
                      p.get("train.max_steps"), launch.world)
