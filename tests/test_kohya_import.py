@@ -149,7 +149,7 @@ def test_masked_loss_alpha_mask_and_validation_options_are_mapped():
 
     doc, unmapped, _ = convert(parse_command_line(
         "train_network.py --masked_loss --validation_split 0.1 --validation_seed 7 --validate_every_n_epochs 1"))
-    assert doc["train"] == {"masked_loss": True, "validation_split": 0.1, "validation_seed": 7}
+    assert doc["train"] == {"masked_loss": True, "validation_split": 0.1, "validation_seed": 7, "max_steps": 1600}
     assert unmapped == ["validate_every_n_epochs = '1'"]
     dataset = """
 [[datasets]]
@@ -161,7 +161,7 @@ validation_seed = 3
   alpha_mask = true
 """
     doc, unmapped, _ = convert({}, tomllib.loads(dataset))
-    assert doc["train"] == {"masked_loss": True, "validation_split": 0.2, "validation_seed": 3}
+    assert doc["train"] == {"masked_loss": True, "validation_split": 0.2, "validation_seed": 3, "max_steps": 1600}
     assert doc["dataset"]["concepts"] == [{"path": "chars/ayaka", "repeats": 1}] and unmapped == []
     doc, _, _ = convert({"alpha_mask": False, "masked_loss": True})
     assert doc["train"] == {"masked_loss": True}
