@@ -164,4 +164,4 @@ validation_seed = 3
     assert doc["train"] == {"masked_loss": True, "validation_split": 0.2, "validation_seed": 3, "max_steps": 1600}
     assert doc["dataset"]["concepts"] == [{"path": "chars/ayaka", "repeats": 1}] and unmapped == []
     doc, _, _ = convert({"alpha_mask": False, "masked_loss": True})
-    assert doc["train"] == {"masked_loss": True}
+    assert doc["train"] == {"masked_loss": True, "max_steps": 1600}
