@@ -64,7 +64,8 @@ def _lr_weight(v: str):
 # kohya network_args → (network field, converter of kohya's string)
 NETWORK_ARGS = {
     "conv_dim": ("conv_dim", int), "conv_rank": ("conv_dim", int), "conv_alpha": ("conv_alpha", float),
-    "loraplus_lr_ratio": ("loraplus_lr_ratio", float),
+    "loraplus_lr_ratio": ("loraplus_lr_ratio", float), "loraplus_unet_lr_ratio": ("loraplus_unet_lr_ratio", float),
+    "loraplus_text_encoder_lr_ratio": ("loraplus_text_encoder_lr_ratio", float),
     "block_dims": ("block_dims", lambda v: _numbers(v, int)), "block_alphas": ("block_alphas", lambda v: _numbers(v, float)),
     "conv_block_dims": ("conv_block_dims", lambda v: _numbers(v, int)),
     "conv_block_alphas": ("conv_block_alphas", lambda v: _numbers(v, float)),
@@ -99,6 +100,8 @@ SIMPLE = {
     "network_dropout": ("network.dropout", float),
     "network_weights": ("network.weights", str),
     "loraplus_lr_ratio": ("network.loraplus_lr_ratio", float),
+    "loraplus_unet_lr_ratio": ("network.loraplus_unet_lr_ratio", float),
+    "loraplus_text_encoder_lr_ratio": ("network.loraplus_text_encoder_lr_ratio", float),
     "learning_rate": ("train.learning_rate", float),
     "unet_lr": ("train.unet_lr", float),
     "text_encoder_lr": ("train.text_encoder_lr", float),

@@ -155,8 +155,9 @@ def network_args(net: Mapping) -> dict[str, str]:
     if net.get("conv_dim"):
         out["conv_dim"] = str(net["conv_dim"])
         out["conv_alpha"] = str(net["conv_alpha"] if net.get("conv_alpha") is not None else net["conv_dim"])
-    if net.get("loraplus_lr_ratio"):
-        out["loraplus_lr_ratio"] = str(net["loraplus_lr_ratio"])
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if net.get(key):
+            out[key] = str(net[key])
     # block-wise options as kohya's command line gives them: comma-separated, or a preset name
     for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
                 "down_lr_weight", "mid_lr_weight", "up_lr_weight"):

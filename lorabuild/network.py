@@ -211,29 +211,32 @@ class LoRANetwork(nn.Module):
         return self.n_unet, len(self.loras) - self.n_unet
 
     def param_groups(self, unet_lr: float, te_lr: float, loraplus_ratio: float | None = None,
-                     te2_lr: float | None = None) -> list[dict]:
-        """One group per (model part, down/up); LoRA+ (kohya loraplus_lr_ratio) multiplies lora_up's rate.
+                     te2_lr: float | None = None, loraplus_te_ratio: float | None = None) -> list[dict]:
+        """One group per (model part, down/up); LoRA+ (kohya loraplus_lr_ratio) multiplies lora_up's rate,
+        ``loraplus_ratio`` the UNet's and ``loraplus_te_ratio`` (default: the same) the text encoders'.
         SDXL's second text encoder has its own rate (``te2_lr``, default ``te_lr``). With block lr
         weights (kohya down/mid/up_lr_weight) each UNet block is its own part at ``unet_lr × weight``,
         and its groups carry ``lr_weight`` so the log can show the base rate."""
         n1 = self.te_counts[0] if self.te_counts else 0
         unet = list(self.loras[: self.n_unet])
-        parts = [(unet, unet_lr, None)]
+        te_ratio = loraplus_ratio if loraplus_te_ratio is None else loraplus_te_ratio
+        parts = [(unet, unet_lr, None, loraplus_ratio)]
         if self.block_lr_weight is not None:
             by_block: dict[int, list] = {}
             for m in unet:  # in module order, as kohya's prepare_optimizer_params
                 by_block.setdefault(block_index(m.lora_name, self.arch), []).append(m)
-            parts = [(mods, unet_lr * self.block_lr_weight[i], self.block_lr_weight[i]) for i, mods in by_block.items()]
-        parts += [(self.loras[self.n_unet : self.n_unet + n1], te_lr, None),
-                  (self.loras[self.n_unet + n1 :], te_lr if te2_lr is None else te2_lr, None)]
+            parts = [(mods, unet_lr * self.block_lr_weight[i], self.block_lr_weight[i], loraplus_ratio)
+                     for i, mods in by_block.items()]
+        parts += [(self.loras[self.n_unet : self.n_unet + n1], te_lr, None, te_ratio),
+                  (self.loras[self.n_unet + n1 :], te_lr if te2_lr is None else te2_lr, None, te_ratio)]
         groups = []
-        for mods, lr, weight in parts:
+        for mods, lr, weight, ratio in parts:
             if not len(mods):
                 continue
             extra = {} if weight is None else {"lr_weight": weight}
-            if loraplus_ratio:
+            if ratio:
                 groups += [{"params": [m.lora_down.weight for m in mods], "lr": lr, **extra},
-                           {"params": [m.lora_up.weight for m in mods], "lr": lr * loraplus_ratio, **extra}]
+                           {"params": [m.lora_up.weight for m in mods], "lr": lr * ratio, **extra}]
             else:
                 groups.append({"params": [p for m in mods for p in (m.lora_down.weight, m.lora_up.weight)], "lr": lr,
                                **extra})

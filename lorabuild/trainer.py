@@ -314,8 +314,10 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     network.apply()
     forward = _compiled(tr, unet, inp.device)
     te_lr = tr["text_encoder_lr"] or tr["learning_rate"]
-    groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], te_lr, net_cfg.get("loraplus_lr_ratio"),
-                                  te2_lr=tr.get("text_encoder_2_lr") or te_lr)
+    ratio = net_cfg.get("loraplus_lr_ratio")  # LoRA+; kohya's per-part ratios override it
+    groups = network.param_groups(tr["unet_lr"] or tr["learning_rate"], te_lr, net_cfg.get("loraplus_unet_lr_ratio") or ratio,
+                                  te2_lr=tr.get("text_encoder_2_lr") or te_lr,
+                                  loraplus_te_ratio=net_cfg.get("loraplus_text_encoder_lr_ratio") or ratio)
     optimizer = optimizers.make(tr["optimizer"], groups, tr["learning_rate"], tr["weight_decay"], tr["optimizer_args"])
     warmup = tr["lr_warmup_steps"]
     if tr.get("lr_warmup_ratio") is not None:

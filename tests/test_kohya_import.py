@@ -88,6 +88,12 @@ def test_a_kohya_config_maps_every_known_option():
     assert "max_steps" not in t and any("overrides max_train_steps" in n for n in notes)
 
 
+def test_loraplus_part_ratios_map():
+    doc, unmapped, _ = convert({"network_args": ["loraplus_unet_lr_ratio=16", "loraplus_text_encoder_lr_ratio=4"],
+                                "max_train_epochs": 1})
+    assert doc["network"] == {"loraplus_unet_lr_ratio": 16.0, "loraplus_text_encoder_lr_ratio": 4.0} and unmapped == []
+
+
 def test_length_and_saving_options_map():
     doc, unmapped, notes = convert({"max_train_steps": "900", "save_every_n_steps": "300", "save_last_n_steps": "2",
                                     "sdxl": True, "pretrained_model_name_or_path": "m.safetensors"})

@@ -65,6 +65,11 @@ def test_loraplus_gives_lora_up_a_higher_rate(tiny_unet_te):
     up_ids = {id(m.lora_up.weight) for m in net.loras}
     assert all(id(p) in up_ids for p in groups[1]["params"]) and not any(id(p) in up_ids for p in groups[0]["params"])
     assert len(net.param_groups(1e-4, 5e-5)) == 2
+    # kohya's per-part ratios: the UNet's and the text encoder's lora_up rates apart
+    groups = net.param_groups(1e-4, 5e-5, loraplus_ratio=16, loraplus_te_ratio=4)
+    assert [g["lr"] for g in groups] == [1e-4, 1.6e-3, 5e-5, 2e-4]
+    groups = net.param_groups(1e-4, 5e-5, loraplus_te_ratio=4)  # the UNet without LoRA+
+    assert [g["lr"] for g in groups] == [1e-4, 5e-5, 2e-4] and len(groups[0]["params"]) == 2 * net.n_unet
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion", "prodigy", "adafactor", "sgd"])
