@@ -16,6 +16,10 @@ from ..cache import FileHashes, Store, key_hash, read_json, write_json, write_js
 from ..config import Project
 from ..workspace import Workspace, build_id
 
+# seconds this process has spent loading frozen models (stages/runtime.py adds to it), so a
+# stage's report can tell its own work from model loading
+MODEL_LOAD = {"seconds": 0.0}
+
 
 class StageError(Exception):
     """A stage cannot go on; the message names the file or field at fault."""
@@ -68,6 +72,7 @@ class StageRun:
         self.computed = 0
         self.reused = 0
         self.started = time.perf_counter()
+        self._load_before = MODEL_LOAD["seconds"]
         self.notes: list[str] = []
 
     def split(self, items: list[Item], store: Store) -> list[Item]:
@@ -125,6 +130,7 @@ class StageRun:
             "removed": removed,
             "items": len(entries),
             "seconds": round(time.perf_counter() - self.started, 3),
+            "model_load_seconds": round(MODEL_LOAD["seconds"] - self._load_before, 3),  # included in seconds
             "notes": self.notes,
             "config": self.ctx.config,
         }
