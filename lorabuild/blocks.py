@@ -19,6 +19,8 @@ import math
 import re
 from collections.abc import Mapping
 
+from .config import without_newer
+
 # per architecture: (blocks, down/up lr-weight entries, mid lr-weight entries)
 LAYOUT = {"sd1": (25, 12, 1), "sd2": (25, 12, 1), "sdxl": (23, 9, 3)}
 BLOCK_FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
@@ -36,11 +38,7 @@ KEY_DEFAULTS = {"unet_target_modules": ["Transformer2DModel"], "text_encoder_tar
 
 def keyed(net: Mapping) -> dict:
     """The ``network`` section as the training key holds it: new fields only when they are set."""
-    return {k: v for k, v in net.items() if not (k in KEY_DEFAULTS and _plain(v) == KEY_DEFAULTS[k])}
-
-
-def _plain(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
+    return without_newer(net, KEY_DEFAULTS)
 
 
 def block_index(name: str, arch: str) -> int:

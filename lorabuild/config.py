@@ -75,6 +75,14 @@ class Project:
         return self.cfg["output"]["name"] or self.name
 
 
+def without_newer(section: dict, off: dict) -> dict:
+    """``section`` as a cache key holds it: each field of ``off`` (options added after keys were
+    first made) dropped while it has the value that leaves training as it was, so projects
+    that do not use them keep their keys (and their trained LoRAs)."""
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (YAML lists vs frozen tuples)
+    return {k: v for k, v in section.items() if not (k in off and plain(v) == off[k])}
+
+
 def freeze(obj: Any) -> Any:
     if isinstance(obj, dict):
         return types.MappingProxyType({k: freeze(v) for k, v in obj.items()})

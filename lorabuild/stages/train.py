@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..cache import atomic_path, atomic_write, checked_read, key_hash
 from ..captions import concept_options
+from ..config import without_newer
 from ..trainplan import Sample, make_plan, training_samples
 from .. import blocks, dist, models
 from . import runtime, textemb
@@ -50,10 +51,7 @@ def init_weights(ctx: Context) -> Path | None:
 def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, unet_id: str, cached: bool) -> dict:
     cfg = {s: ctx.project.section(s) for s in ("network", "train", "captions")}
     cfg["network"] = blocks.keyed(cfg["network"])  # options added later count only when set
-    cfg["train"] = dist.keyed_train(cfg["train"], dist.launch_options(ctx.project).world)
-    for k, off in NEWER_OFF.items():  # keyed only when set, so LoRAs trained before they existed stay valid
-        if cfg["train"].get(k) == off:
-            del cfg["train"][k]
+    cfg["train"] = without_newer(dist.keyed_train(cfg["train"], dist.launch_options(ctx.project).world), NEWER_OFF)
     start = init_weights(ctx)
     if start is not None:  # the starting LoRA by content: a moved or touched file changes nothing
         hashes = ctx.hashes()
