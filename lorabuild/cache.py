@@ -96,16 +96,35 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         yield fh
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+
+
+def dumps(obj: Any) -> str:
+    """JSON for the files lorabuild writes (manifests, reports, hash memo): a dict's keys one per
+    line, and a list value one element per line, each element compact. Readable and diff-friendly
+    (an added image is one added line) and written by json's C encoder: ``indent`` switches
+    to the pure-Python one, which took a tenth of a second per 1,000-image manifest."""
+    if not isinstance(obj, dict) or not obj:
+        return _ENCODER.encode(obj) + "\n"
+    lines = []
+    for k in sorted(obj):
+        v = obj[k]
+        if isinstance(v, list) and v:
+            lines.append(f" {_ENCODER.encode(k)}: [\n  " + ",\n  ".join(map(_ENCODER.encode, v)) + "\n ]")
+        else:
+            lines.append(f" {_ENCODER.encode(k)}: {_ENCODER.encode(v)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True, ensure_ascii=False)
-        fh.write("\n")
+        fh.write(dumps(obj))
 
 
 def write_json_if_changed(path: str | os.PathLike, obj: Any) -> bool:
     """Write only when the content differs, so doit's file checks see no change."""
     path = Path(path)
-    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    text = dumps(obj)
     try:
         if path.read_text(encoding="utf-8") == text:
             return False
@@ -146,6 +165,7 @@ class Store:
 
     def __init__(self, cache_root: str | os.PathLike, stage: str, ext: str):
         self.root = Path(cache_root) / "objects" / stage
+        self._root = str(self.root)
         self.stage = stage
         self.ext = ext
 
@@ -156,7 +176,9 @@ class Store:
         return self.root / h[:2] / f"{h[2:]}.json"
 
     def has(self, h: str) -> bool:
-        return self.path(h).is_file() and self.sidecar(h).is_file()
+        # strings, not Paths: a build asks this once per item of every stage
+        base = f"{self._root}{os.sep}{h[:2]}{os.sep}{h[2:]}"
+        return os.path.isfile(base + self.ext) and os.path.isfile(base + ".json")
 
     def info(self, h: str) -> dict | None:
         """The ``info`` dict stored beside an entry, or None when the entry is missing."""

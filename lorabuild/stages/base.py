@@ -7,6 +7,7 @@ the report (``{"build", "computed", "reused", "removed"}``) and prints one line.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ class Item:
     key: dict
     data: dict = field(default_factory=dict)  # stage-specific inputs and manifest fields
 
-    @property
-    def hash(self) -> str:
+    @functools.cached_property
+    def hash(self) -> str:  # a key is not changed once its item is made
         return key_hash(self.key)
 
 
@@ -74,6 +75,19 @@ class StageRun:
         self.started = time.perf_counter()
         self._load_before = MODEL_LOAD["seconds"]
         self.notes: list[str] = []
+        self._previous: dict | None = None
+
+    def _previous_doc(self) -> dict:
+        if self._previous is None:
+            doc = read_json(self.ctx.manifest_path(self.stage), {})
+            self._previous = doc if isinstance(doc, dict) else {}
+        return self._previous
+
+    def previous(self) -> dict[str, dict]:
+        """The last run's manifest entries by key hash. A reused entry's facts (sizes, a bucket
+        decision) come from this one file instead of one sidecar read per entry; the store
+        still decides what is present."""
+        return {e["hash"]: e for e in self._previous_doc().get("items", []) if isinstance(e, dict) and "hash" in e}
 
     def split(self, items: list[Item], store: Store) -> list[Item]:
         """Return the items whose entry is missing, once per key; count the rest as reused.
@@ -117,8 +131,7 @@ class StageRun:
     def finish(self, entries: list[dict], **extra: Any) -> dict:
         """Write the manifest (``entries``: one dict per item, each with an ``id``) and the report."""
         path = self.ctx.manifest_path(self.stage)
-        previous = read_json(path, {}) or {}
-        old_ids = {e.get("id") for e in previous.get("items", []) if isinstance(e, dict)}
+        old_ids = {e.get("id") for e in self._previous_doc().get("items", []) if isinstance(e, dict)}
         new_ids = {e["id"] for e in entries}
         removed = len(old_ids - new_ids)
         write_json_if_changed(path, {"stage": self.stage, "project": self.ctx.name, "items": entries, **extra})

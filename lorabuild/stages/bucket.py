@@ -23,6 +23,9 @@ PARAMS = ("bucket.resolution", "bucket.min_reso", "bucket.max_reso", "bucket.ste
 FILTER_PARAMS = ("bucket.small_images",)
 
 
+DECISION = ("bucket", "resized", "crop", "scale", "cropped_share", "ar_error", "upscaled")  # what decide() returns
+
+
 def decide(w: int, h: int, params: dict, ladder: list[tuple[int, int]]) -> dict:
     """The bucket decision for a ``w``×``h`` image, as plain JSON data."""
     if params["no_upscale"]:
@@ -48,10 +51,13 @@ def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
     items = [
         Item(e["id"], {"stage": STAGE, "v": VERSION, "size": e["size"], "params": params}, e) for e in resized
     ]
-    entries, histogram = [], {}
+    entries, histogram, before = [], {}, sr.previous()
     for item in items:
         w, h = item.data["size"]
-        d = store.info(item.hash) if store.has(item.hash) else None
+        d = None
+        if store.has(item.hash):  # the decision as the last run listed it, else from the entry
+            last = before.get(item.hash, {})
+            d = {k: last[k] for k in DECISION} if all(k in last for k in DECISION) else store.info(item.hash)
         if d is not None and "bucket" in d:
             sr.reused += 1
         else:
@@ -76,14 +82,17 @@ def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
     return sr.finish(entries, buckets=dict(sorted(histogram.items())), ladder=[list(b) for b in ladder])
 
 
-SHEET_PAGE = 256  # images per contact sheet; a bigger bucket gets pages <bucket>-p2.jpg, …
+SHEET_PAGE = 64  # images per contact sheet (8 × 8); a bigger bucket gets pages <bucket>-p2.jpg, …
+LABEL = 16  # px under each thumbnail for its name: a cell is 128 × 144, whole JPEG blocks
 
 
 def contact_sheets(resize_store, entries: list[dict], out: Path, thumb: int = 128, columns: int = 8) -> None:
     """One sheet per bucket (paged): every image in it, the kept region outlined, the cut-off part dimmed.
 
     A sheet is drawn again only when what it shows changed (its images, their fit), as
-    ``sheets.json`` beside them records: adding one image redraws one page, not thousands of thumbnails.
+    ``sheets.json`` beside them records; and then only its new cells are drawn from the working
+    copies: a cell already on a sheet (same image, same fit) is copied from there. Adding one
+    image redraws one page and one thumbnail, not thousands.
     """
     import hashlib
     import json
@@ -95,26 +104,58 @@ def contact_sheets(resize_store, entries: list[dict], out: Path, thumb: int = 12
     for label, group in by_bucket.items():
         for n, i in enumerate(range(0, len(group), SHEET_PAGE), 1):
             pages[label if n == 1 else f"{label}-p{n}"] = group[i : i + SHEET_PAGE]
+    drawn = read_json(out / "sheets.json", {}) or {}
+    cell = [thumb, thumb + LABEL, columns]
+    old_cells = {}  # a cell's identity → (sheet, index) on a sheet drawn before
+    for name, rec in drawn.items():
+        if isinstance(rec, dict) and rec.get("cell") == cell and (out / f"{name}.jpg").is_file():
+            for i, shown in enumerate(rec.get("shown", [])):
+                old_cells[json.dumps(shown)] = (name, i)
+    now, todo = {}, []
+    for name, group in pages.items():
+        shown = [[e["id"], e["src"], e["resized"], e["crop"]] for e in group]
+        digest = hashlib.sha256(json.dumps([cell, shown]).encode()).hexdigest()
+        now[name] = {"hash": digest, "cell": cell, "shown": shown}
+        before = drawn.get(name)
+        if not isinstance(before, dict) or before.get("hash") != digest or not (out / f"{name}.jpg").is_file():
+            todo.append((name, group, [old_cells.get(json.dumps(x)) for x in shown]))
+    sources = _open_sheets(out, {src[0] for _, _, found in todo for src in found if src})  # before any is rewritten
+    for name, group, found in todo:
+        _sheet(resize_store, group, out / f"{name}.jpg", thumb, columns, found, sources)
     for old in out.glob("*.jpg"):
         if old.stem not in pages:
             old.unlink()
-    drawn = read_json(out / "sheets.json", {}) or {}
-    now = {}
-    for name, group in pages.items():
-        shown = [[e["id"], e["src"], e["resized"], e["crop"]] for e in group]
-        now[name] = hashlib.sha256(json.dumps([thumb, columns, shown]).encode()).hexdigest()
-        if drawn.get(name) != now[name] or not (out / f"{name}.jpg").is_file():
-            _sheet(resize_store, group, out / f"{name}.jpg", thumb, columns)
     write_json_if_changed(out / "sheets.json", now)
 
 
-def _sheet(resize_store, group: list[dict], path: Path, thumb: int, columns: int) -> None:
+def _open_sheets(out: Path, names: set[str]) -> dict:
+    """The sheets cells are copied from, read into memory; one that cannot be read is skipped
+    (its cells are drawn anew)."""
+    from PIL import Image
+
+    opened = {}
+    for name in names:
+        try:
+            with Image.open(out / f"{name}.jpg") as im:
+                opened[name] = im.convert("RGB")
+        except OSError:
+            pass
+    return opened
+
+
+def _sheet(resize_store, group: list[dict], path: Path, thumb: int, columns: int, found: list, sources: dict) -> None:
     from PIL import Image, ImageDraw
 
     rows = (len(group) + columns - 1) // columns
-    sheet = Image.new("RGB", (min(len(group), columns) * thumb, rows * (thumb + 12)), "white")
+    height = thumb + LABEL
+    sheet = Image.new("RGB", (min(len(group), columns) * thumb, rows * height), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, e in enumerate(group):
+    for i, (e, src) in enumerate(zip(group, found)):
+        x, y = (i % columns) * thumb, (i // columns) * height
+        if src is not None and src[0] in sources:
+            sx, sy = (src[1] % columns) * thumb, (src[1] // columns) * height
+            sheet.paste(sources[src[0]].crop((sx, sy, sx + thumb, sy + height)), (x, y))
+            continue
         with Image.open(resize_store.path(e["src"])) as im:
             im = im.convert("RGB").resize(tuple(e["resized"]))
         k = thumb / max(im.size)
@@ -124,9 +165,8 @@ def _sheet(resize_store, group: list[dict], path: Path, thumb: int, columns: int
         mask = Image.new("L", tile.size, 110)
         ImageDraw.Draw(mask).rectangle([left, top, right - 1, bottom - 1], fill=255)
         tile = Image.composite(tile, dim, mask)
-        x, y = (i % columns) * thumb, (i // columns) * (thumb + 12)
         sheet.paste(tile, (x, y))
         draw.rectangle([x + left, y + top, x + right - 1, y + bottom - 1], outline=(255, 0, 0))
-        draw.text((x + 2, y + thumb), Path(e["id"]).name[:20], fill="black")
+        draw.text((x + 2, y + thumb + 2), Path(e["id"]).name[:20], fill="black")
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="JPEG", quality=85)

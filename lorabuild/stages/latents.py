@@ -116,6 +116,7 @@ def encode(vae, x):
 
 
 def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None:
+    runtime.libraries()
     import torch
     from safetensors.torch import save_file
 

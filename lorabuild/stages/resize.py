@@ -69,11 +69,11 @@ def run(ctx: Context, dataset: Dataset, params: dict, on_bad_image: str = "error
             bad.add(item.hash)
             continue
         sr.computed += 1
-    entries = []
+    entries, before = [], sr.previous()
     for item in items:
         if item.hash in bad:
             continue
-        info = infos.get(item.hash) or store.info(item.hash)
+        info = infos.get(item.hash) or before.get(item.hash) or store.info(item.hash)
         if not info or "size" not in info:
             store.discard(item.hash, "missing sidecar")
             info = _compute(item, params, store)

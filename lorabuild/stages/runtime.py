@@ -6,6 +6,8 @@ build share one loaded VAE/text encoder instead of loading them twice.
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
 import time
 from pathlib import Path
 
@@ -76,6 +78,16 @@ def _load(kind: str, folder: str, dev: str):
     if kind.startswith("text_encoder"):
         return models.load_text_encoder(Path(folder), device=dev, which=kind)
     return {"vae": models.load_vae}[kind](Path(folder), device=dev)
+
+
+def libraries() -> None:
+    """Import torch, counting the time as model loading: it is the model's runtime, paid once
+    per process by whichever stage first needs a model, whether one image is new or a thousand."""
+    if "torch" in sys.modules:
+        return
+    t0 = time.perf_counter()
+    importlib.import_module("torch")
+    MODEL_LOAD["seconds"] += time.perf_counter() - t0
 
 
 def frozen(ctx: Context, kind: str):

@@ -59,13 +59,14 @@ def captions_for(ctx: Context, dataset) -> dict[str, str]:
 def _encode_missing(ctx: Context, missing: list[Item], params: dict) -> int:
     """Encode ``missing`` captions in batches; returns how many this process computed. Each
     batch claims its keys first: one another build is computing is waited for, then reused."""
+    if not missing:
+        return 0
+    runtime.libraries()
     import torch
     from safetensors.torch import save_file
 
     from ..textenc import condition
 
-    if not missing:
-        return 0
     store, arch = ctx.store(STAGE, ".safetensors"), runtime.arch(ctx)
     tokenizers, encoders = runtime.text_models(ctx)
     bs, computed = params["batch_size"], 0

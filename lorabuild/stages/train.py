@@ -35,6 +35,8 @@ EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length"
 
 # train options added after LoRAs were trained without them, with the value that means "off"
 NEWER_OFF = {"masked_loss": False, "validation_seed": None}
+# train options that change how memory is managed, never a weight
+UNKEYED = ("lean_cpu_memory",)
 
 
 def validation_seed(p) -> int:
@@ -52,6 +54,7 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
     cfg = {s: ctx.project.section(s) for s in ("network", "train", "captions")}
     cfg["network"] = blocks.keyed(cfg["network"])  # options added later count only when set
     cfg["train"] = without_newer(dist.keyed_train(cfg["train"], dist.launch_options(ctx.project).world), NEWER_OFF)
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in UNKEYED}
     start = init_weights(ctx)
     if start is not None:  # the starting LoRA by content: a moved or touched file changes nothing
         hashes = ctx.hashes()
