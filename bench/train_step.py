@@ -6,12 +6,14 @@ step) and frozen (cached embeddings). Each configuration is a real ``doit train:
 in a fresh process on a warm project (latents and embeddings cached beforehand); it is
 stopped after a few optimizer steps. s/step is the median of the steps after the first;
 peak RSS is the process's own high-water mark (``os.wait4``). Configurations alternate
-(each one's rounds are spread over the run), because the cores are shared.
+(each one's rounds are spread over the run), because the cores are shared. Every size also
+runs kohya's configuration with ``train.lean_cpu_memory`` (``--lean``: only that configuration,
+without and with it).
 
 ``--ab`` instead times each optimisation against the trainer's way in one process, the
 variants alternating step by step (see ``ab_table``).
 
-    python bench/train_step.py [--quick] [--sizes 256 512] [--ab [--variants ...]]
+    python bench/train_step.py [--quick] [--sizes 256 512] [--lean] [--ab [--variants ...]]
 """
 from __future__ import annotations
 
@@ -40,12 +42,14 @@ def measure(root: Path, settings: dict, steps: int, env: dict | None = None):
     return watch([sys.executable, "-m", "doit", "train:bench"], root, stop_after=steps, env=env)
 
 
-def configs(sizes, quick: bool):
+def configs(sizes, quick: bool, only_lean: bool = False):
+    """(px, text encoder trained, checkpointing, train.lean_cpu_memory)"""
     for size in sizes:
         for te, gc in itertools.product((True, False), (False, True)):
-            if quick and gc and not te:
+            if (quick and gc and not te) or (only_lean and (gc or not te)):
                 continue
-            yield size, te, gc
+            yield size, te, gc, False
+        yield size, True, False, True  # kohya's configuration with the lean heap
 
 
 def main_table(args, tmp: Path) -> str:
@@ -56,26 +60,27 @@ def main_table(args, tmp: Path) -> str:
         sd15_project(roots[size], args.images, size)
     results: dict[tuple, list] = {}
     for r in range(args.rounds):  # rounds alternate over every configuration
-        for size, te, gc in configs(args.sizes, args.quick):
-            settings = {"network": {"train_text_encoder": te}, "train": {"gradient_checkpointing": gc}}
+        for size, te, gc, lean in configs(args.sizes, args.quick, args.lean):
+            settings = {"network": {"train_text_encoder": te},
+                        "train": {"gradient_checkpointing": gc, "lean_cpu_memory": lean}}
             w = measure(roots[size], settings, args.steps)
-            results.setdefault((size, te, gc), []).append(w)
-            print(f"bench: {size} px, TE {'trained' if te else 'frozen'}, checkpointing {gc}: "
+            results.setdefault((size, te, gc, lean), []).append(w)
+            print(f"bench: {size} px, TE {'trained' if te else 'frozen'}, checkpointing {gc}, lean heap {lean}: "
                   f"steps {[round(s, 2) for s in w.step_seconds()]} s, CPU {[round(s, 2) for s in w.step_cpu()]} s, "
                   f"peak RSS {w.rss_gib:.2f} GiB", flush=True)
-    for (size, te, gc), ws in results.items():
+    for (size, te, gc, lean), ws in results.items():
         per_step = median([s for w in ws for s in w.step_seconds()])
         cpu = median([s for w in ws for s in w.step_cpu()])
         rss = max(w.rss_gib for w in ws)
         ref = KOHYA.get((size, gc)) if te else None
-        rows.append([size, "trained" if te else "frozen (cached embeddings)", "on" if gc else "off",
+        rows.append([size, "trained" if te else "frozen (cached embeddings)", "on" if gc else "off", "on" if lean else "off",
                      f"{per_step:.2f}", f"{cpu:.2f}", f"{ref:.1f} ({per_step / ref:.2f}×)" if ref else "-",
                      f"{rss:.2f}", f"{KOHYA_RSS[size]} ({rss / KOHYA_RSS[size]:.2f}×)" if te and not gc else "-"])
     loads.append(load())
     return loads, (f"### s/step and peak RSS, SD 1.5 architecture (random weights, fp32), batch 1, LoRA dim 32, "
                    f"AdamW, SDPA; median of steps 2..{args.steps} over {args.rounds} round(s); "
                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}\n\n"
-                   + table(["px", "text encoder", "grad. checkpointing", "s/step", "CPU s/step", "kohya s/step (ratio)",
+                   + table(["px", "text encoder", "grad. checkpointing", "lean_cpu_memory", "s/step", "CPU s/step", "kohya s/step (ratio)",
                             "peak RSS GiB", "kohya peak RSS GiB (ratio)"], rows))
 
 
@@ -165,6 +170,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--lean", action="store_true",
+                    help="only kohya's configuration (TE trained, no checkpointing) without and with train.lean_cpu_memory")
     ap.add_argument("--images", type=int, default=8, help="images in the project (kohya's reference: 8)")
     ap.add_argument("--ab", action="store_true", help="A/B of each optimisation in one process (see VARIANTS)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="with --ab: which variants")

@@ -115,6 +115,54 @@ def _compiled(tr: dict, unet, device):
     return torch.compile(unet)
 
 
+class LeanHeap:
+    """``train.lean_cpu_memory``: while the forward pass runs, glibc serves allocations of 1 MiB
+    and more with their own mappings, returned to the system the moment they are freed; the
+    backward pass uses the heap as usual, which is trimmed after it.
+
+    What it fixes: by default glibc serves tensors under 32 MiB from its heap, where the
+    forward pass's short-lived tensors, freed between the activations kept for backward, leave
+    holes the next step cannot always reuse, so the process holds far more than it uses
+    (at 512 px on the SD 1.5 UNet: 7.6 GiB peak for about 5.9 GiB live). Mapping costs page
+    faults, hence the option (bench/RESULTS.md has both sides). On a GPU the activations are not
+    in this process's heap, so it applies to CPU training on Linux (glibc) only.
+    """
+
+    M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also stops the dynamic threshold
+    FORWARD, BACKWARD = 1 << 20, 32 << 20  # 32 MiB: the ceiling glibc's dynamic threshold climbs to
+
+    def __init__(self, wanted: bool, device):
+        self.libc = None
+        if not wanted:
+            return
+        import ctypes
+        import sys
+
+        try:
+            libc = ctypes.CDLL(None)  # the C library this process runs on
+        except OSError:
+            libc = None
+        usable = (libc is not None and device.type == "cpu" and sys.platform.startswith("linux")
+                  and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")
+                  and libc.mallopt(self.M_MMAP_THRESHOLD, self.BACKWARD) == 1)
+        self.libc = libc if usable else None
+        if self.libc is None:
+            print(f"train: lean_cpu_memory has no effect here (it needs CPU training with glibc on Linux; "
+                  f"device {device.type})", flush=True)
+
+    def forward(self) -> None:
+        if self.libc is not None:
+            self.libc.mallopt(self.M_MMAP_THRESHOLD, self.FORWARD)
+
+    def backward(self) -> None:
+        if self.libc is not None:
+            self.libc.mallopt(self.M_MMAP_THRESHOLD, self.BACKWARD)
+
+    def done(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+
 def _guarded(fn, *args):
     """``fn(*args)``, with a failed ``torch.compile`` reported as the setting at fault."""
     try:
@@ -348,6 +396,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     n_timesteps = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
     denoise = dist.Denoise(forward, network, inp.rank, inp.device)  # DDP when there are several ranks
+    heap = LeanHeap(tr.get("lean_cpu_memory", False), inp.device)
     main = inp.rank.main
 
     if main:
@@ -367,6 +416,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         batches = epoch_batches(inp.samples, inp.plan.batch_size, tr["seed"], epoch)
         running = []
         for batch, live, ends_step, last in dist.micro_batches(batches, accum, inp.rank):
+            heap.forward()
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(train_te), autocast:
                 latents, noise, t, hidden, weight, added, mask = _batch_inputs(inp, batch, epoch, n_timesteps, toks, tes,
@@ -386,7 +436,9 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             loss = (per_sample * weight).mean() * (1.0 if live else 0.0)  # a rank's filler joins the all-reduce only
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}: stopping")
+            heap.backward()
             scaler.scale(loss / accum).backward()
+            heap.done()
             if live:
                 running.append(loss.item())
             # 3. optimizer step every `accum` batches (and at the end of the epoch)

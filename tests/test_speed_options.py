@@ -1,4 +1,5 @@
-"""Speed options (issue 10): train.compile fails clearly where it cannot work."""
+"""Speed and memory options (issue 10): train.compile fails clearly where it cannot work;
+train.lean_cpu_memory changes where memory comes from, never the weights."""
 from __future__ import annotations
 
 import os
@@ -20,3 +21,72 @@ def test_compile_without_a_cpp_compiler_names_the_setting(demo, tmp_path):
     assert "train.compile: torch.compile on CPU needs a C++ compiler" in out, out[-2000:]
     assert "Traceback" not in out
     assert "train" not in demo.ran("nocc")
+
+
+def _glibc():
+    import ctypes
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "mallinfo2") else None
+
+
+def test_lean_heap_maps_forward_allocations_and_heaps_backward_ones():
+    """train.lean_cpu_memory: a 2 MiB tensor made in the forward pass gets its own mapping (so
+    freeing it returns it to the system at once); one made in the backward pass comes from the heap."""
+    import ctypes
+
+    import pytest
+    import torch
+
+    from lorabuild.trainer import LeanHeap
+
+    libc = _glibc()
+    if libc is None:
+        pytest.skip("needs glibc (mallinfo2)")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+
+    def mapped_after_alloc(heap_phase):
+        heap_phase()
+        before = libc.mallinfo2().hblkhd
+        t = torch.empty(2 << 20, dtype=torch.uint8)
+        grown = libc.mallinfo2().hblkhd - before
+        del t
+        return grown
+
+    heap = LeanHeap(True, torch.device("cpu"))
+    try:
+        assert heap.libc is not None
+        assert mapped_after_alloc(heap.forward) >= 2 << 20
+        assert mapped_after_alloc(heap.backward) == 0
+    finally:
+        heap.backward()  # leave this test process with glibc's usual ceiling
+    assert LeanHeap(False, torch.device("cpu")).libc is None
+    assert LeanHeap(True, torch.device("meta")).libc is None  # not CPU training: no effect
+
+
+def test_lean_cpu_memory_trains_the_same_weights_and_is_not_in_the_key(demo):
+    import torch
+    from safetensors.torch import load_file
+
+    lora = demo.root / "output" / "demo" / "demo.safetensors"
+    before = load_file(str(lora))
+    demo.edit(lambda d: d["train"].update(lean_cpu_memory=True))
+    demo.doit("train:demo", build="lean")
+    assert demo.report("train")["computed"] == 0  # same key: the trained LoRA stands
+    # retrain with it on (a new comment is a new key, and changes only the metadata)
+    demo.edit(lambda d: d["output"].update(comment="lean"))
+    demo.doit("train:demo", build="lean2")
+    assert demo.report("train")["computed"] == 1
+    after = load_file(str(lora))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
