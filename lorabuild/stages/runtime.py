@@ -21,6 +21,7 @@ def model_dir(ctx: Context) -> Path:
     if "model_dir" not in ctx.memo:
         hashes = ctx.hashes()
         opts = {k: ctx.project.get(k) for k in models.MODEL_OPTIONS}
+        t0 = time.perf_counter()  # a first build may convert a checkpoint or make the built-in model here
         try:
             ctx.memo["model_dir"] = models.resolve_base_model(ctx.project.get("base_model"), ctx.project.root,
                                                               ctx.ws.cache, opts, hashes)
@@ -28,6 +29,7 @@ def model_dir(ctx: Context) -> Path:
             raise StageError(f"{ctx.project.file}: base_model: {exc}") from None
         finally:
             hashes.save()
+            MODEL_LOAD["seconds"] += time.perf_counter() - t0
     return ctx.memo["model_dir"]
 
 
