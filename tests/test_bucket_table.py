@@ -82,3 +82,48 @@ def test_fit_reports_what_was_cut():
     assert f.cropped_share == pytest.approx(1 - 384 * 640 / (427 * 640))
     assert f.ar_error == pytest.approx(384 / 640 - 512 / 768)
     assert not f.upscaled and fit(100, 100, 512, 512).upscaled
+
+
+def test_contact_sheet_redraw_copies_drawn_cells_and_matches_a_fresh_drawing(tmp_path):
+    """Adding an image redraws its page; the cells already drawn are copied from the old sheet,
+    and the result looks like the page drawn from scratch (JPEG noise apart)."""
+    import numpy as np
+    from PIL import Image
+
+    from lorabuild.cache import Store
+    from lorabuild.stages import bucket
+
+    store = Store(tmp_path / "cache", "resize", ".png")
+    rng = np.random.default_rng(0)
+
+    def entry(i: int) -> dict:
+        src = f"{i:064x}"
+        store.path(src).parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.broadcast_to(rng.integers(0, 255, 3, dtype=np.uint8), (96, 128, 3)).copy()  # a colour each
+        pixels[20:50, 30:90] = rng.integers(0, 255, 3, dtype=np.uint8)
+        Image.fromarray(pixels).save(store.path(src))
+        return {"id": f"p/img{i:03d}.png", "src": src, "bucket": [128, 96], "resized": [128, 96], "crop": [0, 0, 128, 96]}
+
+    entries = [entry(i) for i in range(0, 20, 2)]
+    out = tmp_path / "sheets"
+    out.mkdir()
+    bucket.contact_sheets(store, entries, out)
+    entries = sorted(entries + [entry(5)], key=lambda e: e["id"])  # lands mid-page: later cells move
+    drawn = []
+    real = bucket._sheet
+    bucket._sheet = lambda store_, group, path, thumb, columns, found, sources: (
+        drawn.append(sum(f is None for f in found)), real(store_, group, path, thumb, columns, found, sources))[1]
+    try:
+        bucket.contact_sheets(store, entries, out)
+    finally:
+        bucket._sheet = real
+    assert drawn == [1]  # one page, one cell drawn from its image; ten copied
+    incremental = np.asarray(Image.open(out / "128x96.jpg"), dtype=np.int16)
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    bucket.contact_sheets(store, entries, fresh_dir)
+    fresh = np.asarray(Image.open(fresh_dir / "128x96.jpg"), dtype=np.int16)
+    assert incremental.shape == fresh.shape == (2 * 144, 8 * 128, 3)
+    assert np.abs(incremental - fresh).mean() < 1.5  # recompressed, every cell in its place
+    shifted = np.roll(fresh, 128, axis=1)  # a cell off by one place is far off
+    assert np.abs(incremental - shifted).mean() > 20
