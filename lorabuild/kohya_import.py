@@ -143,6 +143,8 @@ SIMPLE = {
     "caption_tag_dropout_rate": ("captions.tag_dropout", float),
     "caption_dropout_every_n_epochs": ("captions.dropout_every_n_epochs", int),
     "flip_aug": ("latents.flip", _bool),
+    "vae_batch_size": ("latents.batch_size", int),
+    "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
     "random_crop": ("latents.random_crop", _bool),
     "sample_prompts": ("sample.prompt_file", str),
     "sample_every_n_epochs": ("sample.every_n_epochs", int),
@@ -156,7 +158,7 @@ SIMPLE = {
 NOT_NEEDED = {"enable_bucket", "cache_latents", "cache_latents_to_disk", "cache_text_encoder_outputs",
               "cache_text_encoder_outputs_to_disk", "sdpa", "xformers", "mem_eff_attn", "persistent_data_loader_workers",
               "max_data_loader_n_workers", "output_dir", "logging_dir", "log_prefix", "save_model_as", "network_module",
-              "gradient_checkpointing", "lowram", "highvram", "config_file", "dataset_config", "save_state",
+              "lowram", "highvram", "config_file", "dataset_config", "save_state",
               "log_with", "wandb_api_key", "no_half_vae", "full_fp16", "full_bf16", "fp8_base"}
 
 
@@ -254,6 +256,8 @@ def convert(cfg: dict, dataset_cfg: dict | None = None) -> tuple[dict, list[str]
             _set(doc, "network.train_text_encoder", False)
         elif key == "network_train_text_encoder_only" and _bool(value):
             _set(doc, "network.train_unet", False)
+        elif key == "xformers" and _bool(value):
+            _set(doc, "train.attention", "xformers")
         elif key == "sdxl" and _bool(value):
             _set(doc, "model_type", "sdxl")
         elif key in NOT_NEEDED:

@@ -40,6 +40,8 @@ noise_offset = 0.05
 min_snr_gamma = 5
 cache_latents = true
 xformers = true
+gradient_checkpointing = true
+vae_batch_size = 4
 network_train_unet_only = true
 sample_sampler = "k_euler_a"
 color_aug = true
@@ -79,6 +81,7 @@ def test_a_kohya_config_maps_every_known_option():
     assert (t["optimizer"], t["optimizer_args"]) == ("prodigy", {"decouple": True, "betas": [0.9, 0.99]})
     assert (t["lr_scheduler"], t["lr_warmup_ratio"], t["epochs"], t["batch_size"], t["seed"]) == ("cosine", 0.05, 8, 2, 1234)
     assert (t["mixed_precision"], t["noise_offset"], t["min_snr_gamma"], t["text_encoder_lr"]) == ("bf16", 0.05, 5.0, 5e-05)
+    assert (t["gradient_checkpointing"], t["attention"], doc["latents"]) == (True, "xformers", {"batch_size": 4})
     assert doc["bucket"] == {"resolution": 512, "min_reso": 256, "max_reso": 1024}
     assert doc["textemb"] == {"clip_skip": 2} and doc["captions"] == {"shuffle": True, "keep_tokens": 1}
     assert doc["output"] == {"name": "ayaka", "save_precision": "fp32"}
