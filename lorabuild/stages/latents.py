@@ -139,6 +139,12 @@ def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None
             save_file(tensors, str(tmp))
 
 
+def batch_size(ctx: Context, params: dict) -> int:
+    """``latents.batch_size``; unset, 1 on the CPU, where a batch encodes no faster per image (slower at
+    512 px: bench/RESULTS.md) and holds more memory, and 8 on a GPU."""
+    return params["batch_size"] or (1 if runtime.device(ctx).type == "cpu" else 8)
+
+
 def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool = True) -> int:
     """Encode ``missing`` in batches of one bucket; returns how many this process computed.
     Each batch claims its keys first: one another build is computing is waited for, then reused."""
@@ -148,7 +154,7 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool 
     groups: dict[tuple, list[Item]] = {}
     for it in missing:
         groups.setdefault(tuple(it.data["bucket"]), []).append(it)
-    bs, computed = params["batch_size"], 0
+    bs, computed = batch_size(ctx, params), 0
     with tqdm(total=len(missing), desc=f"latents:{ctx.name}", unit="img", disable=not (missing and show)) as bar:
         for bucket in sorted(groups):
             group = groups[bucket]
