@@ -74,7 +74,9 @@ class LoRAModule(nn.Module):
         if self.dropout and self.training:
             lx = nn.functional.dropout(lx, p=self.dropout)
         lx = self.lora_up(lx)
-        return out + (lx * (self.multiplier * self.scale)).to(out.dtype)
+        # added into the base output in place, scaled on the way: no product and no sum tensor of
+        # the layer's full output size (the base layer's backward does not read its output)
+        return out.add_(lx.to(out.dtype), alpha=self.multiplier * self.scale)
 
 
 def _targets(root: nn.Module, prefix: str, container_classes, path_prefix: str = "",
