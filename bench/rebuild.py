@@ -83,11 +83,14 @@ def main() -> None:
             # the target excludes model loading (each stage's report says how much of its time that was)
             cold_work = sum(cold[s]["seconds"] - cold[s].get("model_load_seconds", 0) for s in CACHE_STAGES if s in cold)
             add_work = sum(add[s]["seconds"] - add[s].get("model_load_seconds", 0) for s in CACHE_STAGES if s in add)
+            def secs(r):  # "stage s (of which model loading s)"
+                load = r.get("model_load_seconds", 0)
+                return f"{r['seconds']:.2f}" + (f" ({load:.2f})" if load >= 0.005 else "")
+
             for s in CACHE_STAGES + ("train",):
                 c, a = cold.get(s), add.get(s)
-                add_rows.append([n, s, f"{c['computed']} / {c['reused']}" if c else "-", f"{c['seconds']:.2f}" if c else "-",
-                                 f"{a['computed']} / {a['reused']}" if a else "not run",
-                                 f"{a['seconds']:.2f}" if a else "-"])
+                add_rows.append([n, s, f"{c['computed']} / {c['reused']}" if c else "-", secs(c) if c else "-",
+                                 f"{a['computed']} / {a['reused']}" if a else "not run", secs(a) if a else "-"])
             add_rows.append([n, "**cache stages**", "", f"{cold_cache:.2f}", "",
                              f"{add_cache:.2f} ({100 * add_cache / cold_cache:.1f}% of cold)"])
             add_rows.append([n, "**cache stages, model loading excluded**", "", f"{cold_work:.2f}", "",
@@ -97,7 +100,8 @@ def main() -> None:
     text = (f"### No-op rebuild: `doit train:bench` with nothing changed (median of {args.rounds}, new process; "
             "CPU = user + system, which other processes on the shared cores inflate far less than wall)\n\n"
             + table(["images", "code", "cold build s", "no-op wall s", "no-op CPU s", "stages that ran"], noop)
-            + "\n\n### One image added: per stage, computed / reused and seconds (stage time, models loaded inside)\n\n"
+            + "\n\n### One image added: per stage, computed / reused and seconds (stage time; in brackets the part of "
+            "it that was model loading: importing torch, resolving and loading the model)\n\n"
             + table(["images", "stage", "cold computed / reused", "cold s", "add computed / reused", "add s"], add_rows))
     publish("Rebuilds" + (" (--quick)" if args.quick else ""), text, loads)
 
