@@ -117,8 +117,9 @@ def _compiled(tr: dict, unet, device):
 
 class LeanHeap:
     """``train.lean_cpu_memory``: while the forward pass runs, glibc serves allocations of 1 MiB
-    and more with their own mappings, returned to the system the moment they are freed; the
-    backward pass uses the heap as usual, which is trimmed after it.
+    and more that the heap's free space cannot hold with their own mappings, returned to the
+    system the moment they are freed; the backward pass uses the heap as usual, and after it the
+    heap is trimmed, so its free space holds no memory until it is used again.
 
     What it fixes: by default glibc serves tensors under 32 MiB from its heap, where the
     forward pass's short-lived tensors, freed between the activations kept for backward, leave

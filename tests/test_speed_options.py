@@ -33,43 +33,52 @@ def _glibc():
     return libc if hasattr(libc, "mallinfo2") else None
 
 
-def test_lean_heap_maps_forward_allocations_and_heaps_backward_ones():
-    """train.lean_cpu_memory: a 2 MiB tensor made in the forward pass gets its own mapping (so
-    freeing it returns it to the system at once); one made in the backward pass comes from the heap."""
-    import ctypes
+LEAN_PROBE = """
+import ctypes, sys, torch
+from lorabuild.trainer import LeanHeap
 
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mapped(phase, size, after_freeing=0):
+    phase()
+    del_me = torch.empty(after_freeing, dtype=torch.uint8)  # glibc's own threshold climbs to a freed mapping's size
+    del del_me
+    before = libc.mallinfo2().hblkhd
+    t = torch.empty(size, dtype=torch.uint8)
+    grown = libc.mallinfo2().hblkhd - before
+    del t
+    return grown
+
+heap = LeanHeap(sys.argv[1] == "on", torch.device("cpu"))
+print(mapped(heap.forward, 2 << 20, after_freeing=4 << 20), mapped(heap.backward, 8 << 20))
+"""
+
+
+def test_lean_heap_maps_forward_allocations_and_heaps_backward_ones():
+    """train.lean_cpu_memory: a 2 MiB tensor made in the forward pass gets its own mapping (so freeing
+    it returns it to the system at once), where glibc's climbing threshold would heap it; one of
+    8 MiB made in the backward pass comes from the heap, where glibc would map it. In a new process:
+    glibc serves a request from free heap space first, whatever the threshold."""
     import pytest
     import torch
 
     from lorabuild.trainer import LeanHeap
 
-    libc = _glibc()
-    if libc is None:
+    if _glibc() is None:
         pytest.skip("needs glibc (mallinfo2)")
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
-
-    libc.mallinfo2.restype = MallInfo2
-
-    def mapped_after_alloc(heap_phase):
-        heap_phase()
-        before = libc.mallinfo2().hblkhd
-        t = torch.empty(2 << 20, dtype=torch.uint8)
-        grown = libc.mallinfo2().hblkhd - before
-        del t
-        return grown
-
-    heap = LeanHeap(True, torch.device("cpu"))
-    try:
-        assert heap.libc is not None
-        assert mapped_after_alloc(heap.forward) >= 2 << 20
-        assert mapped_after_alloc(heap.backward) == 0
-    finally:
-        heap.backward()  # leave this test process with glibc's usual ceiling
-    assert LeanHeap(False, torch.device("cpu")).libc is None
+    got = {}
+    for mode in ("on", "off"):
+        proc = subprocess.run([sys.executable, "-c", LEAN_PROBE, mode], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        got[mode] = tuple(map(int, proc.stdout.split()))
+    forward, backward = got["on"]
+    assert forward >= 2 << 20 and backward == 0, got
+    assert got["off"][0] == 0 and got["off"][1] >= 8 << 20, got  # glibc's own way, for contrast
     assert LeanHeap(True, torch.device("meta")).libc is None  # not CPU training: no effect
 
 
