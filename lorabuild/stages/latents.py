@@ -139,33 +139,42 @@ def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None
             save_file(tensors, str(tmp))
 
 
-def batch_size(ctx: Context, params: dict) -> int:
-    """``latents.batch_size``; unset, 1 on the CPU, where a batch encodes no faster per image (slower at
-    512 px: bench/RESULTS.md) and holds more memory, and 8 on a GPU."""
-    return params["batch_size"] or (1 if runtime.device(ctx).type == "cpu" else 8)
+def batch_size(ctx: Context, params: dict, bucket: tuple[int, int]) -> int:
+    """``latents.batch_size``; unset, 8 on a GPU, and on the CPU 8 for buckets under 256 × 256
+    pixels but 1 from there up, where one image at a time encodes faster (bench/RESULTS.md: the
+    SD 1.5 VAE at 256 and 512 px) and holds less memory."""
+    if params["batch_size"]:
+        return params["batch_size"]
+    return 1 if runtime.device(ctx).type == "cpu" and bucket[0] * bucket[1] >= 256 * 256 else 8
 
 
 def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool = True) -> int:
     """Encode ``missing`` in batches of one bucket; returns how many this process computed.
-    Each batch claims its keys first: one another build is computing is waited for, then reused."""
+    Keys are claimed first, at least 8 at a time (one image per batch must not mean one round of
+    file locks per image): one another build is computing is waited for, then reused."""
     from tqdm import tqdm
 
+    if not missing:
+        return 0
     store, resize_store = ctx.store(STAGE, ".safetensors"), ctx.store("resize", ".png")
     groups: dict[tuple, list[Item]] = {}
     for it in missing:
         groups.setdefault(tuple(it.data["bucket"]), []).append(it)
-    bs, computed = batch_size(ctx, params), 0
+    computed = 0
     with tqdm(total=len(missing), desc=f"latents:{ctx.name}", unit="img", disable=not (missing and show)) as bar:
         for bucket in sorted(groups):
             group = groups[bucket]
-            for i in range(0, len(group), bs):
-                chunk = group[i : i + bs]
+            bs = batch_size(ctx, params, bucket)
+            claim_n = max(bs, 8)
+            for i in range(0, len(group), claim_n):
+                chunk = group[i : i + claim_n]
                 with store.claim([it.hash for it in chunk]) as todo:
                     todo_items = [it for it in chunk if it.hash in todo]
-                    if todo_items:
-                        _encode_group(ctx, todo_items, params, (resize_store, store))
+                    for j in range(0, len(todo_items), bs):
+                        _encode_group(ctx, todo_items[j : j + bs], params, (resize_store, store))
+                        bar.update(len(todo_items[j : j + bs]))
                 computed += len(todo_items)
-                bar.update(len(chunk))
+                bar.update(len(chunk) - len(todo_items))
     return computed
 
 

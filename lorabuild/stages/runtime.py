@@ -62,6 +62,7 @@ def text_models(ctx: Context) -> tuple[list, list]:
 
 
 def device(ctx: Context):
+    libraries()  # asking torch which devices there are imports it
     try:
         dev = models.pick_device(ctx.project.get("device"))
     except Exception as exc:  # pick_device raises on an unavailable explicit device
