@@ -123,8 +123,8 @@ class LeanHeap:
 
     What it fixes: by default glibc serves tensors under 32 MiB from its heap, where the
     forward pass's short-lived tensors, freed between the activations kept for backward, leave
-    holes the next step cannot always reuse, so the process holds far more than it uses
-    (at 512 px on the SD 1.5 UNet: 7.6 GiB peak for about 5.9 GiB live). Mapping costs page
+    holes the next step cannot always reuse, so the process holds more than it uses (at 512 px
+    on the SD 1.5 UNet: 6.84 GiB peak by default, 6.19 with this option). Mapping costs page
     faults, hence the option (bench/RESULTS.md has both sides). On a GPU the activations are not
     in this process's heap, so it applies to CPU training on Linux (glibc) only.
     """

@@ -161,7 +161,7 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool 
     for it in missing:
         groups.setdefault(tuple(it.data["bucket"]), []).append(it)
     computed = 0
-    with tqdm(total=len(missing), desc=f"latents:{ctx.name}", unit="img", disable=not (missing and show)) as bar:
+    with tqdm(total=len(missing), desc=f"latents:{ctx.name}", unit="img", disable=not show) as bar:
         for bucket in sorted(groups):
             group = groups[bucket]
             bs = batch_size(ctx, params, bucket)
