@@ -8,7 +8,6 @@ validated): this module runs every time doit loads the task graph.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import re
@@ -24,6 +23,8 @@ from . import __version__
 from .captions import is_randomised
 from .models import BUILTIN_MODELS, PICKLE_SUFFIXES
 from .resources import schema_path
+from .hints import enum_hint, normalize_enums, unknown_field
+from .yamlio import Loader
 
 MAX_BYTES = 1 << 20  # a project file is a few KB; refuse anything absurd before parsing
 MAX_NODES = 100_000  # expanded nodes, so an alias bomb ("billion laughs") is refused
@@ -120,7 +121,7 @@ class _Doc:
         self.values: dict[Path_, tuple[int, int]] = {(): (1, 1)}
         self.problems: list[Problem] = []
         self.nodes = 0
-        self._scalar = yaml.SafeLoader("")
+        self._scalar = Loader("")  # YAML 1.2 floats: 1e-4 is a number
 
     def problem(self, pos: tuple[int, int], field: str, message: str) -> None:
         self.problems.append(Problem(self.display, pos[0], pos[1], field, message))
@@ -165,7 +166,7 @@ def dotted(path: Path_) -> str:
 def parse(text: str, display: str) -> tuple[Any, _Doc]:
     doc = _Doc(display)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -211,8 +212,7 @@ def _report(err, doc: _Doc) -> None:
         for key in err.instance:
             if key in known:
                 continue
-            hint = difflib.get_close_matches(key, known, n=1)
-            msg = f"unknown field '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(known)})")
+            msg = f"unknown field '{key}'" + unknown_field(key, path, known, schema())
             doc.problem(doc.keys.get(path + (key,), value_pos), dotted(path + (key,)), msg)
     elif err.validator == "required":
         for key in err.validator_value:
@@ -227,6 +227,8 @@ def _report(err, doc: _Doc) -> None:
                 _report(e, doc)
         else:
             doc.problem(value_pos, dotted(path), f"{err.instance!r} must be a prompt text or a mapping with 'prompt'")
+    elif err.validator == "enum":
+        doc.problem(value_pos, dotted(path), err.message + enum_hint(err.instance, err.validator_value))
     else:
         doc.problem(value_pos, dotted(path), err.message)
 
@@ -362,6 +364,7 @@ def check(path: Path, display: str | None = None, memo_dir: Path | None = None) 
     data, doc = parse(text, display)
     if data is None or doc.problems:
         return None, doc.problems
+    normalize_enums(data, schema())  # AdamW8bit is adamw8bit: kohya's spellings are unambiguous
     memo = Path(memo_dir) / _memo_key(raw) if memo_dir else None
     if memo is None or not memo.is_file():
         _schema_problems(data, doc)
@@ -392,9 +395,14 @@ def load_project(path: str | Path, display: str | None = None, memo_dir: Path | 
 def validate_files(files: list[str]) -> int:
     bad = 0
     for f in files:
-        _, problems = check(Path(f), f)
+        data, problems = check(Path(f), f)
         for p in problems:
             print(p, file=sys.stderr)
+        if data is not None:  # valid, but this Python may lack what its settings need
+            from .extras import missing
+
+            for line in missing(data):
+                print(f"{f}: warning: {line}", file=sys.stderr)
         bad += bool(problems)
     return 1 if bad else 0
 

@@ -29,8 +29,10 @@ def _bnb(kind: str):
     try:
         import bitsandbytes.optim as bnb_optim
     except ImportError:
-        raise OptimizerError(f"optimizer {kind} needs bitsandbytes (CUDA only): pip install 'lorabuild[bnb]'"
-                             ) from None
+        from .extras import install_hint
+
+        raise OptimizerError(f"train.optimizer: {kind} needs bitsandbytes (CUDA only), which is not installed: "
+                             f"{install_hint('bnb')}") from None
     return bnb_optim
 
 

@@ -92,6 +92,9 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     from .optimizers import advice
 
     warnings += advice(t["optimizer"], t["learning_rate"])
+    from .extras import missing
+
+    warnings += missing(project.cfg)
     if project.get("latents.random_crop"):
         warnings.append("latents.random_crop is on: the latent cache is off and training encodes every image every epoch (slower)")
     missing = [im.id for im in ds.images if im.caption_path is None and im.id not in tagged]
@@ -102,6 +105,7 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     if unreadable:
         warnings.append(f"{len(unreadable)} file(s) are not readable images: {', '.join(unreadable[:5])}")
     warnings += _orphan_captions(ds, project.get("dataset.caption_extension"))
+    warnings += _other_caption_files(ds)
     if hashes is not None:
         warnings += _duplicates(ds, hashes)
     val_ids = {s.id for s in val}  # what training sees: validation images are not in the tag counts
@@ -130,6 +134,26 @@ def _orphan_captions(ds: Dataset, ext: str) -> list[str]:
         orphans = [p.name for p in c.folder.glob(f"*{ext}") if p.stem not in stems]
         if orphans:
             out.append(f"{c.folder.name}: caption file(s) without an image: {', '.join(sorted(orphans)[:5])}")
+    return out
+
+
+# caption extensions in common use (kohya's default is .caption, most guides write .txt)
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+
+def _other_caption_files(ds: Dataset) -> list[str]:
+    """Caption files beside the images under another common extension than the one read."""
+    out = []
+    for c in ds.concepts:
+        stems = {p.stem for p in c.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+        for ext in CAPTION_EXTENSIONS:
+            if ext == c.caption_extension.lower():
+                continue
+            found = sorted(p.name for p in c.folder.glob(f"*{ext}") if p.stem in stems)
+            if found:
+                out.append(f"{c.folder.name}: {len(found)} caption file(s) end in {ext} ({', '.join(found[:3])}), "
+                           f"but captions are read from {c.caption_extension} files: set dataset.caption_extension: "
+                           f"{ext} (or the concept's caption_extension) to use them")
     return out
 
 

@@ -154,9 +154,18 @@ def _project_lock(ws: Workspace, name: str):
 def _run(stage: str, ctx) -> None:
     from .stages import bucket, latents, resize, sample, tag, textemb, train
 
+    from .extras import installed, message, missing, needs
+    from .stages.base import StageError
+
     p = ctx.project
+    lacking = missing(p.cfg, stage)
+    if lacking:  # before any work of this stage, and without a traceback
+        raise StageError(f"{stage}:{p.name}: " + "; ".join(lacking))
     dataset = from_project(p)
     if stage == "resize":
+        for n in needs(p.cfg):  # said at the first stage, not after every cache is built
+            if not installed(n.module):
+                print(f"warning: {message(n)} (the {n.stage} stage will stop here)", file=sys.stderr)
         for w in dataset.warnings:
             print(f"warning: {w}", file=sys.stderr)
         resize.run(ctx, dataset, _params(p, resize.PARAMS), p.get("dataset.on_bad_image"))
