@@ -197,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="the last training run: steps, time, loss, saved files")
     p.add_argument("name", help="project name (projects/NAME.yaml)")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("import-kohya", help="write a project from a kohya config TOML or saved command line")
-    p.add_argument("config", type=Path, help="kohya --config_file TOML, or a text file with the command line")
+    p = sub.add_parser("import-kohya", aliases=["import"],
+                       help="write a project from a kohya setup: sd-scripts TOML or command line, dataset config, "
+                            "lora-scripts train.ps1/train.sh, kohya_ss GUI JSON")
+    p.add_argument("config", type=Path, help="the kohya file (told apart by its content)")
     p.add_argument("--dataset-config", type=Path, help="kohya dataset config TOML ([[datasets]] / [[datasets.subsets]])")
+    p.add_argument("--root", type=Path, help="the folder kohya ran in, which its relative paths start from "
+                                             "(default: the config's folder)")
     p.add_argument("-o", "--output", type=Path, help="the project YAML to write (default: print it)")
     p = sub.add_parser("tag", help="run the WD14 tag stage and print each image's caption; --write puts them beside the images")
     p.add_argument("name", help="project name (projects/NAME.yaml)")
@@ -225,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_plan(find_root(), args.name, args.json)
     if args.cmd == "status":
         return cmd_status(find_root(), args.name, args.json)
-    if args.cmd == "import-kohya":
-        from .kohya_import import cmd_import
+    if args.cmd in ("import-kohya", "import"):
+        from .kohya_write import cmd_import
 
-        return cmd_import(args.config, args.dataset_config, args.output)
+        return cmd_import(args.config, args.dataset_config, args.output, args.root)
     if args.cmd == "report":
         from .report import cmd_report
 

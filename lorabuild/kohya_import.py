@@ -1,10 +1,9 @@
-"""``lorabuild import-kohya``: a kohya sd-scripts setup → an equivalent project YAML.
+"""``lorabuild import-kohya``: kohya options (sd-scripts' names) → an equivalent project document.
 
-Reads a training config (``--config_file`` TOML, flat keys as sd-scripts writes them), or
-a saved command line (``accelerate launch train_network.py --network_dim 32 …``, shell or
-Windows line continuations allowed), and optionally a dataset config (``[[datasets]]`` /
-``[[datasets.subsets]]``). Every option it knows is mapped; every other one is listed in
-the YAML's header and on the terminal, so nothing is dropped silently.
+``kohya_read`` turns each supported file into kohya's option names; this module maps them.
+Every option either lands on the field that means the same (remembered, so the written YAML
+names its source), or is listed with why it cannot; kohya's "0 = off" values become off,
+and options that only steer kohya's own machinery are listed as not needed.
 """
 from __future__ import annotations
 
@@ -12,12 +11,11 @@ import ast
 import math
 import re
 import shlex
-import tomllib
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import yaml
-
+from .kohya_read import parse_command_line  # noqa: F401 - the importer's API since it began
 from .prompts import SAMPLER_ALIASES, SAMPLER_NAMES
+from .yamlio import load as yaml_load
 
 
 def _precision(v: str) -> str:
@@ -38,7 +36,7 @@ def _kv_list(v) -> dict:
     """kohya's ``["conv_dim=4", "betas=0.9,0.99"]`` → ``{"conv_dim": 4, "betas": [0.9, 0.99]}``."""
     out = {}
     for k, val in _raw_kv(v).items():
-        parts = [yaml.safe_load(p) for p in val.split(",")]
+        parts = [yaml_load(p) for p in val.split(",")]
         out[k] = parts[0] if len(parts) == 1 else parts
     return out
 
@@ -78,20 +76,32 @@ NETWORK_ARGS = {
 
 def _sampler(v: str) -> str:
     name = SAMPLER_ALIASES.get(str(v).lower(), str(v).lower())
-    return name if name in SAMPLER_NAMES else "euler_a"
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"not a sampler lorabuild has ({', '.join(SAMPLER_NAMES)})")
+    return name
 
 
 def _resolution(v) -> int:
-    w, h = (int(x) for x in (str(v).split(",") * 2)[:2])
+    """kohya's ``512``, ``"512,768"`` or ``[512, 768]``: the side of a square of the same area."""
+    sides = [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(x) for x in str(v).split(",")]
+    w, h = (sides * 2)[:2]
     return int(math.sqrt(w * h))
+
+
+def _resolution_note(key: str, value) -> str | None:
+    sides = [int(x) for x in value] if isinstance(value, (list, tuple)) else [int(x) for x in str(value).split(",")]
+    if len(sides) == 2 and sides[0] != sides[1]:
+        return (f"{key} = {value!r} is not square: bucket.resolution is the side of a square of the same area, "
+                f"{_resolution(value)} (buckets of every aspect ratio up to that area, as kohya's)")
+    return None
 
 
 # kohya key → (our dotted key, converter)
 SIMPLE = {
     "pretrained_model_name_or_path": ("base_model", str),
     "vae": ("vae", str),
-    "v2": ("model_type", lambda v: "sd2" if _bool(v) else "auto"),
-    "v_parameterization": ("prediction_type", lambda v: "v_prediction" if _bool(v) else "auto"),
+    "v2": ("model_type", lambda v: "sd2"),
+    "v_parameterization": ("prediction_type", lambda v: "v_prediction"),
     "output_name": ("output.name", str),
     "save_precision": ("output.save_precision", _precision),
     "training_comment": ("output.comment", str),
@@ -146,7 +156,14 @@ SIMPLE = {
     "vae_batch_size": ("latents.batch_size", int),
     "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
     "random_crop": ("latents.random_crop", _bool),
+    "debiased_estimation_loss": ("train.debiased_estimation", _bool),
+    "multires_noise_iterations": ("train.multires_noise_iterations", int),
+    "multires_noise_discount": ("train.multires_noise_discount", float),
+    "caption_prefix": ("captions.prepend", str),
+    "caption_suffix": ("captions.append", str),
+    "enable_wildcard": ("captions.wildcards", _bool),
     "sample_prompts": ("sample.prompt_file", str),
+    "_sample_prompt_lines": ("sample.prompts", list),
     "sample_every_n_epochs": ("sample.every_n_epochs", int),
     "sample_every_n_steps": ("sample.every_n_steps", int),
     "sample_at_first": ("sample.at_first", _bool),
@@ -156,45 +173,58 @@ SIMPLE = {
 }
 # options that only steer kohya's own machinery, with nothing to set here
 NOT_NEEDED = {"enable_bucket", "cache_latents", "cache_latents_to_disk", "cache_text_encoder_outputs",
-              "cache_text_encoder_outputs_to_disk", "sdpa", "xformers", "mem_eff_attn", "persistent_data_loader_workers",
-              "max_data_loader_n_workers", "output_dir", "logging_dir", "log_prefix", "save_model_as", "network_module",
-              "lowram", "highvram", "config_file", "dataset_config", "save_state",
-              "log_with", "wandb_api_key", "no_half_vae", "full_fp16", "full_bf16", "fp8_base"}
+              "cache_text_encoder_outputs_to_disk", "sdpa", "mem_eff_attn", "persistent_data_loader_workers",
+              "max_data_loader_n_workers", "output_dir", "logging_dir", "log_prefix", "save_model_as",
+              "lowram", "highvram", "config_file", "dataset_config", "save_state", "log_tracker_name",
+              "log_with", "wandb_api_key", "no_half_vae", "full_fp16", "full_bf16", "fp8_base", "console_log_simple",
+              "save_n_epoch_ratio", "sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs", "ddp_timeout",
+              "ddp_gradient_as_bucket_view", "ddp_static_graph", "skip_cache_check", "no_metadata"}
+# kohya's "0 = off" (or 0 = its default): 0 leaves lorabuild's field at its own default, which is off too
+ZERO_OFF = {"max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
+            "save_last_n_steps", "min_snr_gamma", "sample_every_n_epochs", "sample_every_n_steps", "vae_batch_size",
+            "clip_skip", "max_token_length", "network_dropout", "lr_scheduler_num_cycles", "lr_scheduler_power",
+            "stop_text_encoder_training", "scale_weight_norms", "adaptive_noise_scale", "rank_dropout",
+            "module_dropout", "max_timestep", "min_timestep", "ip_noise_gamma", "v_pred_like_loss",
+            "network_train_unet_only", "network_train_text_encoder_only", "color_aug", "face_crop_aug_range",
+            "weighted_captions", "scale_v_pred_loss_like_noise_pred", "bucket_no_upscale", "v2", "v_parameterization",
+            "sdxl", "xformers", "masked_loss", "alpha_mask", "random_crop", "flip_aug", "shuffle_caption",
+            "gradient_checkpointing", "sample_at_first", "zero_terminal_snr", "debiased_estimation_loss",
+            "caption_dropout_every_n_epochs", "caption_dropout_rate", "caption_tag_dropout_rate", "noise_offset",
+            "multires_noise_iterations", "multires_noise_discount", "keep_tokens",
+            "lr_warmup_steps", "token_warmup_step", "token_warmup_min",
+            "enable_wildcard"}
+# the networks sd-scripts can train; lorabuild trains networks.lora (with LoCon), and LyCORIS' locon as that
+NETWORK_MODULES = {"networks.lora": None, "lycoris.kohya": "lycoris"}
 
 
-def parse_command_line(text: str) -> dict:
-    """``--key value`` / ``--key=value`` / ``--flag`` options of a saved kohya command line."""
-    text = re.sub(r"[\\^`]\r?\n", " ", text)  # bash, cmd and PowerShell line continuations
-    tokens = shlex.split(text, comments=True)
-    scripts = [i for i, t in enumerate(tokens) if t.endswith(".py")]
-    if scripts:  # what comes before the script is the launcher's (accelerate's) own options
-        tokens = tokens[scripts[-1] + 1 :]
-    out: dict = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok.startswith("--"):
-            key, eq, val = tok[2:].partition("=")
-            if eq:
-                out[key] = val
-            else:
-                vals = []
-                while i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-                    vals.append(tokens[i + 1])
-                    i += 1
-                out[key] = True if not vals else vals[0] if len(vals) == 1 else vals
-        i += 1
-    return out
+# kohya values that mean "nothing happens" although they are not 0
+NEUTRAL = {"token_warmup_min": 1, "caption_separator": ",", "network_module": "networks.lora",
+           "_script": "train_network.py"}
+SCRIPTS = {"train_network.py": None, "sdxl_train_network.py": "sdxl"}
 
 
-def read_config(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".toml":
-        return tomllib.loads(text)
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        return parse_command_line(text)
+@dataclass
+class Result:
+    """The project document, where each field came from, and everything that was not carried over."""
+
+    doc: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)  # dotted field → the kohya option it came from
+    unmapped: list = field(default_factory=list)  # "key = value (why)"
+    notes: list = field(default_factory=list)
+    off: list = field(default_factory=list)  # kohya options at 0/false/empty: off, as lorabuild's default
+    not_needed: list = field(default_factory=list)  # kohya machinery with nothing to set here
+
+    def set(self, dotted: str, value, source: str) -> None:
+        _set(self.doc, dotted, value)
+        self.sources[dotted] = source
+
+    def get(self, dotted: str, default=None):
+        node = self.doc
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
 
 
 def _set(doc: dict, dotted: str, value) -> None:
@@ -204,159 +234,178 @@ def _set(doc: dict, dotted: str, value) -> None:
     doc[last] = value
 
 
+def _is_off(key: str, value) -> bool:
+    if NEUTRAL.get(key) == value:
+        return True
+    if value in ("", None) or value == []:
+        return True
+    if key in ZERO_OFF and not isinstance(value, list):
+        try:
+            return float(value) == 0 if not isinstance(value, bool) and str(value).lower() not in ("false", "true") \
+                else not _bool(value)
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
 def convert(cfg: dict, dataset_cfg: dict | None = None) -> tuple[dict, list[str], list[str]]:
-    """(project document, unmapped options, notes)."""
+    """(project document, unmapped options, notes); :func:`convert_full` also says where each field came from."""
+    r = convert_full(cfg, dataset_cfg)
+    return r.doc, r.unmapped, r.notes
+
+
+def convert_full(cfg: dict, dataset_cfg: dict | None = None) -> Result:
+    r = Result()
     flat: dict = {}
     for k, v in cfg.items():  # kohya also accepts its config keys grouped in TOML tables
         if isinstance(v, dict):
             flat.update(v)
         else:
             flat[k] = v
-    doc: dict = {}
-    unmapped, notes = [], []
+    flat = {k.replace("-", "_"): v for k, v in flat.items()}
+    module = str(flat.get("network_module", "networks.lora"))
     for key, value in flat.items():
-        key = key.replace("-", "_")
-        if key in SIMPLE:
-            dotted, conv = SIMPLE[key]
-            try:
-                _set(doc, dotted, conv(value))
-            except (ValueError, KeyError, TypeError):
-                unmapped.append(f"{key} = {value!r} (not understood)")
-        elif key == "optimizer_type":
-            name = str(value).lower().replace("_", "")
-            known = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "lion8bit": "lion8bit",
-                     "prodigy": "prodigy", "adafactor": "adafactor", "sgdnesterov": "sgd", "sgd": "sgd"}
-            if name in known:
-                _set(doc, "train.optimizer", known[name])
-            else:
-                unmapped.append(f"optimizer_type = {value!r} (not available; adamw is used)")
-        elif key == "optimizer_args":
-            _set(doc, "train.optimizer_args", _kv_list(value))
-        elif key == "network_args":
-            for k2, v2 in _raw_kv(value).items():
-                if k2 not in NETWORK_ARGS:
-                    unmapped.append(f"network_args {k2}={v2}")
-                    continue
-                field, conv = NETWORK_ARGS[k2]
-                try:
-                    _set(doc, f"network.{field}", conv(v2.strip()))
-                except ValueError:
-                    unmapped.append(f"network_args {k2}={v2} (not understood)")
-                if k2 == "exclude_patterns":
-                    notes.append("network.exclude_patterns/include_patterns match the whole kohya module name "
-                                 "(lora_unet_…_attn2_to_k); kohya's FLUX/SD3 networks match the dotted module path: "
-                                 "check the patterns (lorabuild validate; a pattern matching nothing is an error)")
-        elif key == "alpha_mask":  # kohya applies an alpha mask whenever it loads one, masked_loss or not
-            if _bool(value):
-                _set(doc, "train.masked_loss", True)
-        elif key == "lr_warmup_steps":
-            v = float(value)
-            _set(doc, "train.lr_warmup_ratio" if 0 < v < 1 else "train.lr_warmup_steps", v if v < 1 else int(v))
-        elif key == "network_train_unet_only" and _bool(value):
-            _set(doc, "network.train_text_encoder", False)
-        elif key == "network_train_text_encoder_only" and _bool(value):
-            _set(doc, "network.train_unet", False)
-        elif key == "xformers" and _bool(value):
-            _set(doc, "train.attention", "xformers")
-        elif key == "sdxl" and _bool(value):
-            _set(doc, "model_type", "sdxl")
-        elif key in NOT_NEEDED:
-            continue
-        elif key in ("network_train_unet_only", "network_train_text_encoder_only"):
-            continue
+        if isinstance(value, str) and re.search(r"\$\{?\w", value):
+            r.unmapped.append(f"{key} = {value!r} (a script variable that is not set)")
+        elif key in NEUTRAL and NEUTRAL[key] == value:
+            if key != "_script":  # the launched script is not an option
+                r.not_needed.append(f"{key} {value}")
+        elif _is_off(key, value):
+            r.off.append(key)
         else:
-            unmapped.append(f"{key} = {value!r}")
-    train = doc.get("train", {})
-    if "epochs" in train and "max_steps" in train:  # kohya: max_train_epochs overrides max_train_steps
-        notes.append(f"max_train_epochs overrides max_train_steps in kohya: train.max_steps "
-                     f"{train.pop('max_steps')} dropped")
-    elif "epochs" not in train and "max_steps" not in train:
-        _set(doc, "train.max_steps", 1600)
-        notes.append("neither max_train_epochs nor max_train_steps: train.max_steps is kohya's default, 1600")
+            try:
+                _one(r, key, value, module)
+            except (ValueError, KeyError, TypeError) as exc:
+                why = str(exc) if isinstance(exc, ValueError) and " " in str(exc) else "not understood"
+                r.unmapped.append(f"{key} = {value!r} ({why})")
+    _length(r)
     if dataset_cfg:
-        _datasets(doc, dataset_cfg, unmapped, notes)
-    doc.setdefault("base_model", "builtin:tiny-sd1")
-    doc.setdefault("dataset", {})
-    if not doc["dataset"].get("dirs") and not doc["dataset"].get("concepts"):
-        notes.append("no dataset found (train_data_dir or a dataset config): fill in dataset.dirs")
-    return _ordered(doc), unmapped, notes
+        from .kohya_datasets import add_datasets
+
+        for dotted in ("dataset.dirs", "dataset.reg_dirs"):  # sd-scripts ignores them with a dataset config
+            if r.get(dotted):
+                source, dirs = r.sources.pop(dotted), r.doc["dataset"].pop(dotted.split(".")[1])
+                r.unmapped.append(f"{source} = {dirs[0]!r} (sd-scripts ignores it when a dataset config is given)")
+        add_datasets(r, dataset_cfg)
+    if "base_model" not in r.doc:
+        r.set("base_model", "builtin:tiny-sd1", "no pretrained_model_name_or_path given")
+        r.notes.append("no base model (pretrained_model_name_or_path) in the config: base_model is lorabuild's tiny "
+                       "random test model, builtin:tiny-sd1; set it to your model's file or folder")
+    r.doc.setdefault("dataset", {})
+    if not r.doc["dataset"].get("dirs") and not r.doc["dataset"].get("concepts"):
+        r.notes.append("no dataset found (train_data_dir or a dataset config): fill in dataset.dirs")
+    r.doc = _ordered(r.doc)
+    return r
 
 
-def _datasets(doc: dict, dataset_cfg: dict, unmapped: list[str], notes: list[str]) -> None:
-    general = dataset_cfg.get("general", {})
-    for d in dataset_cfg.get("datasets", []):
-        settings = {**general, **{k: v for k, v in d.items() if k != "subsets"}}
-        for k in ("resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
-                  "caption_extension", "shuffle_caption", "keep_tokens", "flip_aug", "random_crop", "validation_split",
-                  "validation_seed"):
-            if k in settings:
-                dotted, conv = SIMPLE[k]
-                _set(doc, dotted, conv(settings[k]))
-        if _bool(settings.get("alpha_mask", False)):
-            _set(doc, "train.masked_loss", True)
-        if "batch_size" in settings:
-            _set(doc, "train.batch_size", int(settings["batch_size"]))
-        for s in d.get("subsets", []):
-            if "image_dir" not in s:
-                unmapped.append(f"subset without image_dir: {s}")
-                continue
-            concept: dict = {"path": str(s["image_dir"]), "repeats": int(s.get("num_repeats", 1))}
-            if s.get("class_tokens"):
-                concept["trigger"] = str(s["class_tokens"])
-            if s.get("is_reg"):
-                concept["is_reg"] = True
-            if s.get("caption_extension"):
-                concept["caption_extension"] = str(s["caption_extension"])
-            if "alpha_mask" in s:
-                if _bool(s["alpha_mask"]):
-                    _set(doc, "train.masked_loss", True)
-                elif doc.get("train", {}).get("masked_loss"):
-                    notes.append(f"subset {s['image_dir']}: alpha_mask = false, but train.masked_loss masks every image "
-                                 "that has an alpha channel (remove the alpha from images that should count everywhere)")
-            caps = {k2: s[k] for k, k2 in (("shuffle_caption", "shuffle"), ("keep_tokens", "keep_tokens")) if k in s}
-            if caps:
-                concept["captions"] = caps
-            for k in s:
-                if k not in ("image_dir", "num_repeats", "class_tokens", "is_reg", "caption_extension",
-                             "shuffle_caption", "keep_tokens", "alpha_mask"):
-                    unmapped.append(f"subset {s['image_dir']}: {k} = {s[k]!r}")
-            doc.setdefault("dataset", {}).setdefault("concepts", []).append(concept)
+def _one(r: Result, key: str, value, module: str) -> None:
+    """Map one kohya option (not off) onto the project, or list it."""
+    if key in SIMPLE:
+        dotted, conv = SIMPLE[key]
+        r.set(dotted, conv(value), key)
+        if key == "resolution" and _resolution_note(key, value):
+            r.notes.append(_resolution_note(key, value))
+    elif key == "optimizer_type":
+        from .optimizers import KOHYA_NAMES
+
+        name = str(value).lower().replace("_", "")
+        if name not in KOHYA_NAMES:
+            raise ValueError("not an optimizer lorabuild has; adamw is used")
+        r.set("train.optimizer", KOHYA_NAMES[name], key)
+    elif key == "optimizer_args":
+        r.set("train.optimizer_args", _kv_list(value), key)
+    elif key == "network_args":
+        _network_args(r, value, module)
+    elif key == "network_module":
+        if module not in NETWORK_MODULES:
+            raise ValueError("lorabuild trains kohya's networks.lora (LoRA and LoCon) only: imported as a LoRA, "
+                             "which is a different network")
+    elif key == "_script":
+        kind = SCRIPTS.get(str(value), "?")
+        if kind == "?":
+            raise ValueError("lorabuild trains LoRAs for SD 1.x, 2.x and SDXL (train_network.py, "
+                             "sdxl_train_network.py)")
+        if kind == "sdxl":
+            r.set("model_type", "sdxl", "sdxl_train_network.py")
+    elif key == "alpha_mask":  # kohya applies an alpha mask whenever it loads one, masked_loss or not
+        r.set("train.masked_loss", True, key)
+    elif key == "lr_warmup_steps":
+        v = float(value)
+        if 0 < v < 1:
+            r.set("train.lr_warmup_ratio", v, key)
+        else:
+            r.set("train.lr_warmup_steps", int(v), key)
+    elif key == "network_train_unet_only":
+        r.set("network.train_text_encoder", False, key)
+    elif key == "network_train_text_encoder_only":
+        r.set("network.train_unet", False, key)
+    elif key == "xformers":
+        r.set("train.attention", "xformers", key)
+    elif key == "sdxl":
+        r.set("model_type", "sdxl", key)
+    elif key in ("text_encoder_lr", "unet_lr"):
+        part = "text_encoder" if key == "text_encoder_lr" else "unet"
+        vals = value if isinstance(value, list) else [value]
+        if float(vals[0]) == 0:  # kohya: a part with learning rate 0 does not train
+            r.set(f"network.train_{part}", False, key + " = 0")
+        else:
+            r.set(f"train.{key}", float(vals[0]), key)
+            if len(vals) > 1:
+                r.set("train.text_encoder_2_lr", float(vals[1]), key + " (second value)")
+    elif key == "bucket_reso_steps" and int(value) % 64:
+        r.set("bucket.step", 64, key)
+        r.notes.append(f"bucket_reso_steps = {value}: SD's UNet needs sides that divide by 64; bucket.step is 64")
+    elif key in NOT_NEEDED:
+        r.not_needed.append(key)
+    else:
+        raise ValueError("no equivalent in lorabuild")
 
 
-ORDER = ("base_model", "model_type", "prediction_type", "vae", "dataset", "captions", "resize", "bucket", "latents", "textemb", "network", "train", "sample",
-         "output")
+def _network_args(r: Result, value, module: str) -> None:
+    args = _raw_kv(value)
+    algo = args.pop("algo", "lora" if module == "lycoris.kohya" else None)
+    if algo is not None and algo.lower() in ("lora", "locon"):
+        r.notes.append(f"network_module {module} algo={algo}: trained as kohya's LoRA/LoCon (network.conv_dim), "
+                       "saved in kohya's layout")
+    elif algo is not None:
+        r.unmapped.append(f"network_args algo={algo} (lorabuild trains LoRA and LoCon only: this imports as a "
+                          "LoRA of the same dim and alpha, which is a different network; kohya's LoCon is "
+                          "LyCORIS' algo=locon)")
+    for k2, v2 in args.items():
+        if module == "lycoris.kohya" and k2 == "dropout":
+            if float(v2 or 0):
+                r.set("network.dropout", float(v2), "network_args dropout")
+            else:
+                r.off.append("network_args dropout")
+            continue
+        if k2 not in NETWORK_ARGS:
+            r.unmapped.append(f"network_args {k2}={v2} (no equivalent in lorabuild)")
+            continue
+        dotted, conv = NETWORK_ARGS[k2]
+        try:
+            r.set(f"network.{dotted}", conv(v2.strip()), f"network_args {k2}")
+        except ValueError:
+            r.unmapped.append(f"network_args {k2}={v2} (not understood)")
+        if k2 == "exclude_patterns":
+            r.notes.append("network.exclude_patterns/include_patterns match the whole kohya module name "
+                           "(lora_unet_…_attn2_to_k); kohya's FLUX/SD3 networks match the dotted module path: "
+                           "check the patterns (lorabuild validate; a pattern matching nothing is an error)")
+
+
+def _length(r: Result) -> None:
+    train = r.doc.get("train", {})
+    if "epochs" in train and "max_steps" in train:  # kohya: max_train_epochs overrides max_train_steps
+        r.notes.append(f"max_train_epochs overrides max_train_steps in kohya: train.max_steps "
+                       f"{train.pop('max_steps')} dropped")
+        r.sources.pop("train.max_steps", None)
+    elif "epochs" not in train and "max_steps" not in train:
+        r.set("train.max_steps", 1600, "max_train_steps' default (neither length is given)")
+        r.notes.append("neither max_train_epochs nor max_train_steps: train.max_steps is kohya's default, 1600")
+
+
+ORDER = ("base_model", "model_type", "prediction_type", "vae", "allow_pickle", "dataset", "captions", "resize",
+         "bucket", "latents", "textemb", "network", "train", "sample", "output")
 
 
 def _ordered(doc: dict) -> dict:
     return {k: doc[k] for k in ORDER if k in doc}
-
-
-def render(doc: dict, unmapped: list[str], notes: list[str], source: str) -> str:
-    head = [f"# Imported from kohya sd-scripts settings: {source}", "# Check it with: lorabuild validate; lorabuild plan"]
-    if unmapped:
-        head.append("# Not mapped (no equivalent here, or not understood):")
-        head += [f"#   {u}" for u in unmapped]
-    head += [f"# Note: {n}" for n in notes]
-    return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
-
-
-def cmd_import(config: Path, dataset_config: Path | None, out: Path | None) -> int:
-    import sys
-
-    try:
-        cfg = read_config(config)
-        ds = tomllib.loads(dataset_config.read_text(encoding="utf-8-sig")) if dataset_config else None
-    except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
-        print(f"lorabuild import-kohya: {exc}", file=sys.stderr)
-        return 1
-    doc, unmapped, notes = convert(cfg, ds)
-    text = render(doc, unmapped, notes, str(config) + (f" + {dataset_config}" if dataset_config else ""))
-    if out is None:
-        sys.stdout.write(text)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-        print(f"wrote {out}")
-    for u in unmapped:
-        print(f"not mapped: {u}", file=sys.stderr)
-    return 0

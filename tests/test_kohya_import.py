@@ -86,7 +86,7 @@ def test_a_kohya_config_maps_every_known_option():
     assert doc["textemb"] == {"clip_skip": 2} and doc["captions"] == {"shuffle": True, "keep_tokens": 1}
     assert doc["output"] == {"name": "ayaka", "save_precision": "fp32"}
     assert doc["sample"] == {"sampler": "euler_a"}
-    assert unmapped == ["color_aug = True"]
+    assert unmapped == ["color_aug = True (no equivalent in lorabuild)"]
     # kohya: max_train_epochs overrides max_train_steps
     assert "max_steps" not in t and any("overrides max_train_steps" in n for n in notes)
 
@@ -117,7 +117,7 @@ def test_a_dataset_config_becomes_concepts():
     ]
     assert doc["bucket"]["resolution"] == 768 and doc["train"]["batch_size"] == 4
     assert doc["captions"]["shuffle"] is True and doc["dataset"]["caption_extension"] == ".txt"
-    assert unmapped == ["subset reg/girls: color_aug = True"]
+    assert unmapped == ["subset reg/girls: color_aug = True (no equivalent in lorabuild)"]
 
 
 def test_a_saved_command_line_with_continuations():
@@ -142,12 +142,13 @@ def test_the_cli_writes_a_project_that_validates(tmp_path):
         (ws / "projects" / d).mkdir(parents=True)
     out = ws / "projects" / "ayaka.yaml"
     proc = subprocess.run([sys.executable, "-m", "lorabuild", "import-kohya", str(tmp_path / "config.toml"),
-                           "--dataset-config", str(tmp_path / "dataset.toml"), "-o", str(out)],
+                           "--dataset-config", str(tmp_path / "dataset.toml"), "-o", str(out),
+                           "--root", str(ws / "projects")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "not mapped: color_aug = True" in proc.stderr
     text = out.read_text()
-    assert text.startswith("# Imported from kohya sd-scripts settings") and "#   color_aug = True" in text
+    assert text.startswith("# Imported by lorabuild import-kohya from ") and "#   color_aug = True" in text
     assert yaml.safe_load(text)["network"]["conv_dim"] == 4
     val = subprocess.run([sys.executable, "-m", "lorabuild", "validate", str(out)], capture_output=True, text=True)
     assert val.returncode == 0, val.stdout + val.stderr
@@ -159,7 +160,7 @@ def test_masked_loss_alpha_mask_and_validation_options_are_mapped():
     doc, unmapped, _ = convert(parse_command_line(
         "train_network.py --masked_loss --validation_split 0.1 --validation_seed 7 --validate_every_n_epochs 1"))
     assert doc["train"] == {"masked_loss": True, "validation_split": 0.1, "validation_seed": 7, "max_steps": 1600}
-    assert unmapped == ["validate_every_n_epochs = '1'"]
+    assert unmapped == ["validate_every_n_epochs = '1' (no equivalent in lorabuild)"]
     dataset = """
 [[datasets]]
 validation_split = 0.2
