@@ -300,7 +300,10 @@ def convert_full(cfg: dict, dataset_cfg: dict | None = None) -> Result:
 
 def _one(r: Result, key: str, value, module: str) -> None:
     """Map one kohya option (not off) onto the project, or list it."""
-    if key in SIMPLE:
+    if key == "bucket_reso_steps" and int(value) % 64:
+        r.set("bucket.step", 64, key)
+        r.notes.append(f"bucket_reso_steps = {value}: SD's UNet needs sides that divide by 64; bucket.step is 64")
+    elif key in SIMPLE:
         dotted, conv = SIMPLE[key]
         r.set(dotted, conv(value), key)
         if key == "resolution" and _resolution_note(key, value):
@@ -352,9 +355,6 @@ def _one(r: Result, key: str, value, module: str) -> None:
             r.set(f"train.{key}", float(vals[0]), key)
             if len(vals) > 1:
                 r.set("train.text_encoder_2_lr", float(vals[1]), key + " (second value)")
-    elif key == "bucket_reso_steps" and int(value) % 64:
-        r.set("bucket.step", 64, key)
-        r.notes.append(f"bucket_reso_steps = {value}: SD's UNet needs sides that divide by 64; bucket.step is 64")
     elif key in NOT_NEEDED:
         r.not_needed.append(key)
     else:
@@ -371,7 +371,11 @@ def _network_args(r: Result, value, module: str) -> None:
         r.unmapped.append(f"network_args algo={algo} (lorabuild trains LoRA and LoCon only: this imports as a "
                           "LoRA of the same dim and alpha, which is a different network; kohya's LoCon is "
                           "LyCORIS' algo=locon)")
+    other = algo is not None and algo.lower() not in ("lora", "locon")
     for k2, v2 in args.items():
+        if other and k2 in ("conv_dim", "conv_alpha"):
+            r.unmapped.append(f"network_args {k2}={v2} ({algo}'s convolution setting: the imported LoRA has none)")
+            continue
         if module == "lycoris.kohya" and k2 == "dropout":
             if float(v2 or 0):
                 r.set("network.dropout", float(v2), "network_args dropout")

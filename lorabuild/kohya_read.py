@@ -157,8 +157,12 @@ def from_gui(cfg: dict, src: Source) -> dict:
             src.gui_only.append(key)
         elif key in LYCORIS_ONLY and not lycoris:
             src.gui_only.append(key)
+        elif key in LYCORIS_ONLY and not _empty(value):
+            src.unmapped.append(f"{key} = {value!r} (a {kind} option: the imported LoRA has none)")
         elif key in ("conv_dim", "conv_alpha") and kind not in LOCON_TYPES and not lycoris:
             src.gui_only.append(f"{key} (unused with LoRA_type {kind})")
+        elif key in ("conv_dim", "conv_alpha") and lycoris and not _empty(value):
+            src.unmapped.append(f"{key} = {value!r} ({kind}'s convolution setting: the imported LoRA has none)")
         elif _empty(value):
             empty.append(key)
         elif key in ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
