@@ -164,7 +164,7 @@ def test_missing_onnxruntime_names_the_install(tmp_path, monkeypatch):
     from lorabuild.tagger import Tagger, TaggerError
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(TaggerError, match=r"onnxruntime.*pip install 'lorabuild\[tagger\]'"):
+    with pytest.raises(TaggerError, match=r'onnxruntime.*pip install -e "\.\[tagger\]" in a clone of lorabuild, or pip install "lorabuild\[tagger\]"'):
         Tagger(make_tagger(tmp_path / "m"))
 
 
