@@ -27,12 +27,30 @@ def _convert(key: str, value):
     return dotted, conv(value)
 
 
+def _tables(value, what: str, r: Result) -> list[dict]:
+    """The tables of an array of tables; anything else in it is listed."""
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if not isinstance(v, dict):
+            r.unmapped.append(f"{what} = {v!r} (not a table: [[{what}]] holds tables of options)")
+    return [v for v in items if isinstance(v, dict)]
+
+
 def add_datasets(r: Result, cfg: dict) -> None:
-    general = dict(cfg.get("general", {}))
-    datasets = cfg.get("datasets", [])
+    general = cfg.get("general", {})
+    if not isinstance(general, dict):
+        r.unmapped.append(f"general = {general!r} (not a table: [general] holds options)")
+        general = {}
+    datasets = _tables(cfg.get("datasets", []), "datasets", r)
+    for key in cfg:
+        if key not in ("general", "datasets"):
+            r.unmapped.append(f"{key} = {cfg[key]!r} (a dataset config has [general] and [[datasets]] only)")
     for key, value in general.items():  # the project-wide layer, under every dataset
         if key in ONCE or key in CAPTIONS or key == "caption_extension":
-            _layer(r, key, value, f"[general] {key}")
+            try:
+                _layer(r, key, value, f"[general] {key}")
+            except (ValueError, TypeError):
+                r.unmapped.append(f"[general] {key} = {value!r} (not understood)")
         elif key in CONCEPT:
             continue  # read per subset below
         elif _is_off(key, value):
@@ -61,8 +79,11 @@ def add_datasets(r: Result, cfg: dict) -> None:
         for key, value in d.items():
             if key not in ONCE and key not in CAPTIONS and key not in CONCEPT and key != "subsets":
                 r.unmapped.append(f"datasets[{i}] {key} = {value!r} (no equivalent in lorabuild)")
-        for s in d.get("subsets", []):
-            _subset(r, {k: v for k, v in d.items() if k in CAPTIONS or k in CONCEPT}, s, general)
+        for s in _tables(d.get("subsets", []), "datasets.subsets", r):
+            try:
+                _subset(r, {k: v for k, v in d.items() if k in CAPTIONS or k in CONCEPT}, s, general)
+            except (ValueError, TypeError) as exc:
+                r.unmapped.append(f"subset {s.get('image_dir', s)!r}: not understood ({exc}); left out")
 
 
 def _layer(r: Result, key: str, value, source: str) -> None:

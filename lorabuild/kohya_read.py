@@ -177,7 +177,11 @@ def from_gui(cfg: dict, src: Source) -> dict:
         elif key == "sample_prompts":  # the GUI holds the prompts themselves, not a file
             out["_sample_prompt_lines"] = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
         elif key == "additional_parameters":
-            extra = parse_command_line(str(value))
+            try:
+                extra = parse_command_line(str(value))
+            except ScriptError as exc:
+                src.unmapped.append(f"additional_parameters = {value!r} (not understood: {exc})")
+                continue
             out.update(extra)
             src.notes.append(f"additional_parameters read as command-line options: {', '.join(extra) or 'none'}")
         else:
@@ -227,6 +231,8 @@ def read_source(path: Path) -> Source:
             cfg = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ImportError_(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(cfg, dict):
+            raise ImportError_(f"{path}: a JSON config is an object of options, not {type(cfg).__name__}")
         return _from_table(cfg, "kohya_ss JSON" if is_gui_config(cfg) else "JSON config")
     try:
         cfg = tomllib.loads(text)

@@ -167,7 +167,9 @@ class _PowerShell(_Interp):
             return
         m = re.fullmatch(r"(?:\[void\]\s*)?\$(\w+)\.Add\((.*)\)(?:\s*\|\s*Out-Null)?", st, re.I | re.S)
         if m:
-            self.vars.setdefault(m.group(1), []).append(self.value(m.group(2)))
+            if not isinstance(self.vars.get(m.group(1)), list):
+                self.vars[m.group(1)] = []
+            self.vars[m.group(1)].append(self.value(m.group(2)))
             return
         m = re.fullmatch(r"\$(\w+)\s*\+=\s*(.+)", st, re.S)
         if m:

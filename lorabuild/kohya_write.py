@@ -13,11 +13,10 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
-
 from .kohya_import import Result, convert_full
 from .kohya_read import ImportError_, Source, read_dataset_config, read_source
 from .models import PICKLE_SUFFIXES
+from .yamlio import dump, load
 
 
 def _where(value: str, root: Path, out_dir: Path) -> tuple[str, Path]:
@@ -74,7 +73,7 @@ def fix_paths(r: Result, root: Path, out_dir: Path) -> list[str]:
 
 
 def _flow(value) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, width=2 ** 31, allow_unicode=True, sort_keys=False)
+    text = dump(value, default_flow_style=True, width=2 ** 31, allow_unicode=True, sort_keys=False)
     return text.removesuffix("\n").removesuffix("\n...").strip()
 
 
@@ -98,10 +97,8 @@ def render_yaml(r: Result) -> str:
             else:
                 lines.append(f"  {k2}: {_flow(v2)}{_comment(src)}")
     text = "\n".join(lines) + "\n"
-    from .yamlio import load
-
     if load(text) != r.doc:  # never write something that reads back differently
-        text = yaml.safe_dump(r.doc, sort_keys=False, allow_unicode=True)
+        text = dump(r.doc, sort_keys=False, allow_unicode=True)
     return text
 
 
@@ -143,12 +140,16 @@ def cmd_import(config: Path, dataset_config: Path | None, out: Path | None, root
     except ImportError_ as exc:
         print(f"lorabuild import-kohya: {exc}", file=sys.stderr)
         return 1
-    r = convert_full(src.options, ds)
+    out_dir = (out.parent if out else Path.cwd()).resolve()
+    try:
+        r = convert_full(src.options, ds)
+        missing = fix_paths(r, root, out_dir)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a shape no kohya tool writes
+        print(f"lorabuild import-kohya: {config}: cannot convert it ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
     r.sources = {k: (f"{src.renamed[v]} (kohya_ss GUI)" if v in src.renamed else v) for k, v in r.sources.items()}
     r.unmapped[:0] = src.unmapped
     r.notes[:0] = src.notes
-    out_dir = (out.parent if out else Path.cwd()).resolve()
-    missing = fix_paths(r, root, out_dir)
     label = str(config) + (f" + {dataset_config}" if dataset_config else "")
     text = "\n".join(header(r, src, label, root, missing)) + "\n" + render_yaml(r)
     for u in r.unmapped:

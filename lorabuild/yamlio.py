@@ -38,3 +38,19 @@ Loader.add_implicit_resolver(FLOAT_TAG, FLOAT_12, list("-+0123456789."))
 def load(text: str):
     """``yaml.safe_load`` with YAML 1.2 floats."""
     return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
+
+
+class Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string :class:`Loader` would read as a float (``'1e-4'``)."""
+
+
+Dumper.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != FLOAT_TAG]
+    for first, resolvers in yaml.SafeDumper.yaml_implicit_resolvers.items()
+}
+Dumper.add_implicit_resolver(FLOAT_TAG, FLOAT_12, list("-+0123456789."))
+
+
+def dump(value, **kwargs) -> str:
+    """``yaml.safe_dump`` whose output :func:`load` reads back as the same value."""
+    return yaml.dump(value, Dumper=Dumper, **kwargs)

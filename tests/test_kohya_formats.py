@@ -447,3 +447,43 @@ def test_unreadable_files_are_one_line(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "lorabuild", "import-kohya", name], cwd=tmp_path,
                               capture_output=True, text=True)
         assert proc.returncode == 1 and msg in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_any_values_under_kohya_names_convert_without_an_exception(tmp_path):
+    """Whatever a hand-edited config holds under kohya's names, the import lists or maps it, never raises."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from lorabuild.kohya_datasets import CAPTIONS, ONCE
+    from lorabuild.kohya_import import SIMPLE
+    from lorabuild.kohya_write import fix_paths, render_yaml
+
+    scalar = st.one_of(st.integers(-5, 5000), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                       st.text(max_size=12), st.sampled_from(["", "0", "1e-4", "512,768", "AdamW8bit", "$x", "a=b"]))
+    value = st.one_of(scalar, st.lists(scalar, max_size=3))
+    names = sorted(SIMPLE) + ["optimizer_type", "network_args", "network_module", "lr_warmup_steps", "unet_lr",
+                              "text_encoder_lr", "bucket_reso_steps", "_script", "sdxl", "xformers"]
+    subset = st.dictionaries(st.sampled_from(sorted(CAPTIONS) + ["image_dir", "num_repeats", "is_reg",
+                                                                  "class_tokens", "flip_aug", "x"]), value, max_size=5)
+    dataset = st.fixed_dictionaries({"subsets": st.lists(subset, max_size=2)},
+                                    optional={k: value for k in sorted(ONCE)})
+    dataset_cfg = st.one_of(st.none(), st.fixed_dictionaries({"datasets": st.lists(dataset, max_size=2)},
+                                                             optional={"general": st.dictionaries(
+                                                                 st.sampled_from(sorted(CAPTIONS)), value)}))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.dictionaries(st.sampled_from(names), value, max_size=8), dataset_cfg)
+    def check(cfg, ds):
+        r = convert_full(cfg, ds)
+        fix_paths(r, tmp_path, tmp_path)
+        assert load(render_yaml(r)) == r.doc  # what is written reads back as the document
+        assert set(r.sources) <= {".".join(p) for p in _paths(r.doc)}
+
+    check()
+
+
+def _paths(doc: dict, prefix: tuple = ()):
+    for k, v in doc.items():
+        yield prefix + (k,)
+        if isinstance(v, dict):
+            yield from _paths(v, prefix + (k,))
