@@ -55,6 +55,11 @@ def _patterns(v: str) -> list[str]:
     return [str(p) for p in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
+def _tags(v) -> list[str]:
+    """kohya's caption_prefix/suffix text, e.g. ``"sks, 1girl"``, as the tags lorabuild puts around a caption."""
+    return [t.strip() for t in str(v).split(",") if t.strip()]
+
+
 def _lr_weight(v: str):
     return _numbers(v, float) if "," in v or not re.match(r"^[a-z_]+", v) else v
 
@@ -159,8 +164,8 @@ SIMPLE = {
     "debiased_estimation_loss": ("train.debiased_estimation", _bool),
     "multires_noise_iterations": ("train.multires_noise_iterations", int),
     "multires_noise_discount": ("train.multires_noise_discount", float),
-    "caption_prefix": ("captions.prepend", str),
-    "caption_suffix": ("captions.append", str),
+    "caption_prefix": ("captions.prepend", lambda v: _tags(v)),
+    "caption_suffix": ("captions.append", lambda v: _tags(v)),
     "enable_wildcard": ("captions.wildcards", _bool),
     "sample_prompts": ("sample.prompt_file", str),
     "_sample_prompt_lines": ("sample.prompts", list),

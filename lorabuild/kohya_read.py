@@ -4,7 +4,7 @@ Told apart by content, not by name: a lora-scripts ``train.ps1`` / ``train.sh``,
 command line, an sd-scripts ``--config_file`` TOML (sections flattened as sd-scripts does),
 a dataset config (``[general]`` / ``[[datasets]]`` / ``[[datasets.subsets]]``), and a
 kohya_ss GUI preset or saved config (JSON, or the GUI's TOML), whose keys are renamed to the
-sd-scripts options the GUI passes on.
+sd-scripts options the GUI passes on; and an ai-toolkit job YAML (``import_aitoolkit``).
 """
 from __future__ import annotations
 
@@ -234,6 +234,8 @@ def read_source(path: Path) -> Source:
         if not isinstance(cfg, dict):
             raise ImportError_(f"{path}: a JSON config is an object of options, not {type(cfg).__name__}")
         return _from_table(cfg, "kohya_ss JSON" if is_gui_config(cfg) else "JSON config")
+    if path.suffix.lower() in (".yaml", ".yml") or re.search(r"^\s*process:", text, re.M):
+        return _from_yaml(path, text)
     try:
         cfg = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -257,6 +259,24 @@ def read_source(path: Path) -> Source:
     if not src.options:
         raise ImportError_(f"{path}: no kohya options found (a TOML or JSON config, a command line, "
                            "or a lora-scripts train.ps1/train.sh)")
+    return src
+
+
+def _from_yaml(path: Path, text: str) -> Source:
+    import yaml
+
+    from .import_aitoolkit import from_aitoolkit, is_aitoolkit
+    from .yamlio import load
+
+    try:
+        cfg = load(text)
+    except yaml.YAMLError as exc:
+        raise ImportError_(f"{path}: not valid YAML ({exc})") from None
+    if not is_aitoolkit(cfg):
+        raise ImportError_(f"{path}: a YAML file, but not an ai-toolkit job (config: process: [...]); a lorabuild "
+                           "project needs no import: lorabuild validate it")
+    src = Source("ai-toolkit YAML", {})
+    src.options, src.dataset = from_aitoolkit(cfg, src)
     return src
 
 

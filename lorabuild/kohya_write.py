@@ -40,7 +40,7 @@ def fix_paths(r: Result, root: Path, out_dir: Path) -> list[str]:
         written, absolute = _where(str(value), root, out_dir)
         if not absolute.exists():
             hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(value)) and not str(value).startswith(".") \
-                and not Path(str(value)).suffix
+                and Path(str(value)).suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
             missing.append(f"{label}: {absolute} does not exist" + (
                 " (a Hugging Face model id? lorabuild trains on a local file or folder: download it first)"
                 if hub and label == "base_model" else ""))
@@ -78,7 +78,7 @@ def _flow(value) -> str:
 
 
 def _comment(source: str | None) -> str:
-    return f"  # kohya: {source}" if source else ""
+    return f"  # {source}" if source else ""
 
 
 def render_yaml(r: Result) -> str:
@@ -104,7 +104,7 @@ def render_yaml(r: Result) -> str:
 
 def header(r: Result, src: Source, source: str, root: Path, missing: list[str]) -> list[str]:
     head = [f"# Imported by lorabuild import-kohya from {source} (read as: {src.kind})",
-            f"# Paths are relative to this file; kohya's were resolved from {root}",
+            f"# Paths are relative to this file; the source's were resolved from {root}",
             "# Check it with: lorabuild validate; lorabuild plan"]
     if r.unmapped:
         head.append("# Not mapped (no equivalent here, or not understood):")
@@ -115,7 +115,8 @@ def header(r: Result, src: Source, source: str, root: Path, missing: list[str]) 
         head.append(f"# Not needed here (kohya's own caching, bucketing, logging and file handling): "
                     f"{', '.join(r.not_needed)}")
     if src.gui_only:
-        head.append(f"# GUI settings with no effect on the LoRA: {', '.join(src.gui_only)}")
+        head.append(f"# Settings with no effect on the LoRA (outputs, devices, logging, the GUI's own): "
+                    f"{', '.join(src.gui_only)}")
     if src.empty:
         head.append(f"# Left empty in the GUI, so kohya's default: {', '.join(src.empty)}")
     head += [f"# Missing: {m}" for m in missing]
@@ -147,7 +148,8 @@ def cmd_import(config: Path, dataset_config: Path | None, out: Path | None, root
     except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a shape no kohya tool writes
         print(f"lorabuild import-kohya: {config}: cannot convert it ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 1
-    r.sources = {k: (f"{src.renamed[v]} (kohya_ss GUI)" if v in src.renamed else v) for k, v in r.sources.items()}
+    tool = "ai-toolkit" if src.kind.startswith("ai-toolkit") else "kohya_ss"
+    r.sources = {k: (f"{tool}: {src.renamed[v]}" if v in src.renamed else f"kohya: {v}") for k, v in r.sources.items()}
     r.unmapped[:0] = src.unmapped
     r.notes[:0] = src.notes
     label = str(config) + (f" + {dataset_config}" if dataset_config else "")

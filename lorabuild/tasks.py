@@ -154,7 +154,7 @@ def _project_lock(ws: Workspace, name: str):
 def _run(stage: str, ctx) -> None:
     from .stages import bucket, latents, resize, sample, tag, textemb, train
 
-    from .extras import installed, message, missing, needs
+    from .extras import missing
     from .stages.base import StageError
 
     p = ctx.project
@@ -163,9 +163,6 @@ def _run(stage: str, ctx) -> None:
         raise StageError(f"{stage}:{p.name}: " + "; ".join(lacking))
     dataset = from_project(p)
     if stage == "resize":
-        for n in needs(p.cfg):  # said at the first stage, not after every cache is built
-            if not installed(n.module):
-                print(f"warning: {message(n)} (the {n.stage} stage will stop here)", file=sys.stderr)
         for w in dataset.warnings:
             print(f"warning: {w}", file=sys.stderr)
         resize.run(ctx, dataset, _params(p, resize.PARAMS), p.get("dataset.on_bad_image"))
@@ -192,6 +189,15 @@ def _failing(stage: str, name: str, message: str) -> dict:
     return {"basename": stage, "name": name, "actions": [fail], "verbosity": 2, "uptodate": [False]}
 
 
+def _warn_missing_packages(p: Project) -> None:
+    """Before any stage runs (when doit loads the graph), not after every cache is built."""
+    from .extras import installed, message, needs
+
+    for n in needs(p.cfg):
+        if not installed(n.module):
+            print(f"warning: {p.name}: {message(n)} (the {n.stage} stage will stop at its start)", file=sys.stderr)
+
+
 class Graph:
     """Every project of a workspace, loaded once per doit invocation."""
 
@@ -208,6 +214,7 @@ class Graph:
                     p = load_project(f, memo_dir=self.ws.cache / "validated")
                     ds = from_project(p)
                     self._loaded.append((f, p, ds, ""))
+                    _warn_missing_packages(p)
                 except ProjectError as exc:
                     self._loaded.append((f, None, None, f"{f.stem}: invalid project, nothing built:\n{exc}"))
                 except DatasetError as exc:

@@ -411,13 +411,93 @@ def test_a_kohya_ss_gui_preset(tmp_path):
     assert doc["output"] == {"name": "gui", "save_precision": "fp16"}
     assert _unmapped(text)[0].startswith("LoRA_type = 'LyCORIS/LoHa' (lorabuild trains LoRA and LoCon only")
     assert [u.split(" (")[0] for u in _unmapped(text)[1:]] == ["conv_alpha = 4", "conv_dim = 8", "factor = -1"]
-    gui = next(ln for ln in text.splitlines() if ln.startswith("# GUI settings"))
+    gui = next(ln for ln in text.splitlines() if ln.startswith("# Settings with no effect on the LoRA"))
     assert all(k in gui for k in ("output_dir", "num_cpu_threads_per_process", "use_wandb", "cache_latents"))
     empty = next(ln for ln in text.splitlines() if ln.startswith("# Left empty"))
     assert empty.endswith("block_alphas, lora_network_weights, lr_scheduler_num_cycles, max_train_epochs, "
                           "max_train_steps, seed")
-    assert "  epochs: 12  # kohya: epoch (kohya_ss GUI)" in text and "bucket_reso_steps = 1" in text
+    assert "  epochs: 12  # kohya_ss: epoch" in text and "bucket_reso_steps = 1" in text
     assert "validated ws/projects/p.yaml: no problems" in proc.stdout
+
+
+AITOOLKIT = """---
+job: extension
+config:
+  name: "my_sdxl_lora"
+  process:
+    - type: 'sd_trainer'
+      training_folder: "output"
+      device: cuda:0
+      trigger_word: "p3r5on"
+      network:
+        type: "lora"
+        linear: 16
+        linear_alpha: 8
+      save:
+        dtype: float16
+        save_every: 250
+        max_step_saves_to_keep: 4
+      datasets:
+        - folder_path: "imgs"
+          caption_ext: "txt"
+          caption_dropout_rate: 0.05
+          shuffle_tokens: false
+          cache_latents_to_disk: true
+          resolution: [ 512, 768, 1024 ]
+      train:
+        batch_size: 1
+        steps: 2000
+        train_unet: true
+        train_text_encoder: false
+        gradient_checkpointing: true
+        optimizer: "adamw8bit"
+        lr: 1e-4
+        ema_config:
+          use_ema: true
+        dtype: bf16
+      model:
+        name_or_path: "models/sdxl.safetensors"
+        is_xl: true
+      sample:
+        sampler: "euler_a"
+        sample_every: 250
+        width: 1024
+        height: 1024
+        prompts:
+          - "p3r5on playing chess at the park"
+        neg: "blurry"
+        seed: 42
+        guidance_scale: 4
+        sample_steps: 20
+meta:
+  name: "[name]"
+"""
+
+
+def test_an_ai_toolkit_job(tmp_path):
+    (tmp_path / "ws" / "imgs").mkdir(parents=True)
+    (tmp_path / "ws" / "models").mkdir()
+    (tmp_path / "ws" / "models" / "sdxl.safetensors").write_bytes(b"x")
+    doc, text, proc = _import(tmp_path, "job.yaml", AITOOLKIT, "--root", str(tmp_path / "ws"), out="ws/p.yaml")
+    assert (doc["base_model"], doc["model_type"]) == ("models/sdxl.safetensors", "sdxl")
+    assert doc["dataset"] == {"concepts": [{"path": "imgs", "repeats": 1, "caption_extension": ".txt",
+                                            "captions": {"dropout": 0.05, "shuffle": False}}]}
+    assert doc["captions"] == {"prepend": ["p3r5on"]} and doc["bucket"] == {"resolution": 1024}
+    assert doc["network"] == {"dim": 16, "alpha": 8.0, "train_text_encoder": False}
+    assert doc["train"] == {"save_every_n_steps": 250, "mixed_precision": "bf16", "batch_size": 1, "max_steps": 2000,
+                            "gradient_checkpointing": True, "optimizer": "adamw8bit", "learning_rate": 1e-4}
+    assert doc["sample"] == {"at_first": True, "every_n_steps": 250, "sampler": "euler_a",
+                             "prompts": ["p3r5on playing chess at the park --w 1024 --h 1024 --s 20 --l 4 --d 42 --n blurry"]}
+    assert doc["output"] == {"name": "my_sdxl_lora", "save_precision": "fp16", "keep_last": 4}
+    assert _unmapped(text) == [
+        "train.ema_config = {'use_ema': True} (no equivalent in lorabuild)",
+        "datasets imgs: resolution = [512, 768, 1024] (ai-toolkit trains at each; a project trains at one: 1024; "
+        "a project per resolution trains the others)"]
+    assert "  dim: 16  # ai-toolkit: network.linear\n" in text
+    assert _validate(tmp_path / "ws" / "p.yaml").returncode == 0
+    (tmp_path / "flux.yaml").write_text(AITOOLKIT.replace("is_xl: true", "is_flux: true"))
+    _, text, _ = _import(tmp_path, "flux.yaml", AITOOLKIT.replace("is_xl: true", "is_flux: true"), out="f.yaml")
+    assert _unmapped(text)[0].startswith("model.is_flux = true (lorabuild trains SD 1.x, 2.x and SDXL LoRAs")
 
 
 def test_a_gui_preset_with_nothing_known_is_not_an_empty_success(tmp_path):

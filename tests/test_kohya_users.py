@@ -119,8 +119,13 @@ def test_a_stage_needing_a_missing_package_stops_before_any_work(tmp_path, monke
                                         '"lorabuild[bnb]"')
     assert not ws.joinpath("cache", "manifests", "demo", "train.json").exists()
     plan = subprocess.run([sys.executable, "-m", "lorabuild", "plan", "demo"], cwd=ws, capture_output=True, text=True)
-    if not extras.installed("bitsandbytes"):
+    listed = subprocess.run([sys.executable, "-m", "doit", "list"], cwd=ws, capture_output=True, text=True)
+    if not extras.installed("bitsandbytes"):  # this Python's own view: plan and doit run in their own processes
         assert 'warning: train.optimizer: adamw8bit needs bitsandbytes' in plan.stdout
+        # doit loading the task graph says it, before any stage runs
+        assert ('warning: demo: train.optimizer: adamw8bit needs bitsandbytes, which is not installed: pip install '
+                '-e ".[bnb]" in a clone of lorabuild, or pip install "lorabuild[bnb]" (the train stage will stop at '
+                'its start)') in listed.stderr.splitlines()
 
 
 def test_plan_names_caption_files_under_another_extension(tmp_path):
