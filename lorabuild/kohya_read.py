@@ -4,7 +4,8 @@ Told apart by content, not by name: a lora-scripts ``train.ps1`` / ``train.sh``,
 command line, an sd-scripts ``--config_file`` TOML (sections flattened as sd-scripts does),
 a dataset config (``[general]`` / ``[[datasets]]`` / ``[[datasets.subsets]]``), and a
 kohya_ss GUI preset or saved config (JSON, or the GUI's TOML), whose keys are renamed to the
-sd-scripts options the GUI passes on; and an ai-toolkit job YAML (``import_aitoolkit``).
+sd-scripts options the GUI passes on; an ai-toolkit job YAML (``import_aitoolkit``) and a
+OneTrainer preset (``import_onetrainer``).
 """
 from __future__ import annotations
 
@@ -219,8 +220,8 @@ def _gui_length(cfg: dict, out: dict, src: Source) -> None:
 
 # --- detection ------------------------------------------------------------------------
 
-def read_source(path: Path) -> Source:
-    """Any supported kohya file → its options (and dataset config), by what it contains."""
+def read_source(path: Path, root: Path | None = None) -> Source:
+    """Any supported file → its options (and dataset config), by what it contains; ``root``: where it ran."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -233,6 +234,12 @@ def read_source(path: Path) -> Source:
             raise ImportError_(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
         if not isinstance(cfg, dict):
             raise ImportError_(f"{path}: a JSON config is an object of options, not {type(cfg).__name__}")
+        from .import_onetrainer import from_onetrainer, is_onetrainer
+
+        if is_onetrainer(cfg):
+            src = Source("OneTrainer JSON", {})
+            src.options, src.dataset = from_onetrainer(cfg, src, root or path.parent)
+            return src
         return _from_table(cfg, "kohya_ss JSON" if is_gui_config(cfg) else "JSON config")
     if path.suffix.lower() in (".yaml", ".yml") or re.search(r"^\s*process:", text, re.M):
         return _from_yaml(path, text)

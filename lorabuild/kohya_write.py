@@ -128,7 +128,7 @@ def cmd_import(config: Path, dataset_config: Path | None, out: Path | None, root
     """Write the project (or print it); say what was not carried over, which paths are missing, and validate."""
     root = (root or config.parent).resolve()
     try:
-        src = read_source(config)
+        src = read_source(config, root)
         ds = src.dataset
         named = dataset_config or (Path(str(src.options["dataset_config"])) if src.options.get("dataset_config") else None)
         if named is not None and ds is None:
@@ -148,7 +148,7 @@ def cmd_import(config: Path, dataset_config: Path | None, out: Path | None, root
     except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a shape no kohya tool writes
         print(f"lorabuild import-kohya: {config}: cannot convert it ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 1
-    tool = "ai-toolkit" if src.kind.startswith("ai-toolkit") else "kohya_ss"
+    tool = src.kind.split(" ")[0]  # kohya_ss, ai-toolkit or OneTrainer: where renamed settings came from
     r.sources = {k: (f"{tool}: {src.renamed[v]}" if v in src.renamed else f"kohya: {v}") for k, v in r.sources.items()}
     r.unmapped[:0] = src.unmapped
     r.notes[:0] = src.notes

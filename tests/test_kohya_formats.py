@@ -500,6 +500,44 @@ def test_an_ai_toolkit_job(tmp_path):
     assert _unmapped(text)[0].startswith("model.is_flux = true (lorabuild trains SD 1.x, 2.x and SDXL LoRAs")
 
 
+ONETRAINER = {
+    "training_method": "LORA", "workspace_dir": "workspace/run", "tensorboard": True, "model_type": "STABLE_DIFFUSION_XL_10_BASE",
+    "base_model_name": "models/xl.safetensors", "output_dtype": "FLOAT_16", "output_model_destination": "models/cat.safetensors",
+    "concept_file_name": "training_concepts/concepts.json", "latent_caching": True, "optimizer": "ADAMW",
+    "learning_rate_scheduler": "COSINE", "learning_rate": 0.0003, "learning_rate_warmup_steps": 200, "weight_decay": 0.01,
+    "epochs": 20, "batch_size": 4, "ema": "OFF", "train_text_encoder": False, "text_encoder_layer_skip": 1,
+    "train_unet_epochs": 100000, "offset_noise_weight": 0.05, "train_dtype": "BFLOAT_16", "resolution": "768,1024",
+    "lora_rank": 16, "lora_alpha": 1.0, "attention_mechanism": "SDP",
+    "sample_definition_file_name": "training_samples/samples.json", "sample_after": 2, "sample_after_unit": "EPOCH",
+}
+
+
+def test_a_onetrainer_preset_with_its_concepts_and_samples(tmp_path):
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "xl.safetensors").write_bytes(b"x")
+    for d, items in (("training_concepts/concepts.json", [{"name": "cat", "path": "data/cat", "repeats": 2.0},
+                                                           {"name": "old", "path": "data/old", "enabled": False}]),
+                     ("training_samples/samples.json", [{"prompt": "a cat", "negative_prompt": "blurry", "width": 768,
+                                                         "height": 1024, "seed": 4, "diffusion_steps": 20}])):
+        (tmp_path / d).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / d).write_text(json.dumps(items))
+    doc, text, proc = _import(tmp_path, "preset.json", json.dumps(ONETRAINER), out="p.yaml")
+    assert (doc["base_model"], doc["model_type"]) == ("models/xl.safetensors", "sdxl")
+    assert doc["dataset"] == {"concepts": [{"path": "data/cat", "repeats": 2}]}
+    assert doc["bucket"] == {"resolution": 1024} and doc["textemb"] == {"clip_skip": 2}
+    assert doc["network"] == {"dim": 16, "alpha": 1.0, "train_text_encoder": False}
+    assert doc["train"] == {"optimizer": "adamw", "lr_scheduler": "cosine", "learning_rate": 0.0003,
+                            "lr_warmup_steps": 200, "optimizer_args": {"weight_decay": 0.01}, "epochs": 20,
+                            "batch_size": 4, "noise_offset": 0.05, "mixed_precision": "bf16"}
+    assert doc["sample"] == {"every_n_epochs": 2, "prompts": ["a cat --w 768 --h 1024 --d 4 --s 20 --n blurry"]}
+    assert doc["output"] == {"save_precision": "fp16", "name": "cat"}
+    assert _unmapped(text) == ["resolution = '768,1024' (OneTrainer trains at each; a project at one: 1024)",
+                               "concept 'old': disabled in OneTrainer, left out"]
+    assert "  dim: 16  # OneTrainer: lora_rank\n" in text
+    assert _validate(tmp_path / "p.yaml").returncode == 0
+
+
 def test_a_gui_preset_with_nothing_known_is_not_an_empty_success(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"LoRA_type": "Standard", "epoch": 1, "weird_new_key": 3}))
     proc = subprocess.run([sys.executable, "-m", "lorabuild", "import-kohya", "x.json", "-o", "p.yaml"],
