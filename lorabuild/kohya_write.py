@@ -129,15 +129,15 @@ def cmd_import(config: Path, dataset_config: Path | None, out: Path | None, root
     root = (root or config.parent).resolve()
     try:
         src = read_source(config, root)
+        if src.options.get("config_file"):  # a command line naming a --config_file: the command line wins
+            inner = read_source(root / str(src.options["config_file"]), root)
+            src.options = {**inner.options, **src.options}
+            src.notes += inner.notes
+            src.unmapped += inner.unmapped
         ds = src.dataset
         named = dataset_config or (Path(str(src.options["dataset_config"])) if src.options.get("dataset_config") else None)
         if named is not None and ds is None:
             ds = read_dataset_config(named if named.is_absolute() or dataset_config else root / named)
-        if src.options.get("config_file"):  # a command line naming a --config_file: the command line wins
-            inner = read_source(root / str(src.options["config_file"]))
-            src.options = {**inner.options, **src.options}
-            src.notes += inner.notes
-            src.unmapped += inner.unmapped
     except ImportError_ as exc:
         print(f"lorabuild import-kohya: {exc}", file=sys.stderr)
         return 1

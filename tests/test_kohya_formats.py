@@ -605,3 +605,21 @@ def _paths(doc: dict, prefix: tuple = ()):
         yield prefix + (k,)
         if isinstance(v, dict):
             yield from _paths(v, prefix + (k,))
+
+
+def test_a_script_launching_with_a_config_file(tmp_path):
+    """lora-scripts' train_by_toml.ps1: the command line names a --config_file; its own flags win."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "train" / "aki" / "5_aki").mkdir(parents=True)
+    (tmp_path / "config" / "prompts.txt").write_text("a cat --w 512\n")
+    (tmp_path / "config" / "lora.toml").write_text(
+        '[model]\npretrained_model_name_or_path = "builtin:tiny-sd1"\n[dataset]\ntrain_data_dir = "./train/aki"\n'
+        '[additional_network]\nnetwork_dim = 8\n[training]\nmax_train_epochs = 2\n')
+    ps1 = ('$config_file = "./config/lora.toml"\n$sample_prompts = "./config/prompts.txt"\n'
+           '$launch_args = [System.Collections.ArrayList]::new()\n'
+           'accelerate launch $launch_args "./sd-scripts/train_network.py" `\n'
+           '  --config_file=$config_file `\n  --sample_prompts=$sample_prompts --max_train_epochs=3\n')
+    doc, text, proc = _import(tmp_path, "train_by_toml.ps1", ps1, out="projects/p.yaml")
+    assert doc["dataset"] == {"dirs": ["../train/aki"]} and doc["network"] == {"dim": 8}
+    assert doc["train"] == {"epochs": 3} and doc["sample"] == {"prompt_file": "../config/prompts.txt"}
+    assert "validated projects/p.yaml: no problems" in proc.stdout
