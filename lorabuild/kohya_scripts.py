@@ -165,6 +165,9 @@ class _PowerShell(_Interp):
             return
         if not self.active:
             return
+        if re.match(r"(foreach|for|while|do|switch|function)\b", st, re.I):
+            self.notes.append(f"`{st[:40]}` is not evaluated (loops and functions are not read)")
+            return
         m = re.fullmatch(r"(?:\[void\]\s*)?\$(\w+)\.Add\((.*)\)(?:\s*\|\s*Out-Null)?", st, re.I | re.S)
         if m:
             if not isinstance(self.vars.get(m.group(1)), list):
@@ -258,7 +261,15 @@ class _Bash(_Interp):
         if m:
             if m.group(1) == "elif":
                 self.close()
-            self.pending = (m.group(1).replace("elif", "elseif"), self.condition(m.group(2)) if self.active else False)
+            try:
+                cond = self.condition(m.group(2)) if self.active else False
+            except ScriptError as exc:
+                self.notes.append(f"{exc}: the script's branch under it is taken as not run")
+                cond = False
+            self.pending = (m.group(1).replace("elif", "elseif"), cond)
+            return
+        if re.match(r"(for|while|until|case|function)\b|\w+\s*\(\)", st):
+            self.notes.append(f"`{st[:40]}` is not evaluated (loops and functions are not read)")
             return
         if st == "then":
             self.open(*self.pending)

@@ -623,3 +623,11 @@ def test_a_script_launching_with_a_config_file(tmp_path):
     assert doc["dataset"] == {"dirs": ["../train/aki"]} and doc["network"] == {"dim": 8}
     assert doc["train"] == {"epochs": 3} and doc["sample"] == {"prompt_file": "../config/prompts.txt"}
     assert "validated projects/p.yaml: no problems" in proc.stdout
+
+
+def test_a_condition_the_reader_cannot_evaluate_is_said(tmp_path):
+    text = SH.replace('if [[ $noise_offset != "0" ]]', 'if [ -f "$noise_offset" ]')
+    doc, written, _ = _import(tmp_path, "train.sh", text)
+    assert "noise_offset" not in doc["train"]
+    assert "# Note: cannot evaluate the condition '[ -f \"$noise_offset\" ]': the script's branch under it is " \
+           "taken as not run" in written
