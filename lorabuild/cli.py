@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("import-kohya", aliases=["import"],
                        help="write a project from a kohya setup: sd-scripts TOML or command line, dataset config, "
-                            "lora-scripts train.ps1/train.sh, kohya_ss GUI JSON")
+                            "lora-scripts train.ps1/train.sh, kohya_ss GUI JSON, ai-toolkit YAML, OneTrainer JSON")
     p.add_argument("config", type=Path, help="the kohya file (told apart by its content)")
     p.add_argument("--dataset-config", type=Path, help="kohya dataset config TOML ([[datasets]] / [[datasets.subsets]])")
-    p.add_argument("--root", type=Path, help="the folder kohya ran in, which its relative paths start from "
+    p.add_argument("--root", type=Path, help="the folder the tool ran in, which its relative paths start from "
                                              "(default: the config's folder)")
     p.add_argument("-o", "--output", type=Path, help="the project YAML to write (default: print it)")
     p = sub.add_parser("tag", help="run the WD14 tag stage and print each image's caption; --write puts them beside the images")

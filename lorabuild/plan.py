@@ -92,9 +92,9 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     from .optimizers import advice
 
     warnings += advice(t["optimizer"], t["learning_rate"])
-    from .extras import missing
+    from .extras import missing as missing_packages
 
-    warnings += missing(project.cfg)
+    warnings += missing_packages(project.cfg)
     if project.get("latents.random_crop"):
         warnings.append("latents.random_crop is on: the latent cache is off and training encodes every image every epoch (slower)")
     missing = [im.id for im in ds.images if im.caption_path is None and im.id not in tagged]
