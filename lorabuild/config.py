@@ -276,6 +276,7 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     if nw and not (root / nw).is_file():
         doc.problem(pos("network", "weights"), "network.weights", f"{(root / nw).resolve()} does not exist")
     _network_problems(data, doc, pos)
+    _noise_problems(data["train"], doc, pos)
     b = data["bucket"]
     if b["min_reso"] > b["max_reso"]:
         doc.problem(pos("bucket", "min_reso"), "bucket.min_reso", f"{b['min_reso']} is larger than bucket.max_reso ({b['max_reso']})")
@@ -297,6 +298,19 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
             why.append("captions are randomised per epoch (shuffle, dropout, tag_dropout, dropout_every_n_epochs or wildcards)")
         if why:
             doc.problem(pos("textemb", "cache"), "textemb.cache", "true is impossible: " + " and ".join(why) + "; use auto")
+
+
+def _noise_problems(tr: dict, doc: _Doc, pos) -> None:
+    """The timestep range and the options that refine another one, which alone would do nothing."""
+    low, high = tr["min_timestep"], tr["max_timestep"]
+    if low is not None and low >= (1000 if high is None else high):
+        doc.problem(pos("train", "min_timestep"), "train.min_timestep",
+                    f"{low} is not below train.max_timestep ({1000 if high is None else high}): timesteps are drawn "
+                    "from [min_timestep, max_timestep)")
+    for key, base in (("adaptive_noise_scale", "noise_offset"), ("noise_offset_random_strength", "noise_offset"),
+                      ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
+        if tr[key] not in (None, False) and not tr[base]:  # kohya refuses adaptive_noise_scale alone too
+            doc.problem(pos("train", key), f"train.{key}", f"is set but train.{base} is not, so it would do nothing")
 
 
 def _network_problems(data: dict, doc: _Doc, pos) -> None:

@@ -72,6 +72,7 @@ NETWORK_ARGS = {
     "down_lr_weight": ("down_lr_weight", _lr_weight), "up_lr_weight": ("up_lr_weight", _lr_weight),
     "mid_lr_weight": ("mid_lr_weight", lambda v: _numbers(v, float)),
     "block_lr_zero_threshold": ("block_lr_zero_threshold", float),
+    "rank_dropout": ("rank_dropout", float), "module_dropout": ("module_dropout", float),
     "exclude_patterns": ("exclude_patterns", _patterns), "include_patterns": ("include_patterns", _patterns),
 }
 
@@ -124,6 +125,13 @@ SIMPLE = {
     "save_last_n_steps": ("output.keep_last", int),
     "prior_loss_weight": ("train.prior_loss_weight", float),
     "noise_offset": ("train.noise_offset", float),
+    "noise_offset_random_strength": ("train.noise_offset_random_strength", _bool),
+    "adaptive_noise_scale": ("train.adaptive_noise_scale", float),
+    "ip_noise_gamma": ("train.ip_noise_gamma", float),
+    "ip_noise_gamma_random_strength": ("train.ip_noise_gamma_random_strength", _bool),
+    "min_timestep": ("train.min_timestep", int),
+    "max_timestep": ("train.max_timestep", int),
+    "scale_weight_norms": ("train.scale_weight_norms", float),
     "min_snr_gamma": ("train.min_snr_gamma", float),
     "zero_terminal_snr": ("train.zero_terminal_snr", _bool),
     "loss_type": ("train.loss_type", str),

@@ -57,6 +57,77 @@ def test_network_dropout_acts_only_while_training(tiny_unet_te):
         m.restore()
 
 
+def test_rank_and_module_dropout_follow_kohya_only_while_training_and_repeat_with_the_seed(tiny_unet_te):
+    unet, te = tiny_unet_te
+    net = LoRANetwork(unet, [te], dim=4, alpha=2, conv_dim=4, rank_dropout=0.25)
+    lin = next(m for m in net.loras if isinstance(m.lora_down, torch.nn.Linear))
+    conv = next(m for m in net.loras if isinstance(m.lora_down, torch.nn.Conv2d) and m.lora_down.kernel_size == (3, 3))
+    for m in (lin, conv):
+        torch.nn.init.normal_(m.lora_up.weight)
+    xl = torch.randn(2, 16, lin.lora_down.weight.shape[1])
+    xc = torch.randn(2, conv.lora_down.weight.shape[1], 8, 8)
+    for m in (lin, conv):
+        m.apply_to()
+    try:
+        with torch.no_grad():
+            net.eval()
+            base_l, base_c = lin._org_forward(xl), conv._org_forward(xc)
+            full_l = base_l + lin.lora_up(lin.lora_down(xl)) * lin.scale
+            torch.testing.assert_close(lin(xl), full_l)  # no dropout outside training
+            net.train()
+            torch.manual_seed(7)
+            keep = torch.rand(2, 4) > 0.25  # one mask per sample over the rank, kohya's draw
+            torch.manual_seed(7)
+            out = lin(xl)
+            torch.testing.assert_close(out, base_l + lin.lora_up(lin.lora_down(xl) * keep[:, None, :]) * lin.scale / 0.75)
+            torch.manual_seed(8)
+            keep = torch.rand(2, 4) > 0.25
+            torch.manual_seed(8)
+            torch.testing.assert_close(conv(xc), base_c + conv.lora_up(conv.lora_down(xc) * keep[:, :, None, None])
+                                       * conv.scale / 0.75)
+            torch.manual_seed(7)
+            assert torch.equal(lin(xl), out)  # the same seed, the same masks
+            # module dropout: the whole module skipped on a draw from the CPU generator, else the full LoRA
+            for m in net.loras:
+                m.rank_dropout, m.module_dropout = 0.0, 0.5
+            torch.manual_seed(9)
+            skipped = [bool(torch.rand(1) < 0.5) for _ in range(40)]
+            torch.manual_seed(9)
+            outs = [lin(xl) for _ in range(40)]
+            assert 5 < sum(skipped) < 35
+            assert all(torch.equal(o, base_l) if s else torch.allclose(o, full_l) for o, s in zip(outs, skipped))
+            net.eval()
+            assert all(torch.allclose(lin(xl), full_l) for _ in range(10))
+    finally:
+        for m in (lin, conv):
+            m.restore()
+
+
+def test_scale_weight_norms_bounds_every_modules_update_and_counts_the_scaled(tiny_unet_te):
+    unet, te = tiny_unet_te
+    net = LoRANetwork(unet, [te], dim=4, alpha=2, conv_dim=3)
+    torch.manual_seed(0)
+    for i, m in enumerate(net.loras):
+        torch.nn.init.normal_(m.lora_up.weight, std=0.3 if i % 2 else 0.001)  # every other module far below the bound
+
+    def updown(m) -> torch.Tensor:  # kohya's explicit product
+        return (m.lora_up.weight.flatten(1) @ m.lora_down.weight.flatten(1)) * m.scale
+
+    before = [updown(m).norm().item() for m in net.loras]
+    untouched = {m.lora_name: m.lora_up.weight.clone() for m, b in zip(net.loras, before) if b <= 1.0}
+    torch.testing.assert_close(torch.stack([m.updown_norm() for m in net.loras]), torch.tensor(before), rtol=1e-4, atol=1e-7)
+    scaled, mean, largest = net.max_norm_(1.0)
+    after = [updown(m).norm().item() for m in net.loras]
+    assert int(scaled) == sum(b > 1.0 for b in before) and 0 < int(scaled) < len(net.loras)
+    assert max(after) <= 1.0 + 1e-5 and float(largest) == pytest.approx(max(after), rel=1e-4)
+    assert float(mean) == pytest.approx(sum(after) / len(after), rel=1e-4)
+    assert all(a == pytest.approx(1.0, rel=1e-4) for a, b in zip(after, before) if b > 1.0)
+    assert all(torch.equal(m.lora_up.weight, untouched[m.lora_name]) for m in net.loras if m.lora_name in untouched)
+    kept = [m.lora_up.weight.clone() for m in net.loras]
+    net.max_norm_(1.0)  # already bounded: at most a rounding's worth left to scale
+    assert all(torch.allclose(m.lora_up.weight, k, rtol=1e-6, atol=0) for m, k in zip(net.loras, kept))
+
+
 def test_loraplus_gives_lora_up_a_higher_rate(tiny_unet_te):
     unet, te = tiny_unet_te
     net = LoRANetwork(unet, [te], dim=4, alpha=4)
