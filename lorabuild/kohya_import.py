@@ -118,6 +118,7 @@ SIMPLE = {
     "lr_scheduler_power": ("train.lr_scheduler_power", float),
     "max_grad_norm": ("train.max_grad_norm", float),
     "mixed_precision": ("train.mixed_precision", str),
+    "fp8_base": ("train.base_precision", lambda v: "fp8" if _bool(v) else "auto"),
     "save_every_n_epochs": ("train.save_every_n_epochs", int),
     "save_every_n_steps": ("train.save_every_n_steps", int),
     "max_train_steps": ("train.max_steps", int),
@@ -167,7 +168,7 @@ NOT_NEEDED = {"enable_bucket", "cache_latents", "cache_latents_to_disk", "cache_
               "cache_text_encoder_outputs_to_disk", "sdpa", "xformers", "mem_eff_attn", "persistent_data_loader_workers",
               "max_data_loader_n_workers", "output_dir", "logging_dir", "log_prefix", "save_model_as", "network_module",
               "lowram", "highvram", "config_file", "dataset_config", "save_state",
-              "log_with", "wandb_api_key", "no_half_vae", "full_fp16", "full_bf16", "fp8_base"}
+              "log_with", "wandb_api_key", "no_half_vae", "full_fp16", "full_bf16"}
 
 
 def parse_command_line(text: str) -> dict:

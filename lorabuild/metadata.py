@@ -89,6 +89,7 @@ def kohya_metadata(
         "ss_network_train_text_encoder_only": not net["train_unet"],
         "ss_mixed_precision": train["mixed_precision"],
         "ss_full_fp16": False,
+        **({"ss_fp8_base": True} if train.get("base_precision") == "fp8" else {}),
         "ss_v2": arch == "sd2",
         "ss_base_model_version": BASE_MODEL_VERSION[version_key],
         "ss_clip_skip": cfg["textemb"]["clip_skip"],

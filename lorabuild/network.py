@@ -61,11 +61,15 @@ class LoRAModule(nn.Module):
     def apply_to(self) -> None:
         org = self._org[0]
         self._org_forward = org.forward
+        # a forward the module already had of its own (diffusers' layerwise-casting hook: base_precision)
+        self._own_forward = org.__dict__.get("forward")
         org.forward = self.forward  # instance attribute: nn.Module.__call__ now reaches us
 
     def restore(self) -> None:
         org = self._org[0]
-        if "forward" in org.__dict__:
+        if getattr(self, "_own_forward", None) is not None:
+            org.forward = self._own_forward
+        elif "forward" in org.__dict__:
             del org.forward
 
     def forward(self, x):

@@ -65,16 +65,20 @@ def _dtype(mixed_precision: str):
 
 
 def _load_models(inp: TrainInputs):
-    from . import models
+    from . import models, precision
 
-    weight_dtype = _dtype(inp.cfg["train"]["mixed_precision"])
+    compute = _dtype(inp.cfg["train"]["mixed_precision"])
+    base = inp.cfg["train"].get("base_precision", "auto")  # kohya fp8_base: stored apart from the compute dtype
+    weight_dtype = precision.load_dtype(base, compute)
     unet = models.load_unet(inp.model_dir, device=inp.device, dtype=weight_dtype)
+    precision.store(unet, base, weight_dtype)
     tes, toks, vae = [], [], None
     if inp.pixels is not None:
         vae = models.load_vae(inp.model_dir, device=inp.device)  # fp32: the SD VAE overflows in fp16
     if inp.embedding_path is None:  # one text encoder, or SDXL's two
         for part in models.text_parts(inp.model_dir):
             tes.append(models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype, which=part))
+            precision.store(tes[-1], base, weight_dtype)
             toks.append(models.load_tokenizer(inp.model_dir, which=part.replace("text_encoder", "tokenizer")))
     sched = models.load_noise_scheduler(inp.model_dir)
     if inp.cfg["train"].get("zero_terminal_snr"):  # kohya zero_terminal_snr: betas rescaled so ᾱ_T = 0

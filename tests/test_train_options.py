@@ -399,3 +399,49 @@ def test_val_dirs_are_measured_every_epoch_and_never_trained_on(demo):
     assert len(rows3) == 3 and rows3 != rows
     again = load_file(str(lora))
     assert all(torch.equal(plain[k], again[k]) for k in plain)
+
+
+def _small_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+
+
+def test_fp8_base_stores_weights_in_float8_and_computes_like_their_rounded_fp32_copy():
+    """train.base_precision fp8 (kohya fp8_base): Linear/conv weights held in float8_e4m3fn, norms not;
+    the forward pass equals the fp32 model whose weights were rounded to fp8, with a LoRA on top too,
+    and applying/removing the LoRA keeps the casting in place."""
+    from lorabuild import precision
+
+    unet, ref = _small_unet(), _small_unet()
+    assert precision.store(unet, "fp8", torch.float32)
+    assert unet.conv_in.weight.dtype == torch.float8_e4m3fn and unet.time_embedding.linear_1.weight.dtype == torch.float8_e4m3fn
+    assert unet.conv_norm_out.weight.dtype == torch.float32 and unet.dtype == torch.float32  # what pipelines see
+    with torch.no_grad():
+        for (name, p), q in zip(unet.named_parameters(), ref.parameters()):
+            q.copy_(p.float())  # fp8 → fp32 is exact: ref holds the rounded weights in fp32
+    assert precision.stored_bytes(unet) < 0.3 * precision.stored_bytes(ref)
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        out = unet(x, t, encoder_hidden_states=h).sample
+        torch.testing.assert_close(out, ref(x, t, encoder_hidden_states=h).sample, rtol=1e-5, atol=1e-6)
+        assert unet.conv_in.weight.dtype == torch.float8_e4m3fn  # cast back after its forward
+        nets = [LoRANetwork(m, [], dim=4, alpha=4, train_text_encoder=False) for m in (unet, ref)]
+        for net in nets:
+            for m in net.loras:
+                torch.manual_seed(1)
+                torch.nn.init.normal_(m.lora_up.weight, std=0.1)
+                torch.nn.init.normal_(m.lora_down.weight, std=0.1)
+            net.apply()
+        a, b = (m(x, t, encoder_hidden_states=h).sample for m in (unet, ref))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(a, out)  # the LoRA acts on the fp8-stored model
+        for net in nets:
+            net.restore()
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=h).sample, out)  # restored: casting still on
+    assert not precision.store(_small_unet(), "auto", torch.float32)
+    assert not precision.store(_small_unet(), "bf16", torch.bfloat16)  # loaded in bf16 already: nothing to cast

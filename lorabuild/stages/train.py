@@ -36,7 +36,7 @@ EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length"
 # train options added after LoRAs were trained without them, with the value that means "off"
 NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None, "max_timestep": None,
              "ip_noise_gamma": None, "ip_noise_gamma_random_strength": False, "noise_offset_random_strength": False,
-             "adaptive_noise_scale": None, "scale_weight_norms": None}
+             "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto"}
 # train options that change how memory is managed, never a weight
 UNKEYED = ("lean_cpu_memory",)
 
