@@ -33,7 +33,8 @@ _UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|a
 # as it was: a project that does not use them keeps its training key (and its trained LoRA).
 KEY_DEFAULTS = {"unet_target_modules": ["Transformer2DModel"], "text_encoder_target_modules": ["CLIPAttention", "CLIPMLP"],
                 "exclude_patterns": [], "include_patterns": [], **{f: None for f in BLOCK_FIELDS + LR_FIELDS},
-                "block_lr_zero_threshold": 0, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None}
+                "block_lr_zero_threshold": 0, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None,
+                "rank_dropout": 0, "module_dropout": 0}
 
 
 def keyed(net: Mapping) -> dict:

@@ -52,10 +52,12 @@ def _no_upscale_size(w: int, h: int, max_area: int, step: int) -> tuple[int, int
     resized_w = math.sqrt(max_area * ar)
     resized_h = max_area / resized_w
     # Round the width or the height to steps, whichever keeps the aspect ratio closer.
+    # A side that rounds to 0 steps makes its candidate unusable (kohya divides by it).
     bw = _round_to_steps(resized_w, step)
-    ar_w = bw / _round_to_steps(bw / ar, step)
+    hw = _round_to_steps(bw / ar, step)
+    ar_w = bw / hw if hw else math.inf
     bh = _round_to_steps(resized_h, step)
-    ar_h = _round_to_steps(bh * ar, step) / bh
+    ar_h = _round_to_steps(bh * ar, step) / bh if bh else math.inf
     if abs(ar_w - ar) < abs(ar_h - ar):
         return (bw, int(bw / ar + 0.5))
     return (int(bh * ar + 0.5), bh)
@@ -77,10 +79,26 @@ def fit(w: int, h: int, bw: int, bh: int) -> Fit:
     return _crop(w, h, (int(w * scale + 0.5), int(h * scale + 0.5)), (bw, bh))
 
 
+class TooNarrow(ValueError):
+    """Under ``bucket_no_upscale`` an image (after shrinking to the area) has a side below one step:
+    its bucket would be 0 pixels wide. kohya divides by that zero; here it is a clear error."""
+
+
 def no_upscale_fit(w: int, h: int, max_area: int, step: int) -> Fit:
     """The bucket and fit under ``bucket_no_upscale``: shrink if over the area, then crop."""
     rw, rh = _no_upscale_size(w, h, max_area, step)
+    if min(rw, rh) < step:
+        raise TooNarrow(f"{w}x{h} is {rw}x{rh} within the bucket area, a side below one step ({step} px): "
+                        "without upscaling no bucket holds it")
     return _crop(w, h, (rw, rh), (rw - rw % step, rh - rh % step))
+
+
+def working_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    """The resize stage's working copy size: longest side at most ``max_side``, never enlarged."""
+    if max(w, h) <= max_side:
+        return (w, h)
+    s = max_side / max(w, h)
+    return (max(1, round(w * s)), max(1, round(h * s)))
 
 
 def _crop(w: int, h: int, resized: tuple[int, int], bucket: tuple[int, int]) -> Fit:

@@ -278,15 +278,20 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     if nw and not (root / nw).is_file():
         doc.problem(pos("network", "weights"), "network.weights", f"{(root / nw).resolve()} does not exist")
     _network_problems(data, doc, pos)
+    _noise_problems(data["train"], doc, pos)
     b = data["bucket"]
     if b["min_reso"] > b["max_reso"]:
         doc.problem(pos("bucket", "min_reso"), "bucket.min_reso", f"{b['min_reso']} is larger than bucket.max_reso ({b['max_reso']})")
     for k in ("min_reso", "max_reso"):
         if b[k] % b["step"]:
             doc.problem(pos("bucket", k), f"bucket.{k}", f"{b[k]} is not a multiple of bucket.step ({b['step']})")
-    if base.startswith("builtin:") and b["step"] % 64:
-        # SD1/2 latents are 1/8 of the pixels and the UNet halves them 3 times: sides must divide by 64.
-        doc.problem(pos("bucket", "step"), "bucket.step", f"{b['step']} is not a multiple of 64, which SD 1.x/2.x need")
+    # Latents are 1/8 of the pixels; the SD 1.x/2.x UNet halves them 3 times (sides divide by 64),
+    # SDXL's twice (by 32). Checked where the architecture is known here (built-in model, model_type).
+    arch = _known_arch(data)
+    need = {"sd1": 64, "sd2": 64, "sdxl": 32}.get(arch)
+    if need and b["step"] % need:
+        doc.problem(pos("bucket", "step"), "bucket.step",
+                    f"{b['step']} is not a multiple of {need}, which {'SDXL' if arch == 'sdxl' else 'SD 1.x/2.x'} needs")
     net = data["network"]
     if not net["train_unet"] and not net["train_text_encoder"]:
         doc.problem(pos("network"), "network", "train_unet and train_text_encoder are both false: nothing would train")
@@ -299,6 +304,26 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
             why.append("captions are randomised per epoch (shuffle, dropout, tag_dropout, dropout_every_n_epochs or wildcards)")
         if why:
             doc.problem(pos("textemb", "cache"), "textemb.cache", "true is impossible: " + " and ".join(why) + "; use auto")
+
+
+def _noise_problems(tr: dict, doc: _Doc, pos) -> None:
+    """The timestep range and the options that refine another one, which alone would do nothing."""
+    low, high = tr["min_timestep"], tr["max_timestep"]
+    if low is not None and low >= (1000 if high is None else high):
+        doc.problem(pos("train", "min_timestep"), "train.min_timestep",
+                    f"{low} is not below train.max_timestep ({1000 if high is None else high}): timesteps are drawn "
+                    "from [min_timestep, max_timestep)")
+    for key, base in (("adaptive_noise_scale", "noise_offset"), ("noise_offset_random_strength", "noise_offset"),
+                      ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
+        if tr[key] not in (None, False) and not tr[base]:  # kohya refuses adaptive_noise_scale alone too
+            doc.problem(pos("train", key), f"train.{key}", f"is set but train.{base} is not, so it would do nothing")
+
+
+def _known_arch(data: dict) -> str | None:
+    """The architecture, where it is known before loading the model (a built-in model or a set
+    model_type); otherwise it is found at train time."""
+    arch = {"builtin:tiny-sd1": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-sdxl": "sdxl"}.get(data["base_model"])
+    return data.get("model_type") if data.get("model_type") in ("sd1", "sd2", "sdxl") else arch
 
 
 def _network_problems(data: dict, doc: _Doc, pos) -> None:
@@ -315,11 +340,7 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
                 re.compile(p)
             except re.error as exc:
                 doc.problem(pos("network", key, i), f"network.{key}.{i}", f"{p!r} is not a regular expression ({exc})")
-    # the architecture is known here for a built-in model or a set model_type; otherwise at train time
-    base = data["base_model"]
-    arch = {"builtin:tiny-sd1": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-sdxl": "sdxl"}.get(base)
-    arch = data.get("model_type") if data.get("model_type") in ("sd1", "sd2", "sdxl") else arch
-    for key, msg in length_problems(net, arch):
+    for key, msg in length_problems(net, _known_arch(data)):
         doc.problem(pos("network", key), f"network.{key}", msg)
 
 

@@ -75,6 +75,7 @@ NETWORK_ARGS = {
     "down_lr_weight": ("down_lr_weight", _lr_weight), "up_lr_weight": ("up_lr_weight", _lr_weight),
     "mid_lr_weight": ("mid_lr_weight", lambda v: _numbers(v, float)),
     "block_lr_zero_threshold": ("block_lr_zero_threshold", float),
+    "rank_dropout": ("rank_dropout", float), "module_dropout": ("module_dropout", float),
     "exclude_patterns": ("exclude_patterns", _patterns), "include_patterns": ("include_patterns", _patterns),
 }
 
@@ -132,6 +133,7 @@ SIMPLE = {
     "lr_scheduler_power": ("train.lr_scheduler_power", float),
     "max_grad_norm": ("train.max_grad_norm", float),
     "mixed_precision": ("train.mixed_precision", str),
+    "fp8_base": ("train.base_precision", lambda v: "fp8" if _bool(v) else "auto"),
     "save_every_n_epochs": ("train.save_every_n_epochs", int),
     "save_every_n_steps": ("train.save_every_n_steps", int),
     "max_train_steps": ("train.max_steps", int),
@@ -139,6 +141,13 @@ SIMPLE = {
     "save_last_n_steps": ("output.keep_last", int),
     "prior_loss_weight": ("train.prior_loss_weight", float),
     "noise_offset": ("train.noise_offset", float),
+    "noise_offset_random_strength": ("train.noise_offset_random_strength", _bool),
+    "adaptive_noise_scale": ("train.adaptive_noise_scale", float),
+    "ip_noise_gamma": ("train.ip_noise_gamma", float),
+    "ip_noise_gamma_random_strength": ("train.ip_noise_gamma_random_strength", _bool),
+    "min_timestep": ("train.min_timestep", int),
+    "max_timestep": ("train.max_timestep", int),
+    "scale_weight_norms": ("train.scale_weight_norms", float),
     "min_snr_gamma": ("train.min_snr_gamma", float),
     "zero_terminal_snr": ("train.zero_terminal_snr", _bool),
     "loss_type": ("train.loss_type", str),
@@ -181,7 +190,7 @@ NOT_NEEDED = {"enable_bucket", "cache_latents", "cache_latents_to_disk", "cache_
               "cache_text_encoder_outputs_to_disk", "sdpa", "mem_eff_attn", "persistent_data_loader_workers",
               "max_data_loader_n_workers", "output_dir", "logging_dir", "log_prefix", "save_model_as",
               "lowram", "highvram", "config_file", "dataset_config", "save_state", "log_tracker_name",
-              "log_with", "wandb_api_key", "no_half_vae", "full_fp16", "full_bf16", "fp8_base", "console_log_simple",
+              "log_with", "wandb_api_key", "no_half_vae", "full_fp16", "full_bf16", "console_log_simple",
               "save_n_epoch_ratio", "sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs", "ddp_timeout",
               "ddp_gradient_as_bucket_view", "ddp_static_graph", "skip_cache_check", "no_metadata"}
 # kohya's "0 = off" (or 0 = its default): 0 leaves lorabuild's field at its own default, which is off too

@@ -6,16 +6,51 @@ papers they cite.
 from __future__ import annotations
 
 
-def offset_noise(noise, offset: float, generator=None):
+def offset_noise(noise, offset: float, generator=None, random_strength: bool = False,
+                 adaptive_scale: float | None = None, latent=None):
     """Noise offset (crosslabs.org/blog/diffusion-with-offset-noise; kohya ``noise_offset``):
     add ``offset · N(0, 1)`` per channel (of one sample or a batch), constant over the image, so the model
-    learns to shift overall brightness."""
+    learns to shift overall brightness.
+
+    kohya's ``apply_noise_offset`` options: ``random_strength`` (``noise_offset_random_strength``)
+    draws the offset from U[0, offset) first; ``adaptive_scale`` (``adaptive_noise_scale``) makes
+    each channel's offset ``offset + adaptive_scale · |mean of the latent's channel|``, floored at 0.
+    kohya draws the strength once per batch; here it is drawn per sample, like all else."""
     import torch
 
     if offset == 0:
         return noise
+    if random_strength:
+        offset = float(torch.rand((), generator=generator)) * offset
+    if adaptive_scale is not None:
+        mean = latent.float().mean(dim=(-2, -1), keepdim=True).abs().to(noise.device)
+        offset = (offset + adaptive_scale * mean).clamp(min=0.0).to(noise.dtype)
     shift = torch.randn(noise.shape[:-2] + (1, 1), generator=generator).to(noise.device, noise.dtype)
     return noise + offset * shift
+
+
+def perturbed_noise(noise, gamma: float | None, generator=None, random_strength: bool = False):
+    """Input perturbation (Ning et al. 2023, arXiv:2301.11706; kohya ``ip_noise_gamma``): the noise
+    the noisy input is made from, ``noise + γ · N(0, 1)``; the loss's target stays ``noise``.
+    ``random_strength`` (kohya ``ip_noise_gamma_random_strength``) draws γ from U[0, gamma) first."""
+    import torch
+
+    if not gamma:
+        return noise
+    if random_strength:
+        gamma = float(torch.rand((), generator=generator)) * gamma
+    return noise + gamma * torch.randn(noise.shape, generator=generator).to(noise.device, noise.dtype)
+
+
+def timestep_range(min_timestep: int | None, max_timestep: int | None, n_timesteps: int) -> tuple[int, int]:
+    """kohya's ``min_timestep``/``max_timestep``: timesteps are drawn from [low, high); unset ends
+    are 0 and the schedule's length."""
+    low = 0 if min_timestep is None else min_timestep
+    high = n_timesteps if max_timestep is None else max_timestep
+    if not 0 <= low < high <= n_timesteps:
+        raise ValueError(f"train.min_timestep/max_timestep: [{low}, {high}) is not a range within the schedule's "
+                         f"{n_timesteps} timesteps")
+    return low, high
 
 
 def snr(alphas_cumprod, timesteps):

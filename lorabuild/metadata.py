@@ -89,6 +89,7 @@ def kohya_metadata(
         "ss_network_train_text_encoder_only": not net["train_unet"],
         "ss_mixed_precision": train["mixed_precision"],
         "ss_full_fp16": False,
+        **({"ss_fp8_base": True} if train.get("base_precision") == "fp8" else {}),
         "ss_v2": arch == "sd2",
         "ss_base_model_version": BASE_MODEL_VERSION[version_key],
         "ss_clip_skip": cfg["textemb"]["clip_skip"],
@@ -102,6 +103,8 @@ def kohya_metadata(
         "ss_multires_noise_iterations": train["multires_noise_iterations"] or None,
         "ss_multires_noise_discount": train["multires_noise_discount"],
         "ss_debiased_estimation": bool(train["debiased_estimation"]),
+        **_set_only(train, "min_timestep", "max_timestep", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+                    "noise_offset_random_strength", "adaptive_noise_scale", "scale_weight_norms"),
         "ss_loss_type": train["loss_type"],
         "ss_huber_c": train["huber_c"],
         "ss_prior_loss_weight": train["prior_loss_weight"],
@@ -155,7 +158,8 @@ def network_args(net: Mapping) -> dict[str, str]:
     if net.get("conv_dim"):
         out["conv_dim"] = str(net["conv_dim"])
         out["conv_alpha"] = str(net["conv_alpha"] if net.get("conv_alpha") is not None else net["conv_dim"])
-    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "rank_dropout",
+                "module_dropout"):
         if net.get(key):
             out[key] = str(net[key])
     # block-wise options as kohya's command line gives them: comma-separated, or a preset name
@@ -176,6 +180,12 @@ def network_args(net: Mapping) -> dict[str, str]:
         if net.get(key) and list(net[key]) != default:  # no kohya equivalent; recorded so the file says how it was made
             out[key] = ",".join(net[key])
     return out
+
+
+def _set_only(train: Mapping, *keys: str) -> dict:
+    """``ss_<key>`` for the train options added later, only where set (kohya writes them always; a
+    LoRA trained without them keeps the metadata it had)."""
+    return {f"ss_{k}": train[k] for k in keys if train.get(k) not in (None, False)}
 
 
 def _optimizer_text(train: Mapping) -> str:

@@ -38,7 +38,8 @@ class NetworkConfigError(ValueError):
 class LoRAModule(nn.Module):
     """``y = W x + up(down(x)) · multiplier · alpha/dim`` around an existing Linear or 1×1 conv."""
 
-    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__()
         self.lora_name = name
         if isinstance(org, nn.Conv2d):  # a 3×3 conv (LoCon) keeps its kernel, stride and padding in lora_down
@@ -53,30 +54,66 @@ class LoRAModule(nn.Module):
         self.scale = float(alpha) / dim
         self.multiplier = 1.0
         self.dropout = dropout  # kohya network_dropout: on lora_down's output, while training
+        self.rank_dropout = rank_dropout  # kohya network_args rank_dropout / module_dropout, while training
+        self.module_dropout = module_dropout
         self._org = [org]  # a list, so the frozen base module is not registered (or moved) with ours
 
     def apply_to(self) -> None:
         org = self._org[0]
         self._org_forward = org.forward
+        # a forward the module already had of its own (diffusers' layerwise-casting hook: base_precision)
+        self._own_forward = org.__dict__.get("forward")
         org.forward = self.forward  # instance attribute: nn.Module.__call__ now reaches us
 
     def restore(self) -> None:
         org = self._org[0]
-        if "forward" in org.__dict__:
+        if getattr(self, "_own_forward", None) is not None:
+            org.forward = self._own_forward
+        elif "forward" in org.__dict__:
             del org.forward
 
     def forward(self, x):
         out = self._org_forward(x)
         if self.multiplier == 0.0:
             return out
+        # kohya's module dropout: the whole module sits out this forward pass. Drawn from the CPU's
+        # global generator (seeded, in the training state, replayed by gradient checkpointing): no
+        # device round trip.
+        if self.module_dropout and self.training and float(torch.rand(1)) < self.module_dropout:
+            return out
         # LoRA weights stay fp32 while the base may run in fp16/bf16.
         lx = self.lora_down(x.to(self.lora_down.weight.dtype))
         if self.dropout and self.training:
             lx = nn.functional.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout and self.training:
+            lx, scale = rank_dropout(lx, self.rank_dropout), scale / (1.0 - self.rank_dropout)
         lx = self.lora_up(lx)
         # added into the base output in place, scaled on the way: no product and no sum tensor of
         # the layer's full output size (the base layer's backward does not read its output)
-        return out.add_(lx.to(out.dtype), alpha=self.multiplier * self.scale)
+        return out.add_(lx.to(out.dtype), alpha=self.multiplier * scale)
+
+    def updown_norm(self):
+        """Frobenius norm of the module's weight update ``up · down · alpha/dim`` (a 0-dim tensor on the
+        weights' device), from the r×r Gram matrices: ‖UD‖² = Σ (UᵀU) ∘ (DDᵀ), so the out×in product
+        (kohya forms it) is never made. A 3×3 LoCon down flattens to (r, in·9), which is kohya's conv
+        composition."""
+        up = self.lora_up.weight.float().flatten(1)
+        down = self.lora_down.weight.float().flatten(1)
+        return ((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt() * self.scale
+
+
+def rank_dropout(lx, p: float):
+    """kohya's rank dropout: each sample's rank channels zeroed with probability ``p`` (one mask per
+    sample, shared over its tokens or pixels); the caller scales by 1/(1−p). ``lx`` is lora_down's
+    output: (B, r), (B, tokens, r) or (B, r, H, W). Drawn on lx's device from its global generator."""
+    conv = lx.ndim == 4
+    keep = torch.rand((lx.shape[0], lx.shape[1] if conv else lx.shape[-1]), device=lx.device) > p
+    if conv:
+        keep = keep[:, :, None, None]
+    elif lx.ndim == 3:
+        keep = keep[:, None, :]
+    return lx * keep.to(lx.dtype)
 
 
 def _targets(root: nn.Module, prefix: str, container_classes, path_prefix: str = "",
@@ -163,7 +200,8 @@ class LoRANetwork(nn.Module):
     def __init__(self, unet, text_encoders: list, dim: int, alpha: float, train_unet: bool = True,
                  train_text_encoder: bool = True, arch: str = "sd1", conv_dim: int | None = None,
                  conv_alpha: float | None = None, dropout: float = 0.0, unet_targets=UNET_TARGETS,
-                 te_targets=TE_TARGETS, exclude_patterns=(), include_patterns=(), blocks: dict | None = None):
+                 te_targets=TE_TARGETS, exclude_patterns=(), include_patterns=(), blocks: dict | None = None,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0):
         """``blocks``: per-block settings from ``blocks.block_settings`` (kohya block_dims & co.)."""
         super().__init__()
         if arch not in ("sd1", "sd2", "sdxl"):
@@ -186,7 +224,7 @@ class LoRANetwork(nn.Module):
                 i = block_index(name, arch)
                 d, a = (blocks["conv_dims"][i], blocks["conv_alphas"][i]) if is3 else (blocks["dims"][i], blocks["alphas"][i])
             if d:  # kohya: a block dim of 0 (or an lr weight of 0) creates no module there
-                made.append((part, LoRAModule(name, module, d, a, dropout)))
+                made.append((part, LoRAModule(name, module, d, a, dropout, rank_dropout, module_dropout)))
         if not made:
             raise NetworkConfigError("network.block_dims: every remaining module sits in a block whose dim or lr "
                                      "weight is 0")
@@ -211,6 +249,22 @@ class LoRANetwork(nn.Module):
 
     def module_count(self) -> tuple[int, int]:
         return self.n_unet, len(self.loras) - self.n_unet
+
+    @torch.no_grad()
+    def max_norm_(self, max_norm: float):
+        """kohya's ``apply_max_norm_regularization`` (``scale_weight_norms``): every module whose update
+        norm (``updown_norm``) is above ``max_norm`` gets up and down scaled by √(max/norm), so the update
+        is ``max_norm``; the others are multiplied by exactly 1. Returns (modules scaled, mean norm, largest
+        norm) after scaling, as 0-dim tensors on the weights' device: nothing waits for the device here."""
+        norms = torch.stack([m.updown_norm() for m in self.loras])
+        floored = norms.clamp(min=max_norm / 2)  # kohya's floor: a zero norm divides nothing
+        ratio = floored.clamp(max=max_norm) / floored
+        root = ratio.sqrt()
+        for m, r in zip(self.loras, root):
+            m.lora_up.weight.mul_(r.to(m.lora_up.weight.dtype))
+            m.lora_down.weight.mul_(r.to(m.lora_down.weight.dtype))
+        after = norms * ratio
+        return (ratio < 1).sum(), after.mean(), after.max()
 
     def param_groups(self, unet_lr: float, te_lr: float, loraplus_ratio: float | None = None,
                      te2_lr: float | None = None, loraplus_te_ratio: float | None = None) -> list[dict]:
@@ -306,5 +360,5 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         unet_targets=net.get("unet_target_modules") or UNET_TARGETS,
         te_targets=net.get("text_encoder_target_modules") or TE_TARGETS,
         exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
-        blocks=blocks,
+        blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,
     )

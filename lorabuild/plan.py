@@ -47,14 +47,20 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     b = project.section("bucket")
     ladder = buckets.make_buckets(b["resolution"] ** 2, b["min_reso"], b["max_reso"], b["step"])
     histogram: Counter = Counter()
-    samples, tiny, unreadable = [], [], []
+    samples, tiny, unreadable, narrow = [], [], [], []
+    sizes = {im.id: header_size(im.path) for im in ds.images}
+    regrown = _regrown(ds, sizes, b, project.get("resize.max_side"))
     for im in ds.images:
-        size = header_size(im.path)
+        size = sizes[im.id]
         if size is None:
             unreadable.append(im.id)
             continue
         if b["no_upscale"]:
-            f = buckets.no_upscale_fit(*size, b["resolution"] ** 2, b["step"])
+            try:
+                f = buckets.no_upscale_fit(*size, b["resolution"] ** 2, b["step"])
+            except buckets.TooNarrow as exc:
+                narrow.append(f"{im.id}: {exc}")
+                continue
         else:
             f = buckets.fit(*size, *buckets.select_bucket(*size, ladder))
             if f.upscaled:
@@ -102,6 +108,11 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         warnings.append(f"{len(missing)} image(s) have no caption file and use their folder's tokens: {', '.join(missing[:5])}")
     if tiny:
         warnings.append(f"{len(tiny)} image(s) are smaller than their bucket and will be upscaled: {', '.join(tiny[:5])}")
+    if narrow:
+        warnings.append(f"{len(narrow)} image(s) fit no bucket under bucket.no_upscale and stop the bucket stage: "
+                        + "; ".join(narrow[:3]))
+    if regrown:
+        warnings.append(regrown)
     if unreadable:
         warnings.append(f"{len(unreadable)} file(s) are not readable images: {', '.join(unreadable[:5])}")
     warnings += _orphan_captions(ds, project.get("dataset.caption_extension"))
@@ -125,6 +136,38 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         "top_tags": tags.most_common(20),
         "warnings": warnings,
     }
+
+
+def _regrown(ds: Dataset, sizes: dict, b: dict, max_side: int) -> str | None:
+    """A warning for the images that resize.max_side shrinks below what their bucket then needs, so
+    they are enlarged again from a copy that threw those pixels away (or, with no_upscale, put in
+    a smaller bucket than their original allows), with the max_side that would keep every pixel."""
+    ladder = buckets.make_buckets(b["resolution"] ** 2, b["min_reso"], b["max_reso"], b["step"])
+    hit, need = [], 0
+    for im in ds.images:
+        size = sizes[im.id]
+        if size is None or buckets.working_size(*size, max_side) == size:
+            continue
+        work = buckets.working_size(*size, max_side)
+        try:
+            if b["no_upscale"]:
+                f, fo = (buckets.no_upscale_fit(*s, b["resolution"] ** 2, b["step"]) for s in (work, size))
+                lost = (f.crop[2] - f.crop[0]) * (f.crop[3] - f.crop[1]) < (fo.crop[2] - fo.crop[0]) * (fo.crop[3] - fo.crop[1])
+            else:
+                f = buckets.fit(*work, *buckets.select_bucket(*work, ladder))
+                fo = buckets.fit(*size, f.crop[2] - f.crop[0], f.crop[3] - f.crop[1])
+                lost = f.upscaled
+        except buckets.TooNarrow:
+            continue  # reported on its own
+        if lost:
+            hit.append(f"{im.id} ({size[0]}x{size[1]} → {work[0]}x{work[1]} → bucket {f.crop[2] - f.crop[0]}x"
+                       f"{f.crop[3] - f.crop[1]})")
+            need = max(need, min(max(size), max(fo.resized)))
+    if not hit:
+        return None
+    return (f"{len(hit)} image(s) are shrunk to resize.max_side ({max_side}) below what their bucket needs "
+            f"(bucket.resolution {b['resolution']}, bucket.max_reso {b['max_reso']}) and lose detail their original "
+            f"has: {', '.join(hit[:3])}; resize.max_side: {need} keeps every pixel they need")
 
 
 def _orphan_captions(ds: Dataset, ext: str) -> list[str]:

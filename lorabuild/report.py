@@ -76,6 +76,10 @@ def summary(ws: Workspace, name: str) -> dict | None:
         "mean_loss": sum(losses) / len(losses) if losses else None,
         "saved_epochs": [e for e, *_ in item["epochs"]],
         "validation_loss": [v[2] for v in side.get("info", {}).get("val", [])],
+        # train.scale_weight_norms: kohya's max-norm logs of the last step, and how many steps scaled any module
+        "max_norm": None if not rows or len(rows[-1]) <= 5 else {
+            "keys_scaled": rows[-1][5], "average_key_norm": rows[-1][6], "max_key_norm": rows[-1][7],
+            "steps_scaling": sum(1 for r in rows if r[5])},
         "notes": report.get("notes", []),
         "computed": report.get("computed"),
         "files": [{"path": ws.relative(p), "bytes": p.stat().st_size} for p in files],
@@ -92,6 +96,10 @@ def render(s: dict) -> str:
         best = min(range(len(s["validation_loss"])), key=s["validation_loss"].__getitem__)
         lines.append(f"  validation loss by epoch: {', '.join(f'{v:.4f}' for v in s['validation_loss'])} "
                      f"(lowest after epoch {best + 1})")
+    if s.get("max_norm"):
+        m = s["max_norm"]
+        lines.append(f"  max-norm (scale_weight_norms): {m['keys_scaled']} modules scaled at the last step, average norm "
+                     f"{m['average_key_norm']:.4f}, largest {m['max_key_norm']:.4f}; {m['steps_scaling']} steps scaled any")
     for n in s["notes"]:
         lines.append(f"  note: {n}")
     lines.append("  files:")

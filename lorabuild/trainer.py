@@ -16,7 +16,8 @@ from pathlib import Path
 from . import dist
 from .cache import checked_read
 from .captions import random_caption
-from .losses import debiased_weights, min_snr_weights, multires_noise, offset_noise, per_sample_loss
+from .losses import (debiased_weights, min_snr_weights, multires_noise, offset_noise, per_sample_loss, perturbed_noise,
+                     timestep_range)
 from .trainplan import Sample, TrainPlan, derive_seed, epoch_batches
 
 
@@ -64,16 +65,20 @@ def _dtype(mixed_precision: str):
 
 
 def _load_models(inp: TrainInputs):
-    from . import models
+    from . import models, precision
 
-    weight_dtype = _dtype(inp.cfg["train"]["mixed_precision"])
+    compute = _dtype(inp.cfg["train"]["mixed_precision"])
+    base = inp.cfg["train"].get("base_precision", "auto")  # kohya fp8_base: stored apart from the compute dtype
+    weight_dtype = precision.load_dtype(base, compute)
     unet = models.load_unet(inp.model_dir, device=inp.device, dtype=weight_dtype)
+    precision.store(unet, base, weight_dtype)
     tes, toks, vae = [], [], None
     if inp.pixels is not None:
         vae = models.load_vae(inp.model_dir, device=inp.device)  # fp32: the SD VAE overflows in fp16
     if inp.embedding_path is None:  # one text encoder, or SDXL's two
         for part in models.text_parts(inp.model_dir):
             tes.append(models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype, which=part))
+            precision.store(tes[-1], base, weight_dtype)
             toks.append(models.load_tokenizer(inp.model_dir, which=part.replace("text_encoder", "tokenizer")))
     sched = models.load_noise_scheduler(inp.model_dir)
     if inp.cfg["train"].get("zero_terminal_snr"):  # kohya zero_terminal_snr: betas rescaled so ᾱ_T = 0
@@ -263,11 +268,14 @@ def _mask_batch(masks: list, latents: list, device):
 
 
 def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, tes, vae):
-    """Latents, noise, timesteps and conditioning of one batch, each drawn per sample."""
+    """Latents, noise, timesteps and conditioning of one batch, each drawn per sample; the noise the
+    noisy input is made from comes last (the noise itself unless ip_noise_gamma perturbs it)."""
     import torch
 
     seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
-    latents, noises, steps, captions, weights, time_ids, masks = [], [], [], [], [], [], []
+    tr = inp.cfg["train"]
+    low, high = timestep_range(tr.get("min_timestep"), tr.get("max_timestep"), n_timesteps)
+    latents, noises, steps, captions, weights, time_ids, masks, inputs = [], [], [], [], [], [], [], []
     for sample, rep in batch:
         g = torch.Generator().manual_seed(derive_seed(seed, epoch, sample.id, rep))
         if inp.latent_path is None:
@@ -278,23 +286,43 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, t
         latents.append(lat)
         masks.append(mask)
         time_ids.append(_time_ids(inp, sample, crop_lt, use_flip))
-        tr = inp.cfg["train"]
         noise = torch.randn(lat.shape, generator=g)
         if tr["noise_offset"]:
-            noise = offset_noise(noise, tr["noise_offset"], g)
+            noise = offset_noise(noise, tr["noise_offset"], g, tr.get("noise_offset_random_strength", False),
+                                 tr.get("adaptive_noise_scale"), lat)
         elif tr["multires_noise_iterations"]:
             noise = multires_noise(noise, tr["multires_noise_iterations"], tr["multires_noise_discount"], g)
         noises.append(noise)
-        steps.append(torch.randint(0, n_timesteps, (1,), generator=g))
+        steps.append(torch.randint(low, high, (1,), generator=g))
+        # drawn after the timestep, as kohya does; nothing is drawn when it is off
+        inputs.append(perturbed_noise(noise, tr.get("ip_noise_gamma"), g, tr.get("ip_noise_gamma_random_strength", False)))
         rng = random.Random(derive_seed("caption", seed, epoch, sample.id, rep))
         captions.append(random_caption(inp.caption[sample.id], inp.caption_opts[sample.id], rng, epoch))
         weights.append(inp.cfg["train"]["prior_loss_weight"] if sample.is_reg else 1.0)
     hidden, pooled = _conditioning(inp, captions, toks, tes)
     to = dict(device=inp.device)
-    return (torch.stack(latents).to(**to), torch.stack(noises).to(**to), torch.cat(steps).to(**to), hidden.to(**to),
-            torch.tensor(weights, device=inp.device), _added(inp, pooled, time_ids), _mask_batch(masks, latents, inp.device))
+    noise = torch.stack(noises).to(**to)
+    noise_in = noise if all(a is b for a, b in zip(inputs, noises)) else torch.stack(inputs).to(**to)
+    return (torch.stack(latents).to(**to), noise, torch.cat(steps).to(**to), hidden.to(**to),
+            torch.tensor(weights, device=inp.device), _added(inp, pooled, time_ids), _mask_batch(masks, latents, inp.device),
+            noise_in)
 
 
+def _device_rng(device, state: dict | None = None) -> dict:
+    """The accelerator's global generator (rank dropout draws its masks there): its state to save,
+    or, given a saved ``state``, restored from it. Nothing on the CPU, whose generator is saved apart."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    if state is None:
+        return {"cuda_rng": torch.cuda.get_rng_state(device)}
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return {}
+
+
+MAX_NORM_LOGS = ("keys_scaled", "average_key_norm", "max_key_norm")  # kohya's names, after scale_weight_norms
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, spread over the schedule
 
 
@@ -390,11 +418,16 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         lr_sched.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
         torch.set_rng_state(st["rng"])
+        _device_rng(inp.device, st)
         step, first_epoch = st["step"], st["epoch"] + 1
         inp.log_rows[:] = [tuple(row) for row in st["log"]]
         inp.val_rows[:] = [tuple(row) for row in st.get("val", [])]
         t0 -= inp.log_rows[-1][4] if inp.log_rows else 0.0
     n_timesteps = sched.config.num_train_timesteps
+    try:
+        timestep_range(tr.get("min_timestep"), tr.get("max_timestep"), n_timesteps)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
     v_pred = sched.config.prediction_type == "v_prediction"
     denoise = dist.Denoise(forward, network, inp.rank, inp.device)  # DDP when there are several ranks
     heap = LeanHeap(tr.get("lean_cpu_memory", False), inp.device)
@@ -420,9 +453,9 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             heap.forward()
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(train_te), autocast:
-                latents, noise, t, hidden, weight, added, mask = _batch_inputs(inp, batch, epoch, n_timesteps, toks, tes,
-                                                                               vae)
-            noisy = sched.add_noise(latents, noise, t)
+                latents, noise, t, hidden, weight, added, mask, noise_in = _batch_inputs(inp, batch, epoch, n_timesteps,
+                                                                                         toks, tes, vae)
+            noisy = sched.add_noise(latents, noise_in, t)
             target = sched.get_velocity(latents, noise, t) if v_pred else noise
             # 2. loss
             with autocast:
@@ -456,21 +489,28 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                norms = network.max_norm_(tr["scale_weight_norms"]) if tr.get("scale_weight_norms") else ()
                 # 4. log
                 logged = denoise.logged(loss.item(), last)  # several ranks: from the one with the step's last batch
                 mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :]) if running else logged
-                inp.log_rows.append((step, epoch, logged, lr, round(time.perf_counter() - t0, 3)))
+                norms = [int(norms[0]), float(norms[1]), float(norms[2])] if norms else []
+                inp.log_rows.append((step, epoch, logged, lr, round(time.perf_counter() - t0, 3), *norms))
                 if inp.scalar is not None:
                     inp.scalar("loss/step", logged, step)
                     inp.scalar("loss/running_mean", mean, step)
                     inp.scalar("lr", lr, step)
-                bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                    for tag, value in zip(MAX_NORM_LOGS, norms):
+                        inp.scalar(f"max_norm/{tag}", value, step)
+                bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}",
+                                **({"keys_scaled": norms[0], "avg_key_norm": f"{norms[1]:.3f}"} if norms else {}))
                 bar.update(1)
                 sample(f"s{step:06d}", epoch)
                 if step >= inp.plan.total_steps:  # max_steps: the last epoch stops here
                     break
         if inp.val_samples and main:
+            network.eval()  # no dropout of any kind while measuring
             val = validation_loss(inp, unet, sched, toks, tes, vae, autocast)
+            network.train()
             inp.val_rows.append((epoch, step, val))
             if inp.scalar is not None:
                 inp.scalar("loss/validation", val, step)
@@ -482,7 +522,8 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             inp.save_state(epoch, {
                 "network": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
-                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step, "epoch": epoch,
+                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), **_device_rng(inp.device),
+                "step": step, "epoch": epoch,
                 "log": [list(row) for row in inp.log_rows], "val": [list(row) for row in inp.val_rows],
             })
     bar.close()

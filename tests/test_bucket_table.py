@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorabuild.buckets import fit, make_buckets, no_upscale_fit, select_bucket
+from lorabuild.buckets import TooNarrow, fit, make_buckets, no_upscale_fit, select_bucket, working_size
 
 KOHYA_512 = [
     (256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576), (512, 512),
@@ -127,3 +127,59 @@ def test_contact_sheet_redraw_copies_drawn_cells_and_matches_a_fresh_drawing(tmp
     assert np.abs(incremental - fresh).mean() < 1.5  # recompressed, every cell in its place
     shifted = np.roll(fresh, 128, axis=1)  # a cell off by one place is far off
     assert np.abs(incremental - shifted).mean() > 20
+
+
+def test_no_upscale_refuses_an_image_narrower_than_one_step_by_name_not_by_zero_division():
+    with pytest.raises(TooNarrow, match="40x700 .* below one step \\(64 px\\)"):
+        no_upscale_fit(40, 700, 512 * 512, 64)
+    with pytest.raises(TooNarrow):  # shrunk to the area first: a panorama's short side falls below a step
+        no_upscale_fit(20000, 200, 512 * 512, 64)
+    assert no_upscale_fit(64, 700, 512 * 512, 64).crop == (0, 30, 64, 670)
+    assert working_size(1536, 1024, 1024) == (1024, 683) and working_size(800, 600, 1024) == (800, 600)
+
+
+def _image(path, w: int, h: int) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (w, h), (200, 30, 30)).save(path)
+
+
+def test_narrow_images_under_no_upscale_and_working_copies_shrunk_below_their_bucket_are_named(tmp_path):
+    """A narrow image under no_upscale stops the bucket stage with a message naming it (no traceback),
+    or is left out with small_images: reject; a panorama shrunk by resize.max_side below its bucket is
+    named by the bucket stage and by `lorabuild plan`, with the max_side that keeps its pixels."""
+    import subprocess
+    import sys
+
+    from conftest import WS
+
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(tmp_path / "ws")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ws = WS(tmp_path / "ws")
+    folder = next(p for p in ws.data.iterdir() if p.is_dir())
+    _image(folder / "pano.png", 1024, 128)  # demo: max_side 256 → 256x32; its 256x64 bucket wants 512x64
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "plan", "demo"], cwd=ws.root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert ("1 image(s) are shrunk to resize.max_side (256) below what their bucket needs (bucket.resolution 128, "
+            "bucket.max_reso 256)") in proc.stdout
+    assert "pano.png (1024x128 → 256x32 → bucket 256x64); resize.max_side: 512 keeps every pixel" in proc.stdout
+    ws.doit("bucket:demo", build="pano")
+    notes = " ".join(ws.report("bucket")["notes"])
+    assert "1 image(s) were shrunk to resize.max_side (256)" in notes and "pano.png (1024x128 → 256x32 → 256x64)" in notes
+    ws.edit(lambda d: d["resize"].update(max_side=512))
+    ws.doit("bucket:demo", build="pano512")
+    assert not ws.report("bucket")["notes"]
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "plan", "demo"], cwd=ws.root, capture_output=True, text=True)
+    assert "resize.max_side" not in proc.stdout
+
+    (folder / "pano.png").unlink()
+    _image(folder / "narrow.png", 40, 300)
+    ws.edit(lambda d: d["bucket"].update(no_upscale=True))
+    proc = ws.doit("bucket:demo", build="narrow", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out and "ZeroDivisionError" not in out
+    assert "narrow.png: bucket.no_upscale: its working copy 40x300 is 40x300 within the bucket area, a side below one " \
+           "step (64 px)" in out
+    ws.edit(lambda d: d["bucket"].update(small_images="reject"))
+    ws.doit("bucket:demo", build="rejected")
+    assert any("rejected" in n and "narrow.png" in n for n in ws.report("bucket")["notes"])

@@ -175,3 +175,23 @@ validation_seed = 3
     assert doc["dataset"]["concepts"] == [{"path": "chars/ayaka", "repeats": 1}] and unmapped == []
     doc, _, _ = convert({"alpha_mask": False, "masked_loss": True})
     assert doc["train"] == {"masked_loss": True, "max_steps": 1600}
+
+
+def test_timestep_noise_max_norm_dropout_and_fp8_base_knobs_map_and_validate(tmp_path):
+    text = ("accelerate launch train_network.py --pretrained_model_name_or_path builtin:tiny-sd1 --train_data_dir img "
+            "--max_train_epochs 1 --min_timestep 100 --max_timestep 900 --ip_noise_gamma 0.1 "
+            "--ip_noise_gamma_random_strength --noise_offset 0.05 --noise_offset_random_strength "
+            "--adaptive_noise_scale 0.01 --scale_weight_norms 1.0 --fp8_base --network_args rank_dropout=0.1 module_dropout=0.2")
+    doc, unmapped, _ = convert(parse_command_line(text))
+    assert unmapped == []
+    assert {k: doc["train"][k] for k in ("min_timestep", "max_timestep", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+                                         "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
+                                         "scale_weight_norms")} == {
+        "min_timestep": 100, "max_timestep": 900, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
+        "noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01, "scale_weight_norms": 1.0}
+    assert doc["network"] == {"rank_dropout": 0.1, "module_dropout": 0.2} and doc["train"]["base_precision"] == "fp8"
+    (tmp_path / "img").mkdir()
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    val = subprocess.run([sys.executable, "-m", "lorabuild", "validate", str(tmp_path / "p.yaml")], capture_output=True,
+                         text=True)
+    assert val.returncode == 0, val.stdout + val.stderr

@@ -1,10 +1,11 @@
 """Noise offset, min-SNR weighting and the loss types do what kohya's do."""
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lorabuild.losses import min_snr_weights, offset_noise, per_sample_loss, snr
+from lorabuild.losses import min_snr_weights, offset_noise, per_sample_loss, perturbed_noise, snr, timestep_range
 
 SD = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -77,3 +78,73 @@ def test_bucket_mask_follows_the_pixels_resize_and_crop(tmp_path):
     assert m[:, :7].max() < 0.02 and m[:, 9:].min() > 0.98
     Image.new("RGB", (200, 100), "red").save(tmp_path / "b.png")
     assert bucket_mask(tmp_path / "b.png", [160, 80], "lanczos", [144, 72], (8, 4, 136, 68), "area", (8, 16)) is None
+
+
+def test_noise_offset_random_strength_and_adaptive_scale_follow_kohyas_formula():
+    noise, latent = torch.randn(4, 8, 8), torch.randn(4, 8, 8) + torch.tensor([2.0, -1.0, 0.0, 0.5]).view(4, 1, 1)
+    g = torch.Generator().manual_seed(3)
+    u, shift = torch.rand((), generator=g), torch.randn(4, 1, 1, generator=g)  # the draws, in their order
+    out = offset_noise(noise, 0.1, torch.Generator().manual_seed(3), random_strength=True)
+    torch.testing.assert_close(out, noise + float(u) * 0.1 * shift)
+    # adaptive: offset + scale · |channel mean of the latent|, floored at 0 (a negative scale can cancel it)
+    shift = torch.randn(4, 1, 1, generator=torch.Generator().manual_seed(4))
+    out = offset_noise(noise, 0.1, torch.Generator().manual_seed(4), adaptive_scale=-0.1, latent=latent)
+    per_channel = (0.1 - 0.1 * latent.mean(dim=(1, 2), keepdim=True).abs()).clamp(min=0)
+    torch.testing.assert_close(out, noise + per_channel * shift)
+    assert (out - noise)[0].abs().max() == 0 and (out - noise)[2].abs().max() > 0  # channel 0's mean 2 cancels it
+
+
+def test_input_perturbation_is_noise_plus_gamma_times_a_fresh_draw():
+    noise = torch.randn(4, 8, 8)
+    extra = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(perturbed_noise(noise, 0.1, torch.Generator().manual_seed(5)), noise + 0.1 * extra)
+    g = torch.Generator().manual_seed(6)
+    u, extra = torch.rand((), generator=g), torch.randn(4, 8, 8, generator=g)
+    torch.testing.assert_close(perturbed_noise(noise, 0.1, torch.Generator().manual_seed(6), random_strength=True),
+                               noise + float(u) * 0.1 * extra)
+    assert perturbed_noise(noise, None) is noise and perturbed_noise(noise, 0.0) is noise
+
+
+CAPTION_AS_IS = {"dropout_every_n_epochs": 0, "dropout": 0, "wildcards": False, "shuffle": False, "tag_dropout": 0}
+
+
+def _batch_inputs_of(tmp_path, train: dict, n: int = 300):
+    """What the training loop's ``_batch_inputs`` draws for ``n`` samples of one cached image."""
+    import random
+
+    from safetensors.torch import save_file
+
+    from lorabuild import trainer
+    from lorabuild.trainplan import Sample
+
+    save_file({"latent": torch.randn(4, 4, 4), "latent_flip": torch.randn(4, 4, 4)}, str(tmp_path / "lat.safetensors"))
+    save_file({"hidden": torch.randn(77, 32)}, str(tmp_path / "emb.safetensors"))
+    tr = {"seed": 1, "noise_offset": 0, "multires_noise_iterations": 0, "prior_loss_weight": 1.0, **train}
+    inp = trainer.TrainInputs(
+        model_dir=tmp_path, arch="sd1", device=torch.device("cpu"), samples=[], latent_path={"a": tmp_path / "lat.safetensors"},
+        pixels=None, caption={"a": "x"}, caption_opts={"a": CAPTION_AS_IS},
+        embedding_path={"x": tmp_path / "emb.safetensors"}, cfg={"train": tr, "latents": {"flip": False}},
+        plan=None)
+    random.seed(0)
+    return trainer._batch_inputs(inp, [(Sample("a", (32, 32), 1), rep) for rep in range(n)], 1, 1000, [], [], None)
+
+
+def test_training_draws_timesteps_within_min_and_max(tmp_path):
+    t = _batch_inputs_of(tmp_path, {"min_timestep": 500, "max_timestep": 503})[2]
+    assert set(t.tolist()) == {500, 501, 502}  # [min, max): both ends reached, max itself never
+    t = _batch_inputs_of(tmp_path, {"max_timestep": 10})[2]
+    assert int(t.min()) >= 0 and int(t.max()) <= 9
+    full = _batch_inputs_of(tmp_path, {})[2]
+    assert int(full.max()) > 900  # unset: the whole schedule
+    for low, high in ((5, 5), (0, 1001), (-1, 10)):
+        with pytest.raises(ValueError, match="min_timestep/max_timestep"):
+            timestep_range(low, high, 1000)
+
+
+def test_input_perturbation_changes_the_noisy_input_only(tmp_path):
+    plain = _batch_inputs_of(tmp_path, {}, n=4)
+    ip = _batch_inputs_of(tmp_path, {"ip_noise_gamma": 0.1}, n=4)
+    assert plain[7] is plain[1]  # off: the noisy input is made from the noise itself
+    assert torch.equal(plain[1], ip[1]) and torch.equal(plain[2], ip[2])  # same target noise and timesteps
+    diff = ip[7] - ip[1]
+    assert 0.07 < float(diff.std()) < 0.13  # γ · N(0, 1)

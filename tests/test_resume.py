@@ -91,22 +91,67 @@ def _states(ws) -> dict:
     return out
 
 
-def test_a_killed_run_continues_from_its_last_state_and_ends_equal(demo):
-    demo.edit(lambda d: d["train"].update(epochs=3, seed=44))
-    before = set(_states(demo))
+def _kill_after_state(ws, epoch: int, timeout: float = 300) -> None:
+    """Start ``doit train:demo`` and kill it once it has saved a new training state for ``epoch``."""
+    before = set(_states(ws))
     env = {**os.environ, "LORABUILD_BUILD": "killed"}
-    proc = subprocess.Popen([sys.executable, "-m", "doit", "train:demo"], cwd=demo.root, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "train:demo"], cwd=ws.root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while 2 not in {e for pt, e in _states(demo).items() if pt not in before}:
+        deadline = time.time() + timeout
+        while epoch not in {e for pt, e in _states(ws).items() if pt not in before}:
             assert proc.poll() is None, "the build ended before it could be killed"
-            assert time.time() < deadline, "no training state for epoch 2 appeared"
-            time.sleep(0.2)
+            assert time.time() < deadline, f"no training state for epoch {epoch} appeared"
+            time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_killed_run_continues_from_its_last_state_and_ends_equal(demo):
+    demo.edit(lambda d: d["train"].update(epochs=3, seed=44))
+    _kill_after_state(demo, 2)
     demo.doit("train:demo", build="resume")
     assert "continued from the training state after epoch 2 (step 80)" in _notes(demo)
     resumed = _weights(demo.root / "output/demo/demo.safetensors")
     assert _same(resumed, _fresh_run(demo, "fresh"))
+
+
+KNOBS_TRAIN = {"min_timestep": 100, "max_timestep": 900, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
+               "noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01,
+               "scale_weight_norms": 0.05}
+
+
+def test_a_killed_run_with_kohyas_noise_dropout_and_max_norm_options_continues_bit_exact(tmp_path):
+    """All the randomness these options add (rank and module dropout, noise strengths, input
+    perturbation) and the in-place max-norm scaling survive a kill: the continued run equals a fresh one."""
+    from conftest import WS
+
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(tmp_path / "ws")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ws = WS(tmp_path / "ws")
+    folders = sorted(p.name for p in ws.data.iterdir() if p.is_dir())
+
+    def short(d):  # 16 images seen once per epoch, a few steps an epoch: a short run
+        d["dataset"] = {"concepts": [{"path": f"demo/{f}", "repeats": 1} for f in folders]}
+        d["train"].update(epochs=3, seed=45, save_every_n_epochs=None, **KNOBS_TRAIN)
+        d["network"].update(rank_dropout=0.2, module_dropout=0.1)
+        d.pop("sample", None)
+
+    ws.edit(short)
+    _kill_after_state(ws, 1, timeout=600)
+    assert 3 not in _states(ws).values()
+    ws.doit("train:demo", build="resume")
+    assert "continued from the training state after epoch" in _notes(ws)
+    resumed = _weights(ws.root / "output/demo/demo.safetensors")
+    rows = (ws.root / "output/demo/loss.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,loss,lr,seconds,keys_scaled,average_key_norm,max_key_norm"
+    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, len(rows))] and rows[-1].split(",")[1] == "3"
+    assert all(float(r.split(",")[7]) <= 0.05 * (1 + 1e-5) for r in rows[1:])  # every module's norm bounded
+    assert any(int(r.split(",")[5]) > 0 for r in rows[1:])  # and some modules were scaled to get there
+    md = json.loads(subprocess.run([sys.executable, "-c", "import json,sys; from safetensors import safe_open; "
+                                    "print(json.dumps(safe_open(sys.argv[1], 'pt').metadata()))",
+                                    str(ws.root / "output/demo/demo.safetensors")], capture_output=True, text=True).stdout)
+    assert md["ss_scale_weight_norms"] == "0.05" and md["ss_min_timestep"] == "100"
+    assert json.loads(md["ss_network_args"])["rank_dropout"] == "0.2"
+    assert _same(resumed, _fresh_run(ws, "fresh"))

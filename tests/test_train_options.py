@@ -57,6 +57,77 @@ def test_network_dropout_acts_only_while_training(tiny_unet_te):
         m.restore()
 
 
+def test_rank_and_module_dropout_follow_kohya_only_while_training_and_repeat_with_the_seed(tiny_unet_te):
+    unet, te = tiny_unet_te
+    net = LoRANetwork(unet, [te], dim=4, alpha=2, conv_dim=4, rank_dropout=0.25)
+    lin = next(m for m in net.loras if isinstance(m.lora_down, torch.nn.Linear))
+    conv = next(m for m in net.loras if isinstance(m.lora_down, torch.nn.Conv2d) and m.lora_down.kernel_size == (3, 3))
+    for m in (lin, conv):
+        torch.nn.init.normal_(m.lora_up.weight)
+    xl = torch.randn(2, 16, lin.lora_down.weight.shape[1])
+    xc = torch.randn(2, conv.lora_down.weight.shape[1], 8, 8)
+    for m in (lin, conv):
+        m.apply_to()
+    try:
+        with torch.no_grad():
+            net.eval()
+            base_l, base_c = lin._org_forward(xl), conv._org_forward(xc)
+            full_l = base_l + lin.lora_up(lin.lora_down(xl)) * lin.scale
+            torch.testing.assert_close(lin(xl), full_l)  # no dropout outside training
+            net.train()
+            torch.manual_seed(7)
+            keep = torch.rand(2, 4) > 0.25  # one mask per sample over the rank, kohya's draw
+            torch.manual_seed(7)
+            out = lin(xl)
+            torch.testing.assert_close(out, base_l + lin.lora_up(lin.lora_down(xl) * keep[:, None, :]) * lin.scale / 0.75)
+            torch.manual_seed(8)
+            keep = torch.rand(2, 4) > 0.25
+            torch.manual_seed(8)
+            torch.testing.assert_close(conv(xc), base_c + conv.lora_up(conv.lora_down(xc) * keep[:, :, None, None])
+                                       * conv.scale / 0.75)
+            torch.manual_seed(7)
+            assert torch.equal(lin(xl), out)  # the same seed, the same masks
+            # module dropout: the whole module skipped on a draw from the CPU generator, else the full LoRA
+            for m in net.loras:
+                m.rank_dropout, m.module_dropout = 0.0, 0.5
+            torch.manual_seed(9)
+            skipped = [bool(torch.rand(1) < 0.5) for _ in range(40)]
+            torch.manual_seed(9)
+            outs = [lin(xl) for _ in range(40)]
+            assert 5 < sum(skipped) < 35
+            assert all(torch.equal(o, base_l) if s else torch.allclose(o, full_l) for o, s in zip(outs, skipped))
+            net.eval()
+            assert all(torch.allclose(lin(xl), full_l) for _ in range(10))
+    finally:
+        for m in (lin, conv):
+            m.restore()
+
+
+def test_scale_weight_norms_bounds_every_modules_update_and_counts_the_scaled(tiny_unet_te):
+    unet, te = tiny_unet_te
+    net = LoRANetwork(unet, [te], dim=4, alpha=2, conv_dim=3)
+    torch.manual_seed(0)
+    for i, m in enumerate(net.loras):
+        torch.nn.init.normal_(m.lora_up.weight, std=0.3 if i % 2 else 0.001)  # every other module far below the bound
+
+    def updown(m) -> torch.Tensor:  # kohya's explicit product
+        return (m.lora_up.weight.flatten(1) @ m.lora_down.weight.flatten(1)) * m.scale
+
+    before = [updown(m).norm().item() for m in net.loras]
+    untouched = {m.lora_name: m.lora_up.weight.clone() for m, b in zip(net.loras, before) if b <= 1.0}
+    torch.testing.assert_close(torch.stack([m.updown_norm() for m in net.loras]), torch.tensor(before), rtol=1e-4, atol=1e-7)
+    scaled, mean, largest = net.max_norm_(1.0)
+    after = [updown(m).norm().item() for m in net.loras]
+    assert int(scaled) == sum(b > 1.0 for b in before) and 0 < int(scaled) < len(net.loras)
+    assert max(after) <= 1.0 + 1e-5 and float(largest) == pytest.approx(max(after), rel=1e-4)
+    assert float(mean) == pytest.approx(sum(after) / len(after), rel=1e-4)
+    assert all(a == pytest.approx(1.0, rel=1e-4) for a, b in zip(after, before) if b > 1.0)
+    assert all(torch.equal(m.lora_up.weight, untouched[m.lora_name]) for m in net.loras if m.lora_name in untouched)
+    kept = [m.lora_up.weight.clone() for m in net.loras]
+    net.max_norm_(1.0)  # already bounded: at most a rounding's worth left to scale
+    assert all(torch.allclose(m.lora_up.weight, k, rtol=1e-6, atol=0) for m, k in zip(net.loras, kept))
+
+
 def test_loraplus_gives_lora_up_a_higher_rate(tiny_unet_te):
     unet, te = tiny_unet_te
     net = LoRANetwork(unet, [te], dim=4, alpha=4)
@@ -331,3 +402,49 @@ def test_val_dirs_are_measured_every_epoch_and_never_trained_on(demo):
     assert len(rows3) == 3 and rows3 != rows
     again = load_file(str(lora))
     assert all(torch.equal(plain[k], again[k]) for k in plain)
+
+
+def _small_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+
+
+def test_fp8_base_stores_weights_in_float8_and_computes_like_their_rounded_fp32_copy():
+    """train.base_precision fp8 (kohya fp8_base): Linear/conv weights held in float8_e4m3fn, norms not;
+    the forward pass equals the fp32 model whose weights were rounded to fp8, with a LoRA on top too,
+    and applying/removing the LoRA keeps the casting in place."""
+    from lorabuild import precision
+
+    unet, ref = _small_unet(), _small_unet()
+    assert precision.store(unet, "fp8", torch.float32)
+    assert unet.conv_in.weight.dtype == torch.float8_e4m3fn and unet.time_embedding.linear_1.weight.dtype == torch.float8_e4m3fn
+    assert unet.conv_norm_out.weight.dtype == torch.float32 and unet.dtype == torch.float32  # what pipelines see
+    with torch.no_grad():
+        for (name, p), q in zip(unet.named_parameters(), ref.parameters()):
+            q.copy_(p.float())  # fp8 → fp32 is exact: ref holds the rounded weights in fp32
+    assert precision.stored_bytes(unet) < 0.3 * precision.stored_bytes(ref)
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        out = unet(x, t, encoder_hidden_states=h).sample
+        torch.testing.assert_close(out, ref(x, t, encoder_hidden_states=h).sample, rtol=1e-5, atol=1e-6)
+        assert unet.conv_in.weight.dtype == torch.float8_e4m3fn  # cast back after its forward
+        nets = [LoRANetwork(m, [], dim=4, alpha=4, train_text_encoder=False) for m in (unet, ref)]
+        for net in nets:
+            for m in net.loras:
+                torch.manual_seed(1)
+                torch.nn.init.normal_(m.lora_up.weight, std=0.1)
+                torch.nn.init.normal_(m.lora_down.weight, std=0.1)
+            net.apply()
+        a, b = (m(x, t, encoder_hidden_states=h).sample for m in (unet, ref))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(a, out)  # the LoRA acts on the fp8-stored model
+        for net in nets:
+            net.restore()
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=h).sample, out)  # restored: casting still on
+    assert not precision.store(_small_unet(), "auto", torch.float32)
+    assert not precision.store(_small_unet(), "bf16", torch.bfloat16)  # loaded in bf16 already: nothing to cast

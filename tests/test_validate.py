@@ -115,3 +115,26 @@ def test_an_unchanged_file_is_not_validated_again(tmp_path, monkeypatch):
     (tmp_path / "p.yaml").write_text(GOOD + "device: cpu\n")
     config.load_project(tmp_path / "p.yaml", memo_dir=memo)
     assert len(calls) == 1
+
+
+def test_bucket_step_follows_the_architecture(tmp_path):
+    sdxl = GOOD.replace("tiny-sd1", "tiny-sdxl")
+    assert _validate(tmp_path, sdxl + "bucket: {step: 32, min_reso: 256, max_reso: 1024}\n") == (0, [])
+    rc, lines = _validate(tmp_path, sdxl + "bucket: {step: 48, min_reso: 240, max_reso: 960}\n")
+    assert lines == ["p.yaml:4:16: bucket.step: 48 is not a multiple of 32, which SDXL needs"]
+    rc, lines = _validate(tmp_path, GOOD + "bucket: {step: 32, min_reso: 256, max_reso: 1024}\n")
+    assert lines == ["p.yaml:4:16: bucket.step: 32 is not a multiple of 64, which SD 1.x/2.x needs"]
+
+
+def test_timestep_range_and_noise_refinements_without_their_base_are_refused(tmp_path):
+    rc, lines = _validate(tmp_path, GOOD + "train: {min_timestep: 600, max_timestep: 600}\n")
+    assert lines == ["p.yaml:4:23: train.min_timestep: 600 is not below train.max_timestep (600): timesteps are drawn "
+                     "from [min_timestep, max_timestep)"]
+    rc, lines = _validate(tmp_path, GOOD + "train: {adaptive_noise_scale: 0.01, ip_noise_gamma_random_strength: true}\n")
+    assert lines == ["p.yaml:4:31: train.adaptive_noise_scale: is set but train.noise_offset is not, so it would do nothing",
+                     "p.yaml:4:69: train.ip_noise_gamma_random_strength: is set but train.ip_noise_gamma is not, so it "
+                     "would do nothing"]
+    ok = "train: {min_timestep: 0, max_timestep: 500, noise_offset: 0.05, adaptive_noise_scale: -0.01, " \
+         "noise_offset_random_strength: true, ip_noise_gamma: 0.1, scale_weight_norms: 1}\nnetwork: {rank_dropout: 0.1, " \
+         "module_dropout: 0.1}\n"
+    assert _validate(tmp_path, GOOD + ok) == (0, [])

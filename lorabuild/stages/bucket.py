@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import buckets
 from ..cache import atomic_path, canonical_json, read_json, write_json_if_changed
-from .base import Context, Item, StageRun
+from .base import Context, Item, StageError, StageRun
 
 STAGE = "bucket"
 VERSION = 1
@@ -51,9 +51,12 @@ def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
     items = [
         Item(e["id"], {"stage": STAGE, "v": VERSION, "size": e["size"], "params": params}, e) for e in resized
     ]
-    entries, histogram, before = [], {}, sr.previous()
+    entries, histogram, before, regrown = [], {}, sr.previous(), []
     for item in items:
         w, h = item.data["size"]
+        if small_images == "reject" and min(w, h) < params["min_reso"]:
+            sr.notes.append(f"rejected {item.id} ({w}x{h}): a side is below bucket.min_reso ({params['min_reso']})")
+            continue
         d = None
         if store.has(item.hash):  # the decision as the last run listed it, else from the entry
             last = before.get(item.hash, {})
@@ -66,16 +69,26 @@ def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
                 if d is not None and "bucket" in d:
                     sr.reused += 1
                 else:
-                    d = decide(w, h, params, ladder)
+                    try:
+                        d = decide(w, h, params, ladder)
+                    except buckets.TooNarrow as exc:
+                        raise StageError(f"{item.id}: bucket.no_upscale: its working copy {exc}; remove the image or "
+                                         "turn bucket.no_upscale off (bucket.small_images: reject leaves out images with "
+                                         "a side below bucket.min_reso)") from None
                     with store.put(item.hash, item.key, d) as tmp:
                         tmp.write_text(canonical_json(d), encoding="utf-8")
                     sr.computed += 1
-        if small_images == "reject" and min(w, h) < params["min_reso"]:
-            sr.notes.append(f"rejected {item.id} ({w}x{h}): a side is below bucket.min_reso ({params['min_reso']})")
-            continue
+        if d["upscaled"] and max(item.data["orig_size"]) > max(w, h):
+            regrown.append(f"{item.id} ({item.data['orig_size'][0]}x{item.data['orig_size'][1]} → {w}x{h} → "
+                           f"{d['bucket'][0]}x{d['bucket'][1]})")
         label = f"{d['bucket'][0]}x{d['bucket'][1]}"
         histogram[label] = histogram.get(label, 0) + 1
         entries.append({"id": item.id, "hash": item.hash, "src": item.data["hash"], "orig_size": item.data["orig_size"], **d})
+    if regrown:  # the working copy threw away pixels its bucket then asks for (`lorabuild plan` says how to keep them)
+        note = (f"{len(regrown)} image(s) were shrunk to resize.max_side ({ctx.project.get('resize.max_side')}) and are "
+                f"enlarged again to their bucket: {', '.join(regrown[:3])}")
+        sr.notes.append(note)
+        print(f"warning: {note}", flush=True)
     out = ctx.ws.output_dir(ctx.project.output_name) / "buckets"
     write_json_if_changed(out / "buckets.json", {"buckets": dict(sorted(histogram.items())), "images": entries})
     contact_sheets(ctx.store("resize", ".png"), entries, out)

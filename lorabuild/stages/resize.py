@@ -28,12 +28,12 @@ def plan(dataset: Dataset, params: dict, hashes) -> list[Item]:
 def _compute(item: Item, params: dict, store) -> dict:
     from ..images import RESAMPLE, load_rgb
 
+    from ..buckets import working_size
+
     img = load_rgb(item.data["path"], tuple(params["background"]))
     orig = img.size
-    longest = max(orig)
-    if longest > params["max_side"]:
-        s = params["max_side"] / longest
-        size = (max(1, round(orig[0] * s)), max(1, round(orig[1] * s)))
+    size = working_size(*orig, params["max_side"])
+    if size != orig:
         img = img.resize(size, RESAMPLE[params["interpolation"]])
     info = {"orig_size": list(orig), "size": list(img.size)}
     with store.put(item.hash, item.key, info) as tmp:

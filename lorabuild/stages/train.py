@@ -34,7 +34,9 @@ EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length"
 
 
 # train options added after LoRAs were trained without them, with the value that means "off"
-NEWER_OFF = {"masked_loss": False, "validation_seed": None}
+NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None, "max_timestep": None,
+             "ip_noise_gamma": None, "ip_noise_gamma_random_strength": False, "noise_offset_random_strength": False,
+             "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto"}
 # train options that change how memory is managed, never a weight
 UNKEYED = ("lean_cpu_memory",)
 
@@ -136,7 +138,9 @@ def _write_csv(path: Path, header: list[str], rows: list) -> None:
 
 
 def _write_loss_csv(path: Path, rows: list) -> None:
-    _write_csv(path, ["step", "epoch", "loss", "lr", "seconds"], rows)
+    # with train.scale_weight_norms each row also holds kohya's max-norm logs (trainer.MAX_NORM_LOGS)
+    extra = ["keys_scaled", "average_key_norm", "max_key_norm"] if rows and len(rows[0]) > 5 else []
+    _write_csv(path, ["step", "epoch", "loss", "lr", "seconds"] + extra, rows)
 
 
 def _bucket_info(lat_items: list[dict]) -> dict:
