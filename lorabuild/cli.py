@@ -37,7 +37,7 @@ def cmd_init(target: Path) -> int:
     shutil.copytree(src / "demo", target / "projects" / "demo", dirs_exist_ok=True)
     (target / "dodo.py").write_text(DODO, encoding="utf-8")
     (target / ".gitignore").write_text("cache/\noutput/\n", encoding="utf-8")
-    print(f"workspace ready in {target}: cd {target} && doit train:demo")
+    print(f"workspace ready in {target}: cd \"{target}\", then doit train:demo")
     return 0
 
 
@@ -76,7 +76,21 @@ def cmd_gc(root: Path, dry_run: bool) -> int:
             sidecar_or_entry.unlink()
     verb = "would remove" if dry_run else "removed"
     print(f"gc: {verb} {removed} files ({freed / 2**20:.1f} MiB), kept {kept}")
+    _gc_leftovers(ws, dry_run, verb)
     return 0
+
+
+def _gc_leftovers(ws: Workspace, dry_run: bool, verb: str) -> None:
+    """Temp files and folders of killed runs (``.*.tmp-*``, ``cache/jobs/``): see leftovers.py."""
+    from . import leftovers
+
+    gone, waiting, busy = leftovers.find(ws.cache)
+    count, freed = leftovers.remove(gone, dry_run)
+    line = f"gc: {verb} {count} leftover temp files and folders ({freed / 2**20:.1f} MiB)"
+    if waiting:
+        why = "a build is running" if busy else "less than an hour old"
+        line += f", kept {len(waiting)} ({why}: run gc again later)"
+    print(line)
 
 
 def _project(root: Path, name: str):
