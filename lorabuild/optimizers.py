@@ -29,7 +29,7 @@ def _bnb(kind: str):
     try:
         import bitsandbytes.optim as bnb_optim
     except ImportError:
-        raise OptimizerError(f"optimizer {kind} needs bitsandbytes (CUDA only): pip install 'lorabuild[bnb]'"
+        raise OptimizerError(f"optimizer {kind} needs bitsandbytes (CUDA only): pip install \"lorabuild[bnb]\""
                              ) from None
     return bnb_optim
 

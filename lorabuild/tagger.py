@@ -18,7 +18,7 @@ MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"
 LAYOUT = (f"a tagger folder holds {MODEL_FILE} and {TAGS_FILE} (tag_id,name,category,count), "
           "as SmilingWolf's WD14 taggers ship them (e.g. wd-swinv2-tagger-v3)")
-INSTALL = "pip install 'lorabuild[tagger]'"
+INSTALL = 'pip install "lorabuild[tagger]"'
 RATING, CHARACTER = 9, 4
 # kohya's --remove_underscore keeps tags of 3 characters or fewer ("^_^", "o_o", ">_<"); the
 # longer kaomoji below come from toriato's exclusion list, so "(o)_(o)" is not spaced either.
