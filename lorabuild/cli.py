@@ -191,6 +191,9 @@ def cmd_train(root: Path, name: str, launch: dict, until: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .winenv import safe_console
+
+    safe_console()  # messages hold "→" and "≤", which a redirected Windows console (cp1252) cannot print
     ap = argparse.ArgumentParser(prog="lorabuild", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("validate", help="check project files against the schema (default: projects/*.yaml)")
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", choices=["train", "sample"], default="train", help="on node 0: stop after train or sample")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
+    sub.add_parser("doctor", help="what this machine can do (GPU, bf16, optional packages, paths, disk, versions), and fixes")
     args = ap.parse_args(argv)
     if args.cmd == "validate":
         from .config import cmd_validate
@@ -263,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(find_root(), args.name, launch, args.until)
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
+    if args.cmd == "doctor":
+        from .doctor import cmd_doctor
+
+        return cmd_doctor(find_root())
     return 2
 
 
