@@ -53,7 +53,7 @@ def check_python() -> list[Line]:
 def check_torch() -> list[Line]:
     if importlib.util.find_spec("torch") is None:
         return [Line("FIX", "torch is not installed",
-                     'pip install torch -c constraints/ci.txt -e "." (a CUDA build: see pytorch.org)', True)]
+                     "pip install torch (for a CUDA build: the command pytorch.org/get-started gives)", True)]
     import torch
 
     lines = [Line("ok", f"torch {torch.__version__}")]

@@ -455,6 +455,9 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
                              "different architecture set model_type, or point base_model_config at a diffusers "
                              "folder whose configs match it") from None
         pipe.save_pretrained(str(out), safe_serialization=True)
+        # the pipeline's tensors may still map work/checkpoint.safetensors, and Windows cannot
+        # delete a mapped file: drop them before the temp folder goes (a leftover: `lorabuild gc`)
+        del pipe
         _add_slow_tokenizer_files(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -54,9 +54,9 @@ def _warn(notes: list | None, text: str) -> None:
 def publish(src: Path, dst: Path, hashes=None, notes: list | None = None, write=None) -> Path:
     """Put ``src``'s bytes at ``dst`` (or, with ``write(tmp)``, what it writes) and return the
     path that holds them: ``dst``, or its side file when ``dst`` is locked."""
-    src, dst = Path(src), Path(dst)
+    dst = Path(dst)
     side = side_path(dst)
-    if write is None and same_bytes(src, dst, hashes):
+    if write is None and same_bytes(Path(src), dst, hashes):
         remove(side, None)
         return dst
     write = write or (lambda tmp: shutil.copyfile(src, tmp))
