@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -71,7 +70,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    # short (Windows' 260-character MAX_PATH counts the whole path); the pid lets `lorabuild gc`
+    # tell a live writer's file from a killed one's, the uuid keeps threads apart
+    tmp = path.with_name(f".{path.stem[:8]}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

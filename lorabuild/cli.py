@@ -37,7 +37,7 @@ def cmd_init(target: Path) -> int:
     shutil.copytree(src / "demo", target / "projects" / "demo", dirs_exist_ok=True)
     (target / "dodo.py").write_text(DODO, encoding="utf-8")
     (target / ".gitignore").write_text("cache/\noutput/\n", encoding="utf-8")
-    print(f"workspace ready in {target}: cd {target} && doit train:demo")
+    print(f"workspace ready in {target}: cd \"{target}\", then doit train:demo")
     return 0
 
 
@@ -76,7 +76,21 @@ def cmd_gc(root: Path, dry_run: bool) -> int:
             sidecar_or_entry.unlink()
     verb = "would remove" if dry_run else "removed"
     print(f"gc: {verb} {removed} files ({freed / 2**20:.1f} MiB), kept {kept}")
+    _gc_leftovers(ws, dry_run, verb)
     return 0
+
+
+def _gc_leftovers(ws: Workspace, dry_run: bool, verb: str) -> None:
+    """Temp files and folders of killed runs (``.*.tmp-*``, ``cache/jobs/``): see leftovers.py."""
+    from . import leftovers
+
+    gone, waiting, busy = leftovers.find(ws.cache)
+    count, freed = leftovers.remove(gone, dry_run)
+    line = f"gc: {verb} {count} leftover temp files and folders ({freed / 2**20:.1f} MiB)"
+    if waiting:
+        why = "a build is running" if busy else "less than an hour old"
+        line += f", kept {len(waiting)} ({why}: run gc again later)"
+    print(line)
 
 
 def _project(root: Path, name: str):
@@ -177,6 +191,9 @@ def cmd_train(root: Path, name: str, launch: dict, until: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .winenv import safe_console
+
+    safe_console()  # messages hold "→" and "≤", which a redirected Windows console (cp1252) cannot print
     ap = argparse.ArgumentParser(prog="lorabuild", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("validate", help="check project files against the schema (default: projects/*.yaml)")
@@ -218,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", choices=["train", "sample"], default="train", help="on node 0: stop after train or sample")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
+    sub.add_parser("doctor", help="what this machine can do (GPU, bf16, optional packages, paths, disk, versions), and fixes")
     args = ap.parse_args(argv)
     if args.cmd == "validate":
         from .config import cmd_validate
@@ -253,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(find_root(), args.name, launch, args.until)
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
+    if args.cmd == "doctor":
+        from .doctor import cmd_doctor
+
+        return cmd_doctor(find_root())
     return 2
 
 

@@ -229,6 +229,8 @@ def _report(err, doc: _Doc) -> None:
             doc.problem(value_pos, dotted(path), f"{err.instance!r} must be a prompt text or a mapping with 'prompt'")
     elif err.validator == "enum":
         doc.problem(value_pos, dotted(path), err.message + enum_hint(err.instance, err.validator_value))
+    elif err.validator == "not" and isinstance(err.validator_value, dict) and "description" in err.validator_value:
+        doc.problem(value_pos, dotted(path), f"{err.instance!r} is {err.validator_value['description']}")
     else:
         doc.problem(value_pos, dotted(path), err.message)
 
@@ -414,7 +416,9 @@ def load_project(path: str | Path, display: str | None = None, memo_dir: Path | 
 
 
 def validate_files(files: list[str]) -> int:
-    bad = 0
+    from .winenv import output_clashes
+
+    bad, names = 0, []
     for f in files:
         data, problems = check(Path(f), f)
         for p in problems:
@@ -425,6 +429,11 @@ def validate_files(files: list[str]) -> int:
             for line in missing(data):
                 print(f"{f}: warning: {line}", file=sys.stderr)
         bad += bool(problems)
+        if data is not None:
+            names.append((f, data["output"]["name"] or Path(f).stem))
+    for f, message in output_clashes(names).items():  # Demo vs demo: one folder on Windows
+        print(f"{f}: output.name: {message}", file=sys.stderr)
+        bad += 1
     return 1 if bad else 0
 
 

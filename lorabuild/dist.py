@@ -230,6 +230,12 @@ def _torchrun(launch: Launch, args: list[str]) -> list[str]:
 
 
 def check_launch(launch: Launch) -> None:
+    if launch.world > 1 and sys.platform == "win32":
+        # Windows builds of PyTorch have no NCCL, and torchrun's TCPStore asks for libuv, which
+        # they lack ("use_libuv was requested but PyTorch was built without libuv", pytorch#139990)
+        raise LaunchError(f"{launch.world} processes (train.processes / --nproc / --nnodes) cannot run on Windows: "
+                          "PyTorch there has no NCCL and torchrun cannot start; set train.processes: 1 "
+                          "(or use Linux or WSL2 for several GPUs)")
     if launch.nnodes > 1 and not launch.rdzv_endpoint:
         raise LaunchError(f"--nnodes {launch.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address)")
     if not 0 <= launch.node_rank < launch.nnodes:

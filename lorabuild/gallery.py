@@ -12,6 +12,14 @@ LABEL_W, LABEL_H = 72, 16
 
 def grid(cells: list[list[Path]], row_labels: list[str], col_labels: list[str], out: Path) -> tuple[int, int]:
     """Write the grid image; returns its size. Every row has one cell per column."""
+    img = grid_image(cells, row_labels, col_labels)
+    with atomic_path(out) as tmp:
+        img.save(tmp, format="PNG")
+    return img.size
+
+
+def grid_image(cells: list[list[Path]], row_labels: list[str], col_labels: list[str]):
+    """The grid as a PIL image (rows = ``row_labels``, one cell per column)."""
     from PIL import Image, ImageDraw
 
     tiles = [[Image.open(p).convert("RGB") for p in row] for row in cells]
@@ -25,9 +33,7 @@ def grid(cells: list[list[Path]], row_labels: list[str], col_labels: list[str], 
         draw.text((2, LABEL_H + r * ch + ch // 2 - 6), label, fill="black")
         for c, tile in enumerate(row):
             img.paste(tile, (LABEL_W + c * cw, LABEL_H + r * ch))
-    with atomic_path(out) as tmp:
-        img.save(tmp, format="PNG")
-    return img.size
+    return img
 
 
 def shorten(text: str, n: int) -> str:

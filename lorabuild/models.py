@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
+from .folders import install_dir, link_tree, temp_sibling
 from .resources import DATA_DIR
 
 BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
@@ -229,27 +229,6 @@ def _builtin_ok(folder: Path) -> bool:
     return ok and (folder / "model_index.json").is_file()
 
 
-def _install(tmp: Path, folder: Path, ok=_builtin_ok) -> None:
-    """Rename ``tmp`` to ``folder``: keep a current one another process installed first, set a stale one aside."""
-    for _ in range(3):
-        try:
-            os.replace(tmp, folder)  # atomic: a half-written model is never visible
-            return
-        except OSError:
-            if ok(folder):
-                return  # another process won the race: keep theirs (same bytes)
-            if not folder.exists():
-                continue
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            try:
-                os.replace(folder, old)
-            except OSError as exc:
-                raise ModelError(f"{folder} is an outdated or broken built-in model and cannot be replaced ({exc}); "
-                                 "delete it and run again") from None
-            shutil.rmtree(old, ignore_errors=True)
-    raise ModelError(f"could not install the built-in model at {folder}")
-
-
 def ensure_builtin(name: str, cache_root: Path) -> Path:
     """The diffusers folder of built-in model ``name``, written on first use under ``cache/models/``.
 
@@ -265,10 +244,10 @@ def ensure_builtin(name: str, cache_root: Path) -> Path:
     if _builtin_ok(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(folder)
     try:
         _write_builtin(name, tmp)
-        _install(tmp, folder)
+        install_dir(tmp, folder, _builtin_ok, f"the built-in model builtin:{name}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -425,13 +404,13 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     if _marker_ok(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(folder)
     try:
         _convert(path, cfg_dir, arch, pred, dtype, tmp, bool(opts.get("allow_pickle")))
         marker = {"name": "single-file", "source": str(path), "sha256": sha, "legacy_hash": legacy_hash(path),
                   "arch": arch, "prediction_type": pred, "detected": detected, "v": CONVERT_VERSION}
         (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        _install(tmp, folder, ok=_marker_ok)
+        install_dir(tmp, folder, _marker_ok, f"the diffusers conversion of {path.name}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -476,6 +455,9 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
                              "different architecture set model_type, or point base_model_config at a diffusers "
                              "folder whose configs match it") from None
         pipe.save_pretrained(str(out), safe_serialization=True)
+        # the pipeline's tensors may still map work/checkpoint.safetensors, and Windows cannot
+        # delete a mapped file: drop them before the temp folder goes (a leftover: `lorabuild gc`)
+        del pipe
         _add_slow_tokenizer_files(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -508,7 +490,7 @@ def _compose(folder: Path, project_root: Path, cache_root: Path, opts: dict, has
     if _marker_ok(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(out)
     try:
         tmp.mkdir()
         shutil.copyfile(folder / "model_index.json", tmp / "model_index.json")
@@ -522,9 +504,9 @@ def _compose(folder: Path, project_root: Path, cache_root: Path, opts: dict, has
                     cfg["prediction_type"] = pred
                 (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
                 continue
-            _link(part, tmp / part.name)
+            link_tree(part, tmp / part.name)
         if vae_path is not None and vae_path.is_dir():
-            _link(vae_path, tmp / "vae")
+            link_tree(vae_path, tmp / "vae")
         elif vae_path is not None:
             _convert_vae(vae_path, folder, tmp / "vae", bool(opts.get("allow_pickle")))
         marker = {"name": "composed", "base": str(folder), "vae": str(vae_path) if vae_path else None,
@@ -536,17 +518,10 @@ def _compose(folder: Path, project_root: Path, cache_root: Path, opts: dict, has
             marker.update(source=base_marker["source"], sha256=base_marker["sha256"],
                           legacy_hash=base_marker["legacy_hash"])
         (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        _install(tmp, out, ok=_marker_ok)
+        install_dir(tmp, out, _marker_ok, f"{folder.name} with {'vae: ' + str(vae_path) if vae_path else 'prediction_type: ' + pred}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.symlink(src, dst, target_is_directory=True)
-    except OSError:  # no symlinks (Windows without developer mode): copy
-        shutil.copytree(src, dst)
 
 
 def _convert_vae(path: Path, base: Path, out: Path, allow_pickle: bool) -> None:

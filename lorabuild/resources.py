@@ -25,3 +25,11 @@ def schema_path() -> Path:
 def projects_dir() -> Path:
     """The shipped ``projects/`` folder (demo.yaml and its images)."""
     return _top_level("projects")
+
+
+def constraints_file() -> Path | None:
+    """``constraints/ci.txt``, the library versions CI passed with (a wheel carries a copy); None if absent."""
+    for candidate in (PACKAGE_DIR.parent / "constraints" / "ci.txt", PACKAGE_DIR / "_bundled" / "constraints" / "ci.txt"):
+        if candidate.is_file():
+            return candidate
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import publish
 from .cache import read_json
 from .tasks import Graph, stages_of
 
@@ -84,7 +85,9 @@ def project_status(root: Path, name: str) -> dict:
             r = st.reasons
             if r.get("uptodate_false"):
                 old = report.get("config")
-                why += (old and _diff(old, task.uptodate[0][0].config)) or ["parameters changed since the last build"]
+                locked = [f"{graph.ws.relative(f)} waits to replace a file that was open in another program"
+                          for u, args, _ in task.uptodate[1:] if u is publish.up_to_date for f in publish.pending(*args)]
+                why += (old and _diff(old, task.uptodate[0][0].config)) or locked or ["parameters changed since the last build"]
             added, removed = r.get("added_file_dep", []), r.get("removed_file_dep", [])
             changed = [x for x in r.get("changed_file_dep", []) if x not in added]
             why += _describe(added, "added") + _describe(removed, "removed") + _describe(changed, "changed")

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import blocks, models
+from . import blocks, models, publish
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
 from .dist import launch_options
+from .winenv import output_clashes
 from .workspace import Workspace, build_id
 
 STAGES = ("resize", "tag", "bucket", "latents", "textemb", "train", "sample")
@@ -219,6 +220,10 @@ class Graph:
                     self._loaded.append((f, None, None, f"{f.stem}: invalid project, nothing built:\n{exc}"))
                 except DatasetError as exc:
                     self._loaded.append((f, None, None, f"{f}: dataset: {exc}"))
+            clashes = output_clashes([(str(f), p.output_name) for f, p, _, _ in self._loaded if p is not None])
+            for i, (f, *_rest) in enumerate(self._loaded):
+                if str(f) in clashes:  # Demo and demo: one output folder on Windows
+                    self._loaded[i] = (f, None, None, f"{f.stem}: {clashes[str(f)]}")
         return self._loaded
 
     def tasks(self, stage: str):
@@ -270,6 +275,10 @@ class Graph:
             targets.append(lora)
         rel = self.ws.relative
         config = {**cfg, **v}
+        # a publish that found its output locked (publish.py) leaves the task out of date until redone
+        out_dir = self.ws.output_dir(p.output_name)
+        waiting = {"train": [(publish.up_to_date, (str(out_dir), f"{p.output_name}*"))],
+                   "sample": [(publish.up_to_date, (str(out_dir / "samples"),))]}.get(stage, [])
         return {
             "basename": stage,
             "name": p.name,
@@ -277,12 +286,18 @@ class Graph:
             "actions": [(run_stage, [stage, str(self.ws.root), str(f), config])],
             "file_dep": [rel(d) for d in deps],
             "targets": [rel(t) for t in targets],
-            "uptodate": [config_changed(config)],
+            "uptodate": [config_changed(config)] + waiting,
             "verbosity": 2,
         }
 
 
 def doit_config(root: Path) -> dict:
+    from .winenv import long_root_warning, safe_console
+
+    safe_console()  # task docs and messages hold "→" and "≤", which cp1252 cannot print
+    warning = long_root_warning(root)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     (root / "cache").mkdir(exist_ok=True)
     return {
         # sqlite3: the default dbm backend cannot be opened by two doit processes at once.

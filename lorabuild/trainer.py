@@ -109,14 +109,19 @@ def _compiled(tr: dict, unet, device):
     inside that call."""
     import os
     import shutil
+    import sys
 
     import torch
 
     if not tr.get("compile"):
         return unet
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
-        raise TrainError("train.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH, "
-                         "and none was found; install one (e.g. apt-get install g++) or set train.compile: false")
+    # inductor's C++ compilers: MSVC's cl on Windows (inductor's cpp_builder), g++/clang++ elsewhere
+    compilers = ("cl",) if sys.platform == "win32" else (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")
+    if device.type == "cpu" and not any(shutil.which(c) for c in compilers):
+        hint = ("Visual Studio's C++ build tools, from a Developer PowerShell" if sys.platform == "win32"
+                else "one (e.g. apt-get install g++)")
+        raise TrainError(f"train.compile: torch.compile on CPU needs a C++ compiler ({' or '.join(dict.fromkeys(compilers))}) "
+                         f"on PATH, and none was found; install {hint} or set train.compile: false")
     return torch.compile(unet)
 
 
@@ -144,10 +149,12 @@ class LeanHeap:
         import ctypes
         import sys
 
-        try:
-            libc = ctypes.CDLL(None)  # the C library this process runs on
-        except OSError:
-            libc = None
+        libc = None
+        if sys.platform.startswith("linux"):  # elsewhere CDLL(None) raises TypeError (Windows), or finds no glibc
+            try:
+                libc = ctypes.CDLL(None)  # the C library this process runs on
+            except OSError:
+                pass
         usable = (libc is not None and device.type == "cpu" and sys.platform.startswith("linux")
                   and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")
                   and libc.mallopt(self.M_MMAP_THRESHOLD, self.BACKWARD) == 1)

@@ -23,6 +23,7 @@ from .dataset import IMAGE_EXTENSIONS
 
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", ".swp", ".download", "~")
 CHANGES = {"created", "modified", "moved", "deleted", "closed"}  # watchdog event types that change files
+POLL = 0.5  # seconds: the longest a wait lasts before Ctrl-C is looked at
 UNTIL = {"latents": ("latents", "textemb"), "train": ("train",), "sample": ("sample",)}
 
 
@@ -94,7 +95,12 @@ class Watcher:
         print(f"watch: build {self.builds} ({' '.join(self.targets)})", flush=True)
         env = {**os.environ, "LORABUILD_BUILD": build_id}
         self.proc = subprocess.Popen([sys.executable, "-m", "doit", *self.targets], cwd=self.root, env=env)
-        rc = self.proc.wait()
+        while True:  # timed waits: an untimed one cannot be interrupted by Ctrl-C on Windows
+            try:
+                rc = self.proc.wait(timeout=POLL)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         self.proc = None
         print(f"watch: build {self.builds} {'done' if rc == 0 else f'failed ({rc})'} [{build_id}]", flush=True)
         return rc
@@ -116,8 +122,9 @@ class Watcher:
         print(f"watch: watching {self.name} (Ctrl-C to stop)", flush=True)
         try:
             while not self.stop.is_set():
-                # Block until an event arrives: no CPU while idle.
-                self.wake.wait(timeout=None if not self.changed else self.quiet / 2)
+                # Sleep until an event arrives, in POLL-second waits: Ctrl-C cannot interrupt an
+                # untimed Event.wait on Windows before Python 3.14 (cpython#80116, gh-125541).
+                self.wake.wait(timeout=POLL if not self.changed else min(POLL, self.quiet / 2))
                 self.wake.clear()
                 if self.stop.is_set() or not self._settled():
                     continue
@@ -144,6 +151,10 @@ class Watcher:
         self.stop.set()
         self.wake.set()
         if self.proc is not None and self.proc.poll() is None:
+            if sys.platform == "win32":
+                # Popen.send_signal takes no SIGINT there; the console's Ctrl-C reached doit already
+                # (same console), and a SIGTERM to watch ends it once the build has finished
+                return
             self.proc.send_signal(signal.SIGINT)  # doit finishes its current item and saves its state
 
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import WS
 from figures import COUNTS, record
+
+POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process groups, SIGKILL, RLIMIT_FSIZE")
 
 
 def _fresh_workspace(tmp_path: Path) -> WS:
@@ -54,6 +56,7 @@ def _same_outputs(ws: WS, reference: WS) -> None:
         assert png.read_bytes() == (ref / "samples" / png.name).read_bytes()
 
 
+@POSIX
 def test_a_build_killed_at_many_points_ends_as_a_clean_build(tmp_path, built_demo):
     ws = _fresh_workspace(tmp_path)
     kills = 0
@@ -80,11 +83,14 @@ def test_a_build_killed_at_many_points_ends_as_a_clean_build(tmp_path, built_dem
 
 def _limit_file_size(nbytes: int):
     def apply():
+        import resource  # POSIX only: imported here, so Windows can collect this file
+
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
     return apply
 
 
+@POSIX
 def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, built_demo):
     ws = _fresh_workspace(tmp_path)
     ws.doit("textemb:demo", build="first")  # the built-in model is written on first use: not under the limit

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 
@@ -108,6 +109,7 @@ def _kill_after_state(ws, epoch: int, timeout: float = 300) -> None:
         proc.wait()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process groups and SIGKILL")
 def test_a_killed_run_continues_from_its_last_state_and_ends_equal(demo):
     demo.edit(lambda d: d["train"].update(epochs=3, seed=44))
     _kill_after_state(demo, 2)
@@ -122,6 +124,7 @@ KNOBS_TRAIN = {"min_timestep": 100, "max_timestep": 900, "ip_noise_gamma": 0.1, 
                "scale_weight_norms": 0.05}
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process groups and SIGKILL")
 def test_a_killed_run_with_kohyas_noise_dropout_and_max_norm_options_continues_bit_exact(tmp_path):
     """All the randomness these options add (rank and module dropout, noise strengths, input
     perturbation) and the in-place max-norm scaling survive a kill: the continued run equals a fresh one."""

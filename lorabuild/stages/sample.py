@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import atomic_path
+from ..publish import publish as publish_file, remove
 from .base import Context, Item, StageRun
 from . import runtime
 
@@ -202,31 +202,28 @@ class TrainingSampler:
 
 def rows(ctx: Context) -> list[Row]:
     """Base model (``baseline`` or ``at_first``), in-training snapshots and every saved epoch, by step."""
-    name = ctx.project.output_name
-    out = ctx.ws.output_dir(name)
     entry = ctx.read_manifest("train")["items"][0]
     train_store = ctx.store("train", ".safetensors")
     hashes = ctx.hashes()
     found: dict[str, tuple[int, Row]] = {}
     if ctx.project.get("sample.baseline") or ctx.project.get("sample.at_first"):
         found["base"] = (-1, Row("base", "base model", None, None))
-    final = entry["epochs"][-1][0]
     for row_id, label, step, h in entry.get("snapshots", []):
         if row_id != "base":
             path = train_store.path(h)
             found[row_id] = (step, Row(row_id, label, path, hashes.sha256(path, tensors_only=True)))
-    for e, _h, *rest in entry["epochs"]:
-        path = out / (f"{name}.safetensors" if e == final else f"{name}-{e:06d}.safetensors")
+    for e, eh, *rest in entry["epochs"]:
+        # the cache's copy, not output/'s: a locked output may still hold the previous bytes
+        path = train_store.path(eh)
         step = rest[0] if rest else e
         found[f"e{e:06d}"] = (step, Row(f"e{e:06d}", f"epoch {e}", path, hashes.sha256(path, tensors_only=True)))
     hashes.save()
     return [r for _, r in sorted(found.values(), key=lambda sr: (sr[0], sr[1].id))]
 
 
-def publish(out_dir: Path, items: list[Item], store) -> None:
+def publish(out_dir: Path, items: list[Item], store, hashes=None, notes: list | None = None) -> None:
     for it in items:
-        with atomic_path(out_dir / f"{it.id}.png") as tmp:
-            tmp.write_bytes(store.path(it.hash).read_bytes())
+        publish_file(store.path(it.hash), out_dir / f"{it.id}.png", hashes, notes)
 
 
 def run(ctx: Context) -> dict:
@@ -248,12 +245,16 @@ def run(ctx: Context) -> dict:
     out_dir = ctx.ws.output_dir(name) / "samples"
     keep = {f"{it.id}.png" for it in items} | {"grid.png"}
     for old in out_dir.glob("*.png"):
-        if old.name not in keep:
-            old.unlink()
-    publish(out_dir, items, store)
+        if old.name not in keep and old.name.replace(".new.", ".") not in keep:
+            remove(old, sr.notes)  # a locked one is kept, with a warning
+    hashes = ctx.hashes()
+    publish(out_dir, items, store, hashes, sr.notes)
+    hashes.save()
     if items:
-        size = gallery.grid([[store.path(it.hash) for it in row] for row in grid_items], [r.label for r in grid_rows],
-                            [s["prompt"] for s in settings], out_dir / "grid.png")
+        img = gallery.grid_image([[store.path(it.hash) for it in row] for row in grid_items],
+                                 [r.label for r in grid_rows], [s["prompt"] for s in settings])
+        publish_file(None, out_dir / "grid.png", notes=sr.notes, write=lambda tmp: img.save(tmp, format="PNG"))
+        size = img.size
         gallery.index_html([(r.label, [(f"{it.id}.png", it.data["settings"]) for it in row])
                             for r, row in zip(grid_rows, grid_items)], out_dir / "index.html", f"{name} samples")
         sr.notes.append(f"grid {size[0]}x{size[1]}: {len(grid_rows)} rows × {len(settings)} prompts")

@@ -16,9 +16,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import atomic_path, atomic_write, checked_read, key_hash
+from ..cache import atomic_write, checked_read, key_hash
 from ..captions import concept_options
 from ..config import without_newer
+from ..publish import pending, publish, remove
 from ..trainplan import Sample, make_plan, training_samples
 from .. import blocks, dist, models
 from . import runtime, textemb
@@ -121,11 +122,6 @@ def step_save_points(every: int | None, plan) -> dict[str, tuple[str, int]]:
     if not every:
         return {}
     return {f"s{s:06d}": (f"step {s}", s) for s in range(every, plan.total_steps, every)}
-
-
-def _publish(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 def _write_csv(path: Path, header: list[str], rows: list) -> None:
@@ -436,7 +432,8 @@ def run(ctx: Context, dataset) -> dict:
         sr.notes.append("restored a LoRA trained before with the same inputs")
 
     # Publish: <name>.safetensors, every saved epoch as <name>-000001.safetensors, the loss log.
-    _publish(store.path(h), out_dir / f"{name}.safetensors")
+    hashes = ctx.hashes()
+    publish(store.path(h), out_dir / f"{name}.safetensors", hashes, sr.notes)
     final_epoch = entry["epochs"][-1][0]
     wanted = {f"{name}-{e:06d}.safetensors": eh for e, eh, *_ in entry["epochs"] if e != final_epoch}
     keep_last = p.get("output.keep_last")
@@ -451,9 +448,13 @@ def run(ctx: Context, dataset) -> dict:
     for pattern in ("[0-9]" * 6, "step" + "[0-9]" * 8):
         for old in out_dir.glob(f"{name}-{pattern}.safetensors"):
             if old.name not in wanted:
-                old.unlink()
+                remove(old, sr.notes)  # a locked one is kept, with a warning
+    for side in pending(out_dir, f"{name}*"):  # a locked publish of a file no longer wanted
+        if side.name.replace(".new.", ".") not in wanted and side.name != f"{name}.new.safetensors":
+            remove(side, sr.notes)
     for fname, eh in wanted.items():
-        _publish(store.path(eh), out_dir / fname)
+        publish(store.path(eh), out_dir / fname, hashes, sr.notes)
+    hashes.save()
     _write_loss_csv(out_dir / "loss.csv", entry.get("loss", []))
     val_csv = out_dir / "val_loss.csv"
     if entry.get("val"):
