@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 from .kohya_import import Result, convert_full
 from .kohya_read import ImportError_, Source, read_dataset_config, read_source
 from .models import PICKLE_SUFFIXES
@@ -97,9 +99,12 @@ def render_yaml(r: Result) -> str:
             else:
                 lines.append(f"  {k2}: {_flow(v2)}{_comment(src)}")
     text = "\n".join(lines) + "\n"
-    if load(text) != r.doc:  # never write something that reads back differently
-        text = dump(r.doc, sort_keys=False, allow_unicode=True)
-    return text
+    try:
+        same = load(text) == r.doc
+    except yaml.YAMLError:  # PyYAML can emit unicode plain scalars (e.g. after a no-break space) it cannot read
+        same = False
+    # never write something that reads back differently: then plain YAML, non-ASCII escaped, without comments
+    return text if same else dump(r.doc, sort_keys=False, allow_unicode=False)
 
 
 def header(r: Result, src: Source, source: str, root: Path, missing: list[str]) -> list[str]:
