@@ -97,17 +97,16 @@ class StageRun:
         still decides what is present."""
         return {e["hash"]: e for e in self._previous_doc().get("items", []) if isinstance(e, dict) and "hash" in e}
 
-    def split(self, items: list[Item], store: Store, verify: bool = False) -> list[Item]:
+    def split(self, items: list[Item], store: Store) -> list[Item]:
         """Return the items whose entry is missing, once per key; count the rest as reused.
 
         Items with equal keys (the same image twice) share one entry and are computed once.
-        With ``verify`` an entry counts as present only if its bytes match their checksum (for
-        the entries training reads): a damaged one is reported, removed and recomputed.
+        Presence only: checksums are checked where entries are read (train checks every latent
+        and embedding before it trains), so adding one image reads no other entry.
         """
         missing: dict[str, Item] = {}
-        present = store.verified if verify else store.has
         for it in items:
-            if it.hash in missing or present(it.hash):
+            if it.hash in missing or store.has(it.hash):
                 self.reused += 1
             else:
                 missing[it.hash] = it

@@ -246,7 +246,7 @@ def run(ctx: Context, params: dict) -> dict:
         entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "src": it.data["src"],
                     "resized": it.data["resized"], "orig_size": it.data.get("orig_size")} for it in items]
         return sr.finish(entries, cached=False, reason=reason, flip=params["flip"])
-    missing = sr.split(items, store, verify=True)  # training reads these: a damaged one is recomputed
+    missing = sr.split(items, store)
     sr.compute(missing, store, lambda: _encode_missing(ctx, missing, params))
     # sizes and crop ride along for SDXL's size/crop conditioning (not part of the keys' meaning)
     entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "resized": it.data["resized"],
