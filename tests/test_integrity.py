@@ -281,3 +281,22 @@ def test_a_latent_entry_is_the_same_bytes_whichever_images_are_encoded_with_it(t
     differ = sum(again[h] != batched[h] for h in again)
     record(f"batch composition: latents re-encoded 3 at a time equal a full build's, byte for byte; batched by 8, "
            f"{differ} of 3 differed from the same images encoded in a batch of 8")
+
+
+def test_a_model_file_rewritten_after_its_identity_was_hashed_stops_the_stage(tmp_path):
+    """A stage hashes the weights into its keys, then loads them: if they changed in between, it
+    stops before storing anything under the old identity (Context.check_inputs)."""
+    from lorabuild.config import load_project
+    from lorabuild.stages.base import Context, StageError
+    from lorabuild.workspace import Workspace
+
+    root = tmp_path / "ws"
+    subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], check=True, capture_output=True)
+    ctx = Context(Workspace(root), load_project(root / "projects/demo.yaml"))
+    weights = tmp_path / "unet.safetensors"
+    weights.write_bytes(b"old weights")
+    ctx.hashes().sha256(weights)
+    ctx.check_inputs()  # unchanged: nothing to say
+    weights.write_bytes(b"new weights!")
+    with pytest.raises(StageError, match=f"{weights} changed while the build was running"):
+        ctx.check_inputs()
