@@ -3,7 +3,7 @@
 Layout under ``cache/`` (the workspace's cache root)::
 
     objects/<stage>/<ab>/<cd…>.<ext>        an entry (one item's artifact)
-    objects/<stage>/<ab>/<cd…>.json         its sidecar: {"key": {...}, "info": {...}}
+    objects/<stage>/<ab>/<cd…>.json         its sidecar: {"key": {...}, "info": {...}, "sum": "blake2b:…"}
     manifests/<project>/<stage>.json        which entries a project's stage uses
     reports/<project>/<stage>.json          what the last run of that stage did
     hashes.json                             sha256 memo keyed by path+size+mtime
@@ -161,6 +161,17 @@ def checked_read(stage: str, path: str | os.PathLike, reader):
         raise CorruptEntry(stage, Path(path), f"{type(exc).__name__}: {exc}") from None
 
 
+def bytes_sum(data: bytes) -> str:
+    """The checksum a sidecar keeps of its entry's bytes: blake2b, several times faster than sha256
+    here, and only there to notice damage, not to name content."""
+    return "blake2b:" + hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def file_sum(path: str | os.PathLike) -> str:
+    with open(path, "rb") as fh:
+        return "blake2b:" + hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=20)).hexdigest()
+
+
 class Store:
     """The content-addressed entries of one stage under ``cache/objects/<stage>/``."""
 
@@ -190,8 +201,45 @@ class Store:
 
     def discard(self, h: str, reason: str) -> None:
         """Drop an unreadable entry so it is recomputed (dvc's ``_load_cache`` does the same)."""
-        print(f"lorabuild: {self.stage} cache entry {self.path(h)} is unreadable ({reason}); recomputing")
+        print(f"lorabuild: {self.stage} cache entry {self.path(h)} is unreadable ({reason}); recomputing", flush=True)
         self.remove(h)
+
+    def _damage(self, h: str, data: bytes | None = None) -> str | None:
+        """Why an entry's bytes are not those its sidecar's checksum recorded, or None when they are
+        (or when the entry predates checksums: nothing to compare with)."""
+        side = read_json(self.sidecar(h))
+        want = side.get("sum") if isinstance(side, dict) else None
+        if not want:
+            return None if isinstance(side, dict) else "missing sidecar"
+        try:
+            got = bytes_sum(data) if data is not None else file_sum(self.path(h))
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror}"
+        return None if got == want else "checksum mismatch: its bytes changed after it was stored"
+
+    def verified(self, h: str) -> bool:
+        """Whether the entry is present and whole. A damaged one (a flipped byte on disk, a sidecar
+        gone) is reported once, removed and so a miss: the stage that reads it recomputes it."""
+        if not self.has(h):
+            return False
+        problem = self._damage(h)
+        if problem:
+            self.discard(h, problem)
+            return False
+        return True
+
+    def read_verified(self, h: str) -> bytes:
+        """The entry's bytes, checked against its checksum (read once: what is checked is what is
+        used). A damaged entry raises :class:`CorruptEntry`."""
+        path = self.path(h)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CorruptEntry(self.stage, path, f"cannot be read: {exc.strerror}") from None
+        problem = self._damage(h, data)
+        if problem:
+            raise CorruptEntry(self.stage, path, problem)
+        return data
 
     def remove(self, h: str) -> None:
         for p in (self.path(h), self.sidecar(h)):
@@ -202,12 +250,12 @@ class Store:
     def put(self, h: str, key: dict, info: dict | None = None) -> Iterator[Path]:
         """Yield a temp path to write the entry to; it becomes visible only when complete.
 
-        The sidecar is written first and the data last, so "data file exists" means
-        the entry is whole.
+        The sidecar, with the checksum of the finished bytes, is written before the data is
+        renamed into place, so "data file exists" means the entry is whole and checkable.
         """
-        write_json(self.sidecar(h), {"key": key, "info": info or {}})
         with atomic_path(self.path(h)) as tmp:
             yield tmp
+            write_json(self.sidecar(h), {"key": key, "info": info or {}, "sum": file_sum(tmp)})
 
 
     def lock_path(self, h: str) -> Path:
@@ -234,13 +282,32 @@ class Store:
             yield {h for h in hashes if not self.has(h)}
 
 
-class FileHashes:
-    """sha256 of files, remembered by (path, size, mtime_ns) so unchanged files are not re-read."""
+class FileChanged(Exception):
+    """A file kept changing while it was read (a writer at work): no consistent bytes to key on."""
 
-    def __init__(self, memo_path: str | os.PathLike):
+    def __init__(self, path):
+        super().__init__(f"{path} kept changing while it was read; run the build again once it is written")
+        self.path = path
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
+
+
+class FileHashes:
+    """sha256 of files, remembered by (path, size, mtime_ns) so unchanged files are not re-read.
+
+    As make and rsync, a file rewritten with the same size and mtime keeps its remembered
+    digest; :meth:`forget` (``lorabuild status NAME --rehash``) makes the next build re-read it.
+    ``observed`` collects the (size, mtime_ns) each digest was taken at, so a stage can check
+    that what it loaded later is still that file (:func:`changed_since`).
+    """
+
+    def __init__(self, memo_path: str | os.PathLike, observed: dict | None = None):
         self.memo_path = Path(memo_path)
         self._memo: dict[str, list] = read_json(self.memo_path, {}) or {}
         self._dirty = False
+        self.observed = {} if observed is None else observed
 
     def sha256(self, path: str | os.PathLike, tensors_only: bool = False) -> str:
         """sha256 of the file; with ``tensors_only``, of a safetensors file's tensor bytes alone
@@ -250,18 +317,60 @@ class FileHashes:
         memo_key = p + ("#tensors" if tensors_only else "")
         hit = self._memo.get(memo_key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            self.observed[p] = _stamp(st)
             return hit[2]
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            if tensors_only:
-                header_len = int.from_bytes(fh.read(8), "little")
-                fh.seek(8 + header_len)
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        for _ in range(5):  # the size+mtime remembered must be those of the bytes hashed
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                if tensors_only:
+                    header_len = int.from_bytes(fh.read(8), "little")
+                    fh.seek(8 + header_len)
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            after = os.stat(p)
+            if _stamp(after) == _stamp(st):
+                break
+            st = after
+        else:
+            raise FileChanged(p)
         digest = h.hexdigest()
-        self._memo[memo_key] = [st.st_size, st.st_mtime_ns, digest]
-        self._dirty = True
+        self._remember(memo_key, st, digest)
         return digest
+
+    def read(self, path: str | os.PathLike) -> tuple[bytes, str]:
+        """(bytes, their sha256): a file read once, so that what a stage decodes is exactly what
+        its key names. A writer replacing the file meanwhile cannot put new pixels under the old
+        bytes' key (the memo is updated to what was read)."""
+        p = os.path.abspath(path)
+        for _ in range(5):
+            st = os.stat(p)
+            with open(p, "rb") as fh:
+                data = fh.read()
+            if _stamp(os.stat(p)) == _stamp(st):
+                break
+        else:
+            raise FileChanged(p)
+        digest = hashlib.sha256(data).hexdigest()
+        self._remember(p, st, digest)
+        return data, digest
+
+    def _remember(self, memo_key: str, st: os.stat_result, digest: str) -> None:
+        self._memo[memo_key] = [st.st_size, st.st_mtime_ns, digest]
+        self.observed[memo_key.split("#", 1)[0]] = _stamp(st)
+        self._dirty = True
+
+    def forget(self, paths) -> int:
+        """Drop the remembered digests of ``paths`` (both kinds); returns how many were dropped."""
+        dropped = 0
+        for path in paths:
+            p = os.path.abspath(path)
+            for memo_key in (p, p + "#tensors"):
+                if self._memo.pop(memo_key, None) is not None:
+                    dropped += 1
+        if dropped:
+            # written whole (no merge with what is on disk, which would bring the entries back)
+            write_json(self.memo_path, self._memo)
+        return dropped
 
     def save(self) -> None:
         if self._dirty:
@@ -270,3 +379,16 @@ class FileHashes:
             current.update(self._memo)
             write_json(self.memo_path, current)
             self._dirty = False
+
+
+def changed_since(observed: dict) -> str | None:
+    """The first file of ``observed`` ({path: (size, mtime_ns)}) that is no longer as it was
+    when it was hashed (rewritten, or gone), else None."""
+    for path, stamp in observed.items():
+        try:
+            now = _stamp(os.stat(path))
+        except OSError:
+            return path
+        if now != tuple(stamp):
+            return path
+    return None

@@ -145,12 +145,16 @@ def cmd_plan(root: Path, name: str, as_json: bool) -> int:
     return 0
 
 
-def cmd_status(root: Path, name: str, as_json: bool) -> int:
+def cmd_status(root: Path, name: str, as_json: bool, rehash: bool = False) -> int:
     import json
 
     from .status import project_status, render
 
     try:
+        if rehash:
+            from .status import rehash as forget_hashes
+
+            print(forget_hashes(root, name), file=sys.stderr if as_json else sys.stdout)
         st = project_status(root, name)
     except KeyError as exc:
         print(f"lorabuild status: {exc.args[0]}", file=sys.stderr)
@@ -206,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="each stage up to date or stale, and why (no model is loaded)")
     p.add_argument("name", help="project name (projects/NAME.yaml)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--rehash", action="store_true",
+                   help="forget the remembered hashes of NAME's files, so the next build re-reads them (a file "
+                        "rewritten with the same size and mtime is otherwise not noticed, as with make)")
     p = sub.add_parser("watch", help="build as images and captions land (default: up to the caches)")
     p.add_argument("name", help="project name (projects/NAME.yaml)")
     p.add_argument("--until", choices=["latents", "train", "sample"], default="latents",
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "plan":
         return cmd_plan(find_root(), args.name, args.json)
     if args.cmd == "status":
-        return cmd_status(find_root(), args.name, args.json)
+        return cmd_status(find_root(), args.name, args.json, args.rehash)
     if args.cmd in ("import-kohya", "import"):
         from .kohya_write import cmd_import
 

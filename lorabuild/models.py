@@ -301,6 +301,16 @@ def _sha256(path: Path, cache_root: Path, hashes) -> str:
     return digest
 
 
+def _still(path: Path, sha: str) -> None:
+    """Check that a file converted under the key of its sha256 still has those bytes: a
+    checkpoint rewritten while it was converted must not leave new weights under the old
+    file's key. Converting reads the file through diffusers, so it cannot be decoded from the
+    bytes hashed; hashing it again afterwards costs one more read, once per conversion."""
+    with open(path, "rb") as fh:
+        if hashlib.file_digest(fh, "sha256").hexdigest() != sha:
+            raise ModelError(f"{path} changed while it was being converted; run the build again once it is written")
+
+
 def legacy_hash(path: Path) -> str:
     """A1111's old 8-hex model hash (kohya ``model_hash``): sha256 of the 64 KiB at offset 1 MiB."""
     with open(path, "rb") as fh:
@@ -407,6 +417,7 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     tmp = temp_sibling(folder)
     try:
         _convert(path, cfg_dir, arch, pred, dtype, tmp, bool(opts.get("allow_pickle")))
+        _still(path, sha)
         marker = {"name": "single-file", "source": str(path), "sha256": sha, "legacy_hash": legacy_hash(path),
                   "arch": arch, "prediction_type": pred, "detected": detected, "v": CONVERT_VERSION}
         (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
@@ -509,6 +520,7 @@ def _compose(folder: Path, project_root: Path, cache_root: Path, opts: dict, has
             link_tree(vae_path, tmp / "vae")
         elif vae_path is not None:
             _convert_vae(vae_path, folder, tmp / "vae", bool(opts.get("allow_pickle")))
+            _still(vae_path, key["vae"])
         marker = {"name": "composed", "base": str(folder), "vae": str(vae_path) if vae_path else None,
                   "vae_sha256": key.get("vae") if vae_path and vae_path.is_file() else None,
                   "vae_legacy_hash": legacy_hash(vae_path) if vae_path and vae_path.is_file() else None,

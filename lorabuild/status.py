@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import publish
 from .cache import read_json
-from .tasks import Graph, stages_of
+from .tasks import Graph, manifest_readable, stages_of
 
 UPSTREAM = {"bucket": ["resize"], "latents": ["bucket"], "textemb": ["resize", "tag"], "train": ["latents", "textemb", "tag"],
             "sample": ["train"]}
@@ -53,15 +53,20 @@ def _describe(paths: list[str], verb: str) -> list[str]:
             for k, n in sorted(kinds.items())]
 
 
-def project_status(root: Path, name: str) -> dict:
-    from doit.dependency import Dependency, MD5Checker, SqliteDB
-    from doit.task import dict_to_task
-
+def _project(root: Path, name: str):
+    """(graph, its entry for project ``name``: file, project, dataset, error)."""
     graph = Graph(root)
     entry = next((e for e in graph.projects() if e[0].stem == name), None)
     if entry is None:
         raise KeyError(f"no project projects/{name}.yaml")
-    f, p, ds, error = entry
+    return graph, entry
+
+
+def project_status(root: Path, name: str) -> dict:
+    from doit.dependency import Dependency, MD5Checker, SqliteDB
+    from doit.task import dict_to_task
+
+    graph, (f, p, ds, error) = _project(root, name)
     if p is None:
         return {"project": name, "error": error, "stages": {}}
     tasks = {}
@@ -87,7 +92,10 @@ def project_status(root: Path, name: str) -> dict:
                 old = report.get("config")
                 locked = [f"{graph.ws.relative(f)} waits to replace a file that was open in another program"
                           for u, args, _ in task.uptodate[1:] if u is publish.up_to_date for f in publish.pending(*args)]
-                why += (old and _diff(old, task.uptodate[0][0].config)) or locked or ["parameters changed since the last build"]
+                own = graph.ws.manifest(name, stage)
+                broken = [] if manifest_readable(str(own)) else [f"its manifest {graph.ws.relative(own)} is missing or unreadable"]
+                why += broken + ((old and _diff(old, task.uptodate[0][0].config))
+                                 or locked or ([] if broken else ["parameters changed since the last build"]))
             added, removed = r.get("added_file_dep", []), r.get("removed_file_dep", [])
             changed = [x for x in r.get("changed_file_dep", []) if x not in added]
             why += _describe(added, "added") + _describe(removed, "removed") + _describe(changed, "changed")
@@ -100,6 +108,42 @@ def project_status(root: Path, name: str) -> dict:
             state, why = "waits on upstream", [f"upstream {', '.join(stale_up)} stale: may re-run after it"]
         stages[stage] = {"state": state, "why": why, "last": {k: report.get(k) for k in ("build", "computed", "reused", "removed")}}
     return {"project": name, "stages": stages}
+
+
+def rehash(root: Path, name: str) -> str:
+    """``lorabuild status NAME --rehash``: forget what lorabuild and doit remember of NAME's input
+    files, so the next build reads every image, caption and weight file again.
+
+    Both decide "unchanged" from a file's size and mtime without reading it (lorabuild's sha256
+    memo, doit's file checker), as make and rsync do: a file rewritten with the same size and
+    mtime (a tool that restores mtimes, a coarse-clock filesystem) goes unnoticed until then.
+    """
+    from types import SimpleNamespace
+
+    from doit.dependency import Dependency, MD5Checker, SqliteDB
+
+    from . import tasks
+    from .cache import FileHashes
+    from .stages import tag
+
+    graph, (f, p, ds, error) = _project(root, name)
+    if p is None:
+        return error
+    files = [im.path for im in ds.images] + ds.caption_files()
+    files += [Path(w) for w in tasks._weights(p, graph.ws, "unet", "vae", "text_encoder")]
+    if tag.enabled(p):
+        files += tag.model_files(p)
+    if p.get("network.weights"):
+        files.append(p.resolve(p.get("network.weights")))
+    dropped = FileHashes(graph.ws.cache / "hashes.json").forget(files)
+    db = graph.ws.cache / "doit.sqlite3"
+    if db.is_file():  # doit's own record: its next run checks each stage's files by content
+        dep = Dependency(SqliteDB, str(db), checker_cls=MD5Checker)
+        for stage in stages_of(p):
+            dep.remove_success(SimpleNamespace(name=f"{stage}:{name}"))
+        dep.close()
+    return (f"forgot the remembered hashes of {name}'s {len(files)} input files ({dropped} memo entries) and doit's "
+            f"record of its stages: the next build re-reads them, and recomputes only what changed")
 
 
 def render(status: dict) -> str:

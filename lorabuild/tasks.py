@@ -181,6 +181,15 @@ def _run(stage: str, ctx) -> None:
         sample.run(ctx)
 
 
+def manifest_readable(path: str) -> bool:
+    """doit ``uptodate``: a stage whose manifest is missing or unreadable (damaged, cut short) is
+    out of date, so the next build re-runs it instead of every later stage failing on it while
+    doit calls this one done. The stage then finds its entries in the cache."""
+    from .cache import read_json
+
+    return isinstance(read_json(path), dict)
+
+
 def _failing(stage: str, name: str, message: str) -> dict:
     from doit.exceptions import TaskFailed
 
@@ -286,7 +295,7 @@ class Graph:
             "actions": [(run_stage, [stage, str(self.ws.root), str(f), config])],
             "file_dep": [rel(d) for d in deps],
             "targets": [rel(t) for t in targets],
-            "uptodate": [config_changed(config)] + waiting,
+            "uptodate": [config_changed(config), (manifest_readable, [m(stage)])] + waiting,
             "verbosity": 2,
         }
 

@@ -381,3 +381,34 @@ def test_unreadable_entry_is_recomputed_and_bad_images_follow_on_bad_image(fresh
     fresh.doit("tag:demo", build="c4")
     assert _counts(fresh) == (0, 2) and "broken.png" in "; ".join(fresh.report("tag")["notes"])
     assert "demo/10_redcircle shape/broken.png" not in _captions(fresh)
+
+
+def test_an_image_rewritten_after_hashing_is_tagged_under_its_new_bytes(fresh, monkeypatch):
+    """Issue 18: the tags of an image replaced between the plan's hash and the model's read are
+    stored under the key of the bytes that were tagged, never under the old bytes' key."""
+    import hashlib
+
+    from lorabuild.cache import key_hash
+    from lorabuild.dataset import from_project
+    from lorabuild.stages import tag
+    from lorabuild.tasks import _context
+
+    _add_tagger(fresh)
+    red = fresh.root / "projects" / RED
+    _solid(red, SOLID["red"])
+    red_sha = hashlib.sha256(red.read_bytes()).hexdigest()
+    plan = tag.plan
+
+    def plan_then_rewrite(*args):
+        items = plan(*args)
+        _solid(red, SOLID["blue"])  # a writer replaces it before it is read for tagging
+        return items
+
+    monkeypatch.setattr(tag, "plan", plan_then_rewrite)
+    ctx = _context(str(fresh.root), str(fresh.yaml_path))
+    tag.run(ctx, from_project(ctx.project))
+    entry = next(e for e in fresh.manifest("tag")["items"] if e["id"] == RED)
+    assert "blue theme" in entry["tags"] and "red theme" not in entry["tags"]
+    side = json.loads(ctx.store("tag", ".tags.json").sidecar(entry["hash"]).read_text())
+    assert side["key"]["src"] == hashlib.sha256(red.read_bytes()).hexdigest() != red_sha
+    assert not ctx.store("tag", ".tags.json").has(key_hash({**side["key"], "src": red_sha}))

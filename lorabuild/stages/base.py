@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cache import FileHashes, Store, key_hash, read_json, write_json, write_json_if_changed
+from ..cache import FileHashes, Store, changed_since, key_hash, read_json, write_json, write_json_if_changed
 from ..config import Project
 from ..workspace import Workspace, build_id
 
@@ -58,7 +58,15 @@ class Context:
         return data
 
     def hashes(self) -> FileHashes:
-        return FileHashes(self.ws.cache / "hashes.json")
+        return FileHashes(self.ws.cache / "hashes.json", observed=self.memo.setdefault("observed", {}))
+
+    def check_inputs(self) -> None:
+        """Stop if a file this stage hashed into its keys (model weights, a tagger, a starting LoRA)
+        has changed since: what was loaded may not be what the key names, so nothing is stored."""
+        changed = changed_since(self.memo.get("observed", {}))
+        if changed:
+            raise StageError(f"{changed} changed while the build was running: nothing more is stored under its "
+                             "old identity; run the build again")
 
     def store(self, stage: str, ext: str) -> Store:
         return Store(self.ws.cache, stage, ext)
@@ -93,6 +101,8 @@ class StageRun:
         """Return the items whose entry is missing, once per key; count the rest as reused.
 
         Items with equal keys (the same image twice) share one entry and are computed once.
+        Presence only: checksums are checked where entries are read (train checks every latent
+        and embedding before it trains), so adding one image reads no other entry.
         """
         missing: dict[str, Item] = {}
         for it in items:

@@ -1,7 +1,10 @@
 """latents: each image, resized and cropped to its bucket, → VAE latents (plus its mirror image).
 
 Item = one image; key = working image hash + its fit (resize size, crop, bucket) +
-flip + interpolation + the VAE's identity. Encoded in batches of one bucket size.
+flip + interpolation + the VAE's identity. Encoded one image at a time by default: on the CPU
+an image encoded in a batch differs (up to 1.4e-7) from the same image encoded alone, so an
+entry's bytes would depend on which other images happened to be missing with it; one at a time
+they depend on its key alone, and a rebuild after a kill or a lost entry is bit-exact.
 Latents are stored already multiplied by the VAE's ``scaling_factor`` (read from
 its config: 0.18215 for SD1/2, 0.13025 for SDXL).
 
@@ -11,13 +14,13 @@ they have without it, so turning the option on or off recomputes only images wit
 """
 from __future__ import annotations
 
-from .base import Context, Item, StageRun
+from .base import Context, Item, StageError, StageRun
 from . import runtime
 
 STAGE = "latents"
-VERSION = 1
+VERSION = 2  # 2: entries encoded one at a time by default (1: in batches of 8 below 256² px)
 PARAMS = ("latents.flip", "latents.interpolation", "latents.batch_size", "latents.random_crop", "train.masked_loss")
-KEY_PARAMS = ("flip", "interpolation")  # batch_size does not change the result
+KEY_PARAMS = ("flip", "interpolation")  # batch_size: see batch_size()
 
 
 def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | None = None) -> list[Item]:
@@ -44,22 +47,26 @@ def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | No
     return items
 
 
-def bucket_pixels(path, resized, crop, interpolation: str):
-    """The bucket-sized RGB image of a working copy: resize to ``resized``, then crop to ``crop``."""
+def bucket_pixels(path, resized, crop, interpolation: str, data: bytes | None = None):
+    """The bucket-sized RGB image of a working copy (decoded from ``data``, its checked bytes,
+    when given): resize to ``resized``, then crop to ``crop``."""
+    import io
+
     from PIL import Image
 
     from ..cache import checked_read
     from ..images import RESAMPLE
 
     def read(p):
-        with Image.open(p) as im:
+        with Image.open(p if data is None else io.BytesIO(data)) as im:
             return im.convert("RGB")
 
     im = checked_read("resize", path, read)
     return im.resize(tuple(resized), RESAMPLE[interpolation]).crop(tuple(crop))
 
 
-def bucket_mask(source, working_size, resize_interpolation: str, resized, crop, interpolation: str, latent_hw):
+def bucket_mask(source, working_size, resize_interpolation: str, resized, crop, interpolation: str, latent_hw,
+                data: bytes | None = None):
     """The alpha mask of ``source`` as its latent sees it: a ``[h, w]`` float tensor in [0, 1] at
     latent size, or None when the image has no alpha. The alpha goes through the working copy's
     resize and then the bucket's resize and crop, as the pixels do; the final area average
@@ -71,7 +78,7 @@ def bucket_mask(source, working_size, resize_interpolation: str, resized, crop, 
 
     from ..images import RESAMPLE, load_alpha
 
-    alpha = load_alpha(source)
+    alpha = load_alpha(source, data)
     if alpha is None:
         return None
     if alpha.size != tuple(working_size):
@@ -88,6 +95,22 @@ def working_copy(resize_store, src: str) -> tuple[list, str]:
 
     side = read_json(resize_store.sidecar(src)) or {}
     return side["info"]["size"], side["key"]["params"]["interpolation"]
+
+
+def source_bytes(resize_store, src: str, source) -> bytes:
+    """The source image's bytes for its mask, checked to be those its working copy was made from
+    (the copy's key holds their sha256): a mask from a rewritten image is never stored under
+    the old image's key."""
+    import hashlib
+    from pathlib import Path
+
+    from ..cache import read_json
+
+    data = Path(source).read_bytes()
+    side = read_json(resize_store.sidecar(src)) or {}
+    if hashlib.sha256(data).hexdigest() != side.get("key", {}).get("src"):
+        raise StageError(f"{source} changed since it was resized: run the build again")
+    return data
 
 
 def alpha_sources(ctx: Context, params: dict) -> dict:
@@ -123,29 +146,31 @@ def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None
     resize_store, store = stores
     vae = runtime.frozen(ctx, "vae")
     x = to_tensor([bucket_pixels(resize_store.path(it.data["src"]), it.data["resized"], it.data["crop"],
-                                 params["interpolation"]) for it in group])
+                                 params["interpolation"], resize_store.read_verified(it.data["src"])) for it in group])
     with torch.inference_mode():
         lat = encode(vae, x)
         lat_flip = encode(vae, torch.flip(x, dims=[3])) if params["flip"] else None
+    ctx.check_inputs()  # the VAE loaded is the one its identity names
     for i, it in enumerate(group):
         tensors = {"latent": lat[i].float().cpu().contiguous()}
         if lat_flip is not None:
             tensors["latent_flip"] = lat_flip[i].float().cpu().contiguous()
         if "source" in it.data:  # the flipped mask is this one mirrored: the trainer flips it
             mask = bucket_mask(it.data["source"], *working_copy(resize_store, it.data["src"]), it.data["resized"],
-                               it.data["crop"], params["interpolation"], lat.shape[-2:])
+                               it.data["crop"], params["interpolation"], lat.shape[-2:],
+                               source_bytes(resize_store, it.data["src"], it.data["source"]))
             tensors["mask"] = mask if mask is not None else torch.ones(lat.shape[-2:])
         with store.put(it.hash, it.key, {"shape": list(tensors["latent"].shape)}) as tmp:
             save_file(tensors, str(tmp))
 
 
 def batch_size(ctx: Context, params: dict, bucket: tuple[int, int]) -> int:
-    """``latents.batch_size``; unset, 8 on a GPU, and on the CPU 8 for buckets under 256 × 256
-    pixels but 1 from there up, where one image at a time encodes faster (bench/RESULTS.md: the
-    SD 1.5 VAE at 256 and 512 px) and holds less memory."""
-    if params["batch_size"]:
-        return params["batch_size"]
-    return 1 if runtime.device(ctx).type == "cpu" and bucket[0] * bucket[1] >= 256 * 256 else 8
+    """``latents.batch_size``; unset, 1: an entry's bytes then never depend on the other images
+    encoded with it (see the module docstring). On the CPU it costs nothing at 256 px and up,
+    where one image at a time also encodes faster (bench/RESULTS.md, the SD 1.5 VAE); a set
+    batch size batches for speed, and its entries may differ in the last bits from those a
+    rebuild encodes in other company."""
+    return params["batch_size"] or 1
 
 
 def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool = True) -> int:
@@ -180,6 +205,27 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool 
 
 def _items(ctx: Context, params: dict) -> list[Item]:
     return plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"), alpha_sources(ctx, params))
+
+
+def project_params(project) -> dict:
+    """The stage's parameters as tasks.py hands them to :func:`run` (the last part of each key)."""
+    return {k.rsplit(".", 1)[-1]: project.get(k) for k in PARAMS}
+
+
+def repair(ctx: Context, wanted: list[str]) -> int:
+    """Re-encode those of the entries ``wanted`` (key hashes from the latents manifest) that are
+    missing or damaged, for a stage that is about to read them (train); returns how many.
+    One at a time, as the stage itself does, so a repaired entry is the bytes it had."""
+    store = ctx.store(STAGE, ".safetensors")
+    bad = {h for h in wanted if not store.verified(h)}
+    if not bad:
+        return 0
+    params = project_params(ctx.project)
+    missing = list({it.hash: it for it in _items(ctx, params) if it.hash in bad}.values())
+    if len(missing) < len(bad):
+        raise StageError("the latents manifest does not match the dataset: run the latents stage again")
+    print(f"latents:{ctx.name}: re-encoding {len(missing)} missing or damaged entries", flush=True)
+    return _encode_missing(ctx, missing, params, show=False)
 
 
 def run_shard(ctx: Context, params: dict, hashes: list[str], rank) -> dict:

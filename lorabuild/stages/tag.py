@@ -7,7 +7,8 @@ that shape its tag list (thresholds, rating, exclude_tags, underscores). ``addit
 and ``mode`` only combine stored tags with caption files, so editing the trigger word runs
 no model. The manifest holds each tagged image's caption text: :func:`tagged_captions`
 lays it over the caption files for textemb and train, and ``lorabuild tag --write`` writes
-it beside the images. Nothing is written beside the images by a build.
+it beside the images. Nothing is written beside the images by a build. An image is decoded
+from the bytes its key is hashed from (read once), as in resize.
 """
 from __future__ import annotations
 
@@ -82,21 +83,34 @@ def _stored(store, h: str) -> list | None:
     return None
 
 
-def _tag(items: list[Item], ctx: Context, settings: dict, store, sr: StageRun) -> None:
-    """Run the model over ``items`` in batches and store each image's tags."""
+def _tag(items: list[Item], ctx: Context, settings: dict, store, sr: StageRun, hashes) -> dict[str, Item]:
+    """Run the model over ``items`` in batches and store each image's tags. Returns the items
+    whose image was rewritten since the plan hashed it, by their planned hash: each is keyed
+    on the bytes that were read and tagged."""
     import numpy as np
 
+    from ..cache import FileChanged
     from ..images import ImageError, load_rgb
     from ..tagger import Tagger, preprocess, select
 
     tagger = Tagger(model_folder(ctx.project), ctx.project.get("device"))
     sr.notes.append(f"onnxruntime {tagger.provider}")
     bs = tagger.fixed_batch or settings["batch_size"]
+    rekeyed: dict[str, Item] = {}
     for i in range(0, len(items), bs):
         chunk, arrays = [], []
         for it in items[i:i + bs]:
+            path = it.data["image"].path
             try:
-                arrays.append(preprocess(load_rgb(it.data["image"].path), tagger.size))
+                data, digest = hashes.read(path)
+            except FileChanged as exc:
+                raise StageError(str(exc)) from None
+            except OSError as exc:
+                raise StageError(f"{path}: cannot be read ({exc})") from None
+            if digest != it.key["src"]:
+                rekeyed[it.hash] = it = Item(it.id, {**it.key, "src": digest}, it.data)
+            try:
+                arrays.append(preprocess(load_rgb(path, data=data), tagger.size))
             except ImageError as exc:
                 if ctx.project.get("dataset.on_bad_image") != "skip":
                     raise StageError(str(exc)) from None
@@ -106,11 +120,13 @@ def _tag(items: list[Item], ctx: Context, settings: dict, store, sr: StageRun) -
         if not chunk:
             continue
         probs = tagger.predict(np.stack(arrays))
+        ctx.check_inputs()  # the tagger model run is the one its identity names
         for it, p in zip(chunk, probs):
             tags = select(p, tagger.labels, settings)
             with store.put(it.hash, it.key, {"n": len(tags)}) as tmp:
                 tmp.write_text(json.dumps({"tags": tags}, ensure_ascii=False), encoding="utf-8")
         sr.computed += len(chunk)
+    return rekeyed
 
 
 def run(ctx: Context, dataset) -> dict:
@@ -132,13 +148,16 @@ def run(ctx: Context, dataset) -> dict:
         if it.hash not in missing and _stored(store, it.hash) is None:
             missing[it.hash] = it
             sr.reused -= 1
+    rekeyed: dict[str, Item] = {}
     if missing:
         try:
-            _tag(list(missing.values()), ctx, settings, store, sr)
+            rekeyed = _tag(list(missing.values()), ctx, settings, store, sr, hashes)
         except TaggerError as exc:
             raise StageError(f"tag:{ctx.name}: {exc}") from None
+        finally:
+            hashes.save()
     entries, untagged = [], 0
-    for it in items:
+    for it in (rekeyed.get(it.hash, it) for it in items):
         stored = _stored(store, it.hash)
         if stored is None:
             continue  # a bad image left out (on_bad_image: skip)

@@ -3,7 +3,9 @@
 Item = one distinct caption (after the fixed caption options); key = caption text +
 clip_skip + the text encoder's identity. ``textemb.cache: auto`` skips the stage, and
 says why, when the text encoder trains or captions are randomised: then training
-encodes captions itself.
+encodes captions itself. Captions are encoded one at a time by default (``textemb.batch_size:
+1``), for the reason latents are: an entry's bytes then depend on its key alone. A caption's
+key is its text itself, read once from its file, so what is encoded is what is keyed.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from .base import Context, Item, StageError, StageRun
 from . import runtime
 
 STAGE = "textemb"
-VERSION = 1
+VERSION = 2  # 2: encoded one at a time by default (1: in batches of 32)
 PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.batch_size", "textemb.max_token_length")
 
 
@@ -78,6 +80,7 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict) -> int:
             with torch.inference_mode():
                 hidden, pooled = condition(arch, tokenizers, encoders, [it.id for it in chunk], params["clip_skip"],
                                            params["max_token_length"])
+            ctx.check_inputs()  # the text encoder loaded is the one its identity names
             for j, it in enumerate(chunk):
                 tensors = {"hidden": hidden[j].float().cpu().contiguous()}
                 if pooled is not None:  # SDXL: the second encoder's pooled projection too
@@ -93,6 +96,20 @@ def _items(ctx: Context, dataset, params: dict) -> list[Item]:
     te_id = runtime.text_identity(ctx)
     return [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id))
             for c in sorted(set(captions.values()))]
+
+
+def repair(ctx: Context, dataset, captions: list[str]) -> int:
+    """Re-encode the embeddings of ``captions`` that are missing or damaged, for train, which is
+    about to read them; returns how many."""
+    params = {k.rsplit(".", 1)[-1]: ctx.project.get(k) for k in PARAMS}
+    store = ctx.store(STAGE, ".safetensors")
+    te_id = runtime.text_identity(ctx)
+    items = [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id)) for c in sorted(set(captions))]
+    missing = [it for it in items if not store.verified(it.hash)]
+    if not missing:
+        return 0
+    print(f"textemb:{ctx.name}: re-encoding {len(missing)} missing or damaged entries", flush=True)
+    return _encode_missing(ctx, missing, params)
 
 
 def run_shard(ctx: Context, params: dict, hashes: list[str], rank) -> dict:

@@ -202,8 +202,6 @@ def _train(r: Run, resume: dict | None) -> list:
         emb_store = ctx.store("textemb", ".safetensors")
         ck = lambda c: textemb.item_key(c, p.get("textemb.clip_skip"), p.get("textemb.max_token_length"), r.te_id)  # noqa: E731
         emb_paths = {c: emb_store.path(key_hash(ck(c))) for c in set(r.captions.values())}
-        if not all(path.is_file() for path in emb_paths.values()):
-            raise StageError("text embeddings are missing from the cache: run the textemb stage again")
     concept_of = {im.id: im.concept for im in r.dataset.images}
     folder_of = {im.id: im.concept.folder.name for im in r.dataset.images}
     # the metadata describes what was trained: validation images are left out of it
@@ -221,6 +219,8 @@ def _train(r: Run, resume: dict | None) -> list:
 
     def save_entry(network, ekey: dict, epoch: int, step: int) -> str:
         import torch
+
+        ctx.check_inputs()  # the UNet and text encoder trained on are those the key names
 
         md = kohya_metadata(
             cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "bucket", "output")},
@@ -311,6 +311,18 @@ def _train(r: Run, resume: dict | None) -> list:
     return inp.log_rows, inp.val_rows
 
 
+def _repair_inputs(ctx: Context, dataset, lat_manifest: dict, captions: dict, cached: bool) -> None:
+    """Before training reads them: re-encode any latent or text embedding that is missing from
+    the store or damaged (its bytes not those its checksum recorded), each as its own stage
+    would, so the run trains on exactly the entries an uninterrupted build made."""
+    from . import latents as latents_stage
+
+    if lat_manifest.get("cached", True):
+        latents_stage.repair(ctx, [e["hash"] for e in lat_manifest["items"]])
+    if cached:
+        textemb.repair(ctx, dataset, list(captions.values()))
+
+
 def _launch(ctx: Context, launch) -> tuple | None:
     """Train on ``launch.world`` processes (:mod:`lorabuild.worker`); returns rank 0's sampling counts."""
     try:
@@ -354,7 +366,16 @@ def run(ctx: Context, dataset) -> dict:
     snapshot_points = {r: v for r, v in points.items() if r != "base" and not (r[0] == "e" and int(r[1:]) in saved)}
     step_saves = step_save_points(p.get("train.save_every_n_steps"), plan)
     snapshot_points = {**step_saves, **snapshot_points}
-    entry = store.info(h)
+    checked: dict[tuple[str, str], bool] = {}
+
+    def whole(st, eh: str) -> bool:
+        """Present and undamaged (each entry checked once per run): a damaged LoRA or state is
+        reported, removed and made again, never published, sampled or continued from."""
+        if (st.stage + st.ext, eh) not in checked:
+            checked[(st.stage + st.ext, eh)] = st.verified(eh)
+        return checked[(st.stage + st.ext, eh)]
+
+    entry = store.info(h) if whole(store, h) else None
     wkey = weights_key(key, plan.total_steps)
     states = ctx.store(STAGE, ".pt")  # training states: torch pickles (weights_only), not safetensors
     epoch_h = lambda e: key_hash(entry_key(wkey, plan, "epoch", e))  # noqa: E731
@@ -362,16 +383,19 @@ def run(ctx: Context, dataset) -> dict:
     snap_h = lambda r: key_hash({**wkey, "snapshot": r})  # noqa: E731
 
     def complete(entry: dict | None) -> bool:
-        if entry is None or not all(store.has(eh) for _, eh, *_ in entry.get("epochs", [])):
+        if entry is None or not all(whole(store, eh) for _, eh, *_ in entry.get("epochs", [])):
             return False
         have = {row_id: sh for row_id, _, _, sh in entry.get("snapshots", [])}
-        return all(r in have and store.has(have[r]) for r in snapshot_points)
+        return all(r in have and whole(store, have[r]) for r in snapshot_points)
 
     def resume_point() -> int:
         """The last epoch whose training state, saved epochs and snapshots are all in the store."""
         for e0 in range(plan.epochs, 0, -1):
             if (states.has(state_h(e0)) and all(store.has(epoch_h(e)) for e in saved if e <= e0)
                     and all(store.has(snap_h(r)) for r, (_, step) in snapshot_points.items()
+                            if step <= plan.epoch_end_step(e0))
+                    and whole(states, state_h(e0)) and all(whole(store, epoch_h(e)) for e in saved if e <= e0)
+                    and all(whole(store, snap_h(r)) for r, (_, step) in snapshot_points.items()
                             if step <= plan.epoch_end_step(e0))):
                 return e0
         return 0
@@ -400,6 +424,8 @@ def run(ctx: Context, dataset) -> dict:
     rank = ctx.memo.get("rank")  # set in a process started by torchrun (lorabuild.worker)
     if not complete(entry):
         e0, resume, epochs, snapshots = start(sr.notes)
+        if e0 < plan.epochs and rank is None:  # before any process trains on them
+            _repair_inputs(ctx, dataset, lat_manifest, captions, cached)
         log_rows = list(resume["log"]) if resume else []
         val_rows = list(resume.get("val", [])) if resume else []
         if e0 < plan.epochs and launch.world > 1 and rank is None:
