@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU run (issue 27), one command on a lent CUDA machine that cannot reach a package
 # index: install the wheels carried in bench/wheels (made here by bench/fetch_wheels.sh), then run
-# bench/gpu.py --quick on the full-size SD 1.5 and SDXL architectures. About 6 minutes on an H200
-# (hard limit 420 s), so a shorter rerun (--only REGEX) still fits in 15 minutes of device time.
+# bench/gpu.py --quick on the full-size SD 1.5 and SDXL architectures. Planned at 3 to 4 minutes on an
+# H200 (not yet measured; hard limit 420 s, no new case after 270 s), so a shorter rerun
+# (--only REGEX) still fits in 15 minutes of device time.
 #
 #   bash bench/device_run.sh [extra gpu.py options, e.g. --only 'sdxl']
 #

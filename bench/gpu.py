@@ -16,8 +16,8 @@ weights finite, and the UNet's output with the LoRA differs from the output with
 
 On a CUDA machine the default models are the full-size ones (weights made on the GPU, seeded,
 saved once in fp16 under --work); elsewhere the built-in tiny ones, so the script runs (and is
-tested) on the CPU. ``--quick`` takes fewer steps and images per case (about 3 minutes on an
-H200 after the models are written).
+tested) on the CPU. ``--quick`` takes fewer steps and images per case (estimated at 3 to 4 minutes
+on an H200, models written included; not yet measured there).
 
     python bench/gpu.py [--quick] [--model full|tiny] [--device cuda] [--out bench/RESULTS.md]
                         [--jsonl rows.jsonl] [--deadline SECONDS] [--only REGEX]
@@ -43,7 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from common import table  # noqa: E402
 RESULTS = ROOT / "bench" / "RESULTS.md"
 GIB = 2**30
 # the guide many users follow (issue 27): kohya, SD 1.5 at 512 px, dim 32, 30 images, RTX 4070 Ti
@@ -226,7 +227,8 @@ class Probe:
         _sync(self.device)
         self.t_end = time.perf_counter()
         if self.device.type == "cuda":
-            self.peak = (torch.cuda.max_memory_allocated(self.device) / GIB, torch.cuda.max_memory_reserved(self.device) / GIB)
+            self.peak = (torch.cuda.max_memory_allocated(self.device) / GIB,
+                         torch.cuda.max_memory_reserved(self.device) / GIB)
         self.result["steps"] = step
 
     def sample(self, network, parts: dict, row_id: str, epoch: int, step: int) -> None:
@@ -423,11 +425,6 @@ def report(args, device, results: list, vae: list, skipped: list, started: float
     return text
 
 
-def table(header: list, rows: list) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(out + ["| " + " | ".join(str(v) for v in r) + " |" for r in rows])
-
-
 def publish(args, device, text: str) -> None:
     block = (f"\n## GPU training{' (--quick)' if args.quick else ''}\n\n{machine(device)}, "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n{text}\n")
@@ -472,7 +469,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     args.model = args.model or ("full" if device.type == "cuda" else "tiny")
     if device.type == "cpu" and args.model == "tiny":
-        torch.set_num_threads(1)  # the tiny models' kernels are too small to share; on busy cores threads wait on each other
+        torch.set_num_threads(1)  # kernels too small to share; on busy cores threads wait on each other
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="lorabuild-gpu-bench-")
@@ -481,7 +478,8 @@ def main(argv=None) -> int:
     results, vae, skipped = [], [], []
     todo = cases(args)
     tiny = args.model == "tiny"
-    vae_jobs = [] if args.no_vae else [("sd1", 64 if tiny else 512, b) for b in (1, 8)] + [("sdxl", 64 if tiny else 1024, 4)]
+    vae_jobs = [] if args.no_vae else [("sd1", 64 if tiny else 512, 1), ("sd1", 64 if tiny else 512, 8),
+                                       ("sdxl", 64 if tiny else 1024, 4)]
     n_vae = 4 if tiny else (16 if args.quick else 64)
     try:
         for i, c in enumerate(todo):

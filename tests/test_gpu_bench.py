@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,3 +49,33 @@ def test_gpu_bench_quick_runs_on_the_cpu_and_every_case_trains(tmp_path):
     assert len([c for c in cells if len(c) == 7]) == 3  # the VAE table
     vae = [r for r in got if "vae" in r]
     assert len(vae) == 3 and all(r["finite"] and r["images_s"] > 0 for r in vae), vae
+
+
+def test_losses_read_back_together_log_every_step_and_stop_at_the_first_non_finite_one(monkeypatch):
+    """The trainer keeps losses on the device and reads them together (a read waits for the GPU):
+    the log still gets every optimizer step in order, with the running mean over the live
+    micro-batches, and a non-finite loss stops training naming the first step that had one."""
+    import torch
+
+    from lorabuild import trainer
+
+    monkeypatch.setattr(trainer, "READBACK_SECONDS", 3600.0)
+    logged = []
+    losses = trainer.LossReadback(lambda *row: logged.append(row[:6] + (list(row[6]),)), every_step=False)
+    assert losses.due(1)  # the first step is read at once
+    running: list = []
+    losses.add(1, 1, torch.tensor(0.5), True, (1e-4, 0.1, True))
+    losses.read(running)
+    assert not losses.due(2) and logged == [(1, 1, 0.5, 1e-4, 0.1, True, [0.5])]
+    losses.add(1, 2, torch.tensor(0.25), True)  # a micro-batch of step 2, then its last one
+    losses.add(1, 2, torch.tensor(0.75), True, (1e-4, 0.2, True))
+    losses.add(1, 3, torch.tensor(1.0), False, (1e-4, 0.3, False))  # a filler: logged, not in the mean
+    assert len(logged) == 1  # nothing read until it is due (or the epoch ends)
+    losses.read(running)
+    assert [r[0] for r in logged] == [1, 2, 3] and logged[1][2] == 0.75 and running == [0.5, 0.25, 0.75]
+    losses.add(1, 4, torch.tensor(0.5), True, (1e-4, 0.4, True))
+    losses.add(1, 5, torch.tensor(float("nan")), True, (1e-4, 0.5, True))
+    losses.add(1, 6, torch.tensor(float("inf")), True, (1e-4, 0.6, True))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, step 5: stopping"):
+        losses.read(running)
+    assert [r[0] for r in logged] == [1, 2, 3, 4]  # the steps before it are logged, none after
