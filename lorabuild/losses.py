@@ -121,5 +121,5 @@ def debiased_weights(alphas_cumprod, timesteps, v_prediction: bool):
     ``debiased_estimation_loss``): ``1/√SNR`` (SNR capped at 1000), ``1/(SNR+1)`` for v-prediction."""
     import torch
 
-    s = torch.minimum(snr(alphas_cumprod, timesteps), torch.tensor(1000.0, device=timesteps.device))
+    s = snr(alphas_cumprod, timesteps).clamp(max=1000.0)  # not a tensor made from a number: on a GPU each one is a wait
     return 1.0 / (s + 1.0) if v_prediction else 1.0 / torch.sqrt(s)

@@ -658,6 +658,16 @@ def pick_device(name: str):
     return torch.device(name)
 
 
+def to_device(tensor, device):
+    """``tensor`` (on the CPU) on ``device``. To a CUDA GPU through pinned memory without waiting:
+    a plain ``.to("cuda")`` from pageable memory waits for every kernel already queued, so each
+    batch's inputs would stall the GPU between steps (PyTorch's "pin_memory and non_blocking"
+    advice). The values are the same either way."""
+    if getattr(device, "type", device) == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _frozen(model, device, dtype):
     """Inference copies: eval mode, no gradients; stored fp32, cast only when asked."""
     import torch

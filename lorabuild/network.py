@@ -35,6 +35,13 @@ class NetworkConfigError(ValueError):
     """The network options cannot build a network on this model; the message names the field."""
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4 asks per device kind
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 class LoRAModule(nn.Module):
     """``y = W x + up(down(x)) · multiplier · alpha/dim`` around an existing Linear or 1×1 conv."""
 
@@ -81,8 +88,11 @@ class LoRAModule(nn.Module):
         # device round trip.
         if self.module_dropout and self.training and float(torch.rand(1)) < self.module_dropout:
             return out
-        # LoRA weights stay fp32 while the base may run in fp16/bf16.
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        # LoRA weights stay fp32 while the base may run in fp16/bf16. Under autocast the matmul casts
+        # its operands itself: an fp32 copy of the activation would only be cast back (same values).
+        if not _autocast_on(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        lx = self.lora_down(x)
         if self.dropout and self.training:
             lx = nn.functional.dropout(lx, p=self.dropout)
         scale = self.scale

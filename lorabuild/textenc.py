@@ -34,7 +34,9 @@ def encode(tokenizer, text_encoder, captions: list[str], clip_skip: int = 1, max
     are encoded separately and joined as kohya does: the first BOS, each chunk's 75
     inner states, the last EOS.
     """
-    ids = tokenize(tokenizer, captions, max_token_length).to(text_encoder.device)
+    from .models import to_device
+
+    ids = to_device(tokenize(tokenizer, captions, max_token_length), text_encoder.device)
     b, n, width = ids.shape
     flat = ids.reshape(b * n, width)
     if clip_skip == 1:
@@ -64,9 +66,11 @@ def encode_sdxl(tokenizers: list, text_encoders: list, captions: list[str], max_
     pooled output of the first chunk, ``[B, P]``, which the UNet's ``text_embeds`` takes."""
     import torch
 
+    from .models import to_device
+
     states, pooled = [], None
     for i, (tok, te) in enumerate(zip(tokenizers, text_encoders)):
-        ids = tokenize(tok, captions, max_token_length).to(te.device)
+        ids = to_device(tokenize(tok, captions, max_token_length), te.device)
         b, n, width = ids.shape
         out = te(ids.reshape(b * n, width), output_hidden_states=True)
         states.append(_join(out.hidden_states[-2].reshape(b, n, width, -1)))

@@ -7,6 +7,7 @@ does not depend on batch order bookkeeping.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -248,8 +249,10 @@ def _added(inp: TrainInputs, pooled, time_ids: list) -> dict | None:
 
     if inp.arch != "sdxl":
         return None
-    return {"text_embeds": pooled.to(inp.device),
-            "time_ids": torch.tensor(time_ids, dtype=torch.float32, device=inp.device)}
+    from .models import to_device
+
+    return {"text_embeds": to_device(pooled, inp.device),
+            "time_ids": to_device(torch.tensor(time_ids, dtype=torch.float32), inp.device)}
 
 
 def _stored_latent(inp: TrainInputs, image_id: str, flipped: bool):
@@ -269,15 +272,21 @@ def _mask_batch(masks: list, latents: list, device):
     image of the batch has one."""
     import torch
 
+    from .models import to_device
+
     if all(m is None for m in masks):
         return None
-    return torch.stack([m if m is not None else torch.ones(lat.shape[-2:]) for m, lat in zip(masks, latents)]).to(device)
+    stacked = torch.stack([m if m is not None else torch.ones(lat.shape[-2:]) for m, lat in zip(masks, latents)])
+    return to_device(stacked, device)
 
 
 def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, tes, vae):
-    """Latents, noise, timesteps and conditioning of one batch, each drawn per sample; the noise the
+    """Latents, noise, timesteps and conditioning of one batch, each drawn per sample (on the
+    CPU, from per-sample generators, so a run is the same on every device), then moved; the noise the
     noisy input is made from comes last (the noise itself unless ip_noise_gamma perturbs it)."""
     import torch
+
+    from .models import to_device
 
     seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
     tr = inp.cfg["train"]
@@ -307,12 +316,12 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, t
         captions.append(random_caption(inp.caption[sample.id], inp.caption_opts[sample.id], rng, epoch))
         weights.append(inp.cfg["train"]["prior_loss_weight"] if sample.is_reg else 1.0)
     hidden, pooled = _conditioning(inp, captions, toks, tes)
-    to = dict(device=inp.device)
-    noise = torch.stack(noises).to(**to)
-    noise_in = noise if all(a is b for a, b in zip(inputs, noises)) else torch.stack(inputs).to(**to)
-    return (torch.stack(latents).to(**to), noise, torch.cat(steps).to(**to), hidden.to(**to),
-            torch.tensor(weights, device=inp.device), _added(inp, pooled, time_ids), _mask_batch(masks, latents, inp.device),
-            noise_in)
+    dev = inp.device
+    noise = to_device(torch.stack(noises), dev)
+    noise_in = noise if all(a is b for a, b in zip(inputs, noises)) else to_device(torch.stack(inputs), dev)
+    return (to_device(torch.stack(latents), dev), noise, to_device(torch.cat(steps), dev),
+            to_device(hidden, dev), to_device(torch.tensor(weights), dev), _added(inp, pooled, time_ids),
+            _mask_batch(masks, latents, dev), noise_in)
 
 
 def _device_rng(device, state: dict | None = None) -> dict:
@@ -367,6 +376,50 @@ def validation_loss(inp: TrainInputs, unet, sched, toks, tes, vae, autocast) -> 
             mask = None if mask is None else mask[None].expand(k, *mask.shape)
             losses.append(float(per_sample_loss(pred, target, "l2", 0.0, mask).mean()))
     return sum(losses) / len(losses)
+
+
+READBACK_SECONDS = 1.0  # how often a single process reads its losses back from the device
+
+
+class LossReadback:
+    """The losses of the steps since the last read, kept where they were computed until they are
+    read together. Reading a loss (``loss.item()``, ``if not torch.isfinite(loss)``) waits until
+    the device has finished everything queued, so reading every step leaves a GPU idle while the
+    host prepares the next batch. They are read at the first step, then about once a
+    ``READBACK_SECONDS``, before every in-training sample point and step save, and at the end of
+    each epoch (before validation, saving and the training state); with several processes every
+    step, because the log's all-reduce must come at the same point of every rank. A non-finite loss
+    stops training naming the first step that had one, before anything after it is saved. On
+    the CPU nothing waits, and the values and the log are the same as when read at once."""
+
+    def __init__(self, log, every_step: bool):
+        self.log = log  # log(step, epoch, loss, lr, seconds, last, running): one optimizer step
+        self.every_step = every_step
+        self.pending: list = []  # (epoch, step, loss tensor, live, (lr, seconds, last) at a step's end)
+        self.read_at = None
+
+    def add(self, epoch: int, step: int, loss, live: bool, ends=None) -> None:
+        self.pending.append((epoch, step, loss.detach(), live, ends))
+
+    def due(self, step: int) -> bool:
+        return (self.every_step or step == 1 or self.read_at is None
+                or time.perf_counter() - self.read_at >= READBACK_SECONDS)
+
+    def read(self, running: list) -> None:
+        import torch
+
+        if not self.pending:
+            return
+        values = torch.stack([p[2] for p in self.pending]).tolist()  # one wait for the device
+        pending, self.pending = self.pending, []
+        for (epoch, step, _, live, ends), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at epoch {epoch}, step {step}: stopping")
+            if live:
+                running.append(value)
+            if ends is not None:
+                self.log(step, epoch, value, *ends, running)
+        self.read_at = time.perf_counter()
 
 
 def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
@@ -453,6 +506,23 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     if first_epoch == 1:
         sample("base", 0)  # kohya's sample_at_first: the base model before any step
     bar = tqdm(total=inp.plan.total_steps, initial=step, desc="train", unit="step", disable=not main)
+
+    def log(at: int, epoch: int, loss: float, lr: float, seconds: float, last: bool, norms, running: list) -> None:
+        logged = denoise.logged(loss, last)  # several ranks: from the one with the step's last batch
+        mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :]) if running else logged
+        # scale_weight_norms: read with the loss (the device has finished by now)
+        norms = [int(norms[0]), float(norms[1]), float(norms[2])] if norms else []
+        inp.log_rows.append((at, epoch, logged, lr, seconds, *norms))
+        if inp.scalar is not None:
+            inp.scalar("loss/step", logged, at)
+            inp.scalar("loss/running_mean", mean, at)
+            inp.scalar("lr", lr, at)
+            for tag, value in zip(MAX_NORM_LOGS, norms):
+                inp.scalar(f"max_norm/{tag}", value, at)
+        bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False,
+                        **({"keys_scaled": norms[0], "avg_key_norm": f"{norms[1]:.3f}"} if norms else {}))
+
+    losses = LossReadback(log, every_step=inp.rank.world > 1)
     for epoch in range(first_epoch, inp.plan.epochs + 1):
         batches = epoch_batches(inp.samples, inp.plan.batch_size, tr["seed"], epoch)
         running = []
@@ -475,45 +545,36 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             if tr["debiased_estimation"]:
                 per_sample = per_sample * debiased_weights(sched.alphas_cumprod, t, v_pred)
             loss = (per_sample * weight).mean() * (1.0 if live else 0.0)  # a rank's filler joins the all-reduce only
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}: stopping")
             heap.backward()
             scaler.scale(loss / accum).backward()
             heap.done()
-            if live:
-                running.append(loss.item())
+            if not ends_step:
+                losses.add(epoch, step + 1, loss, live)
+                continue
             # 3. optimizer step every `accum` batches (and at the end of the epoch)
-            if ends_step:
-                scaler.unscale_(optimizer)
-                if tr["max_grad_norm"] > 0:
-                    torch.nn.utils.clip_grad_norm_(params, tr["max_grad_norm"])
-                scaler.step(optimizer)
-                scaler.update()
-                # the rate this step used (Prodigy's effective rate is its d × lr, as kohya logs it)
-                # (a block-weighted group's rate over its weight: the base rate, as without block weights)
-                g0 = optimizer.param_groups[0]
-                lr = lr_sched.get_last_lr()[0] * g0.get("d", 1.0) / (g0.get("lr_weight") or 1.0)
-                lr_sched.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                norms = network.max_norm_(tr["scale_weight_norms"]) if tr.get("scale_weight_norms") else ()
-                # 4. log
-                logged = denoise.logged(loss.item(), last)  # several ranks: from the one with the step's last batch
-                mean = sum(running[-accum * 10 :]) / len(running[-accum * 10 :]) if running else logged
-                norms = [int(norms[0]), float(norms[1]), float(norms[2])] if norms else []
-                inp.log_rows.append((step, epoch, logged, lr, round(time.perf_counter() - t0, 3), *norms))
-                if inp.scalar is not None:
-                    inp.scalar("loss/step", logged, step)
-                    inp.scalar("loss/running_mean", mean, step)
-                    inp.scalar("lr", lr, step)
-                    for tag, value in zip(MAX_NORM_LOGS, norms):
-                        inp.scalar(f"max_norm/{tag}", value, step)
-                bar.set_postfix(epoch=f"{epoch}/{inp.plan.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}",
-                                **({"keys_scaled": norms[0], "avg_key_norm": f"{norms[1]:.3f}"} if norms else {}))
-                bar.update(1)
-                sample(f"s{step:06d}", epoch)
-                if step >= inp.plan.total_steps:  # max_steps: the last epoch stops here
-                    break
+            scaler.unscale_(optimizer)
+            if tr["max_grad_norm"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, tr["max_grad_norm"])
+            scaler.step(optimizer)
+            scaler.update()
+            # the rate this step used (Prodigy's effective rate is its d × lr, as kohya logs it)
+            # (a block-weighted group's rate over its weight: the base rate, as without block weights)
+            g0 = optimizer.param_groups[0]
+            lr = lr_sched.get_last_lr()[0] * g0.get("d", 1.0) / (g0.get("lr_weight") or 1.0)
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            norms = network.max_norm_(tr["scale_weight_norms"]) if tr.get("scale_weight_norms") else ()
+            # 4. log: the loss is read back now and then (LossReadback), not every step
+            losses.add(epoch, step, loss, live, (lr, round(time.perf_counter() - t0, 3), last, norms))
+            if losses.due(step) or f"s{step:06d}" in inp.sample_points:
+                losses.read(running)
+            bar.update(1)
+            sample(f"s{step:06d}", epoch)
+            if step >= inp.plan.total_steps:  # max_steps: the last epoch stops here
+                break
+        losses.read(running)
+        bar.refresh()
         if inp.val_samples and main:
             network.eval()  # no dropout of any kind while measuring
             val = validation_loss(inp, unet, sched, toks, tes, vae, autocast)
