@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from . import __version__
+from . import __version__, limits
 from .captions import is_randomised
 from .models import BUILTIN_MODELS, PICKLE_SUFFIXES
 from .resources import schema_path
@@ -275,6 +275,13 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     nw = data["network"]["weights"]
     if nw and not (root / nw).is_file():
         doc.problem(pos("network", "weights"), "network.weights", f"{(root / nw).resolve()} does not exist")
+    elif nw:
+        bad = limits.safetensors_problem((root / nw).resolve())
+        if bad:
+            doc.problem(pos("network", "weights"), "network.weights", bad)
+    out_name = data["output"]["name"]
+    if out_name and limits.name_problem(out_name, "output.name"):
+        doc.problem(pos("output", "name"), "output.name", limits.name_problem(out_name, "the name"))
     _network_problems(data, doc, pos)
     b = data["bucket"]
     if b["min_reso"] > b["max_reso"]:
@@ -321,6 +328,14 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
         doc.problem(pos("network", key), f"network.{key}", msg)
 
 
+def _library_problems(data: dict, doc: _Doc) -> None:
+    """Checks that import a training library (only for a file not validated before)."""
+    tr = data["train"]
+    for key, msg in limits.optimizer_arg_problems(tr["optimizer"], tr["optimizer_args"]):
+        path = ("train", "optimizer_args", key)
+        doc.problem(doc.keys.get(path) or doc.values.get(path[:-1], (1, 1)), dotted(path), msg)
+
+
 def apply_defaults(data: Any, sch: dict) -> Any:
     """Fill every missing optional field with its schema default, recursively."""
     if isinstance(data, list) and isinstance(sch.get("items"), dict):
@@ -362,14 +377,23 @@ def check(path: Path, display: str | None = None, memo_dir: Path | None = None) 
     data, doc = parse(text, display)
     if data is None or doc.problems:
         return None, doc.problems
+    limits.non_finite(data, doc)
+    too_long = limits.name_problem(Path(path).stem, "the project's name (its file name without .yaml)")
+    if too_long:
+        doc.problem((1, 1), "", too_long)
     memo = Path(memo_dir) / _memo_key(raw) if memo_dir else None
-    if memo is None or not memo.is_file():
+    if memo is None or not memo.is_file() or doc.problems:
+        found = len(doc.problems)  # a non-finite number or a long name leaves the document's shape as it is
         _schema_problems(data, doc)
-        if doc.problems:
+        seen = {(p.line, p.col, p.field) for p in doc.problems[:found]}  # -inf is also "less than the minimum"
+        doc.problems[found:] = [p for p in doc.problems[found:] if (p.line, p.col, p.field) not in seen]
+        if len(doc.problems) > found:
             doc.problems.sort(key=lambda p: (p.line, p.col))
             return None, doc.problems
     apply_defaults(data, schema())
     _semantic_problems(data, doc, Path(path).resolve().parent)
+    if memo is None or not memo.is_file():
+        _library_problems(data, doc)
     if doc.problems:
         doc.problems.sort(key=lambda p: (p.line, p.col))
         return None, doc.problems
@@ -390,13 +414,18 @@ def load_project(path: str | Path, display: str | None = None, memo_dir: Path | 
 
 
 def validate_files(files: list[str]) -> int:
-    bad = 0
+    bad, valid = 0, []
     for f in files:
-        _, problems = check(Path(f), f)
+        data, problems = check(Path(f), f)
         for p in problems:
             print(p, file=sys.stderr)
         bad += bool(problems)
-    return 1 if bad else 0
+        if not problems:
+            valid.append((Path(f), f, data))
+    more = limits.workspace_problems(valid)  # datasets that cannot be listed, output names shared
+    for p in more:
+        print(p, file=sys.stderr)
+    return 1 if bad or more else 0
 
 
 def cmd_validate(files: list[str]) -> int:

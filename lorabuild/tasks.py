@@ -18,6 +18,7 @@ from . import blocks, models
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
 from .dist import launch_options
+from .limits import shared_outputs
 from .workspace import Workspace, build_id
 
 STAGES = ("resize", "tag", "bucket", "latents", "textemb", "train", "sample")
@@ -192,25 +193,35 @@ class Graph:
         self._loaded: list[tuple[Path, Project | None, Dataset | None, str]] | None = None
 
     def projects(self):
+        """(file, project, dataset, error) for each project; a project that cannot be loaded
+        has only its error, which fails its own tasks and leaves the others buildable."""
         if self._loaded is None:
-            self._loaded = []
-            for f in self.ws.project_files():
-                try:
-                    p = load_project(f, memo_dir=self.ws.cache / "validated")
-                    ds = from_project(p)
-                    self._loaded.append((f, p, ds, ""))
-                except ProjectError as exc:
-                    self._loaded.append((f, None, None, f"{f.stem}: invalid project, nothing built:\n{exc}"))
-                except DatasetError as exc:
-                    self._loaded.append((f, None, None, f"{f}: dataset: {exc}"))
+            loaded = [self._load(f) for f in self.ws.project_files()]
+            shared = shared_outputs([(str(f), p.name, p.output_name) for f, p, _, _ in loaded if p is not None])
+            self._loaded = [(e[0], None, None, f"{e[0]}: output.name {shared[str(e[0])]}") if str(e[0]) in shared else e
+                            for e in loaded]
         return self._loaded
+
+    def _load(self, f: Path):
+        try:
+            p = load_project(f, memo_dir=self.ws.cache / "validated")
+            return (f, p, from_project(p), "")
+        except ProjectError as exc:
+            return (f, None, None, f"{f.stem}: invalid project, nothing built:\n{exc}")
+        except DatasetError as exc:
+            return (f, None, None, f"{f}: dataset: {exc}")
+        except (OSError, RuntimeError) as exc:  # a path that cannot be resolved (a symlink loop)
+            return (f, None, None, f"{f}: {exc}")
 
     def tasks(self, stage: str):
         for f, p, ds, error in self.projects():
             if p is None:
                 yield _failing(stage, f.stem, error)
             elif stage in stages_of(p):
-                yield self._task(stage, f, p, ds)
+                try:
+                    yield self._task(stage, f, p, ds)
+                except (OSError, RuntimeError) as exc:  # a model or weights path that cannot be resolved
+                    yield _failing(stage, f.stem, f"{f}: {exc}")
 
     def _task(self, stage: str, f: Path, p: Project, ds: Dataset) -> dict:
         from .stages import bucket, latents, resize, sample, tag, textemb, train
