@@ -14,7 +14,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import blocks, models
+from . import blocks, faults, models
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
 from .dist import launch_options
@@ -100,6 +100,7 @@ def run_stage(stage: str, root: str, project_file: str, config: dict | None = No
     from .captions import CaptionError
     from .stages.base import StageError
 
+    ctx = None
     try:
         ctx = _context(root, project_file)
         ctx.config = config or {}  # recorded in the stage's report, so `lorabuild status` can diff it
@@ -111,13 +112,11 @@ def run_stage(stage: str, root: str, project_file: str, config: dict | None = No
     except CorruptEntry as exc:
         return TaskFailed(_forget_corrupt(Workspace(Path(root)), Path(project_file).stem, exc))
     except OSError as exc:
-        from .cache import DISK_FULL
-
-        if exc.errno not in DISK_FULL:
+        if exc.filename is None:
             raise
-        where = Workspace(Path(root)).relative(Path(exc.filename)) if exc.filename else "a file"
-        return TaskFailed(f"{stage}:{Path(project_file).stem}: no space to write {where} ({exc.strerror}). "
-                          "Free some space and run the build again: everything finished before this is kept.")
+        return TaskFailed(faults.os_error(f"{stage}:{Path(project_file).stem}", Workspace(Path(root)), exc))
+    except KeyboardInterrupt:
+        faults.stopped(f"{stage}:{Path(project_file).stem}", ctx.memo.get("state_epoch") if ctx and stage == "train" else None)
 
 
 def _forget_corrupt(ws: Workspace, project: str, exc) -> str:
@@ -164,7 +163,7 @@ def _run(stage: str, ctx) -> None:
     elif stage == "tag":
         tag.run(ctx, dataset)
     elif stage == "bucket":
-        bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"))
+        bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"), p.get("dataset.on_bad_image"))
     elif stage == "latents":
         latents.run(ctx, _params(p, latents.PARAMS))
     elif stage == "textemb":
@@ -278,7 +277,14 @@ class Graph:
 
 
 def doit_config(root: Path) -> dict:
-    (root / "cache").mkdir(exist_ok=True)
+    from doit.exceptions import InvalidDodoFile
+
+    try:  # cache/ a file, a damaged doit database: one line, not doit's traceback
+        faults.check_workspace(Workspace(root))
+    except faults.WorkspaceError as exc:
+        raise InvalidDodoFile(str(exc)) from None
+    faults.guard_doit_database()
+    faults.quiet_interrupts()
     return {
         # sqlite3: the default dbm backend cannot be opened by two doit processes at once.
         "backend": "sqlite3",
