@@ -101,10 +101,10 @@ def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[Pa
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", need: int | None = None) -> Iterator[Any]:
     """Write ``path`` all-or-nothing through an open file; ``mode`` is ``"wb"`` or ``"w"`` (UTF-8)."""
     kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+    with atomic_path(path, need) as tmp, open(tmp, mode, **kwargs) as fh:
         yield fh
 
 
@@ -129,8 +129,9 @@ def dumps(obj: Any) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_write(path, "w") as fh:
-        fh.write(dumps(obj))
+    text = dumps(obj)
+    with atomic_write(path, "w", need=len(text.encode("utf-8"))) as fh:
+        fh.write(text)
 
 
 def write_json_if_changed(path: str | os.PathLike, obj: Any) -> bool:

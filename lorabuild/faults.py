@@ -152,14 +152,12 @@ def guard_doit_database() -> None:
     dump = SqliteDB.dump
 
     def guarded(self):
+        need = sum(len(self.codec.encode(self._cache[t])) for t in self._dirty)  # what this run adds
         try:
             dump(self)
         except sqlite3.Error as exc:
-            with_room = ""
-            size = Path(self.name).stat().st_size if Path(self.name).is_file() else 0
             free = _free(Path(self.name).parent)
-            if size and free is not None:
-                with_room = f"; it needs about {_size(size)}, {_size(free)} free there"
+            with_room = f"; it needs about {_size(need)}, {_size(free)} free there" if free is not None else ""
             print(f"lorabuild: cannot save doit's record of this build in {self.name} ({exc}{with_room}). "
                   "Nothing built is lost: the next build re-checks the stages against their caches",
                   file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from figures import COUNTS
+from figures import COUNTS, outcome
 from lorabuild import config
 
 
@@ -161,6 +161,7 @@ def test_values_training_would_choke_on_fail_at_their_line(tmp_path, extra, expe
     if extra.startswith("dataset:"):
         text = text.replace("dataset:\n  dirs: [data]\n", "")
     rc, lines = _validate(tmp_path, text)
+    outcome("\n".join(lines), clear=rc == 1 and len(lines) == 1 and lines[0].startswith(expected))
     assert rc == 1 and len(lines) == 1 and lines[0].startswith(expected), lines
     if "weights:" in extra:
         kind = extra.split("weights: ")[1].split(".")[0]
@@ -172,11 +173,13 @@ def test_values_training_would_choke_on_fail_at_their_line(tmp_path, extra, expe
 
 def test_a_long_project_file_name_and_a_huge_repeats_folder_fail_validate(tmp_path):
     rc, lines = _validate(tmp_path, GOOD, name="p" * 245 + ".yaml")
+    outcome("\n".join(lines), clear=rc == 1 and len(lines) == 1)
     assert rc == 1 and lines == [f"{'p' * 245}.yaml:1:1: the project's name (its file name without .yaml) is 245 "
                                  "characters; at most 128 (it names folders and files under cache/ and output/, and "
                                  "most file systems refuse names over 255 bytes)"]
     (tmp_path / "data" / "1000000000_x").mkdir(parents=True)
     rc, lines = _validate(tmp_path, GOOD)
+    outcome("\n".join(lines), clear=rc == 1 and len(lines) == 1)
     assert rc == 1 and lines == [f"p.yaml:3:3: dataset: {tmp_path / 'data' / '1000000000_x'}: 1000000000 repeats is "
                                  "more than 10000 (each repeat is a pass over the folder's images in every epoch): "
                                  "rename the folder"]
