@@ -275,13 +275,7 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     nw = data["network"]["weights"]
     if nw and not (root / nw).is_file():
         doc.problem(pos("network", "weights"), "network.weights", f"{(root / nw).resolve()} does not exist")
-    elif nw:
-        bad = limits.safetensors_problem((root / nw).resolve())
-        if bad:
-            doc.problem(pos("network", "weights"), "network.weights", bad)
-    out_name = data["output"]["name"]
-    if out_name and limits.name_problem(out_name, "output.name"):
-        doc.problem(pos("output", "name"), "output.name", limits.name_problem(out_name, "the name"))
+    limits.file_problems(data, doc, pos, root)
     _network_problems(data, doc, pos)
     b = data["bucket"]
     if b["min_reso"] > b["max_reso"]:
@@ -326,14 +320,6 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
     arch = data.get("model_type") if data.get("model_type") in ("sd1", "sd2", "sdxl") else arch
     for key, msg in length_problems(net, arch):
         doc.problem(pos("network", key), f"network.{key}", msg)
-
-
-def _library_problems(data: dict, doc: _Doc) -> None:
-    """Checks that import a training library (only for a file not validated before)."""
-    tr = data["train"]
-    for key, msg in limits.optimizer_arg_problems(tr["optimizer"], tr["optimizer_args"]):
-        path = ("train", "optimizer_args", key)
-        doc.problem(doc.keys.get(path) or doc.values.get(path[:-1], (1, 1)), dotted(path), msg)
 
 
 def apply_defaults(data: Any, sch: dict) -> Any:
@@ -393,7 +379,7 @@ def check(path: Path, display: str | None = None, memo_dir: Path | None = None) 
     apply_defaults(data, schema())
     _semantic_problems(data, doc, Path(path).resolve().parent)
     if memo is None or not memo.is_file():
-        _library_problems(data, doc)
+        limits.library_problems(data, doc)  # imports the optimizer's library: not on every doit load
     if doc.problems:
         doc.problems.sort(key=lambda p: (p.line, p.col))
         return None, doc.problems

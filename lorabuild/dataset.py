@@ -182,6 +182,8 @@ def from_project(project) -> Dataset:
     except OSError as exc:
         raise UnusableFolder(f"{exc.filename or 'a dataset folder'} cannot be read ({exc.strerror or exc})") from None
     except RuntimeError as exc:  # Path.resolve() on a symlink loop (Python < 3.13)
+        if "Symlink loop" not in str(exc):
+            raise
         raise UnusableFolder(f"{exc} (a symbolic link that points back at itself)") from None
 
 

@@ -85,6 +85,28 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def file_problems(data: dict, doc, pos, root: Path) -> None:
+    """network.weights' header and output.name's length (``pos(*path)``: a field's place)."""
+    nw = data["network"]["weights"]
+    if nw and (root / nw).is_file():
+        bad = safetensors_problem((root / nw).resolve())
+        if bad:
+            doc.problem(pos("network", "weights"), "network.weights", bad)
+    out_name = data["output"]["name"]
+    if out_name and name_problem(out_name, "the name"):
+        doc.problem(pos("output", "name"), "output.name", name_problem(out_name, "the name"))
+
+
+def library_problems(data: dict, doc) -> None:
+    """optimizer_args against the optimizer's constructor (imports its library)."""
+    from .config import dotted
+
+    tr = data["train"]
+    for key, msg in optimizer_arg_problems(tr["optimizer"], tr["optimizer_args"]):
+        path = ("train", "optimizer_args", key)
+        doc.problem(doc.keys.get(path) or doc.values.get(path[:-1], (1, 1)), dotted(path), msg)
+
+
 def _optimizer_class(name: str):
     """The constructor ``train.optimizer`` names, or None when its library is not installed."""
     try:

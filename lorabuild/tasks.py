@@ -183,6 +183,14 @@ def _failing(stage: str, name: str, message: str) -> dict:
     return {"basename": stage, "name": name, "actions": [fail], "verbosity": 2, "uptodate": [False]}
 
 
+def _unresolvable(exc: Exception) -> Exception:
+    """``exc`` when it says a path cannot be read or resolved (Python < 3.13's Path.resolve
+    raises RuntimeError on a symlink loop); any other RuntimeError is a bug, raised again."""
+    if isinstance(exc, RuntimeError) and "Symlink loop" not in str(exc):
+        raise exc
+    return exc
+
+
 class Graph:
     """Every project of a workspace, loaded once per doit invocation."""
 
@@ -210,7 +218,7 @@ class Graph:
         except DatasetError as exc:
             return (f, None, None, f"{f}: dataset: {exc}")
         except (OSError, RuntimeError) as exc:  # a path that cannot be resolved (a symlink loop)
-            return (f, None, None, f"{f}: {exc}")
+            return (f, None, None, f"{f}: {_unresolvable(exc)}")
 
     def tasks(self, stage: str):
         for f, p, ds, error in self.projects():
@@ -220,7 +228,7 @@ class Graph:
                 try:
                     yield self._task(stage, f, p, ds)
                 except (OSError, RuntimeError) as exc:  # a model or weights path that cannot be resolved
-                    yield _failing(stage, f.stem, f"{f}: {exc}")
+                    yield _failing(stage, f.stem, f"{f}: {_unresolvable(exc)}")
 
     def _task(self, stage: str, f: Path, p: Project, ds: Dataset) -> dict:
         from .stages import bucket, latents, resize, sample, tag, textemb, train

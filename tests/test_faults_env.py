@@ -79,7 +79,7 @@ def test_a_broken_project_fails_alone_and_validate_names_it(demo):
     assert dup.returncode != 0 and "Traceback" not in _out(dup)
     assert "dup.yaml: output.name 'demo' is also the output of" in _out(dup)
     other = demo.lorabuild("status", "other")
-    assert other.returncode == 1 and "Too many levels of symbolic links" in other.stderr and "Traceback" not in _out(other)
+    assert other.returncode == 1 and "Too many levels of symbolic links" in _out(other) and "Traceback" not in _out(other)
 
     proc = demo.lorabuild("validate")
     lines = proc.stderr.splitlines()
@@ -107,7 +107,8 @@ def test_a_4000x1_image_is_a_bad_image_named_or_skipped(demo):
     table = json.loads((demo.root / "output/demo/buckets/buckets.json").read_text())
     assert len(table["images"]) == 16 and not any("strip" in e["id"] for e in table["images"])
     assert any("skipped demo/10_redcircle shape/strip.png" in n for n in demo.report("bucket")["notes"])
-    assert not {"latents", "train"} & demo.ran("skip")  # the bucket manifest is as before: no latent, no training
+    # the bucket manifest is as before: no latent is encoded again, the LoRA trained before is restored
+    assert "latents" not in demo.ran("skip") and demo.report("train")["computed"] == 0
     outcome(_out(proc), clear=True)
 
 
@@ -156,7 +157,8 @@ def test_a_full_filesystem_during_latents_fails_in_one_line_and_the_next_build_c
     proc = demo.doit("train:demo", build="freed")
     rep = demo.report("latents")
     assert rep["reused"] == done and rep["computed"] == rep["items"] - done  # the finished entries are kept
-    assert demo.report("train")["computed"] == 0  # the same latents: the LoRA trained before is restored
+    # the same latent keys: training is up to date, or restores the LoRA trained before
+    assert "train" not in demo.ran("freed") or demo.report("train")["computed"] == 0
     lost = (demo.root / "output/demo/demo.safetensors").read_bytes() != lora
     outcome(_out(proc), clear=True, lost=lost)
     assert not lost and _entries_read(demo) > 0
