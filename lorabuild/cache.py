@@ -52,21 +52,29 @@ def _replace(src: str, dst: str) -> None:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def disk_full_errno(exc: BaseException) -> int | None:
+def disk_full_errno(exc: BaseException | None) -> int | None:
     """The errno if ``exc`` says the disk (or quota, or file size limit) is full. Writers in
-    other languages (safetensors' Rust) report it only in their message: ``(os error 28)``."""
-    if isinstance(exc, OSError):
-        return exc.errno if exc.errno in DISK_FULL else None
-    m = re.search(r"os error (\d+)", str(exc))
-    return int(m.group(1)) if m and int(m.group(1)) in DISK_FULL else None
+    other languages (safetensors' Rust) report it only in their message: ``(os error 28)``;
+    torch.save raises ``RuntimeError: unexpected pos …`` with the OSError as its context."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc.errno
+        m = re.search(r"os error (\d+)", str(exc))
+        if m and int(m.group(1)) in DISK_FULL:
+            return int(m.group(1))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[Path]:
     """Yield a temp path beside ``path``; when the block ends it is fsynced and renamed onto it.
 
     A process killed mid-write leaves at most a ``.*.tmp-*`` file, never a partial
-    target. For writers that want a file name (safetensors, PIL).
+    target. For writers that want a file name (safetensors, PIL). A full disk is an
+    OSError naming ``path``, with ``need``: the bytes the file needs (when the writer
+    knows them), else what was written before the disk filled (``need_at_least``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,8 +88,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _replace(str(tmp), str(path))
     except Exception as exc:
         code = disk_full_errno(exc)
-        if code and not (isinstance(exc, OSError) and exc.filename):
-            raise OSError(code, os.strerror(code), str(path)) from exc  # name the file being written
+        if code:
+            full = OSError(code, os.strerror(code), str(path))  # name the file being written
+            with contextlib.suppress(OSError):
+                full.need_at_least = tmp.stat().st_size
+            full.need = need
+            raise full from exc
         raise
     finally:
         if tmp.exists():
@@ -90,10 +102,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", need: int | None = None) -> Iterator[Any]:
     """Write ``path`` all-or-nothing through an open file; ``mode`` is ``"wb"`` or ``"w"`` (UTF-8)."""
     kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+    with atomic_path(path, need) as tmp, open(tmp, mode, **kwargs) as fh:
         yield fh
 
 
@@ -118,8 +130,9 @@ def dumps(obj: Any) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_write(path, "w") as fh:
-        fh.write(dumps(obj))
+    text = dumps(obj)
+    with atomic_write(path, "w", need=len(text.encode("utf-8"))) as fh:
+        fh.write(text)
 
 
 def write_json_if_changed(path: str | os.PathLike, obj: Any) -> bool:
@@ -247,13 +260,13 @@ class Store:
                 p.unlink()
 
     @contextlib.contextmanager
-    def put(self, h: str, key: dict, info: dict | None = None) -> Iterator[Path]:
+    def put(self, h: str, key: dict, info: dict | None = None, need: int | None = None) -> Iterator[Path]:
         """Yield a temp path to write the entry to; it becomes visible only when complete.
 
         The sidecar, with the checksum of the finished bytes, is written before the data is
         renamed into place, so "data file exists" means the entry is whole and checkable.
         """
-        with atomic_path(self.path(h)) as tmp:
+        with atomic_path(self.path(h), need) as tmp:
             yield tmp
             write_json(self.sidecar(h), {"key": key, "info": info or {}, "sum": file_sum(tmp)})
 

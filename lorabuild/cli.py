@@ -148,9 +148,11 @@ def cmd_plan(root: Path, name: str, as_json: bool) -> int:
 def cmd_status(root: Path, name: str, as_json: bool, rehash: bool = False) -> int:
     import json
 
+    from .faults import WorkspaceError, check_workspace
     from .status import project_status, render
 
     try:
+        check_workspace(Workspace(root))  # cache/ a file, a damaged doit database
         if rehash:
             from .status import rehash as forget_hashes
 
@@ -158,6 +160,9 @@ def cmd_status(root: Path, name: str, as_json: bool, rehash: bool = False) -> in
         st = project_status(root, name)
     except KeyError as exc:
         print(f"lorabuild status: {exc.args[0]}", file=sys.stderr)
+        return 1
+    except WorkspaceError as exc:
+        print(f"lorabuild status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(st, indent=1) if as_json else render(st))
     return 1 if st.get("error") else 0

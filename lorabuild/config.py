@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from . import __version__
+from . import __version__, limits
 from .captions import is_randomised
 from .models import BUILTIN_MODELS, PICKLE_SUFFIXES
 from .resources import schema_path
@@ -279,6 +279,7 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     nw = data["network"]["weights"]
     if nw and not (root / nw).is_file():
         doc.problem(pos("network", "weights"), "network.weights", f"{(root / nw).resolve()} does not exist")
+    limits.file_problems(data, doc, pos, root)
     _network_problems(data, doc, pos)
     _noise_problems(data["train"], doc, pos)
     b = data["bucket"]
@@ -388,14 +389,23 @@ def check(path: Path, display: str | None = None, memo_dir: Path | None = None) 
     if data is None or doc.problems:
         return None, doc.problems
     normalize_enums(data, schema())  # AdamW8bit is adamw8bit: kohya's spellings are unambiguous
+    limits.non_finite(data, doc)
+    too_long = limits.name_problem(Path(path).stem, "the project's name (its file name without .yaml)")
+    if too_long:
+        doc.problem((1, 1), "", too_long)
     memo = Path(memo_dir) / _memo_key(raw) if memo_dir else None
-    if memo is None or not memo.is_file():
+    if memo is None or not memo.is_file() or doc.problems:
+        found = len(doc.problems)  # a non-finite number or a long name leaves the document's shape as it is
         _schema_problems(data, doc)
-        if doc.problems:
+        seen = {(p.line, p.col, p.field) for p in doc.problems[:found]}  # -inf is also "less than the minimum"
+        doc.problems[found:] = [p for p in doc.problems[found:] if (p.line, p.col, p.field) not in seen]
+        if len(doc.problems) > found:
             doc.problems.sort(key=lambda p: (p.line, p.col))
             return None, doc.problems
     apply_defaults(data, schema())
     _semantic_problems(data, doc, Path(path).resolve().parent)
+    if memo is None or not memo.is_file():
+        limits.library_problems(data, doc)  # imports the optimizer's library: not on every doit load
     if doc.problems:
         doc.problems.sort(key=lambda p: (p.line, p.col))
         return None, doc.problems
@@ -418,7 +428,7 @@ def load_project(path: str | Path, display: str | None = None, memo_dir: Path | 
 def validate_files(files: list[str]) -> int:
     from .winenv import output_clashes
 
-    bad, names = 0, []
+    bad, names, valid = 0, [], []
     for f in files:
         data, problems = check(Path(f), f)
         for p in problems:
@@ -431,10 +441,15 @@ def validate_files(files: list[str]) -> int:
         bad += bool(problems)
         if data is not None:
             names.append((f, data["output"]["name"] or Path(f).stem))
+        if not problems:
+            valid.append((Path(f), f, data))
     for f, message in output_clashes(names).items():  # Demo vs demo: one folder on Windows
         print(f"{f}: output.name: {message}", file=sys.stderr)
         bad += 1
-    return 1 if bad else 0
+    more = limits.workspace_problems(valid)  # datasets that cannot be listed, output names shared
+    for p in more:
+        print(p, file=sys.stderr)
+    return 1 if bad or more else 0
 
 
 def cmd_validate(files: list[str]) -> int:

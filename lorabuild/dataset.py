@@ -12,11 +12,18 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+# as the schema's dataset.concepts.repeats maximum: an epoch lists every image this many times
+MAX_REPEATS = 10_000
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
 
 class DatasetError(Exception):
     """A dataset layout problem the user must fix; the message says how."""
+
+
+class UnusableFolder(DatasetError):
+    """A folder that cannot be listed (a symlink loop, no permission) or is named for absurd
+    repeats: ``validate`` reports these, unlike a folder that simply has no images yet."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,9 @@ def _kohya_concepts(ds: Path, is_reg: bool, warnings: list[str], caption_extensi
                 f"(rename it to e.g. '10_{sub.name}', or list it under dataset.concepts)"
             )
             continue
+        if parsed[0] > MAX_REPEATS:
+            raise UnusableFolder(f"{Path(sub.path)}: {parsed[0]} repeats is more than {MAX_REPEATS} "
+                               "(each repeat is a pass over the folder's images in every epoch): rename the folder")
         out.append(Concept(Path(sub.path), parsed[0], parsed[1], is_reg, caption_extension=caption_extension))
     if not out:
         if loose and parse_concept_name(ds.name) is not None:
@@ -159,11 +169,22 @@ def _val_concepts(ds: Path, warnings: list[str], caption_extension: str) -> list
 
 
 def from_project(project) -> Dataset:
-    """The dataset a project describes (paths resolved against the project's folder)."""
+    """The dataset a project describes (paths resolved against the project's folder).
+
+    A folder that cannot be listed (a symlink loop, no permission) is a DatasetError naming
+    it, so it fails this project's tasks alone and not the whole task graph.
+    """
     d = project.section("dataset")
-    explicit = [{**c, "path": project.resolve(c["path"])} for c in d["concepts"]]
-    return scan([project.resolve(x) for x in d["dirs"]], project.root, d["caption_extension"],
-                [project.resolve(x) for x in d["reg_dirs"]], explicit, [project.resolve(x) for x in d["val_dirs"]])
+    try:
+        explicit = [{**c, "path": project.resolve(c["path"])} for c in d["concepts"]]
+        return scan([project.resolve(x) for x in d["dirs"]], project.root, d["caption_extension"],
+                    [project.resolve(x) for x in d["reg_dirs"]], explicit, [project.resolve(x) for x in d["val_dirs"]])
+    except OSError as exc:
+        raise UnusableFolder(f"{exc.filename or 'a dataset folder'} cannot be read ({exc.strerror or exc})") from None
+    except RuntimeError as exc:  # Path.resolve() on a symlink loop (Python < 3.13)
+        if "Symlink loop" not in str(exc):
+            raise
+        raise UnusableFolder(f"{exc} (a symbolic link that points back at itself)") from None
 
 
 def _concept_images(concept: Concept, project_root: Path, caption_extension: str) -> list[ImageFile]:

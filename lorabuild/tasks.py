@@ -14,10 +14,11 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import blocks, models, publish
+from . import blocks, faults, models, publish
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
 from .dist import launch_options
+from .limits import shared_outputs
 from .winenv import output_clashes
 from .workspace import Workspace, build_id
 
@@ -100,6 +101,7 @@ def run_stage(stage: str, root: str, project_file: str, config: dict | None = No
     from .captions import CaptionError
     from .stages.base import StageError
 
+    ctx = None
     try:
         ctx = _context(root, project_file)
         ctx.config = config or {}  # recorded in the stage's report, so `lorabuild status` can diff it
@@ -111,13 +113,11 @@ def run_stage(stage: str, root: str, project_file: str, config: dict | None = No
     except CorruptEntry as exc:
         return TaskFailed(_forget_corrupt(Workspace(Path(root)), Path(project_file).stem, exc))
     except OSError as exc:
-        from .cache import DISK_FULL
-
-        if exc.errno not in DISK_FULL:
+        if exc.filename is None:
             raise
-        where = Workspace(Path(root)).relative(Path(exc.filename)) if exc.filename else "a file"
-        return TaskFailed(f"{stage}:{Path(project_file).stem}: no space to write {where} ({exc.strerror}). "
-                          "Free some space and run the build again: everything finished before this is kept.")
+        return TaskFailed(faults.os_error(f"{stage}:{Path(project_file).stem}", Workspace(Path(root)), exc))
+    except KeyboardInterrupt:
+        faults.stopped(f"{stage}:{Path(project_file).stem}", ctx.memo.get("state_epoch") if ctx and stage == "train" else None)
 
 
 def _forget_corrupt(ws: Workspace, project: str, exc) -> str:
@@ -170,7 +170,7 @@ def _run(stage: str, ctx) -> None:
     elif stage == "tag":
         tag.run(ctx, dataset)
     elif stage == "bucket":
-        bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"))
+        bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"), p.get("dataset.on_bad_image"))
     elif stage == "latents":
         latents.run(ctx, _params(p, latents.PARAMS))
     elif stage == "textemb":
@@ -208,6 +208,14 @@ def _warn_missing_packages(p: Project) -> None:
             print(f"warning: {p.name}: {message(n)} (the {n.stage} stage will stop at its start)", file=sys.stderr)
 
 
+def _unresolvable(exc: Exception) -> Exception:
+    """``exc`` when it says a path cannot be read or resolved (Python < 3.13's Path.resolve
+    raises RuntimeError on a symlink loop); any other RuntimeError is a bug, raised again."""
+    if isinstance(exc, RuntimeError) and "Symlink loop" not in str(exc):
+        raise exc
+    return exc
+
+
 class Graph:
     """Every project of a workspace, loaded once per doit invocation."""
 
@@ -217,30 +225,39 @@ class Graph:
         self._loaded: list[tuple[Path, Project | None, Dataset | None, str]] | None = None
 
     def projects(self):
+        """(file, project, dataset, error) for each project; a project that cannot be loaded
+        has only its error, which fails its own tasks and leaves the others buildable."""
         if self._loaded is None:
-            self._loaded = []
-            for f in self.ws.project_files():
-                try:
-                    p = load_project(f, memo_dir=self.ws.cache / "validated")
-                    ds = from_project(p)
-                    self._loaded.append((f, p, ds, ""))
-                    _warn_missing_packages(p)
-                except ProjectError as exc:
-                    self._loaded.append((f, None, None, f"{f.stem}: invalid project, nothing built:\n{exc}"))
-                except DatasetError as exc:
-                    self._loaded.append((f, None, None, f"{f}: dataset: {exc}"))
-            clashes = output_clashes([(str(f), p.output_name) for f, p, _, _ in self._loaded if p is not None])
-            for i, (f, *_rest) in enumerate(self._loaded):
-                if str(f) in clashes:  # Demo and demo: one output folder on Windows
-                    self._loaded[i] = (f, None, None, f"{f.stem}: {clashes[str(f)]}")
+            loaded = [self._load(f) for f in self.ws.project_files()]
+            shared = shared_outputs([(str(f), p.name, p.output_name) for f, p, _, _ in loaded if p is not None])
+            clashes = output_clashes([(str(f), p.output_name) for f, p, _, _ in loaded if p is not None])
+            self._loaded = [(e[0], None, None, f"{e[0]}: output.name {shared[str(e[0])]}") if str(e[0]) in shared
+                            else (e[0], None, None, f"{e[0].stem}: {clashes[str(e[0])]}") if str(e[0]) in clashes
+                            else e for e in loaded]
         return self._loaded
+
+    def _load(self, f: Path):
+        try:
+            p = load_project(f, memo_dir=self.ws.cache / "validated")
+            ds = from_project(p)
+            _warn_missing_packages(p)
+            return (f, p, ds, "")
+        except ProjectError as exc:
+            return (f, None, None, f"{f.stem}: invalid project, nothing built:\n{exc}")
+        except DatasetError as exc:
+            return (f, None, None, f"{f}: dataset: {exc}")
+        except (OSError, RuntimeError) as exc:  # a path that cannot be resolved (a symlink loop)
+            return (f, None, None, f"{f}: {_unresolvable(exc)}")
 
     def tasks(self, stage: str):
         for f, p, ds, error in self.projects():
             if p is None:
                 yield _failing(stage, f.stem, error)
             elif stage in stages_of(p):
-                yield self._task(stage, f, p, ds)
+                try:
+                    yield self._task(stage, f, p, ds)
+                except (OSError, RuntimeError) as exc:  # a model or weights path that cannot be resolved
+                    yield _failing(stage, f.stem, f"{f}: {_unresolvable(exc)}")
 
     def _task(self, stage: str, f: Path, p: Project, ds: Dataset) -> dict:
         from .stages import bucket, latents, resize, sample, tag, textemb, train
@@ -308,6 +325,14 @@ def doit_config(root: Path) -> dict:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     (root / "cache").mkdir(exist_ok=True)
+    from doit.exceptions import InvalidDodoFile
+
+    try:  # cache/ a file, a damaged doit database: one line, not doit's traceback
+        faults.check_workspace(Workspace(root))
+    except faults.WorkspaceError as exc:
+        raise InvalidDodoFile(str(exc)) from None
+    faults.guard_doit_database()
+    faults.quiet_interrupts()
     return {
         # sqlite3: the default dbm backend cannot be opened by two doit processes at once.
         "backend": "sqlite3",

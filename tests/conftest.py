@@ -117,11 +117,11 @@ def tiny_unet_te():
 
 
 def pytest_terminal_summary(terminalreporter):
-    from figures import COUNTS, FIGURES
+    from figures import COUNTS, FIGURES, outcome_lines
 
-    if FIGURES or COUNTS:
+    if FIGURES or COUNTS or outcome_lines():
         terminalreporter.section("fault and bad-input figures")
-        for line in FIGURES:
+        for line in FIGURES + outcome_lines():
             terminalreporter.write_line(line)
         for kind, n in sorted(COUNTS.items()):
             terminalreporter.write_line(f"bad input: {n} {kind}, each a result or a clear error, no traceback")

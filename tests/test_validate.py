@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from figures import COUNTS, outcome
 from lorabuild import config
 
 
@@ -138,3 +139,80 @@ def test_timestep_range_and_noise_refinements_without_their_base_are_refused(tmp
          "noise_offset_random_strength: true, ip_noise_gamma: 0.1, scale_weight_norms: 1}\nnetwork: {rank_dropout: 0.1, " \
          "module_dropout: 0.1}\n"
     assert _validate(tmp_path, GOOD + ok) == (0, [])
+
+
+def _weights_file(tmp_path, kind: str) -> str:
+    """A network.weights file that is not safetensors: a torch pickle, garbage, a truncated file."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "pickle":
+        torch.save({"a": torch.zeros(3)}, path)
+    elif kind == "bogus":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    else:
+        save_file({"a": torch.zeros(3)}, str(path))
+        path.write_bytes(path.read_bytes()[:-4])
+    return path.name
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("train:\n  learning_rate: .nan\n", "p.yaml:5:18: train.learning_rate: nan is not a finite number"),
+    ("network:\n  alpha: .inf\n", "p.yaml:5:10: network.alpha: inf is not a finite number"),
+    ("train:\n  max_grad_norm: -.inf\n", "p.yaml:5:18: train.max_grad_norm: -inf is not a finite number"),
+    ("train:\n  optimizer_args: {eps: .nan}\n", "p.yaml:5:25: train.optimizer_args.eps: nan is not a finite number"),
+    ("train:\n  optimizer_args: {foo: 1}\n",
+     "p.yaml:5:20: train.optimizer_args.foo: AdamW takes no argument 'foo' (it takes: betas, eps, weight_decay, "
+     "amsgrad, maximize, foreach, capturable, differentiable, fused)"),
+    ("train:\n  optimizer: sgd\n  optimizer_args: {betas: [0.9, 0.99]}\n",
+     "p.yaml:6:20: train.optimizer_args.betas: SGD takes no argument 'betas'"),
+    ("train:\n  optimizer_args: {lr: 0.1}\n",
+     "p.yaml:5:20: train.optimizer_args.lr: 'lr' is set by train.learning_rate (and unet_lr, text_encoder_lr), not here"),
+    ("dataset:\n  concepts: [{path: data, repeats: 1000000000}]\n",
+     "p.yaml:3:36: dataset.concepts.0.repeats: 1000000000 is greater than the maximum of 10000"),
+    ("network:\n  conv_dim: 10000000\n", "p.yaml:5:13: network.conv_dim: 10000000 is greater than the maximum of 4096"),
+    ("output:\n  name: " + "n" * 300 + "\n", "p.yaml:5:9: output.name: the name is 300 characters; at most 128"),
+    ("network:\n  weights: pickle.safetensors\n", "p.yaml:5:12: network.weights: "),
+    ("network:\n  weights: bogus.safetensors\n", "p.yaml:5:12: network.weights: "),
+    ("network:\n  weights: truncated.safetensors\n", "p.yaml:5:12: network.weights: "),
+])
+def test_values_training_would_choke_on_fail_at_their_line(tmp_path, extra, expected):
+    text = GOOD + extra
+    if "weights:" in extra:
+        _weights_file(tmp_path, extra.split("weights: ")[1].split(".")[0])
+    if extra.startswith("dataset:"):
+        text = text.replace("dataset:\n  dirs: [data]\n", "")
+    rc, lines = _validate(tmp_path, text)
+    outcome("\n".join(lines), clear=rc == 1 and len(lines) == 1 and lines[0].startswith(expected))
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith(expected), lines
+    if "weights:" in extra:
+        kind = extra.split("weights: ")[1].split(".")[0]
+        reason = {"pickle": "is a pickle (torch.save) file, not safetensors", "bogus": "its header is not JSON",
+                  "truncated": "the header's entry for tensor 'a' does not match the file"}[kind]
+        assert reason in lines[0]
+    COUNTS["values training chokes on (item 5)"] += 1
+
+
+def test_a_long_project_file_name_and_a_huge_repeats_folder_fail_validate(tmp_path):
+    rc, lines = _validate(tmp_path, GOOD, name="p" * 245 + ".yaml")
+    outcome("\n".join(lines), clear=rc == 1 and len(lines) == 1)
+    assert rc == 1 and lines == [f"{'p' * 245}.yaml:1:1: the project's name (its file name without .yaml) is 245 "
+                                 "characters; at most 128 (it names folders and files under cache/ and output/, and "
+                                 "most file systems refuse names over 255 bytes)"]
+    (tmp_path / "data" / "1000000000_x").mkdir(parents=True)
+    rc, lines = _validate(tmp_path, GOOD)
+    outcome("\n".join(lines), clear=rc == 1 and len(lines) == 1)
+    assert rc == 1 and lines == [f"p.yaml:3:3: dataset: {tmp_path / 'data' / '1000000000_x'}: 1000000000 repeats is "
+                                 "more than 10000 (each repeat is a pass over the folder's images in every epoch): "
+                                 "rename the folder"]
+    COUNTS["values training chokes on (item 5)"] += 2
+
+
+def test_a_good_weights_file_and_known_optimizer_args_pass(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
+    extra = "network:\n  weights: w.safetensors\ntrain:\n  optimizer_args: {betas: [0.9, 0.99], eps: 1.0e-8}\n"
+    assert _validate(tmp_path, GOOD + extra) == (0, [])

@@ -20,7 +20,11 @@ STAGE = "bucket"
 VERSION = 1
 PARAMS = ("bucket.resolution", "bucket.min_reso", "bucket.max_reso", "bucket.step", "bucket.no_upscale")
 # Not part of an item's key (it does not change a decision, only whether the image is used).
-FILTER_PARAMS = ("bucket.small_images",)
+FILTER_PARAMS = ("bucket.small_images", "dataset.on_bad_image")
+# An image of which less than this share would be left after the centre crop (a 4000×1 strip
+# in a 1024×256 bucket keeps 0.1%) is a bad image: kohya would train on the sliver, scaled up
+# hundreds of times; here it stops the stage naming it, or is left out with on_bad_image: skip.
+MIN_KEPT = 0.1
 
 
 DECISION = ("bucket", "resized", "crop", "scale", "cropped_share", "ar_error", "upscaled")  # what decide() returns
@@ -43,7 +47,7 @@ def decide(w: int, h: int, params: dict, ladder: list[tuple[int, int]]) -> dict:
     }
 
 
-def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
+def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image: str = "error") -> dict:
     sr = StageRun(ctx, STAGE)
     store = ctx.store(STAGE, ".fit.json")
     resized = ctx.read_manifest("resize")["items"]
@@ -78,6 +82,14 @@ def run(ctx: Context, params: dict, small_images: str = "upscale") -> dict:
                     with store.put(item.hash, item.key, d) as tmp:
                         tmp.write_text(canonical_json(d), encoding="utf-8")
                     sr.computed += 1
+        if 1 - d["cropped_share"] < MIN_KEPT:
+            bad = (f"{item.id} ({item.data['orig_size'][0]}x{item.data['orig_size'][1]}): only "
+                   f"{1 - d['cropped_share']:.1%} of it would fit its bucket {d['bucket'][0]}x{d['bucket'][1]}")
+            if on_bad_image != "skip":
+                raise StageError(f"{bad}: crop the image, or set dataset.on_bad_image: skip to leave it out")
+            sr.notes.append(f"skipped {bad}")
+            print(f"warning: skipped {bad}", flush=True)
+            continue
         if d["upscaled"] and max(item.data["orig_size"]) > max(w, h):
             regrown.append(f"{item.id} ({item.data['orig_size'][0]}x{item.data['orig_size'][1]} → {w}x{h} → "
                            f"{d['bucket'][0]}x{d['bucket'][1]})")
@@ -175,6 +187,7 @@ def _sheet(resize_store, group: list[dict], path: Path, thumb: int, columns: int
         tile = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))))
         dim = Image.new("RGB", tile.size, "black")
         left, top, right, bottom = (round(c * k) for c in e["crop"])
+        right, bottom = max(right, left + 1), max(bottom, top + 1)  # a crop thinner than a pixel here stays visible
         mask = Image.new("L", tile.size, 110)
         ImageDraw.Draw(mask).rectangle([left, top, right - 1, bottom - 1], fill=255)
         tile = Image.composite(tile, dim, mask)

@@ -160,7 +160,8 @@ def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None
                                it.data["crop"], params["interpolation"], lat.shape[-2:],
                                source_bytes(resize_store, it.data["src"], it.data["source"]))
             tensors["mask"] = mask if mask is not None else torch.ones(lat.shape[-2:])
-        with store.put(it.hash, it.key, {"shape": list(tensors["latent"].shape)}) as tmp:
+        need = sum(t.element_size() * t.nelement() for t in tensors.values())  # said when the disk is full
+        with store.put(it.hash, it.key, {"shape": list(tensors["latent"].shape)}, need=need) as tmp:
             save_file(tensors, str(tmp))
 
 

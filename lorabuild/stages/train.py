@@ -124,6 +124,18 @@ def step_save_points(every: int | None, plan) -> dict[str, tuple[str, int]]:
     return {f"s{s:06d}": (f"step {s}", s) for s in range(every, plan.total_steps, every)}
 
 
+def _tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a (nested) training state: about what saving it needs."""
+    if hasattr(obj, "element_size"):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+
 def _write_csv(path: Path, header: list[str], rows: list) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -246,8 +258,10 @@ def _train(r: Run, resume: dict | None) -> list:
         if not rank.main:
             return
         skey = entry_key(wkey, r.plan, "state", epoch)
-        with states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"]}) as tmp, open(tmp, "wb") as fh:
-            torch.save(state, fh)  # through a Python file, so a full disk surfaces as an OSError
+        with (states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"]}, need=_tensor_bytes(state)) as tmp,
+              open(tmp, "wb") as fh):
+            torch.save(state, fh)  # through a Python file: a full disk's OSError is the context of torch's error
+        ctx.memo["state_epoch"] = epoch  # what a Ctrl-C leaves to continue from (tasks.run_stage says so)
         for old in kept_state:
             states.remove(key_hash(entry_key(wkey, r.plan, "state", old)))  # superseded by this later state
         kept_state[:] = [] if epoch in r.saved else [epoch]
@@ -411,6 +425,7 @@ def run(ctx: Context, dataset) -> dict:
             import torch
 
             resume = checked_read("train", states.path(state_h(e0)), lambda f: torch.load(f, weights_only=True))
+            ctx.memo["state_epoch"] = e0
             notes.append(f"continued from the training state after epoch {e0} (step {resume['step']})"
                          if e0 < plan.epochs else f"assembled from epochs trained before (up to epoch {e0})")
         elif "total_steps" in wkey:
