@@ -224,9 +224,15 @@ def rows(ctx: Context) -> list[Row]:
 
 
 def publish(out_dir: Path, items: list[Item], store) -> None:
+    """Copy the images out of the store, each with its settings in A1111's ``parameters`` chunk
+    (added here, so the store's entries and their keys stay as they were)."""
+    from ..gallery import a1111_parameters, with_text_chunk
+
     for it in items:
+        lora = it.data["lora"]
+        text = a1111_parameters(it.data["settings"], lora and Path(lora).stem, it.key["lora"])
         with atomic_path(out_dir / f"{it.id}.png") as tmp:
-            tmp.write_bytes(store.path(it.hash).read_bytes())
+            tmp.write_bytes(with_text_chunk(store.path(it.hash).read_bytes(), "parameters", text))
 
 
 def run(ctx: Context) -> dict:
