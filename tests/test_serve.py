@@ -101,6 +101,35 @@ def test_a_network_bind_refuses_every_request_without_its_token(fresh):
         assert c.get("/api/projects").status_code == 401
 
 
+def test_lorabuild_serve_on_a_network_address_prints_a_token_and_refuses_requests_without_it(fresh):
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lorabuild", "serve", "--host", "0.0.0.0", "--port", str(port)],
+                            cwd=fresh, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = [proc.stdout.readline() for _ in range(3)]
+        token = printed[1].strip()
+        assert "needs this token" in printed[0] and printed[2].strip().endswith(f"?token={token}")
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                refused = httpx.get(f"{base}/api/projects")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert refused.status_code == 401 and "token" in refused.json()["error"]
+        assert httpx.get(f"{base}/api/projects?token={token}x").status_code == 401
+        assert httpx.get(f"{base}/api/projects?token={token}").json() == {"projects": ["demo"]}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_loopback_answers_only_to_a_localhost_host_header(fresh):
     with client(fresh) as c:
         assert c.get("/api/projects").status_code == 200
@@ -246,3 +275,27 @@ def test_every_sample_png_carries_its_settings_as_a1111_parameters(demo):
         grid = c.get("/api/projects/demo/samples").json()
     assert [r["label"] for r in grid["rows"]] == ["base model", "epoch 1"] and grid["columns"] == [0, 1]
     assert grid["rows"][1]["cells"][1]["parameters"] == epoch
+
+
+def test_stopping_a_build_keeps_the_last_finished_epochs_state_and_train_continues_from_it(demo):
+    demo.edit(lambda d: d["train"].update(epochs=3))
+    live = demo.root / "cache/live/demo/train.json"
+    with client(demo.root, run_queue=True) as c:
+        h = writes(c)
+        eid = c.post("/api/queue", json={"target": "train:demo"}, headers=h).json()["id"]
+        for _ in range(6000):  # until epoch 2 is under way: epoch 1's state is saved by then
+            d = json.loads(live.read_text()) if live.is_file() else {}
+            if d.get("state") == "running" and d.get("total_steps") == 120 and d.get("epoch", 0) >= 2:
+                break
+            time.sleep(0.1)
+        assert c.post(f"/api/queue/{eid}/stop", json={}, headers=h).json() == {"result": "stopping"}
+        for _ in range(1200):
+            entry = next(e for e in c.get("/api/queue").json()["entries"] if e["id"] == eid)
+            if entry["state"] != "running":
+                break
+            time.sleep(0.1)
+    assert entry["state"] == "stopped"
+    assert "the training state of epoch 1 is kept" in entry["note"]
+    assert json.loads(live.read_text())["state"] == "stopped"
+    demo.doit("train:demo", build="again")
+    assert "continued from the training state after epoch 1 (step 40)" in " ".join(demo.report("train")["notes"])

@@ -128,6 +128,8 @@ function renderLive() {
       stat("loss", last ? last[2].toFixed(4) : "—"), stat("smoothed", sm.length ? sm[sm.length - 1][1].toFixed(4) : "—"),
       stat("lr", last && last[3] != null ? Number(last[3]).toExponential(2) : "—"),
       stat("best epoch (validation)", best ? `${best[0]} (${best[2].toFixed(4)})` : "—"));
+    const quiet = Date.now() / 1000 - L.updated;
+    if (L.state === "running" && quiet > 120) stats.append(el("p", {class: "warn"}, `no update for ${fmtTime(quiet)}: the build may have been killed`));
     if (L.state === "stopped") stats.append(el("p", {class: "warn"}, "stopped: the training state of the last finished epoch is kept; building train again continues from it"));
     $("#live-bar").style.width = `${Math.min(100, 100 * L.step / Math.max(1, L.total_steps))}%`;
   }
