@@ -77,7 +77,7 @@ def test_the_dashboard_shows_status_edits_captions_and_runs_a_queue_live(demo):
             image.locator("textarea").fill("redcircle, shape, edited in the browser")
             image.locator("button", has_text="Save").click()
             expect(image).to_contain_text("saved")
-            assert (demo.data / CAPTION).with_suffix(".txt").read_text() == "redcircle, shape, edited in the browser\n"
+            assert (demo.root / "projects" / CAPTION).with_suffix(".txt").read_text() == "redcircle, shape, edited in the browser\n"
             shot(page, "dataset")
             page.click('#tabs button[data-view="projects"]')
             expect(card.locator('li[data-stage="textemb"]')).to_have_text(["textemb: 1 caption files changed"],

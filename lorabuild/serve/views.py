@@ -89,8 +89,11 @@ def samples(root: Path, name: str) -> dict:
     order = [i["id"] for i in manifest.get("items", [])]
     files = {p.stem: p for p in folder.glob("*.png") if SAMPLE_NAME.match(p.name)} if folder.is_dir() else {}
     rank = {i: n for n, i in enumerate(order)}
+    lv = read_live(Workspace(root).cache, name) or {}
+    # images the sample stage has not listed yet (rendered while training) go by their step
+    spe = lv.get("steps_per_epoch")
     rows: dict[str, dict] = {}
-    for stem in sorted(files, key=lambda s: (rank.get(s, len(rank)), _row_step(s), s)):
+    for stem in sorted(files, key=lambda s: (rank.get(s, len(rank)), _row_step(s.split("-")[0], spe), s)):
         row_id, col = stem.split("-")[0], int(stem.split("-")[1])
         try:
             with Image.open(files[stem]) as im:
@@ -106,9 +109,13 @@ def samples(root: Path, name: str) -> dict:
             "stamp": max((p.stat().st_mtime for p in files.values()), default=0)}
 
 
-def _row_step(row_stem: str) -> int:
-    rid = row_stem.split("-")[0]
-    return -1 if rid == "base" else int(rid[1:]) * (1000 if rid[0] == "e" else 1)
+def _row_step(row_id: str, steps_per_epoch: int | None) -> float:
+    if row_id == "base":
+        return -1
+    n = int(row_id[1:])
+    if row_id[0] == "s":
+        return n
+    return n * steps_per_epoch + 0.5 if steps_per_epoch else float("inf")  # an epoch's row after its last step's
 
 
 def _row_label(row_id: str) -> str:
