@@ -140,8 +140,10 @@ def test_the_dashboard_shows_status_edits_captions_and_runs_a_queue_live(demo):
             shot(page, "builds")
             page.click('#tabs button[data-view="samples"]')
             expect(page.locator('#grid tr[data-row="e000002"] img')).to_have_count(2, timeout=30_000)
-            images = page.evaluate("[...document.querySelectorAll('#grid img')].map(i => i.complete && i.naturalWidth)")
-            assert len(images) == 2 * 2 and all(images)  # base and epoch 2 (save_every_n_epochs) × two prompts
+            expect(page.locator("#grid img")).to_have_count(2 * 2)  # base and epoch 2 (save_every_n_epochs) × two prompts
+            page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete)")
+            images = page.evaluate("[...document.querySelectorAll('#grid img')].map(i => i.naturalWidth)")
+            assert images == [128] * 4  # none broken
             page.locator('#grid tr[data-row="base"] img').nth(0).click()
             page.locator('#grid tr[data-row="e000002"] img').nth(0).click()
             expect(page.locator("#viewer-cells figure")).to_have_count(2)  # side by side
