@@ -1,4 +1,4 @@
-"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, watch, tag, gc),
+"""The ``lorabuild`` command: project chores around the doit build (validate, init, plan, status, watch, tag, gc, serve),
 and ``train`` for launching a build on several processes or nodes.
 
 Training knobs live in the project YAML and its schema, never in flags here; ``train``'s flags
@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-rank", type=int, help="this machine's place, 0 … nnodes-1; node 0 runs the build and writes")
     p.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, where the nodes meet (torchrun --rdzv-endpoint)")
     p.add_argument("--until", choices=["train", "sample"], default="train", help="on node 0: stop after train or sample")
+    p = sub.add_parser("serve", help="a local web dashboard: status, builds and a queue, live training, samples, captions")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs the printed token)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p = sub.add_parser("gc", help="delete cache entries no project uses")
     p.add_argument("--dry-run", action="store_true")
     sub.add_parser("doctor", help="what this machine can do (GPU, bf16, optional packages, paths, disk, versions), and fixes")
@@ -281,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         launch = {"nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
                   "rdzv_endpoint": args.rdzv_endpoint}
         return cmd_train(find_root(), args.name, launch, args.until)
+    if args.cmd == "serve":
+        from .serve import cmd_serve
+
+        return cmd_serve(find_root(), args.host, args.port, args.open)
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
     if args.cmd == "doctor":

@@ -55,3 +55,36 @@ def index_html(rows: list[tuple[str, list[tuple[str, dict]]]], out: Path, title:
     parts.append("</table>")
     with atomic_write(out, "w") as fh:
         fh.write("\n".join(parts) + "\n")
+
+
+# A1111's sampler names (modules/sd_samplers_*.py), as its "parameters" text shows them.
+A1111_SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpm++_2m": "DPM++ 2M",
+                  "dpm++_2m_karras": "DPM++ 2M Karras", "pndm": "PLMS", "lms": "LMS", "heun": "Heun"}
+
+
+def a1111_parameters(s: dict, lora_name: str | None, lora_hash: str | None) -> str:
+    """One image's settings as A1111 writes them into its PNGs (``parameters``): prompt with the
+    ``<lora:name:weight>`` tag, ``Negative prompt:``, then the ``Key: value`` line. Tools that
+    read A1111 images (its PNG Info tab, Civitai, ComfyUI nodes) parse this text."""
+    prompt = s["prompt"] + (f" <lora:{lora_name}:{s['lora_weight']:g}>" if lora_name else "")
+    fields = [f"Steps: {s['steps']}", f"Sampler: {A1111_SAMPLERS.get(s['sampler'], s['sampler'])}",
+              f"CFG scale: {s['cfg']:g}", f"Seed: {s['seed']}", f"Size: {s['width']}x{s['height']}"]
+    if lora_name and lora_hash:
+        fields.append(f'Lora hashes: "{lora_name}: {lora_hash[:12]}"')  # A1111: the short hash of the tensor bytes
+    lines = [prompt] + ([f"Negative prompt: {s['negative']}"] if s.get("negative") else []) + [", ".join(fields)]
+    return "\n".join(lines)
+
+
+def with_text_chunk(png: bytes, key: str, text: str) -> bytes:
+    """``png`` with a text chunk right after IHDR: tEXt when Latin-1 will do, else iTXt (UTF-8),
+    as PIL's ``PngInfo.add_text`` chooses; the pixels are not re-encoded."""
+    import struct
+    import zlib
+
+    try:
+        kind, data = b"tEXt", key.encode("latin-1") + b"\0" + text.encode("latin-1")
+    except UnicodeEncodeError:
+        kind, data = b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4  # signature, IHDR length+type, data, crc
+    return png[:ihdr_end] + chunk + png[ihdr_end:]

@@ -8,6 +8,8 @@ reasons are summarised as images or captions added, changed or removed.
 """
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 from . import publish
@@ -62,7 +64,23 @@ def _project(root: Path, name: str):
     return graph, entry
 
 
+_CWD = threading.Lock()
+
+
 def project_status(root: Path, name: str) -> dict:
+    """Each stage's state and reasons. doit checks file_dep and targets as paths relative to the
+    current folder, which is the workspace when doit runs but not always when this is asked
+    (``lorabuild status`` from a subfolder, the dashboard): so it is asked from the workspace."""
+    with _CWD:
+        old = os.getcwd()
+        os.chdir(root)
+        try:
+            return _project_status(Path(root), name)
+        finally:
+            os.chdir(old)
+
+
+def _project_status(root: Path, name: str) -> dict:
     from doit.dependency import Dependency, MD5Checker, SqliteDB
     from doit.task import dict_to_task
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 
 def _status(ws) -> dict:
@@ -42,3 +44,11 @@ def test_status_after_each_kind_of_edit(demo):
     demo.edit(lambda d: d["bucket"].update(step=128, min_reso=128, max_reso=256))
     st = _check_agreement(demo, "bucket")
     assert "step: 64 → 128" in st["bucket"]["why"] and st["resize"]["state"] == "up to date"
+
+
+def test_status_from_a_subfolder_of_the_workspace_agrees_with_status_from_its_root(demo):
+    demo.edit(lambda d: d["train"].update(learning_rate=0.004))
+    at_root = demo.lorabuild("status", "demo")
+    below = subprocess.run([sys.executable, "-m", "lorabuild", "status", "demo"], cwd=demo.root / "projects" / "demo",
+                           capture_output=True, text=True)
+    assert below.stdout == at_root.stdout and "train    stale: train.learning_rate: 0.002 → 0.004" in below.stdout

@@ -222,8 +222,25 @@ def rows(ctx: Context) -> list[Row]:
 
 
 def publish(out_dir: Path, items: list[Item], store, hashes=None, notes: list | None = None) -> None:
+    """Copy the images out of the store, each with its settings in A1111's ``parameters`` chunk
+    (added here, so the store's entries and their keys stay as they were). An image whose published
+    bytes would not change is not rewritten (a viewer may hold it open on Windows)."""
+    from ..gallery import a1111_parameters, with_text_chunk
+    from ..publish import side_path
+
     for it in items:
-        publish_file(store.path(it.hash), out_dir / f"{it.id}.png", hashes, notes)
+        lora = it.data["lora"]
+        text = a1111_parameters(it.data["settings"], lora and Path(lora).stem, it.key["lora"])
+        data = with_text_chunk(store.path(it.hash).read_bytes(), "parameters", text)
+        dst = out_dir / f"{it.id}.png"
+        try:
+            unchanged = dst.is_file() and dst.stat().st_size == len(data) and dst.read_bytes() == data
+        except OSError:
+            unchanged = False
+        if unchanged:
+            remove(side_path(dst), None)
+            continue
+        publish_file(None, dst, notes=notes, write=lambda tmp, data=data: tmp.write_bytes(data))
 
 
 def run(ctx: Context) -> dict:

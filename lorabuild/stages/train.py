@@ -20,8 +20,10 @@ from ..cache import atomic_write, checked_read, key_hash
 from ..captions import concept_options
 from ..config import without_newer
 from ..publish import pending, publish, remove
+from ..progress import LiveLog, live_path
 from ..trainplan import Sample, make_plan, training_samples
 from .. import blocks, dist, models
+from ..workspace import build_id
 from . import runtime, textemb
 from . import sample as sample_stage
 from .base import Context, StageError, StageRun
@@ -315,13 +317,24 @@ def _train(r: Run, resume: dict | None) -> list:
     writer = _tensorboard(ctx, key_hash(wkey), resume["step"] if resume else 0) if rank.main else None
     if writer is not None:
         inp.scalar = writer.add_scalar
+    live = None
+    if rank.main:  # the dashboard's live view (lorabuild/progress.py), also for a build started from the CLI
+        live = LiveLog(live_path(ctx.ws.cache, ctx.name), r.plan, inp.log_rows, inp.val_rows, build_id(), inp.scalar)
+        inp.scalar = live.scalar
+    state = "failed"
     try:
         train(inp, save)
+        state = "done"
+    except KeyboardInterrupt:
+        state = "stopped"
+        raise
     except (FloatingPointError, TrainError) as exc:
         raise StageError(f"train:{ctx.name}: {exc}") from None
     finally:
         if writer is not None:
             writer.close()
+        if live is not None:
+            live.write(state)
     return inp.log_rows, inp.val_rows
 
 
