@@ -325,7 +325,8 @@ def _noise_problems(tr: dict, doc: _Doc, pos) -> None:
 def _known_arch(data: dict) -> str | None:
     """The architecture, where it is known before loading the model (a built-in model or a set
     model_type); otherwise it is found at train time."""
-    arch = {"builtin:tiny-sd1": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-sdxl": "sdxl"}.get(data["base_model"])
+    arch = {"builtin:tiny-sd1": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-sdxl": "sdxl",
+            "builtin:world-sd1": "sd1"}.get(data["base_model"])
     return data.get("model_type") if data.get("model_type") in ("sd1", "sd2", "sdxl") else arch
 
 

@@ -21,7 +21,9 @@ from pathlib import Path
 from .folders import install_dir, link_tree, temp_sibling
 from .resources import DATA_DIR
 
-BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl", "world-sd1")
+SHIPPED_DIR = DATA_DIR / "models"  # pretrained built-ins (fp16), each with the record of the run that made it
+SHIPPED_RECORD = "pretrain.json"  # recipe, figures and sha256 of every file, written by scripts/pretrain_world.py
 BUILTIN_VERSION = 1  # bump when a builtin model's configs or init change: stale folders are rebuilt
 BUILTIN_MARKER = "lorabuild_builtin.json"  # {"name", "version"} inside a built-in model's folder
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -200,6 +202,32 @@ def _tiny_sdxl_pipeline():
     )
 
 
+def world_pipeline(src: Path):
+    """A pretrained built-in (``lorabuild/data/models/<name>``, see scripts/pretrain_world.py) as
+    an SD1 pipeline in fp32: its shipped fp16 weights, lorabuild's CLIP tokenizer, SD 1.5's scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    load = dict(torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(str(src / "vae"), **load),
+        text_encoder=CLIPTextModel.from_pretrained(str(src / "text_encoder"), **load),
+        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)),
+        unet=UNet2DConditionModel.from_pretrained(str(src / "unet"), **load),
+        scheduler=PNDMScheduler.from_pretrained(str(src / "scheduler"), local_files_only=True),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _shipped_digest(name: str) -> str | None:
+    """sha256 of a pretrained built-in's record (which lists its files' hashes): new weights, new folder."""
+    record = SHIPPED_DIR / name / SHIPPED_RECORD
+    return hashlib.sha256(record.read_bytes()).hexdigest() if record.is_file() else None
+
+
 def _add_slow_tokenizer_files(folder: Path) -> None:
     # transformers 5 saves only tokenizer.json; transformers 4's slow CLIPTokenizer (the
     # class model_index.json names) needs vocab.json + merges.txt, as in SD 1.5's folder.
@@ -216,16 +244,27 @@ def _write_builtin(name: str, folder: Path) -> None:
     _offline()
     # fork_rng: a fixed seed for a reproducible init without moving the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
-        pipe = {"tiny-sd1": _tiny_sd1_pipeline, "tiny-sd2": _tiny_sd2_pipeline, "tiny-sdxl": _tiny_sdxl_pipeline}[name]()
+        tiny = {"tiny-sd1": _tiny_sd1_pipeline, "tiny-sd2": _tiny_sd2_pipeline, "tiny-sdxl": _tiny_sdxl_pipeline}
+        if name in tiny:
+            pipe = tiny[name]()
+        elif _shipped_digest(name):
+            pipe = world_pipeline(SHIPPED_DIR / name)
+        else:
+            raise ModelError(f"built-in model 'builtin:{name}': its weights are missing from {SHIPPED_DIR / name} "
+                             "(scripts/pretrain_world.py writes them)")
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _add_slow_tokenizer_files(folder)
-    marker = json.dumps({"name": name, "version": BUILTIN_VERSION}) + "\n"
+    marker = {"name": name, "version": BUILTIN_VERSION}
+    if _shipped_digest(name):
+        marker["source"] = _shipped_digest(name)
+    marker = json.dumps(marker) + "\n"
     (folder / BUILTIN_MARKER).write_text(marker, encoding="utf-8")
 
 
 def _builtin_ok(folder: Path) -> bool:
     marker = _read_json(folder / BUILTIN_MARKER)
     ok = isinstance(marker, dict) and marker.get("version") == BUILTIN_VERSION
+    ok = ok and marker.get("source") == _shipped_digest(folder.name)  # shipped weights replaced: rebuild
     return ok and (folder / "model_index.json").is_file()
 
 

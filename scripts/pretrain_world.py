@@ -1,0 +1,258 @@
+"""Pretrain the built-in ``world-sd1`` model on lorabuild's synthetic world (lorabuild/world.py).
+
+An SD1-architecture pipeline in miniature, with the real diffusers/transformers classes:
+an AutoencoderKL (4 latent channels, downsampling ×8, its scaling_factor measured as
+1/std of the training latents), a UNet2DConditionModel with cross-attention, and a
+CLIPTextModel with the CLIP tokenizer lorabuild ships, left frozen at its seeded random
+init (its 49408 token embeddings are distinct random vectors: the UNet learns to read
+them, and a trigger word the world never used still has an embedding of its own).
+SD 1.5's noise schedule, epsilon prediction. Fixed seeds; each phase runs for a step
+count or a wall-clock budget, whichever ends first, and the budgets are recorded.
+
+Writes ``lorabuild/data/models/world-sd1/`` (fp16 safetensors + configs) and
+``pretrain.json`` beside them: recipe, wall time, VAE PSNR on held-out world images, the
+base model's prompt accuracy by ``lorabuild.detector``, and the sha256 of every shipped
+file. Uses CUDA when present. ``--eval-only`` re-measures the figures of shipped weights.
+
+    nice python scripts/pretrain_world.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "lorabuild" / "data" / "models" / "world-sd1"
+RECORD = "pretrain.json"
+HELD_OUT_SEED = 1_000_000  # world seeds from here on were never trained on
+
+VAE_CFG = dict(block_out_channels=(16, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
+               norm_num_groups=8, sample_size=64)
+UNET_CFG = dict(sample_size=8, block_out_channels=(64, 128), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+TE_CFG = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+              projection_dim=64)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=OUT, help="folder the diffusers model is written to")
+    p.add_argument("--images", type=int, default=4000, help="training images (world seeds 0..N-1)")
+    p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--vae-seconds", type=float, default=600, help="wall-clock budget of the VAE phase")
+    p.add_argument("--unet-steps", type=int, default=20000)
+    p.add_argument("--unet-seconds", type=float, default=1800, help="wall-clock budget of the UNet phase")
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-seeds", type=int, default=32, help="samples per prompt for the prompt accuracy")
+    p.add_argument("--eval-only", action="store_true", help="re-measure the figures of the weights in --out")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def world_tensor(seeds, torch):
+    """World pictures as a float tensor in [-1, 1], and their scenes."""
+    import numpy as np
+
+    from lorabuild import world
+
+    pics, scenes = [], []
+    for s in seeds:
+        img, scene = world.sample(s)
+        pics.append(np.asarray(img))
+        scenes.append(scene)
+    x = torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, scenes
+
+
+def train_vae(args, x, device, torch):
+    """The autoencoder, trained on random 32×32 crops (4×4 latents): a convolutional VAE
+    learns the same filters for a quarter of the 64×64 cost."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE_CFG).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    start, step = time.time(), 0
+    while step < args.vae_steps and time.time() - start < args.vae_seconds:
+        idx = torch.randint(0, len(x), (args.vae_batch,), generator=g)
+        ox, oy = (int(v) * 8 for v in torch.randint(0, 5, (2,), generator=g))
+        batch = x[idx, :, oy:oy + 32, ox:ox + 32].to(device)
+        post = vae.encode(batch).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - batch).pow(2).mean() + 0.5 * (rec - batch).abs().mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"vae step {step} loss {loss.item():.4f}")
+    return vae.eval(), {"steps": step, "seconds": round(time.time() - start, 1)}
+
+
+def fp16_round(module):
+    """The module's weights as they will be shipped (fp16), back in fp32 for training on them."""
+    return module.half().float()
+
+
+def encode(vae, x, device, torch, bs=64):
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), bs):
+            out.append(vae.encode(x[i:i + bs].to(device)).latent_dist.mode().cpu())
+    return torch.cat(out)
+
+
+def psnr(vae, x, device, torch) -> float:
+    with torch.no_grad():
+        rec = vae.decode(encode(vae, x, device, torch).to(device)).sample.clamp(-1, 1).cpu()
+    mse = ((rec - x) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / mse)
+
+
+def drop_tags(caption: str, rng: random.Random) -> str:
+    """Whole caption dropped 10% (the unconditional case guidance needs), else each tag 20%:
+    short prompts (``red circle``, ``ohwx, green background``) are in-distribution."""
+    if rng.random() < 0.1:
+        return ""
+    tags = [t for t in caption.split(", ") if rng.random() > 0.2]
+    return ", ".join(tags)
+
+
+def train_unet(args, latents, captions, te, tok, device, torch):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from lorabuild.models import SD1_SCHEDULER
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_CFG).to(device)
+    ema = UNet2DConditionModel(**UNET_CFG).to(device)
+    ema.load_state_dict(unet.state_dict())
+    sched = DDPMScheduler(**SD1_SCHEDULER)
+    alphas = sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+    rng, g = random.Random(2), torch.Generator().manual_seed(3)
+    start, step = time.time(), 0
+    while step < args.unet_steps and time.time() - start < args.unet_seconds:
+        idx = torch.randint(0, len(latents), (args.unet_batch,), generator=g)
+        z0 = latents[idx].to(device)
+        ids = tok([drop_tags(captions[i], rng) for i in idx.tolist()], padding="max_length", max_length=77,
+                  truncation=True, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            cond = te(ids).last_hidden_state
+        t = torch.randint(0, 1000, (len(idx),), generator=g).to(device)
+        noise = torch.randn(z0.shape, generator=g).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        loss = (unet(zt, t, cond).sample - noise).pow(2).mean()
+        for pg in opt.param_groups:  # linear warm-up over the first 100 steps
+            pg["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(0.995, (1 + step) / (10 + step))  # EMA: a short run needs a short memory
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        step += 1
+        if step % 25 == 0:
+            log(f"unet step {step} loss {loss.item():.4f}")
+    return ema.eval(), {"steps": step, "seconds": round(time.time() - start, 1)}
+
+
+def save(out: Path, vae, unet, te) -> None:
+    from lorabuild.models import CONFIGS_DIR
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
+        m.half().save_pretrained(str(tmp / name), safe_serialization=True)
+        m.float()
+    (tmp / "scheduler").mkdir(parents=True)
+    shutil.copyfile(CONFIGS_DIR / "sd1" / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+    shutil.copyfile(CONFIGS_DIR / "sd1" / "model_index.json", tmp / "model_index.json")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def file_hashes(out: Path) -> dict:
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != RECORD}
+
+
+def evaluate(out: Path, seeds: int, threads: int) -> dict:
+    """The shipped model's figures: VAE PSNR on held-out pictures, prompt accuracy by the detector."""
+    import torch
+
+    from lorabuild import detector
+    from lorabuild.models import world_pipeline
+
+    torch.set_num_threads(threads)
+    pipe = world_pipeline(out)
+    x, _ = world_tensor(range(HELD_OUT_SEED, HELD_OUT_SEED + 64), torch)
+    figures = {"vae_psnr_db": round(psnr(pipe.vae, x, pipe.device, torch), 2), "vae_psnr_images": 64}
+    figures.update(detector.prompt_accuracy(pipe, detector.EVAL_PROMPTS, seeds))
+    return figures
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lorabuild.models import TOKENIZER_DIR
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out.resolve()
+    if not args.eval_only:
+        t0 = time.time()
+        x, scenes = world_tensor(range(args.images), torch)
+        log(f"{len(x)} world pictures on {device}")
+        vae, vae_run = train_vae(args, x, device, torch)
+        vae = fp16_round(vae)
+        latents = encode(vae, x, device, torch)
+        scale = 1 / latents.std().item()
+        vae.register_to_config(scaling_factor=round(scale, 5))
+        log(f"vae: {vae_run}, scaling_factor {scale:.4f}")
+        torch.manual_seed(0)
+        te = fp16_round(CLIPTextModel(CLIPTextConfig(**TE_CFG))).to(device).eval().requires_grad_(False)
+        tok = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+        unet, unet_run = train_unet(args, latents * vae.config.scaling_factor, [s.caption for s in scenes], te, tok,
+                                    device, torch)
+        save(out, vae, unet, te)
+        recipe = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
+                  "vae": VAE_CFG, "unet": UNET_CFG, "text_encoder": dict(TE_CFG, trained=False),
+                  "vae_run": vae_run, "unet_run": unet_run, "device": str(device),
+                  "torch": torch.__version__, "wall_seconds": round(time.time() - t0, 1)}
+    else:
+        recipe = json.loads((out / RECORD).read_text(encoding="utf-8"))["recipe"]
+    record = {"recipe": recipe, "figures": None, "sha256": file_hashes(out)}
+    (out / RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    log(f"saved {out}; evaluating")
+    record["figures"] = evaluate(out, args.eval_seeds, args.threads)
+    (out / RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    log(json.dumps(record["figures"]))
+
+
+if __name__ == "__main__":
+    main()
