@@ -41,6 +41,7 @@ class Row:
     label: str  # "base model", "epoch 6", "step 50"
     lora: Path | None
     lora_hash: str | None  # sha256 of the LoRA's tensor bytes
+    name: str | None = None  # the published LoRA's file name without .safetensors (A1111's <lora:name>)
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -57,7 +58,7 @@ def row_items(row: Row, settings: list[dict], base: dict, precision: str) -> lis
     out = []
     for i, s in enumerate(settings):
         key = {"stage": STAGE, "v": VERSION, "lora": row.lora_hash, "settings": s, "base": base, "precision": precision}
-        out.append(Item(f"{row.id}-{i:02d}-{slug(s['prompt'])}", key, {"settings": s, "lora": row.lora}))
+        out.append(Item(f"{row.id}-{i:02d}-{slug(s['prompt'])}", key, {"settings": s, "lora": row.lora, "name": row.name}))
     return out
 
 
@@ -206,17 +207,19 @@ def rows(ctx: Context) -> list[Row]:
     train_store = ctx.store("train", ".safetensors")
     hashes = ctx.hashes()
     found: dict[str, tuple[int, Row]] = {}
+    out, last = ctx.project.output_name, max((e for e, *_ in entry["epochs"]), default=None)
     if ctx.project.get("sample.baseline") or ctx.project.get("sample.at_first"):
         found["base"] = (-1, Row("base", "base model", None, None))
     for row_id, label, step, h in entry.get("snapshots", []):
         if row_id != "base":
             path = train_store.path(h)
-            found[row_id] = (step, Row(row_id, label, path, hashes.sha256(path, tensors_only=True)))
+            found[row_id] = (step, Row(row_id, label, path, hashes.sha256(path, tensors_only=True), f"{out}-step{step:08d}"))
     for e, eh, *rest in entry["epochs"]:
         # the cache's copy, not output/'s: a locked output may still hold the previous bytes
         path = train_store.path(eh)
         step = rest[0] if rest else e
-        found[f"e{e:06d}"] = (step, Row(f"e{e:06d}", f"epoch {e}", path, hashes.sha256(path, tensors_only=True)))
+        found[f"e{e:06d}"] = (step, Row(f"e{e:06d}", f"epoch {e}", path, hashes.sha256(path, tensors_only=True),
+                                        out if e == last else f"{out}-{e:06d}"))
     hashes.save()
     return [r for _, r in sorted(found.values(), key=lambda sr: (sr[0], sr[1].id))]
 
@@ -229,8 +232,7 @@ def publish(out_dir: Path, items: list[Item], store, hashes=None, notes: list | 
     from ..publish import side_path
 
     for it in items:
-        lora = it.data["lora"]
-        text = a1111_parameters(it.data["settings"], lora and Path(lora).stem, it.key["lora"])
+        text = a1111_parameters(it.data["settings"], it.data["lora"] and it.data.get("name"), it.key["lora"])
         data = with_text_chunk(store.path(it.hash).read_bytes(), "parameters", text)
         dst = out_dir / f"{it.id}.png"
         try:
