@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from .cache import atomic_path, atomic_write
@@ -40,6 +39,16 @@ def shorten(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def settings_text(s: dict) -> str:
+    """One image's settings as a person reads them (the page beside the grid): prompt, negative
+    prompt, then the numbers in A1111's ``Key: value`` form."""
+    lines = [f"Prompt: {s['prompt']}"] + ([f"Negative prompt: {s['negative']}"] if s.get("negative") else [])
+    sampler = A1111_SAMPLERS.get(s["sampler"], s["sampler"])
+    lines.append(f"Steps: {s['steps']}, Sampler: {sampler}, CFG scale: {s['cfg']:g}, Seed: {s['seed']}, "
+                 f"Size: {s['width']}x{s['height']}, LoRA weight: {s['lora_weight']:g}")
+    return "\n".join(lines)
+
+
 def index_html(rows: list[tuple[str, list[tuple[str, dict]]]], out: Path, title: str) -> None:
     """A page with the grid and every image with its full settings (``rows``: label → [(file, settings)])."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -50,7 +59,7 @@ def index_html(rows: list[tuple[str, list[tuple[str, dict]]]], out: Path, title:
         parts.append(f"<tr><th>{html.escape(label)}</th>")
         for fname, settings in cells:
             parts.append(f"<td><img src='{html.escape(fname)}' alt='{html.escape(settings['prompt'])}'>"
-                         f"<pre>{html.escape(json.dumps(settings, indent=1, ensure_ascii=False))}</pre></td>")
+                         f"<pre>{html.escape(settings_text(settings))}</pre></td>")
         parts.append("</tr>")
     parts.append("</table>")
     with atomic_write(out, "w") as fh:

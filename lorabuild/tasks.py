@@ -324,7 +324,6 @@ def doit_config(root: Path) -> dict:
     warning = long_root_warning(root)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    (root / "cache").mkdir(exist_ok=True)
     from doit.exceptions import InvalidDodoFile
 
     try:  # cache/ a file, a damaged doit database: one line, not doit's traceback

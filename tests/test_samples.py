@@ -184,7 +184,8 @@ def test_index_html_references_every_image_with_its_settings(demo):
     parser = _Images()
     parser.feed(page)
     assert sorted(parser.srcs) == sorted(p.name for p in samples.glob("*.png"))
-    assert '"seed": 7' in page and '"sampler"' in page and "bluesquare, shape, yellow background" in page
+    assert "Prompt: bluesquare, shape, yellow background\n" in page  # readable text, not JSON
+    assert "Seed: 7, Size: 128x128, LoRA weight: 1" in page and ", Sampler: " in page and '"seed"' not in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
