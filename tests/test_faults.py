@@ -52,12 +52,16 @@ def _same_outputs(ws: WS, reference: WS) -> None:
     out, ref = ws.root / "output/demo", reference.root / "output/demo"
     a, b = load_file(str(out / "demo.safetensors")), load_file(str(ref / "demo-000002.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for png in (out / "samples").glob("e000002-*.png"):
-        assert png.read_bytes() == (ref / "samples" / png.name).read_bytes()
+    pngs = sorted((out / "samples").glob("e000002-*.png"))
+    assert pngs
+    for png in pngs:
+        mine, theirs = Image.open(png), Image.open(ref / "samples" / png.name)
+        assert mine.tobytes() == theirs.tobytes()  # the same pixels
+        # the same A1111 settings, except the LoRA's name: here epoch 2 is the final "demo", there "demo-000002"
+        assert mine.text["parameters"].replace("demo:", "demo-000002:") == theirs.text["parameters"]
 
 
 @POSIX
-@pytest.mark.skip(reason="failed in the first full run after merging the session-17 branches (integrity, faults, Windows publishing, loss readback); not diagnosed before the session ended: issue 18")
 def test_a_build_killed_at_many_points_ends_as_a_clean_build(tmp_path, built_demo):
     ws = _fresh_workspace(tmp_path)
     kills = 0
@@ -92,7 +96,6 @@ def _limit_file_size(nbytes: int):
 
 
 @POSIX
-@pytest.mark.skip(reason="failed in the first full run after merging the session-17 branches (integrity, faults, Windows publishing, loss readback); not diagnosed before the session ended: issue 18")
 def test_a_full_disk_fails_clearly_and_loses_nothing(tmp_path, built_demo):
     ws = _fresh_workspace(tmp_path)
     ws.doit("textemb:demo", build="first")  # the built-in model is written on first use: not under the limit

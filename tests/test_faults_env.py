@@ -175,10 +175,19 @@ def _limit_file_size(nbytes: int):
     return apply
 
 
-@pytest.mark.skip(reason="failed in the first full run after merging the session-17 branches (integrity, faults, Windows publishing, loss readback); not diagnosed before the session ended: issue 18")
+def _forget_later_epochs(ws) -> None:
+    """Drop the train entries past epoch 1 (the built demo trained 6 epochs and kept epochs 2, 4 and 6):
+    a run of 2 or 4 epochs must really train from the epoch-1 state instead of being assembled."""
+    for meta in (ws.root / "cache/objects/train").glob("*/*.json"):
+        if json.loads(meta.read_text()).get("info", {}).get("epoch", 0) > 1:
+            for p in meta.parent.glob(meta.name.split(".", 1)[0] + ".*"):
+                p.unlink()
+
+
 def test_a_full_disk_while_the_training_state_is_saved_names_it_and_the_build_resumes(demo, built_demo):
     """torch.save reports a full disk as ``RuntimeError: unexpected pos``: it is still a disk-full line."""
     train = demo.root / "cache/objects/train"
+    _forget_later_epochs(demo)
     demo.edit(lambda d: d["train"].update(epochs=2))
     env = {**os.environ, "LORABUILD_BUILD": "full"}
     cmd = [sys.executable, "-m", "doit", "train:demo"]
@@ -282,8 +291,8 @@ def test_a_damaged_doit_database_is_moved_aside_and_rebuilt(demo, damage):
     assert demo.ran("then") == set()
 
 
-@pytest.mark.skip(reason="failed in the first full run after merging the session-17 branches (integrity, faults, Windows publishing, loss readback); not diagnosed before the session ended: issue 18")
 def test_ctrl_c_during_training_names_the_kept_state_and_the_next_run_resumes_exactly(demo, built_demo):
+    _forget_later_epochs(demo)
     demo.edit(lambda d: d["train"].update(epochs=4))  # from the epoch-1 state on: epochs 2-4 train
     states = lambda: set(glob.glob(str(demo.root / "cache/objects/train/*/*.pt")))  # noqa: E731
     before = states()

@@ -85,8 +85,8 @@ KILLER = textwrap.dedent('''
     put, seen = cache.Store.put, [0]
 
     @contextlib.contextmanager
-    def killing_put(self, h, key, info=None):
-        with put(self, h, key, info) as tmp:
+    def killing_put(self, h, key, info=None, **kw):
+        with put(self, h, key, info, **kw) as tmp:
             yield tmp
         if self.stage == stage:
             seen[0] += 1
