@@ -16,6 +16,17 @@ import pytest
 import yaml
 
 STAGES = ("resize", "bucket", "latents", "textemb", "train", "sample")  # the demo's (no tagger)
+MAX_WORKERS = 4  # pytest -n auto (pyproject addopts): each worker builds its own demo once
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the cores: one torch thread each (inherited by every doit/lorabuild
+    # process a test starts). Two threads per worker on two cores oversubscribe them many times over.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+# The suite's demo: the random tiny-sd1 model on 16 red-circle / blue-square pictures, fast and
+# with aspect ratios for bucketing. ``lorabuild init`` ships its own demo (projects/demo.yaml),
+# which tests/test_world.py and test_readme build as shipped.
+TINY_DEMO = Path(__file__).parent / "data" / "tiny_demo"
 
 
 class WS:
@@ -68,12 +79,19 @@ class WS:
         return self.root / "projects" / "demo"
 
 
-@pytest.fixture(scope="session")
-def built_demo(tmp_path_factory) -> WS:
-    root = tmp_path_factory.mktemp("template") / "ws"
+def init_workspace(root: Path) -> WS:
+    """``lorabuild init root`` through the real CLI, then the suite's tiny demo in place of the shipped one."""
     proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    ws = WS(root)
+    shutil.rmtree(root / "projects" / "demo")
+    shutil.copytree(TINY_DEMO / "demo", root / "projects" / "demo")
+    shutil.copy2(TINY_DEMO / "demo.yaml", root / "projects" / "demo.yaml")
+    return WS(root)
+
+
+@pytest.fixture(scope="session")
+def built_demo(tmp_path_factory) -> WS:
+    ws = init_workspace(tmp_path_factory.mktemp("template") / "ws")
     ws.cold = ws.doit("sample:demo", build="cold")
     return ws
 
@@ -114,6 +132,29 @@ def tiny_unet_te():
     te = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, max_position_embeddings=77))
     return unet, te
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_sessionfinish(session):
+    """A worker hands its figures to the controlling process, which prints them all."""
+    from figures import COUNTS, FIGURES, OUTCOMES
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["figures"] = json.dumps([FIGURES, dict(COUNTS), dict(OUTCOMES)])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from figures import COUNTS, FIGURES, OUTCOMES
+
+    figures, counts, outcomes = json.loads(getattr(node, "workeroutput", {}).get("figures", "[[], {}, {}]"))
+    FIGURES.extend(figures)
+    COUNTS.update(counts)
+    OUTCOMES.update(outcomes)
 
 
 def pytest_terminal_summary(terminalreporter):

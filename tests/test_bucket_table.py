@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from lorabuild.buckets import TooNarrow, fit, make_buckets, no_upscale_fit, select_bucket, working_size
+from conftest import init_workspace
 
 KOHYA_512 = [
     (256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576), (512, 512),
@@ -151,11 +152,7 @@ def test_narrow_images_under_no_upscale_and_working_copies_shrunk_below_their_bu
     import subprocess
     import sys
 
-    from conftest import WS
-
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(tmp_path / "ws")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    ws = WS(tmp_path / "ws")
+    ws = init_workspace(tmp_path / "ws")
     folder = next(p for p in ws.data.iterdir() if p.is_dir())
     _image(folder / "pano.png", 1024, 128)  # demo: max_side 256 → 256x32; its 256x64 bucket wants 512x64
     proc = subprocess.run([sys.executable, "-m", "lorabuild", "plan", "demo"], cwd=ws.root, capture_output=True, text=True)

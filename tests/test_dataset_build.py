@@ -3,14 +3,12 @@ skipped, a tiny image rejected, and captions longer than CLIP's 75 tokens."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import torch
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import WS
+from conftest import WS, init_workspace
 
 MIX = """\
 base_model: builtin:tiny-sd1
@@ -29,7 +27,7 @@ train: {epochs: 1, batch_size: 2, prior_loss_weight: 0.5}
 
 def test_messy_dataset_builds(tmp_path):
     root = tmp_path / "ws"
-    subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], check=True, capture_output=True)
+    init_workspace(root)
     ws = WS(root)
     proj = root / "projects"
     (proj / "mine").mkdir()

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import WS
+from conftest import WS, init_workspace
 from conftest import copy_workspace as _copy
 from lorabuild.dist import Rank, micro_batches
 from lorabuild.trainplan import Sample, epoch_batches
@@ -50,8 +50,7 @@ def _edit(ws: WS, name: str, **train) -> None:
 def template(tmp_path_factory) -> WS:
     """A workspace with project ``a``: 3 red circles and 2 blue squares, each with its caption."""
     root = tmp_path_factory.mktemp("dist") / "ws"
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    init_workspace(root)
     (root / "projects" / "demo.yaml").unlink()
     demo = root / "projects" / "demo"
     for concept, n in (("10_redcircle shape", 3), ("10_bluesquare shape", 2)):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from lorabuild import doctor, winenv
+from conftest import init_workspace
 
 
 def _text(lines) -> str:
@@ -19,7 +20,7 @@ def _text(lines) -> str:
 
 def test_doctor_on_this_machine(tmp_path):
     root = tmp_path / "ws"
-    assert subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True).returncode == 0
+    init_workspace(root)
     proc = subprocess.run([sys.executable, "-m", "lorabuild", "doctor"], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import WS
+from conftest import WS, init_workspace
 from figures import COUNTS, record
 
 POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process groups, SIGKILL, RLIMIT_FSIZE")
@@ -23,9 +23,7 @@ POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process 
 
 def _fresh_workspace(tmp_path: Path) -> WS:
     root = tmp_path / "ws"
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    ws = WS(root)
+    ws = init_workspace(root)
     # two epochs, epoch 2 saved: its LoRA is the 6-epoch demo's epoch 2 (constant schedule, same seed)
     ws.edit(lambda d: d["train"].update(epochs=2))
     return ws

@@ -8,6 +8,7 @@ import sys
 import time
 
 from filelock import FileLock
+from conftest import init_workspace
 
 
 def _gc(root, *args):
@@ -31,7 +32,7 @@ def _aged(path, hours: float, size: int = 0, folder: bool = False):
 
 def test_gc_removes_leaked_temp_files_and_folders(tmp_path):
     root = tmp_path / "ws"
-    assert subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True).returncode == 0
+    init_workspace(root)
     cache = root / "cache"
     old = [
         _aged(cache / "models" / "single-file" / ".0123456789abcdef.tmp-999-1a2b3c4d", 30, 1 << 20, folder=True),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import WS, copy_workspace
+from conftest import WS, copy_workspace, init_workspace
 from figures import record
 
 
@@ -30,9 +30,7 @@ def _shrink(d: dict) -> None:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> WS:
     root = tmp_path_factory.mktemp("integrity") / "ws"
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    ws = WS(root)
+    ws = init_workspace(root)
     for folder in list(ws.data.iterdir()):  # 1 repeat: 4 steps an epoch
         folder.rename(folder.with_name("1_" + folder.name.split("_", 1)[1]))
     ws.edit(_shrink)
@@ -256,7 +254,7 @@ def test_a_latent_entry_is_the_same_bytes_whichever_images_are_encoded_with_it(t
     from lorabuild.tasks import _context
 
     root = tmp_path / "ws"
-    subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], check=True, capture_output=True)
+    init_workspace(root)
     WS(root).doit("bucket:demo", build="bucket")
     ctx = _context(str(root), str(root / "projects/demo.yaml"))
     params = latents.project_params(ctx.project)
@@ -291,7 +289,7 @@ def test_a_model_file_rewritten_after_its_identity_was_hashed_stops_the_stage(tm
     from lorabuild.workspace import Workspace
 
     root = tmp_path / "ws"
-    subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], check=True, capture_output=True)
+    init_workspace(root)
     ctx = Context(Workspace(root), load_project(root / "projects/demo.yaml"))
     weights = tmp_path / "unet.safetensors"
     weights.write_bytes(b"old weights")

@@ -9,6 +9,7 @@ from PIL import Image
 
 from lorabuild import config, extras
 from lorabuild.yamlio import load
+from conftest import init_workspace
 
 
 def _validate(tmp_path, text: str):
@@ -97,7 +98,7 @@ def test_missing_optional_packages_are_named_with_both_install_commands(tmp_path
 
 def _workspace(tmp_path):
     ws = tmp_path / "ws"
-    subprocess.run([sys.executable, "-m", "lorabuild", "init", str(ws)], check=True, capture_output=True)
+    init_workspace(ws)
     return ws
 
 

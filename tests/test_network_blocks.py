@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from lorabuild import blocks, config, metadata
 from lorabuild.kohya_import import convert
 from lorabuild.network import LoRANetwork, NetworkConfigError, from_config
 from lora_check import unet_outputs
+from conftest import init_workspace
 
 
 
@@ -212,11 +211,7 @@ def test_import_kohya_maps_block_args():
 @pytest.fixture
 def ws(tmp_path):
     """A fresh demo workspace trained for two steps (its caches built)."""
-    from conftest import WS
-
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(tmp_path / "ws")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    ws = WS(tmp_path / "ws")
+    ws = init_workspace(tmp_path / "ws")
     ws.edit(lambda d: (d["train"].update(epochs=1, max_steps=2, save_every_n_epochs=None), d.pop("sample")))
     ws.doit("train:demo", build="first")
     return ws

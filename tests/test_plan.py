@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 from PIL import Image
+from conftest import init_workspace
 
 
 def _init(tmp_path):
     ws = tmp_path / "ws"
-    subprocess.run([sys.executable, "-m", "lorabuild", "init", str(ws)], check=True, capture_output=True)
+    init_workspace(ws)
     return ws
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from safetensors.torch import load_file
+from conftest import init_workspace
 
 
 def _weights(path) -> dict:
@@ -128,11 +129,7 @@ KNOBS_TRAIN = {"min_timestep": 100, "max_timestep": 900, "ip_noise_gamma": 0.1, 
 def test_a_killed_run_with_kohyas_noise_dropout_and_max_norm_options_continues_bit_exact(tmp_path):
     """All the randomness these options add (rank and module dropout, noise strengths, input
     perturbation) and the in-place max-norm scaling survive a kill: the continued run equals a fresh one."""
-    from conftest import WS
-
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(tmp_path / "ws")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    ws = WS(tmp_path / "ws")
+    ws = init_workspace(tmp_path / "ws")
     folders = sorted(p.name for p in ws.data.iterdir() if p.is_dir())
 
     def short(d):  # 16 images seen once per epoch, a few steps an epoch: a short run

@@ -16,6 +16,7 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from lorabuild.serve.app import create_app  # noqa: E402
+from conftest import init_workspace
 
 ORIGIN = "http://127.0.0.1:8765"
 
@@ -24,7 +25,7 @@ ORIGIN = "http://127.0.0.1:8765"
 def fresh(tmp_path) -> Path:
     """An unbuilt workspace from `lorabuild init` (no model needed to show it)."""
     root = tmp_path / "ws"
-    subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], check=True, capture_output=True)
+    init_workspace(root)
     return root
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import WS
+from conftest import WS, init_workspace
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -192,8 +192,7 @@ def _captions(ws: WS) -> dict[str, str]:
 def fresh(tmp_path) -> WS:
     """A new demo workspace, not built: the tag stage needs nothing upstream."""
     root = tmp_path / "ws"
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    init_workspace(root)
     return WS(root)
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 
 import winsim
+from conftest import init_workspace
 
 
 def _sha(path) -> str:
@@ -301,7 +302,7 @@ def test_output_cannot_crash_a_cp1252_console(tmp_path):
     import sys
 
     root = tmp_path / "ws"
-    assert subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True).returncode == 0
+    init_workspace(root)
     env = {**os.environ, "PYTHONIOENCODING": "cp1252"}  # what a redirected stdout gets on Windows
     listing = subprocess.run([sys.executable, "-m", "doit", "list"], cwd=root, env=env, capture_output=True)
     assert listing.returncode == 0, listing.stderr.decode("cp1252")
@@ -357,7 +358,7 @@ def test_output_names_differing_only_in_case_are_refused(tmp_path):
     import sys
 
     root = tmp_path / "ws"
-    assert subprocess.run([sys.executable, "-m", "lorabuild", "init", str(root)], capture_output=True).returncode == 0
+    init_workspace(root)
     text = (root / "projects" / "demo.yaml").read_text()
     assert "\noutput:\n" in text  # the demo has an output section: name the other project's output in it
     (root / "projects" / "other.yaml").write_text(text.replace("\noutput:\n", "\noutput:\n  name: Demo\n", 1))
@@ -378,7 +379,7 @@ def test_the_suite_collects_as_on_windows_and_posix_only_tests_skip():
 
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "pytest", "-p", "winsim", "-q", "-p", "no:cacheprovider", *a],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-p", "winsim", "-q", "-p", "no:cacheprovider", *a],  # noqa: E731
                                     cwd=tests.parent, env=env, capture_output=True, text=True)
     collected = run("--collect-only", "tests")
     assert collected.returncode == 0 and "ERROR" not in collected.stdout, collected.stdout[-3000:]
