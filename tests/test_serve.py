@@ -16,7 +16,7 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from lorabuild.serve.app import create_app  # noqa: E402
-from conftest import init_workspace
+from conftest import NOT_IN_PARALLEL, init_workspace
 
 ORIGIN = "http://127.0.0.1:8765"
 
@@ -342,6 +342,7 @@ def test_every_sample_png_carries_its_settings_as_a1111_parameters(demo):
     assert grid["rows"][1]["cells"]["1"]["parameters"] == epoch
 
 
+@NOT_IN_PARALLEL
 def test_stopping_a_build_keeps_the_last_finished_epochs_state_and_train_continues_from_it(demo):
     demo.edit(lambda d: d["train"].update(epochs=2, learning_rate=0.003))  # a new run: no earlier state fits it
     states = demo.root / "cache/objects/train"
