@@ -31,8 +31,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
 # The suite's demo: the random tiny-sd1 model on 16 red-circle / blue-square pictures, fast and
-# with aspect ratios for bucketing. ``lorabuild init`` ships its own demo (projects/demo.yaml),
-# which tests/test_world.py and test_readme build as shipped.
+# with aspect ratios for bucketing. ``lorabuild init`` ships its own demo (projects/demo.yaml);
+# tests that need the shipped one call ``lorabuild init`` themselves.
 TINY_DEMO = Path(__file__).parent / "data" / "tiny_demo"
 
 
