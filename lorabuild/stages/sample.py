@@ -33,6 +33,10 @@ SAMPLERS = {
 }
 
 
+# samplers whose diffusers scheduler has no rescale_betas_zero_snr option (diffusers 0.42)
+NO_ZERO_SNR = ("pndm", "lms", "heun")
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of the grid: the base model (lora None) or one LoRA file."""
@@ -257,8 +261,12 @@ def run(ctx: Context) -> dict:
 
     sr = StageRun(ctx, STAGE)
     name = ctx.project.output_name
-    settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes,
-                               prompts.native_size(models.model_info(runtime.model_dir(ctx))))
+    info = models.model_info(runtime.model_dir(ctx))
+    settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes, prompts.native_size(info))
+    blind = sorted({s["sampler"] for s in settings if s["sampler"] in NO_ZERO_SNR}) if info["zero_terminal_snr"] else []
+    if blind:  # diffusers' schedulers without rescale_betas_zero_snr sample a ztsnr model on the plain schedule
+        sr.notes.append(f"the base model has a zero-terminal-SNR schedule, which {', '.join(blind)} cannot follow: "
+                        "use euler, euler_a, ddim or dpm++_2m for samples that match the model")
     grid_rows = rows(ctx)
     base = base_identity(ctx)
     grid_items = [row_items(r, settings, base, "fp32") for r in grid_rows]

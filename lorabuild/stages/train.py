@@ -256,6 +256,8 @@ def _train(r: Run, resume: dict | None) -> list:
         )
         if ema:
             md.update(ema_settings.metadata(p.get("train.ema")))
+        if r.info.get("zero_terminal_snr"):  # the base model's own schedule (a ztsnr checkpoint) was rescaled
+            md["ss_zero_terminal_snr"] = "True"
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
         with store.put(key_hash(ekey), ekey, {"epoch": epoch, "step": step}) as tmp:
             network.save(tmp, dtype=dtype, metadata=md)
