@@ -435,7 +435,7 @@ def run(ctx: Context, dataset) -> dict:
         return all(r in have and whole(store, have[r]) for r in snapshot_points)
 
     def resume_point() -> int:
-        """The last epoch whose training state, saved epochs and snapshots are all in the store."""
+        """The last epoch whose training state, saved epochs (and their EMA files) and snapshots are all in the store."""
         for e0 in range(plan.epochs, 0, -1):
             if with_ema and not all(store.has(ema_h(e)) and whole(store, ema_h(e)) for e in saved if e <= e0):
                 continue
