@@ -23,6 +23,7 @@ from ..publish import pending, publish, remove
 from ..progress import LiveLog, live_path
 from ..trainplan import Sample, make_plan, training_samples
 from .. import blocks, dist, models
+from .. import ema as ema_settings
 from ..workspace import build_id
 from . import runtime, textemb
 from . import sample as sample_stage
@@ -39,7 +40,7 @@ EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length"
 # train options added after LoRAs were trained without them, with the value that means "off"
 NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None, "max_timestep": None,
              "ip_noise_gamma": None, "ip_noise_gamma_random_strength": False, "noise_offset_random_strength": False,
-             "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto"}
+             "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto", "ema": None}
 # train options that change how memory is managed, never a weight
 UNKEYED = ("lean_cpu_memory",)
 
@@ -60,6 +61,8 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
     cfg["network"] = blocks.keyed(cfg["network"])  # options added later count only when set
     cfg["train"] = without_newer(dist.keyed_train(cfg["train"], dist.launch_options(ctx.project).world), NEWER_OFF)
     cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in UNKEYED}
+    if "ema" in cfg["train"]:  # its save choice publishes, it does not train
+        cfg["train"]["ema"] = ema_settings.keyed(cfg["train"]["ema"])
     start = init_weights(ctx)
     if start is not None:  # the starting LoRA by content: a moved or touched file changes nothing
         hashes = ctx.hashes()
@@ -115,6 +118,11 @@ def entry_key(wkey: dict, plan, kind: str, epoch: int) -> dict:
     if plan.cut_short and epoch == plan.epochs:
         key["until_step"] = plan.total_steps
     return key
+
+
+def ema_key(wkey: dict, plan, epoch: int) -> dict:
+    """The key of the EMA file of ``epoch`` (train.ema): the epoch's key, marked."""
+    return {**entry_key(wkey, plan, "epoch", epoch), "weights": "ema"}
 
 
 def step_save_points(every: int | None, plan) -> dict[str, tuple[str, int]]:
@@ -184,6 +192,7 @@ class Run:
     epochs: list
     snapshots: list
     store: object
+    ema_epochs: list  # [epoch, hash, step] of the EMA file of each saved epoch (train.ema)
     sampler: object = None
 
 
@@ -231,7 +240,7 @@ def _train(r: Run, resume: dict | None) -> list:
     dtype_name = p.get("output.save_precision")
     kept_state: list[int] = []  # the latest state of an epoch that is not saved, replaced as training goes
 
-    def save_entry(network, ekey: dict, epoch: int, step: int) -> str:
+    def save_entry(network, ekey: dict, epoch: int, step: int, ema: bool = False) -> str:
         import torch
 
         ctx.check_inputs()  # the UNet and text encoder trained on are those the key names
@@ -245,13 +254,19 @@ def _train(r: Run, resume: dict | None) -> list:
             model_source=models.source_info(r.mdir),
             session_id=session, started=started, finished=time.time(),
         )
+        if ema:
+            md.update(ema_settings.metadata(p.get("train.ema")))
+        if r.info.get("zero_terminal_snr"):  # the base model's own schedule (a ztsnr checkpoint) was rescaled
+            md["ss_zero_terminal_snr"] = "True"
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
         with store.put(key_hash(ekey), ekey, {"epoch": epoch, "step": step}) as tmp:
             network.save(tmp, dtype=dtype, metadata=md)
         return key_hash(ekey)
 
-    def save(network, epoch: int, step: int) -> None:
-        if epoch in r.saved and rank.main:  # rank 0 alone writes
+    def save(network, epoch: int, step: int, ema: bool = False) -> None:
+        if epoch in r.saved and rank.main and ema:  # the network holds the averaged weights now
+            r.ema_epochs.append([epoch, save_entry(network, ema_key(wkey, r.plan, epoch), epoch, step, ema=True), step])
+        elif epoch in r.saved and rank.main:  # rank 0 alone writes
             r.epochs.append([epoch, save_entry(network, entry_key(wkey, r.plan, "epoch", epoch), epoch, step), step])
 
     def save_state(epoch: int, state: dict) -> None:
@@ -408,16 +423,22 @@ def run(ctx: Context, dataset) -> dict:
     epoch_h = lambda e: key_hash(entry_key(wkey, plan, "epoch", e))  # noqa: E731
     state_h = lambda e: key_hash(entry_key(wkey, plan, "state", e))  # noqa: E731
     snap_h = lambda r: key_hash({**wkey, "snapshot": r})  # noqa: E731
+    with_ema = bool(p.get("train.ema"))
+    ema_h = lambda e: key_hash(ema_key(wkey, plan, e))  # noqa: E731
 
     def complete(entry: dict | None) -> bool:
         if entry is None or not all(whole(store, eh) for _, eh, *_ in entry.get("epochs", [])):
             return False
         have = {row_id: sh for row_id, _, _, sh in entry.get("snapshots", [])}
+        if with_ema and not all(whole(store, eh) for _, eh, *_ in entry.get("ema", [])):
+            return False
         return all(r in have and whole(store, have[r]) for r in snapshot_points)
 
     def resume_point() -> int:
-        """The last epoch whose training state, saved epochs and snapshots are all in the store."""
+        """The last epoch whose training state, saved epochs (and their EMA files) and snapshots are all in the store."""
         for e0 in range(plan.epochs, 0, -1):
+            if with_ema and not all(store.has(ema_h(e)) and whole(store, ema_h(e)) for e in saved if e <= e0):
+                continue
             if (states.has(state_h(e0)) and all(store.has(epoch_h(e)) for e in saved if e <= e0)
                     and all(store.has(snap_h(r)) for r, (_, step) in snapshot_points.items()
                             if step <= plan.epoch_end_step(e0))
@@ -428,10 +449,11 @@ def run(ctx: Context, dataset) -> dict:
         return 0
 
     def start(notes: list) -> tuple:
-        """(last epoch in the store, its training state, saved epochs and snapshots so far)."""
+        """(last epoch in the store, its training state, saved epochs, snapshots and EMA files so far)."""
         e0 = resume_point()
         resume = None
         epochs = [[e, epoch_h(e), plan.epoch_end_step(e)] for e in sorted(saved) if e <= e0]
+        emas = [[e, ema_h(e), plan.epoch_end_step(e)] for e in sorted(saved) if e <= e0] if with_ema else []
         snapshots = [[r, label, step, snap_h(r)] for r, (label, step) in sorted(snapshot_points.items(), key=lambda kv: kv[1][1])
                      if step <= plan.epoch_end_step(e0)]
         if e0:
@@ -446,12 +468,12 @@ def run(ctx: Context, dataset) -> dict:
                     else f"{p.get('train.lr_scheduler')} schedule")
             notes.append(f"trained from the start: the {what} depends on the run's length, so no earlier run "
                          "can be continued")
-        return e0, resume, epochs, snapshots
+        return e0, resume, epochs, snapshots, emas
 
     sampled = None  # (rendered, reused) by in-training sampling
     rank = ctx.memo.get("rank")  # set in a process started by torchrun (lorabuild.worker)
     if not complete(entry):
-        e0, resume, epochs, snapshots = start(sr.notes)
+        e0, resume, epochs, snapshots, emas = start(sr.notes)
         if e0 < plan.epochs and rank is None:  # before any process trains on them
             _repair_inputs(ctx, dataset, lat_manifest, captions, cached)
         log_rows = list(resume["log"]) if resume else []
@@ -461,7 +483,7 @@ def run(ctx: Context, dataset) -> dict:
             # in the store, and this process assembles them as it assembles a run trained before.
             sampled = _launch(ctx, launch)
             sr.notes.append(f"trained by {launch.world} processes" + (f" on {launch.nnodes} nodes" if launch.nnodes > 1 else ""))
-            e0, resume, epochs, snapshots = start([])
+            e0, resume, epochs, snapshots, emas = start([])
             if e0 < plan.epochs:
                 raise StageError(f"train:{ctx.name}: the ranks finished but the store has no training state "
                                  f"after epoch {plan.epochs} (only up to epoch {e0})")
@@ -471,13 +493,15 @@ def run(ctx: Context, dataset) -> dict:
                       captions=captions, latents=latents,
                       lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, info=info, mdir=mdir,
                       wkey=wkey, saved=saved, points=points, snapshot_points=snapshot_points, epochs=epochs,
-                      snapshots=snapshots, store=store)
+                      snapshots=snapshots, store=store, ema_epochs=emas)
             log_rows, val_rows = _train(run, resume)
             sampled = (run.sampler.rendered, run.sampler.reused) if run.sampler else None
         if rank is not None:
             return {"sampled": sampled}  # a rank's part ends here: its parent assembles and publishes
         final_hash = epochs[-1][1]
-        with store.put(h, key, {"epochs": epochs, "snapshots": snapshots, "loss": log_rows, "val": val_rows}) as tmp:
+        info_ema = {"ema": emas} if with_ema else {}
+        with store.put(h, key, {"epochs": epochs, "snapshots": snapshots, "loss": log_rows, "val": val_rows,
+                                **info_ema}) as tmp:
             shutil.copyfile(store.path(final_hash), tmp)
         entry = store.info(h)
         sr.computed = 1
@@ -485,21 +509,31 @@ def run(ctx: Context, dataset) -> dict:
         sr.reused = 1
         sr.notes.append("restored a LoRA trained before with the same inputs")
 
-    # Publish: <name>.safetensors, every saved epoch as <name>-000001.safetensors, the loss log.
+    # Publish: <name>.safetensors, every saved epoch as <name>-000001.safetensors, the loss log;
+    # with train.ema its files beside them (<name>-ema[-000001].safetensors), or in their place
     hashes = ctx.hashes()
-    publish(store.path(h), out_dir / f"{name}.safetensors", hashes, sr.notes)
+    emas = entry.get("ema", []) if with_ema else []
+    ema_only = bool(emas) and p.get("train.ema.save") == "ema"
+    publish(store.path(emas[-1][1] if ema_only else h), out_dir / f"{name}.safetensors", hashes, sr.notes)
     final_epoch = entry["epochs"][-1][0]
-    wanted = {f"{name}-{e:06d}.safetensors": eh for e, eh, *_ in entry["epochs"] if e != final_epoch}
     keep_last = p.get("output.keep_last")
-    if keep_last:  # the final LoRA counts as one of the last N (kohya save_last_n_epochs)
-        wanted = dict(sorted(wanted.items())[-(keep_last - 1):]) if keep_last > 1 else {}
+
+    def per_epoch(rows: list, stem: str) -> dict:
+        files = {f"{stem}-{e:06d}.safetensors": eh for e, eh, *_ in rows if e != final_epoch}
+        if keep_last:  # the final LoRA counts as one of the last N (kohya save_last_n_epochs)
+            files = dict(sorted(files.items())[-(keep_last - 1):]) if keep_last > 1 else {}
+        return files
+
+    wanted = per_epoch(emas if ema_only else entry["epochs"], name)
+    if emas and not ema_only:
+        wanted.update({f"{name}-ema.safetensors": emas[-1][1], **per_epoch(emas, f"{name}-ema")})
     # step saves (kohya naming <name>-step00000500.safetensors), the last N of them with keep_last
     steps = [[st, sh] for row_id, _, st, sh in entry.get("snapshots", []) if row_id in step_saves]
     step_files = {f"{name}-step{st:08d}.safetensors": sh for st, sh in steps}
     if keep_last:
         step_files = dict(sorted(step_files.items())[-keep_last:])
     wanted.update(step_files)
-    for pattern in ("[0-9]" * 6, "step" + "[0-9]" * 8):
+    for pattern in ("[0-9]" * 6, "step" + "[0-9]" * 8, "ema", "ema-" + "[0-9]" * 6):
         for old in out_dir.glob(f"{name}-{pattern}.safetensors"):
             if old.name not in wanted:
                 remove(old, sr.notes)  # a locked one is kept, with a warning
@@ -525,5 +559,6 @@ def run(ctx: Context, dataset) -> dict:
     snaps = [s for s in entry.get("snapshots", []) if s[0] in points]
     # the training states of saved epochs (what `epochs` raised later continues from; kept by gc)
     kept = [[e, state_h(e)] for e, *_ in entry["epochs"] if states.has(state_h(e))]
-    return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "steps": steps,
+    ema_rows = {"ema": emas, "ema_save": p.get("train.ema.save")} if emas else {}
+    return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "steps": steps, **ema_rows,
                        "states": kept}])
