@@ -87,6 +87,16 @@ def make_pipeline(unet, vae, text_encoders: list, tokenizers: list, scheduler):
     return pipe
 
 
+def check_samplers(ctx: Context, settings: list[dict]) -> None:
+    """Before any model is loaded: a sampler whose package is missing stops with one line."""
+    from ..extras import sampler_problem
+    from .base import StageError
+
+    problem = sampler_problem(settings)
+    if problem:
+        raise StageError(f"{STAGE}:{ctx.name}: {problem}")
+
+
 def render(pipe, network, items: list[Item], store) -> None:
     """Render ``items`` with ``network`` (already applied, or None for the base model) into ``store``."""
     import diffusers
@@ -169,6 +179,7 @@ class TrainingSampler:
     """
 
     def __init__(self, ctx: Context, settings: list[dict], publish_dir: Path):
+        check_samplers(ctx, settings)
         self.ctx, self.settings, self.publish_dir = ctx, settings, publish_dir
         self.store = ctx.store(STAGE, ".png")
         self.base = base_identity(ctx)
@@ -263,6 +274,7 @@ def run(ctx: Context) -> dict:
     name = ctx.project.output_name
     info = models.model_info(runtime.model_dir(ctx))
     settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes, prompts.native_size(info))
+    check_samplers(ctx, settings)
     blind = sorted({s["sampler"] for s in settings if s["sampler"] in NO_ZERO_SNR}) if info["zero_terminal_snr"] else []
     if blind:  # diffusers' schedulers without rescale_betas_zero_snr sample a ztsnr model on the plain schedule
         sr.notes.append(f"the base model has a zero-terminal-SNR schedule, which {', '.join(blind)} cannot follow: "
