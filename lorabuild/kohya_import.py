@@ -450,20 +450,13 @@ def _network_args(r: Result, value, module: str) -> None:
             else:
                 r.off.append("network_args dropout")
             continue
-        if k2 in LYCORIS_ARGS:
-            if kind not in LYCO_TYPES:
-                r.unmapped.append(f"network_args {k2}={v2} (a LyCORIS option for loha, lokr and dora; not for a LoRA)")
-                continue
-            dotted, conv = LYCORIS_ARGS[k2]
-            try:
-                r.set(f"network.{dotted}", conv(v2.strip()), f"network_args {k2}")
-            except ValueError:
-                r.unmapped.append(f"network_args {k2}={v2} (not understood)")
+        if k2 in LYCORIS_ARGS and kind not in LYCO_TYPES:
+            r.unmapped.append(f"network_args {k2}={v2} (a LyCORIS option for loha, lokr and dora; not for a LoRA)")
             continue
-        if k2 not in NETWORK_ARGS:
+        if k2 not in NETWORK_ARGS and k2 not in LYCORIS_ARGS:
             r.unmapped.append(f"network_args {k2}={v2} (no equivalent in lorabuild)")
             continue
-        dotted, conv = NETWORK_ARGS[k2]
+        dotted, conv = LYCORIS_ARGS.get(k2) or NETWORK_ARGS[k2]
         try:
             r.set(f"network.{dotted}", conv(v2.strip()), f"network_args {k2}")
         except ValueError:
