@@ -348,8 +348,8 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
         doc.problem(pos("network", key), f"network.{key}", msg)
     from .lyco import option_problems
 
-    for key, msg in option_problems(net, (data.get("train") or {}).get("scale_weight_norms")):
-        doc.problem(pos("network", key), f"network.{key}", msg)
+    for section, key, msg in option_problems(net, (data.get("train") or {}).get("scale_weight_norms")):
+        doc.problem(pos(section, key), f"{section}.{key}", msg)
 
 
 def apply_defaults(data: Any, sch: dict) -> Any:

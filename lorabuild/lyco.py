@@ -30,21 +30,22 @@ OPTION_DEFAULTS = {"use_tucker": False, "use_scalar": False, "rank_dropout_scale
 NOT_FOR_LYCO = ("dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
-def option_problems(net: dict, scale_weight_norms=None) -> list[tuple[str, str]]:
-    """(field, message) for options that do not fit ``network.type``: validate names them."""
+def option_problems(net: dict, scale_weight_norms=None) -> list[tuple[str, str, str]]:
+    """(section, field, message) for options that do not fit ``network.type``: validate names them."""
     kind = net.get("type") or "lora"
     out = []
     if kind == "locon" and not (net.get("conv_dim") or net.get("conv_block_dims")):
-        out.append(("type", "locon needs network.conv_dim (LoCon is LoRA on the 3×3 convolutions too)"))
+        out.append(("network", "type", "locon needs network.conv_dim (LoCon is LoRA on the 3×3 convolutions too)"))
     for key, (_, types) in OPTIONS.items():
         if net.get(key, OPTION_DEFAULTS[key]) != OPTION_DEFAULTS[key] and kind not in types:
-            out.append((key, f"is set but network.type is {kind} ({key} is for {', '.join(types)})"))
+            out.append(("network", key, f"is set but network.type is {kind} ({key} is for {', '.join(types)})"))
     if kind in LYCO_TYPES:
         for key in NOT_FOR_LYCO:
             if net.get(key):
-                out.append((key, f"is not available for network.type {kind} (LyCORIS' {kind} has no such option)"))
+                out.append(("network", key, f"is not available for network.type {kind} (LyCORIS' {kind} has no such option)"))
         if scale_weight_norms:
-            out.append(("type", f"{kind} does not support train.scale_weight_norms (kohya's max-norm is LoRA's)"))
+            out.append(("train", "scale_weight_norms", f"is not available for network.type {kind} (kohya's max-norm "
+                        "is LoRA's)"))
     return out
 
 
@@ -59,7 +60,7 @@ def module_maker(net: dict):
         kw["weight_decompose"] = True
     problems = option_problems(net)
     if problems:
-        raise NetworkConfigError(f"network.{problems[0][0]}: {problems[0][1]}")
+        raise NetworkConfigError("{}.{}: {}".format(*problems[0]))
 
     def make(name, module, dim, alpha):
         # bypass_mode False: the weight-rebuild forward (W + ΔW), the one every type and DoRA share
