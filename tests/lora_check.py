@@ -34,6 +34,7 @@ def unet_outputs(folder: Path, lora: Path, arch: str, width: int, dim: int = 8, 
     else:
         net = LoRANetwork(unet, tes, dim=dim, alpha=alpha, train_unet=True, train_text_encoder=with_te, arch=arch)
     net.load_weights(lora)
+    net.eval()  # no dropout while measuring
     net.apply()
     with torch.no_grad():
         ours = unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample

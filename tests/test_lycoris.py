@@ -9,6 +9,7 @@ import shutil
 import sys
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import copy_workspace, init_workspace
 from lora_check import unet_outputs
-from test_resume import _fresh_run, _kill_after_state, _notes, _same, _states
+from test_resume import _kill_after_state, _notes, _same, _states
 
 pytest.importorskip("lycoris")
 
@@ -26,7 +27,8 @@ from lorabuild.network import from_config  # noqa: E402
 TYPES = ("loha", "lokr", "dora")
 # rank 2 (so LoKr factors its larger matrix and alpha/rank ≠ 1 everywhere), LoCon-style 3×3 convs too
 NET = {"dim": 2, "alpha": 1.0, "conv_dim": 2, "conv_alpha": 1.0}
-EXTRA = {"loha": {}, "lokr": {"factor": 4}, "dora": {}}
+# the LoHa also trains with a scalar and both dropouts for two epochs: the resume test's fresh run
+EXTRA = {"loha": {"use_scalar": True, "rank_dropout": 0.2, "module_dropout": 0.1}, "lokr": {"factor": 4}, "dora": {}}
 SUFFIXES = {"loha": {"alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
             "dora": {"alpha", "lora_down.weight", "lora_up.weight", "dora_scale"}}
 LIB_NAME = {"loha": "loha", "lokr": "kron", "dora": "locon"}  # LyCORIS' module class names, by layout
@@ -44,21 +46,24 @@ def _short(d: dict, model: str) -> None:
 
 @pytest.fixture(scope="module", params=sorted(ARCH))
 def trained(request, tmp_path_factory):
-    """(workspace, model name, {type: its saved file}) after `doit train` of each type, one workspace
-    per model (latents and embeddings made once)."""
+    """(workspace, model name, {type: its saved file}): one workspace per model with a project per
+    type (demo is the LoHa), trained by one `doit train` (latents and embeddings made once, shared)."""
     model = request.param
     ws = init_workspace(tmp_path_factory.mktemp(model) / "ws")
     ws.edit(lambda d: _short(d, model))
+    text = ws.yaml_path.read_text()
+    for kind in TYPES:
+        doc = yaml.safe_load(text)
+        doc["network"].update(type=kind, **EXTRA[kind])
+        doc["train"]["epochs"] = 2 if kind == "loha" else 1
+        (ws.root / "projects" / ("demo" if kind == "loha" else kind)).with_suffix(".yaml").write_text(
+            yaml.safe_dump(doc, sort_keys=False))
+    ws.doit("train", build=model)
     files = {}
     for kind in TYPES:
-        def network(d, kind=kind):
-            d["network"] = {**{k: v for k, v in d["network"].items() if k != "factor"}, "type": kind, **EXTRA.get(kind, {})}
-
-        ws.edit(network)
-        ws.doit("train:demo", build=f"{model}-{kind}")
-        assert ws.report("train")["computed"] == 1
-        files[kind] = ws.root / f"{kind}.safetensors"
-        shutil.copy2(ws.root / "output/demo/demo.safetensors", files[kind])
+        name = "demo" if kind == "loha" else kind
+        assert ws.report("train", project=name)["computed"] == 1
+        files[kind] = ws.root / "output" / name / f"{name}.safetensors"
     return ws, model, files
 
 
@@ -134,7 +139,7 @@ def test_our_merge_agrees_with_the_library_and_with_training(trained, kind):
     for m in net.loras:
         org = m.org_module[0]
         ours = lyco.merged_weight(mods[m.lora_name], org.weight.detach())
-        lib = _library_delta(kind, mods[m.lora_name], org)
+        lib = _library_delta(kind, mods[m.lora_name], org).detach()
         lib = lib if kind == "dora" else org.weight.detach() + lib
         worst = max(worst, float((ours - lib).abs().max()))
         changed += bool((ours - org.weight).abs().max() > 1e-6)
@@ -187,15 +192,15 @@ def test_a_killed_loha_run_with_a_scalar_and_dropouts_continues_bit_exact(traine
     """The training state holds LyCORIS' raw tensors (use_scalar's scalar apart from w1_a) and the
     random draws of its rank and module dropout: a killed run continues to the fresh run's bytes."""
     ws = copy_workspace(trained[0], tmp_path / "ws")
-    ws.edit(lambda d: (d["train"].update(epochs=3, seed=47),
-                       d["network"].update(type="loha", use_scalar=True, rank_dropout=0.2, module_dropout=0.1)))
+    shutil.rmtree(ws.root / "cache/objects/train")  # no trained epochs or states: the run starts from step 0
+    ws.doit("forget", "train:demo", build="forget")
     _kill_after_state(ws, 1)
-    assert 3 not in _states(ws).values()
+    assert 2 not in _states(ws).values()
     ws.doit("train:demo", build="resume")
-    assert "continued from the training state after epoch" in _notes(ws)
+    assert "continued from the training state after epoch 1" in _notes(ws)
     resumed = load_file(str(ws.root / "output/demo/demo.safetensors"))
     assert {k.split(".", 1)[1] for k in resumed} == SUFFIXES["loha"]
-    assert _same(resumed, _fresh_run(ws, "fresh"))
+    assert _same(resumed, load_file(str(trained[2]["loha"])))  # the fixture's uninterrupted run
 
 
 def test_sd2_networks_read_alike_by_lorabuild_and_the_library(tmp_path):
@@ -229,26 +234,22 @@ def test_sd2_networks_read_alike_by_lorabuild_and_the_library(tmp_path):
         net.restore()
 
 
-def _validate(tmp_path, network: str, train: str = "") -> list[str]:
+def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
     import subprocess
 
-    (tmp_path / "img").mkdir(exist_ok=True)
-    (tmp_path / "p.yaml").write_text(f"base_model: builtin:tiny-sd1\ndataset:\n  dirs: [img]\nnetwork:\n{network}"
-                                     + (f"train:\n{train}" if train else ""))
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate", "p.yaml"], cwd=tmp_path,
+    (tmp_path / "img").mkdir()
+    head = "base_model: builtin:tiny-sd1\ndataset:\n  dirs: [img]\nnetwork:\n"
+    for name, body in (("a", "  type: loha\n  factor: 4\n  dropout: 0.1\ntrain:\n  scale_weight_norms: 1\n"),
+                       ("b", "  type: locon\n"), ("c", "  type: lokr\n  factor: 4\n  decompose_both: true\n")):
+        (tmp_path / f"{name}.yaml").write_text(head + body)
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate", "a.yaml", "b.yaml", "c.yaml"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert "Traceback" not in proc.stderr
-    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("p.yaml:")]
-
-
-def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
-    assert _validate(tmp_path, "  type: loha\n  factor: 4\n  dropout: 0.1\n", "  scale_weight_norms: 1\n") == [
-        "p.yaml:6:11: network.factor: is set but network.type is loha (factor is for lokr)",
-        "p.yaml:7:12: network.dropout: is not available for network.type loha (LyCORIS' loha has no such option)",
-        "p.yaml:9:23: train.scale_weight_norms: is not available for network.type loha (kohya's max-norm is LoRA's)"]
-    assert _validate(tmp_path, "  type: locon\n") == [
-        "p.yaml:5:9: network.type: locon needs network.conv_dim (LoCon is LoRA on the 3×3 convolutions too)"]
-    assert _validate(tmp_path, "  type: lokr\n  factor: 4\n  decompose_both: true\n") == []
+    assert [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln[1:7] == ".yaml:"] == [
+        "a.yaml:6:11: network.factor: is set but network.type is loha (factor is for lokr)",
+        "a.yaml:7:12: network.dropout: is not available for network.type loha (LyCORIS' loha has no such option)",
+        "a.yaml:9:23: train.scale_weight_norms: is not available for network.type loha (kohya's max-norm is LoRA's)",
+        "b.yaml:5:9: network.type: locon needs network.conv_dim (LoCon is LoRA on the 3×3 convolutions too)"]
     # without the package, validate (and the train stage) name it and how to install it
     from lorabuild import extras
 
@@ -262,21 +263,26 @@ def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
 def test_import_kohya_maps_lycoris_algos(tmp_path):
     import subprocess
 
-    import yaml
+    from lorabuild.kohya_import import convert_full
 
     (tmp_path / "img").mkdir()
-    runs = {"dora": ('"algo=lora", "dora_wd=True"', {"type": "dora"}),
-            "lokr": ('"algo=lokr", "factor=8", "decompose_both=True", "use_tucker=True", "conv_dim=4"',
-                     {"type": "lokr", "factor": 8, "decompose_both": True, "use_tucker": True, "conv_dim": 4}),
-            "ia3": ('"algo=ia3"', {})}
-    for name, (args, want) in runs.items():
-        (tmp_path / f"{name}.toml").write_text(f'pretrained_model_name_or_path = "builtin:tiny-sd1"\ntrain_data_dir = '
-                                               f'"img"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_module = '
-                                               f'"lycoris.kohya"\nnetwork_args = [{args}]\n')
-        proc = subprocess.run([sys.executable, "-m", "lorabuild", "import-kohya", f"{name}.toml", "-o",
-                               f"{name}.yaml"], cwd=tmp_path, capture_output=True, text=True)
-        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-        doc = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
-        assert doc["network"] == {"dim": 8, "alpha": 4.0, **want}
-        assert ("not mapped: network_args algo=ia3" in proc.stderr) == (name == "ia3")
-        assert "validated" in proc.stdout and "no problems" in proc.stdout
+    (tmp_path / "dora.toml").write_text('pretrained_model_name_or_path = "builtin:tiny-sd1"\ntrain_data_dir = "img"\n'
+                                        'network_dim = 8\nnetwork_alpha = 4\nnetwork_module = "lycoris.kohya"\n'
+                                        'network_args = ["algo=lora", "dora_wd=True"]\n')
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "import-kohya", "dora.toml", "-o", "dora.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert yaml.safe_load((tmp_path / "dora.yaml").read_text())["network"] == {"dim": 8, "alpha": 4.0, "type": "dora"}
+    assert "validated dora.yaml: no problems" in proc.stdout and "not mapped" not in proc.stderr
+    base = {"network_dim": 8, "network_alpha": 4, "network_module": "lycoris.kohya"}
+    r = convert_full({**base, "network_args": ["algo=lokr", "factor=8", "decompose_both=True", "use_tucker=True",
+                                               "conv_dim=4", "loraplus_lr_ratio=4"]})
+    assert r.doc["network"] == {"dim": 8, "alpha": 4.0, "type": "lokr", "factor": 8, "decompose_both": True,
+                                "use_tucker": True, "conv_dim": 4}
+    assert r.unmapped == ["network_args loraplus_lr_ratio=4 (LyCORIS' lokr does not use it)"]
+    r = convert_full({**base, "network_args": ["algo=loha", "factor=-1", "decompose_both=False"]})
+    assert r.doc["network"]["type"] == "loha" and not r.unmapped  # LyCORIS' defaults: off
+    assert {"network_args factor", "network_args decompose_both"} <= set(r.off)
+    r = convert_full({**base, "network_args": ["algo=ia3", "conv_dim=4"]})
+    assert "type" not in r.doc["network"] and [u.split(" (")[0] for u in r.unmapped] == [
+        "network_args algo=ia3", "network_args conv_dim=4"]
