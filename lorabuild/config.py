@@ -348,7 +348,7 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
         doc.problem(pos("network", key), f"network.{key}", msg)
     from .lyco import option_problems
 
-    for section, key, msg in option_problems(net, (data.get("train") or {}).get("scale_weight_norms")):
+    for section, key, msg in option_problems(net, data.get("train")):
         doc.problem(pos(section, key), f"{section}.{key}", msg)
 
 

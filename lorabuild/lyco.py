@@ -30,8 +30,10 @@ OPTION_DEFAULTS = {"use_tucker": False, "use_scalar": False, "rank_dropout_scale
 NOT_FOR_LYCO = ("dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
-def option_problems(net: dict, scale_weight_norms=None) -> list[tuple[str, str, str]]:
-    """(section, field, message) for options that do not fit ``network.type``: validate names them."""
+def option_problems(net: dict, train: dict | None = None) -> list[tuple[str, str, str]]:
+    """(section, field, message) for options (``network``, ``train``) that do not fit ``network.type``:
+    validate names them."""
+    train = train or {}
     kind = net.get("type") or "lora"
     out = []
     if kind == "locon" and not (net.get("conv_dim") or net.get("conv_block_dims")):
@@ -43,9 +45,12 @@ def option_problems(net: dict, scale_weight_norms=None) -> list[tuple[str, str, 
         for key in NOT_FOR_LYCO:
             if net.get(key):
                 out.append(("network", key, f"is not available for network.type {kind} (LyCORIS' {kind} has no such option)"))
-        if scale_weight_norms:
+        if train.get("scale_weight_norms"):
             out.append(("train", "scale_weight_norms", f"is not available for network.type {kind} (kohya's max-norm "
                         "is LoRA's)"))
+        if train.get("base_precision") == "fp8":  # LyCORIS adds ΔW to the weight as stored: no float8 arithmetic
+            out.append(("train", "base_precision", f"fp8 is not available for network.type {kind} (use fp16 or "
+                        "bf16)"))
     return out
 
 

@@ -239,7 +239,8 @@ def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
 
     (tmp_path / "img").mkdir()
     head = "base_model: builtin:tiny-sd1\ndataset:\n  dirs: [img]\nnetwork:\n"
-    for name, body in (("a", "  type: loha\n  factor: 4\n  dropout: 0.1\ntrain:\n  scale_weight_norms: 1\n"),
+    for name, body in (("a", "  type: loha\n  factor: 4\n  dropout: 0.1\ntrain:\n  scale_weight_norms: 1\n"
+                              "  base_precision: fp8\n"),
                        ("b", "  type: locon\n"), ("c", "  type: lokr\n  factor: 4\n  decompose_both: true\n")):
         (tmp_path / f"{name}.yaml").write_text(head + body)
     proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate", "a.yaml", "b.yaml", "c.yaml"], cwd=tmp_path,
@@ -249,6 +250,7 @@ def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
         "a.yaml:6:11: network.factor: is set but network.type is loha (factor is for lokr)",
         "a.yaml:7:12: network.dropout: is not available for network.type loha (LyCORIS' loha has no such option)",
         "a.yaml:9:23: train.scale_weight_norms: is not available for network.type loha (kohya's max-norm is LoRA's)",
+        "a.yaml:10:19: train.base_precision: fp8 is not available for network.type loha (use fp16 or bf16)",
         "b.yaml:5:9: network.type: locon needs network.conv_dim (LoCon is LoRA on the 3×3 convolutions too)"]
     # without the package, validate (and the train stage) name it and how to install it
     from lorabuild import extras
