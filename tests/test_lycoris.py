@@ -288,3 +288,37 @@ def test_import_kohya_maps_lycoris_algos(tmp_path):
     r = convert_full({**base, "network_args": ["algo=ia3", "conv_dim=4"]})
     assert "type" not in r.doc["network"] and [u.split(" (")[0] for u in r.unmapped] == [
         "network_args algo=ia3", "network_args conv_dim=4"]
+    # the kohya_ss GUI's LyCORIS types launch lycoris.kohya with algo=…: LoKr, and LoCon with dora_wd (DoRA)
+    from lorabuild.kohya_read import Source, from_gui
+
+    gui = {"LoRA_type": "LyCORIS/LoKr", "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "conv_alpha": 1,
+           "factor": 8, "decompose_both": True, "use_cp": False, "train_norm": False}
+    r = convert_full(from_gui(gui, Source("kohya_ss GUI", {})))
+    assert r.doc["network"] == {"dim": 8, "alpha": 4.0, "type": "lokr", "conv_dim": 4, "conv_alpha": 1.0, "factor": 8,
+                                "decompose_both": True, "use_tucker": False}
+    gui = {"LoRA_type": "LyCORIS/LoCon", "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "dora_wd": True}
+    assert convert_full(from_gui(gui, Source("kohya_ss GUI", {}))).doc["network"] == {
+        "dim": 8, "alpha": 4.0, "type": "dora", "conv_dim": 4}
+
+
+@pytest.mark.parametrize("trained", ["tiny-sdxl"], indirect=True)
+def test_sdxl_text_encoders_train_lycoris_modules_too(trained, tmp_path):
+    """With train_text_encoder, both SDXL text encoders get the type's modules under kohya's lora_te1_/lora_te2_
+    names; the file loads back into a fresh network exactly."""
+    folder = trained[0].root / "cache/models/tiny-sdxl"
+    tes = [models.load_text_encoder(folder, which=p) for p in models.text_parts(folder)]
+    unet = models.load_unet(folder)
+    cfg = {**_net_cfg("lokr"), "train_text_encoder": True}
+    net = from_config(cfg, unet, tes, "sdxl")
+    assert net.module_count()[1] > 0
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    net.save(tmp_path / "te.safetensors", dtype=torch.float32)
+    names = {k.split(".")[0] for k in load_file(str(tmp_path / "te.safetensors"))}
+    assert {n.split("_")[1] for n in names} == {"unet", "te1", "te2"}
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj" in names
+    again = from_config(cfg, models.load_unet(folder), [models.load_text_encoder(folder, which=p)
+                                                         for p in models.text_parts(folder)], "sdxl")
+    assert again.load_weights(tmp_path / "te.safetensors") == []
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict_kohya().values(), again.state_dict_kohya().values()))
