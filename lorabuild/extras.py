@@ -34,6 +34,9 @@ def needs(cfg: Mapping) -> list[Need]:
         out.append(Need("train.optimizer", opt, "lion_pytorch", "lion-pytorch", "lion", "train"))
     if train.get("attention") == "xformers":
         out.append(Need("train.attention", "xformers", "xformers", "xformers", "xformers", "train"))
+    kind = (cfg.get("network") or {}).get("type")
+    if kind in ("loha", "lokr", "dora"):
+        out.append(Need("network.type", kind, "lycoris", "lycoris-lora", "lycoris", "train"))
     if cfg.get("tagger"):
         out.append(Need("tagger", "a WD14 tagger", "onnxruntime", "onnxruntime", "tagger", "tag"))
     if "lms" in _samplers(cfg.get("sample") or {}):

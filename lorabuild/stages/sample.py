@@ -129,7 +129,8 @@ def lora_network(ctx: Context, pipe):
     from ..network import from_config
 
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
-    return from_config(ctx.project.section("network"), pipe.unet, encoders, runtime.arch(ctx))
+    # eval: no dropout of any kind (network, rank, module) while rendering
+    return from_config(ctx.project.section("network"), pipe.unet, encoders, runtime.arch(ctx)).eval()
 
 
 def _render_missing(ctx: Context, missing: list[Item], store) -> None:
