@@ -100,6 +100,12 @@ def _train(train: dict, out: dict, src: Source) -> None:
         src.renamed["network_train_unet_only"] = "train.train_text_encoder (false)"
     if train.pop("train_unet", True) is False:
         out["network_train_text_encoder_only"] = True
+    ema = train.pop("ema_config", None)
+    if isinstance(ema, dict) and ema.get("use_ema"):
+        out["_ema_decay"] = float(ema.get("ema_decay", 0.99))  # ai-toolkit's default decay
+        src.renamed["_ema_decay"] = "train.ema_config"
+    elif ema is not None and not isinstance(ema, dict):
+        src.unmapped.append(f"train.ema_config = {ema!r} (not a mapping)")
     if isinstance(train.get("optimizer_params"), dict):
         out["optimizer_args"] = [f"{k}={v}" for k, v in train.pop("optimizer_params").items()]
         src.renamed["optimizer_args"] = "train.optimizer_params"

@@ -399,6 +399,9 @@ def _one(r: Result, key: str, value, module: str) -> None:
                              "sdxl_train_network.py)")
         if kind == "sdxl":
             r.set("model_type", "sdxl", "sdxl_train_network.py")
+    elif key in ("_ema_decay", "_ema_every_n_steps"):  # sd-scripts has no EMA: ai-toolkit's and OneTrainer's
+        r.set(f"train.ema.{key[5:]}", value, key)
+        r.sources.setdefault("train.ema", key)  # the YAML writes train.ema on one line: its comment
     elif key == "alpha_mask":  # kohya applies an alpha mask whenever it loads one, masked_loss or not
         r.set("train.masked_loss", True, key)
     elif key == "lr_warmup_steps":

@@ -482,12 +482,13 @@ def test_an_ai_toolkit_job(tmp_path):
     assert doc["captions"] == {"prepend": ["p3r5on"]} and doc["bucket"] == {"resolution": 1024}
     assert doc["network"] == {"dim": 16, "alpha": 8.0, "train_text_encoder": False}
     assert doc["train"] == {"save_every_n_steps": 250, "mixed_precision": "bf16", "batch_size": 1, "max_steps": 2000,
-                            "gradient_checkpointing": True, "optimizer": "adamw8bit", "learning_rate": 1e-4}
+                            "gradient_checkpointing": True, "optimizer": "adamw8bit", "learning_rate": 1e-4,
+                            "ema": {"decay": 0.99}}
     assert doc["sample"] == {"at_first": True, "every_n_steps": 250, "sampler": "euler_a",
                              "prompts": ["p3r5on playing chess at the park --w 1024 --h 1024 --s 20 --l 4 --d 42 --n blurry"]}
     assert doc["output"] == {"name": "my_sdxl_lora", "save_precision": "fp16", "keep_last": 4}
+    assert "  ema: {decay: 0.99}  # ai-toolkit: train.ema_config\n" in text
     assert _unmapped(text) == [
-        "train.ema_config = {'use_ema': True} (no equivalent in lorabuild)",
         "datasets imgs: resolution = [512, 768, 1024] (ai-toolkit trains at each; a project trains at one: 1024; "
         "a project per resolution trains the others)"]
     assert "  dim: 16  # ai-toolkit: network.linear\n" in text
@@ -533,6 +534,12 @@ def test_a_onetrainer_preset_with_its_concepts_and_samples(tmp_path):
                                "concept 'old': disabled in OneTrainer, left out"]
     assert "  dim: 16  # OneTrainer: lora_rank\n" in text
     assert _validate(tmp_path / "p.yaml").returncode == 0
+    ema = {**ONETRAINER, "ema": "GPU", "ema_decay": 0.998, "ema_update_step_interval": 2}
+    (tmp_path / "p.yaml").unlink()  # one project per output name in a folder
+    doc, text, _ = _import(tmp_path, "ema.json", json.dumps(ema), out="ema.yaml")
+    assert doc["train"]["ema"] == {"decay": 0.998, "every_n_steps": 2} and not any("ema" in u for u in _unmapped(text))
+    assert "  ema: {decay: 0.998, every_n_steps: 2}  # OneTrainer: ema = GPU, ema_decay\n" in text
+    assert _validate(tmp_path / "ema.yaml").returncode == 0
 
 
 def test_a_gui_preset_with_nothing_known_is_not_an_empty_success(tmp_path):
