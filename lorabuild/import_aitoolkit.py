@@ -59,8 +59,18 @@ def from_aitoolkit(cfg: dict, src: Source) -> tuple[dict, dict | None]:
 
     net = dict(_section(p, "network", src))
     kind = str(net.pop("type", "lora")).lower()
-    if kind not in ("lora", "locon"):
-        src.unmapped.append(f"network.type = {kind!r} (lorabuild trains LoRA and LoCon only: imported as a LoRA)")
+    if kind == "lokr":  # LyCORIS' LoKr, as kohya's GUIs name it: lycoris.kohya with algo=lokr
+        out["network_module"] = "lycoris.kohya"
+        out.setdefault("network_args", []).append("algo=lokr")
+        if "lokr_factor" in net:
+            out["network_args"].append(f"factor={net.pop('lokr_factor')}")
+        src.renamed["network_module"] = "network.type"
+        if net.pop("lokr_full_rank", False):
+            src.unmapped.append("network.lokr_full_rank = True (lorabuild's lokr factors its second matrix at "
+                                "network.dim: a smaller network than ai-toolkit's full-rank one)")
+    elif kind not in ("lora", "locon"):
+        src.unmapped.append(f"network.type = {kind!r} (lorabuild trains LoRA, LoCon and LoKr from ai-toolkit: "
+                            "imported as a LoRA)")
     for k in ("conv", "conv_alpha"):
         if k in net:
             out.setdefault("network_args", []).append(f"{'conv_dim' if k == 'conv' else k}={net.pop(k)}")

@@ -496,6 +496,10 @@ def test_an_ai_toolkit_job(tmp_path):
     (tmp_path / "flux.yaml").write_text(AITOOLKIT.replace("is_xl: true", "is_flux: true"))
     _, text, _ = _import(tmp_path, "flux.yaml", AITOOLKIT.replace("is_xl: true", "is_flux: true"), out="f.yaml")
     assert _unmapped(text)[0].startswith("model.is_flux = true (lorabuild trains SD 1.x, 2.x and SDXL LoRAs")
+    lokr = AITOOLKIT.replace('type: "lora"', 'type: "lokr"\n        lokr_factor: 4\n        lokr_full_rank: true')
+    doc, text, _ = _import(tmp_path, "lokr.yaml", lokr, out="k.yaml")
+    assert doc["network"]["type"] == "lokr" and doc["network"]["factor"] == 4
+    assert any(u.startswith("network.lokr_full_rank = True") for u in _unmapped(text))
 
 
 ONETRAINER = {
