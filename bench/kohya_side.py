@@ -68,6 +68,13 @@ class Case:
                 seen.setdefault(int(m.group(1)), t)
         return seen
 
+    def save(self, folder: Path, stamp: str) -> Path:
+        """The whole timestamped output, for reading what a run did."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stamp}-{self.name}.log"
+        path.write_text("".join(f"{t:9.2f}  {line}\n" for t, line in self.lines) or f"{self.error}\n", encoding="utf-8")
+        return path
+
     def tail(self, n: int = 15) -> str:
         return "\n".join(line for _, line in self.lines[-n:])
 
@@ -156,6 +163,8 @@ def single_file() -> Path:
 
 
 def kohya_cmd(tree: Path, py: Path, ckpt: Path, data: Path, out: Path, tok: Path, size: int, steps: int) -> list[str]:
+    """train_network.py at lorabuild's settings; ``tok`` is the CLIP tokenizer where kohya's
+    --tokenizer_cache_dir looks for it (its model id with / as _), so nothing is downloaded."""
     return [str(py), str(tree / "train_network.py"), "--pretrained_model_name_or_path", str(ckpt),
             "--train_data_dir", str(data), "--caption_extension", ".txt", "--resolution", str(size),
             "--output_dir", str(out), "--output_name", "kohya", "--save_model_as", "safetensors",
@@ -163,7 +172,7 @@ def kohya_cmd(tree: Path, py: Path, ckpt: Path, data: Path, out: Path, tok: Path
             "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--lr_scheduler", "constant",
             "--max_train_steps", str(steps), "--train_batch_size", "1", "--mixed_precision", "no",
             "--save_precision", "float", "--sdpa", "--cache_latents", "--seed", "0",
-            "--max_data_loader_n_workers", "0", "--tokenizer_cache_dir", str(tok)]
+            "--max_data_loader_n_workers", "0", "--tokenizer_cache_dir", str(tok.parent)]
 
 
 def lora_shapes(path: Path | None) -> dict[str, tuple]:
@@ -263,7 +272,7 @@ def run_kohya(args, ckpt: Path, data: Path, tmp: Path) -> tuple[Case, Path | Non
 def run_lorabuild(args, root: Path) -> tuple[Case, Path | None]:
     print("kohya_side: running doit train:bench", flush=True)
     case = watch(Case("lorabuild"), [sys.executable, "-m", "doit", "train:bench"], root, {})
-    saved = sorted((root / "output").rglob("bench.safetensors"), key=lambda p: p.stat().st_mtime)
+    saved = sorted((root / "output").rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)  # the final save
     return case, (saved[-1] if saved else None)
 
 
@@ -281,6 +290,10 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=1800, help="longest wait for a quiet machine, s")
     ap.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        sys.exit("kohya_side: needs psutil (pip install psutil, or lorabuild's 'bench' extra)")
     args.size = args.size or (256 if args.quick else 512)
     args.steps = args.steps or (3 if args.quick else 8)
     if args.steps < 2:
@@ -300,8 +313,10 @@ def main() -> None:
         k = figures(kcase, KOHYA_STEP, "caching latents", BAR)
         lb = figures(lcase, STEP, "latents:bench", re.compile(r"latents:bench:\s+" + BAR.pattern))
         text = report(args, k, lb, kcase, lcase, modules, rates, loads, kver)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    logs = [c.save(args.kohya_home.parent / "logs", stamp) for c in (kcase, lcase)]
     title = f"kohya sd-scripts side by side (issue 26){' (--quick)' if args.quick else ''}, {datetime.date.today()}"
-    print(f"\n## {title}\n\n{text}\n")
+    print(f"\n## {title}\n\n{text}\n\nkohya_side: full output in {', '.join(str(p) for p in logs)}")
     if args.append:
         with RESULTS.open("a", encoding="utf-8") as fh:
             fh.write(f"\n## {title}\n\n{text}\n")
