@@ -79,6 +79,12 @@ class Case:
         return "\n".join(line for _, line in self.lines[-n:])
 
 
+def pieces(chunk: str) -> list[str]:
+    """The lines in one chunk of output, the last one too, unterminated: tqdm writes each update
+    as "\\r" + text, so waiting for the next delimiter would date every update one update late."""
+    return [ln for ln in re.split(r"[\r\n]", chunk) if ln.strip()]
+
+
 def tree_rss(proc) -> int:
     """Resident bytes of ``proc`` and all its descendants (dataloader workers, doit's children)."""
     import psutil
@@ -106,13 +112,9 @@ def watch(case: Case, cmd: list[str], cwd: Path, env: dict) -> Case:
     ps = psutil.Process(proc.pid)
 
     def read() -> None:
-        buf = ""
         while chunk := os.read(proc.stdout.fileno(), 65536).decode("utf-8", "replace"):
             now = time.perf_counter() - t0
-            *done, buf = re.split(r"[\r\n]", buf + chunk)
-            case.lines += [(now, ln) for ln in done if ln.strip()]
-        if buf.strip():
-            case.lines.append((time.perf_counter() - t0, buf))
+            case.lines += [(now, ln) for ln in pieces(chunk)]
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -206,7 +208,7 @@ def figures(case: Case, step_re: re.Pattern, cache_after: str, cache_re: re.Patt
     cache = {k: t for k, t in case.progress(cache_re, cache_after).items() if not steps or t < steps[min(ks)]}
     ck = sorted(k for k in cache if k >= 1)
     return {"s/step": statistics.median(per) if per else None,
-            "first": steps.get(1), "rss": case.rss_gib, "steps": len(ks),
+            "first": steps.get(1), "rss": case.rss_gib, "steps": sum(k >= 1 for k in ks),
             "cache": (cache[ck[-1]] - cache[ck[0]]) / (ck[-1] - ck[0]) if len(ck) >= 2 else None}
 
 

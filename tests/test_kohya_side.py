@@ -43,6 +43,12 @@ def test_lorabuild_output_is_read_by_its_own_patterns():
     assert (f["first"], f["s/step"], f["cache"]) == (9.0, 4.0, 1.5)
 
 
+def test_a_progress_update_counts_when_it_arrives_not_at_the_next_one():
+    # tqdm's update is "\r" + text with no delimiter after it: the text is the news
+    assert kohya_side.pieces("\rtrain:  33%|###3      | 1/3 [01:03<02:07]") == ["train:  33%|###3      | 1/3 [01:03<02:07]"]
+    assert kohya_side.pieces("INFO a\nINFO b\r\n\r") == ["INFO a", "INFO b"]
+
+
 def test_a_tool_that_did_not_run_has_no_figures():
     assert kohya_side.figures(kohya_side.Case("kohya", error="not installed"), STEP, "x", STEP) == {}
 
