@@ -2,9 +2,10 @@
 
 Classical image analysis: the background's colour is the palette tone whose plain /
 striped / gradient range explains most of the border; the pattern is read from how the
-border varies (along x: stripes, along y: a gradient); the shape is every pixel the
-modelled background does not explain, its colour the nearest palette colour of its median,
-and its kind the nearest class centroid of an 8×8 occupancy grid of its bounding box.
+border varies (along x: stripes, along y: a gradient); the shape's colour is the nearest
+palette colour of the median of the pixels the modelled background does not explain, the
+shape those of them nearer that colour than the background (a decoded sample's halo is
+left out), and its kind the nearest class centroid of an 8×8 occupancy grid of its bounding box.
 The centroids are fitted on the generator's own pictures (``ring`` included, the shape the
 demo teaches), so the detector needs no weights. ``accuracy()`` measures it on fresh
 pictures; ``prompt_accuracy()`` scores a pipeline's samples against their prompts.
@@ -77,8 +78,16 @@ def _features(mask: np.ndarray) -> np.ndarray | None:
     return np.concatenate([grid, [grid.mean(), aspect]])
 
 
-def _mask(a: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(a - bg, axis=-1) > FG_DISTANCE
+def _mask(a: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """The shape's pixels and its palette colour (None: nothing stands out). A decoded sample
+    blurs and rings at the shape's edge: of the pixels far from the background, only those
+    nearer the shape's colour than the background's count, so a halo does not change the outline."""
+    d_bg = np.linalg.norm(a - bg, axis=-1)
+    mask = d_bg > FG_DISTANCE
+    if mask.sum() < MIN_AREA:
+        return mask, None
+    colour = int(np.linalg.norm(_PAL - np.median(a[mask], axis=0)[None], axis=1).argmin())
+    return mask & (np.linalg.norm(a - _PAL[colour], axis=-1) < d_bg), world.COLOURS[colour]
 
 
 @lru_cache(maxsize=1)
@@ -91,7 +100,7 @@ def _centroids() -> tuple[tuple[str, ...], np.ndarray]:
         for i in range(40):
             img, _ = world.sample(2_000_000 + 1000 * k + i, shapes=(shape,))
             a = _pixels(img)
-            f = _features(_mask(a, _background(a)[2]))
+            f = _features(_mask(a, _background(a)[2])[0])
             if f is not None:
                 feats.append(f)
         rows.append(np.mean(feats, axis=0))
@@ -103,14 +112,12 @@ def analyse(img: Image.Image) -> dict:
     where nothing stands out from the background."""
     a = _pixels(img)
     background, pattern, bg = _background(a)
-    mask = _mask(a, bg)
-    f = _features(mask)
+    mask, colour = _mask(a, bg)
+    f = _features(mask) if colour else None
     if f is None:
         return {"shape": None, "colour": None, "background": background, "pattern": pattern}
     names, cents = _centroids()
     shape = names[int(np.linalg.norm(cents - f[None], axis=1).argmin())]
-    median = np.median(a[mask], axis=0)
-    colour = world.COLOURS[int(np.linalg.norm(_PAL - median[None], axis=1).argmin())]
     return {"shape": shape, "colour": colour, "background": background, "pattern": pattern}
 
 
