@@ -174,9 +174,14 @@ def render(pipe, prompt: str, seeds, steps: int = 20, cfg: float = 5.0) -> list:
 
 
 def prompt_accuracy(pipe, prompts, seeds: int) -> dict:
-    """Mean share of samples (``seeds`` per prompt) showing everything their prompt names, and per prompt."""
-    per = {p: score(render(pipe, p, range(seeds)), p)["all"] for p in prompts}
-    return {"prompt_accuracy": round(sum(per.values()) / len(per), 3), "per_prompt": per, "seeds": seeds}
+    """Mean share of samples (``seeds`` per prompt) showing everything their prompt names, per
+    prompt, and per attribute (shape, colour, background: which of them a weak model misses)."""
+    scores = {p: score(render(pipe, p, range(seeds)), p) for p in prompts}
+    per = {p: s["all"] for p, s in scores.items()}
+    attrs = {k: round(sum(s[k] for s in scores.values()) / len(scores), 3)
+             for k in ("shape", "colour", "background") if all(k in s for s in scores.values())}
+    return {"prompt_accuracy": round(sum(per.values()) / len(per), 3), "per_prompt": per, "attributes": attrs,
+            "seeds": seeds}
 
 
 @contextmanager
