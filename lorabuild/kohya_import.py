@@ -226,7 +226,7 @@ def _flag(v: str) -> bool:
 
 def _is_default(k2: str, v2: str) -> bool:
     """A network_args value that leaves the network as if it were not given (kohya GUIs write them all)."""
-    from .lyco import OPTION_DEFAULTS
+    from .lyco_options import OPTION_DEFAULTS
 
     try:
         if k2 in LYCORIS_ARGS:
@@ -437,7 +437,7 @@ def _network_args(r: Result, value, module: str) -> None:
     args = _raw_kv(value)
     algo = args.pop("algo", "lora" if module == "lycoris.kohya" else None)
     kind = _lycoris_type(r, algo, args, module) if algo is not None else None
-    from .lyco import LYCO_TYPES, NOT_FOR_LYCO, OPTIONS
+    from .lyco_options import LYCO_TYPES, NOT_FOR_LYCO, OPTIONS
 
     for k2, v2 in args.items():
         dotted = (LYCORIS_ARGS.get(k2) or NETWORK_ARGS.get(k2) or (k2,))[0]  # network_args dropout: network.dropout

@@ -96,6 +96,7 @@ def test_model_info(tiny):
         "vae_scale_factor": 8,
         "latent_channels": 4,
         "te_max_length": 77,
+        "zero_terminal_snr": False,  # a single file with ComfyUI's ztsnr key says True
     }
 
 

@@ -1,0 +1,37 @@
+"""The LyCORIS types' options and their checks, without torch: ``validate``, ``doit list`` and
+import-kohya read them, and none of those may import torch (lorabuild/lyco.py builds the networks)."""
+from __future__ import annotations
+
+LYCO_TYPES = ("loha", "lokr", "dora")
+# network fields -> LyCORIS module keyword (kohya network_args name in the schema); which types take them
+OPTIONS = {"use_tucker": ("use_tucker", LYCO_TYPES), "use_scalar": ("use_scalar", LYCO_TYPES),
+           "rank_dropout_scale": ("rank_dropout_scale", LYCO_TYPES), "dora_wd": ("weight_decompose", ("loha", "lokr")),
+           "factor": ("factor", ("lokr",)), "decompose_both": ("decompose_both", ("lokr",))}
+OPTION_DEFAULTS = {"use_tucker": False, "use_scalar": False, "rank_dropout_scale": False, "dora_wd": False,
+                   "factor": -1, "decompose_both": False}
+# lorabuild options LyCORIS' modules do not implement (so a set one would silently do nothing)
+NOT_FOR_LYCO = ("dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+def option_problems(net: dict, train: dict | None = None) -> list[tuple[str, str, str]]:
+    """(section, field, message) for options (``network``, ``train``) that do not fit ``network.type``:
+    validate names them."""
+    train = train or {}
+    kind = net.get("type") or "lora"
+    out = []
+    if kind == "locon" and not (net.get("conv_dim") or net.get("conv_block_dims")):
+        out.append(("network", "type", "locon needs network.conv_dim (LoCon is LoRA on the 3×3 convolutions too)"))
+    for key, (_, types) in OPTIONS.items():
+        if net.get(key, OPTION_DEFAULTS[key]) != OPTION_DEFAULTS[key] and kind not in types:
+            out.append(("network", key, f"is set but network.type is {kind} ({key} is for {', '.join(types)})"))
+    if kind in LYCO_TYPES:
+        for key in NOT_FOR_LYCO:
+            if net.get(key):
+                out.append(("network", key, f"is not available for network.type {kind} (LyCORIS' {kind} has no such option)"))
+        if train.get("scale_weight_norms"):
+            out.append(("train", "scale_weight_norms", f"is not available for network.type {kind} (kohya's max-norm "
+                        "is LoRA's)"))
+        if train.get("base_precision") == "fp8":  # LyCORIS adds ΔW to the weight as stored: no float8 arithmetic
+            out.append(("train", "base_precision", f"fp8 is not available for network.type {kind} (use fp16 or "
+                        "bf16)"))
+    return out
