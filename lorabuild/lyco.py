@@ -19,7 +19,7 @@ import torch
 
 from .network import LoRANetwork, NetworkConfigError, check_layout
 
-from .lyco_options import LYCO_TYPES, NOT_FOR_LYCO, OPTION_DEFAULTS, OPTIONS, option_problems  # noqa: F401
+from .lyco_options import OPTION_DEFAULTS, OPTIONS, option_problems
 
 
 def module_maker(net: dict):
