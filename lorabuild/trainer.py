@@ -588,7 +588,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         sample(f"e{epoch:06d}", epoch)
         if inp.save_state is not None:
             inp.save_state(epoch, {
-                "network": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+                **network.full_weights(),  # "network" (what resume loads) and the modules' names
                 "optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
                 "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), **_device_rng(inp.device),
                 "step": step, "epoch": epoch,
