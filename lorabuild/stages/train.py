@@ -33,7 +33,8 @@ VERSION = 2
 SECTIONS = ("network", "train", "captions", "output")
 # when to sample while training: decides which snapshots a run keeps, never the weights
 SAMPLE_PARAMS = ("sample.at_first", "sample.every_n_epochs", "sample.every_n_steps")
-EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "dataset")
+EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "dataset",
+                "bucket.resolution", "bucket.min_reso", "bucket.max_reso", "bucket.no_upscale")  # metadata: BUCKET_METADATA
 
 
 # train options added after LoRAs were trained without them, with the value that means "off"
@@ -42,6 +43,8 @@ NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None
              "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto"}
 # train options that change how memory is managed, never a weight
 UNKEYED = ("lean_cpu_memory",)
+# bucket settings kohya's metadata records (ss_resolution, ss_min/max_bucket_reso, ss_bucket_no_upscale)
+BUCKET_METADATA = ("resolution", "min_reso", "max_reso", "no_upscale")
 
 
 def validation_seed(p) -> int:
@@ -68,6 +71,8 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
     cfg["save_precision"] = ctx.project.get("output.save_precision")
     # what goes into the saved files' metadata (a change writes them again, without training: training_key)
     cfg["metadata"] = [ctx.project.get("output.metadata"), ctx.project.get("output.comment")]
+    # the bucket settings the files' ss_* metadata states (the latents' own buckets are keyed with them)
+    cfg["bucket"] = {k: ctx.project.get(f"bucket.{k}") for k in BUCKET_METADATA}
     concept_of = {im.id: im.concept for im in dataset.images}
     images = []
     for i in sorted(latents):
@@ -108,7 +113,7 @@ def weights_key(key: dict, total_steps: int) -> dict:
 
 
 # output settings: they shape the saved files, never the weights
-OUTPUT_PARAMS = ("save_precision", "metadata")
+OUTPUT_PARAMS = ("save_precision", "metadata", "bucket")
 
 
 def training_key(wkey: dict) -> dict:
@@ -242,8 +247,10 @@ def _metadata(r: Run, epoch: int, step: int, stamp: dict) -> dict:
             continue
         d = dirs.setdefault(im.concept.folder.name, {"n_repeats": im.concept.repeats, "img_count": 0})
         d["img_count"] += 1
+    cfg = {s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "output")}
+    cfg["bucket"] = r.wkey["params"]["bucket"]  # what the key holds, so a restored file never states other settings
     return kohya_metadata(
-        cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "bucket", "output")},
+        cfg=cfg,
         output_name=p.output_name, arch=r.info["arch"], prediction_type=r.info["prediction_type"], plan=r.plan,
         epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(trained_captions, folder_of),
         bucket_info=_bucket_info([e for e in r.lat_manifest["items"] if e["id"] not in val_ids]),
@@ -333,8 +340,8 @@ def _train(r: Run, resume: dict | None) -> list:
         if "snapshot" in ekey:  # its full-precision weights, to write it again in other output settings
             fkey = {**r.tkey, "snapshot": ekey["snapshot"]}
             full = network.full_weights()
-            with (states.put(key_hash(fkey), fkey, {"epoch": epoch, "step": step, **stamp},
-                             need=_tensor_bytes(full)) as tmp, open(tmp, "wb") as fh):
+            info = {"epoch": epoch, "step": step, "snapshot": ekey["snapshot"], **stamp}
+            with states.put(key_hash(fkey), fkey, info, need=_tensor_bytes(full)) as tmp, open(tmp, "wb") as fh:
                 torch_save(full, fh)
         else:
             stamps[epoch] = stamp
@@ -520,8 +527,8 @@ def run(ctx: Context, dataset) -> dict:
         if e0 and rank is None:  # a rank process trains on; its parent writes what is missing
             exported = export_missing(run, e0, whole)
             if exported:
-                notes.append(f"wrote {exported} saved file{'s' if exported != 1 else ''} again from the full-precision weights in the cache "
-                             "(the output settings changed; nothing trained for them)")
+                notes.append(f"wrote {exported} saved file{'s' if exported != 1 else ''} again from the full-precision "
+                             "weights in the cache (the output settings changed; nothing trained for them)")
         if e0:
             import torch
 
