@@ -18,25 +18,59 @@ def grid(cells: list[list[Path]], row_labels: list[str], col_labels: list[str], 
 
 
 def grid_image(cells: list[list[Path]], row_labels: list[str], col_labels: list[str]):
-    """The grid as a PIL image (rows = ``row_labels``, one cell per column)."""
+    """The grid as a PIL image (rows = ``row_labels``, one cell per column). Every label is drawn
+    in full: wrapped to its column (or the row margin) over as many lines as it needs, the label
+    band as tall as the longest. Labels that fit one line leave the layout as it always was."""
     from PIL import Image, ImageDraw
 
     tiles = [[Image.open(p).convert("RGB") for p in row] for row in cells]
     cw = max(t.width for row in tiles for t in row)
     ch = max(t.height for row in tiles for t in row)
-    img = Image.new("RGB", (LABEL_W + cw * len(col_labels), LABEL_H + ch * len(row_labels)), "white")
+    font = ImageDraw.Draw(Image.new("RGB", (1, 1))).getfont()  # the one draw.text uses
+    step = line_height(font)
+    cols = [wrap(label, font, cw - 4) for label in col_labels]
+    rows = [wrap(label, font, LABEL_W - 4) for label in row_labels]
+    band = LABEL_H + step * (max(map(len, cols), default=1) - 1)
+    rh = max([ch] + [step * len(lines) + 4 for lines in rows])  # a row as tall as its label, at least
+    img = Image.new("RGB", (LABEL_W + cw * len(col_labels), band + rh * len(row_labels)), "white")
     draw = ImageDraw.Draw(img)
-    for c, label in enumerate(col_labels):
-        draw.text((LABEL_W + c * cw + 2, 2), shorten(label, max(4, cw // 6)), fill="black")
-    for r, (label, row) in enumerate(zip(row_labels, tiles)):
-        draw.text((2, LABEL_H + r * ch + ch // 2 - 6), label, fill="black")
+    for c, lines in enumerate(cols):
+        for i, line in enumerate(lines):
+            draw.text((LABEL_W + c * cw + 2, 2 + i * step), line, fill="black", font=font)
+    for r, (lines, row) in enumerate(zip(rows, tiles)):
+        top = band + r * rh + rh // 2 - 6 - step * (len(lines) - 1) // 2  # centred beside the row
+        for i, line in enumerate(lines):
+            draw.text((2, top + i * step), line, fill="black", font=font)
         for c, tile in enumerate(row):
-            img.paste(tile, (LABEL_W + c * cw, LABEL_H + r * ch))
+            img.paste(tile, (LABEL_W + c * cw, band + r * rh))
     return img
 
 
-def shorten(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
+def line_height(font) -> int:
+    """The distance between two lines of ``font``: ascent + descent (FreeType), else a bitmap
+    font's tallest glyph box plus a gap."""
+    if hasattr(font, "getmetrics"):
+        ascent, descent = font.getmetrics()
+        return ascent + descent
+    box = font.getbbox("Ag|")
+    return box[3] - box[1] + 3
+
+
+def wrap(text: str, font, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels of ``font``: broken at spaces, and a word
+    wider than a whole line broken between its characters; nothing is left out."""
+    fits = lambda s: font.getlength(s) <= width  # noqa: E731
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] += f" {word}"
+            continue
+        while not fits(word) and len(word) > 1:
+            n = max(1, next((k for k in range(len(word) - 1, 0, -1) if fits(word[:k])), 1))
+            lines.append(word[:n])
+            word = word[n:]
+        lines.append(word)
+    return lines or [""]
 
 
 def settings_text(s: dict) -> str:
@@ -52,9 +86,13 @@ def settings_text(s: dict) -> str:
 def index_html(rows: list[tuple[str, list[tuple[str, dict]]]], out: Path, title: str) -> None:
     """A page with the grid and every image with its full settings (``rows``: label → [(file, settings)])."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif}td{vertical-align:top;padding:4px}pre{font-size:11px;max-width:260px;"
-             "white-space:pre-wrap}</style>",
+             "<style>body{font-family:sans-serif}td,th{vertical-align:top;padding:4px;text-align:left}"
+             "th{max-width:260px;white-space:normal;overflow-wrap:anywhere;font-weight:500}"
+             "pre{font-size:11px;max-width:260px;white-space:pre-wrap;overflow-wrap:anywhere}</style>",
              f"<h1>{html.escape(title)}</h1><p><img src='grid.png' alt='grid'></p><table>"]
+    if rows:  # every prompt in full above its column (wrapped, never cut)
+        parts.append("<tr><th></th>" + "".join(f"<th class='prompt'>{html.escape(s['prompt'])}</th>"
+                                                 for _, s in rows[0][1]) + "</tr>")
     for label, cells in rows:
         parts.append(f"<tr><th>{html.escape(label)}</th>")
         for fname, settings in cells:

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-seeds", type=int, default=32, help="samples per prompt for the prompt accuracy")
     p.add_argument("--eval-only", action="store_true", help="re-measure the figures of the weights in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="train the UNet in --out further (its VAE and text encoder kept); the record lists every run")
     return p.parse_args(argv)
 
 
@@ -137,19 +139,23 @@ def drop_tags(caption: str, rng: random.Random) -> str:
     return ", ".join(tags)
 
 
-def train_unet(args, latents, captions, te, tok, device, torch):
+def train_unet(args, latents, captions, te, tok, device, torch, init=None, done=0):
+    """Train the UNet (from ``init``'s weights when given, ``done`` steps in): returns its EMA."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from lorabuild.models import SD1_SCHEDULER
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNET_CFG).to(device)
+    if init is not None:
+        unet.load_state_dict(init.state_dict())
     ema = UNet2DConditionModel(**UNET_CFG).to(device)
     ema.load_state_dict(unet.state_dict())
     sched = DDPMScheduler(**SD1_SCHEDULER)
     alphas = sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
-    rng, g = random.Random(2), torch.Generator().manual_seed(3)
+    # a continued run draws batches, tags and noise of its own (seeded by the steps before it)
+    rng, g = random.Random(2 + done), torch.Generator().manual_seed(3 + done)
     start, step = time.time(), 0
     while step < args.unet_steps and time.time() - start < args.unet_seconds:
         idx = torch.randint(0, len(latents), (args.unet_batch,), generator=g)
@@ -169,7 +175,7 @@ def train_unet(args, latents, captions, te, tok, device, torch):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))  # EMA: a short run needs a short memory
+        decay = min(0.995, (1 + step + done) / (10 + step + done))  # EMA: a short run needs a short memory
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
@@ -214,6 +220,30 @@ def evaluate(out: Path, seeds: int, threads: int) -> dict:
     return figures
 
 
+def resume(args, out: Path, device, torch) -> dict:
+    """Train the UNet shipped in ``out`` further on the same pictures and captions; its VAE and
+    text encoder (and so the latents) stay as they are. Returns the recipe with this run added."""
+    from transformers import CLIPTokenizer
+
+    from lorabuild.models import TOKENIZER_DIR, world_pipeline
+
+    t0 = time.time()
+    recipe = json.loads((out / RECORD).read_text(encoding="utf-8"))["recipe"]
+    runs = recipe.setdefault("unet_runs", [recipe["unet_run"]])
+    pipe = world_pipeline(out)
+    vae, te, init = pipe.vae.to(device).eval(), pipe.text_encoder.to(device).eval().requires_grad_(False), pipe.unet
+    x, scenes = world_tensor(range(recipe["args"]["images"]), torch)
+    latents = encode(vae, x, device, torch) * vae.config.scaling_factor
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    done = sum(r["steps"] for r in runs)
+    unet, run = train_unet(args, latents, [s.caption for s in scenes], te, tok, device, torch, init=init, done=done)
+    runs.append(run)
+    recipe["unet_run"] = {"steps": done + run["steps"], "seconds": round(sum(r["seconds"] for r in runs), 1)}
+    recipe["wall_seconds"] = round(recipe["wall_seconds"] + time.time() - t0, 1)
+    save(out, vae, unet, te)
+    return recipe
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -224,7 +254,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out.resolve()
-    if not args.eval_only:
+    if args.resume:
+        recipe = resume(args, out, device, torch)
+    elif not args.eval_only:
         t0 = time.time()
         x, scenes = world_tensor(range(args.images), torch)
         log(f"{len(x)} world pictures on {device}")

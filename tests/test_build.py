@@ -34,7 +34,14 @@ def test_cold_build_runs_every_stage_and_writes_outputs(built_demo):
     out = ws.root / "output" / "demo"
     assert (out / "demo.safetensors").is_file()
     grid = Image.open(out / "samples" / "grid.png")
-    assert grid.size == (72 + 2 * 128, 16 + 4 * 128)  # row labels + 2 prompts; column labels + 4 rows
+    # row labels + 2 prompts; the column labels' band + 4 rows. The demo's prompts are wider than a
+    # 128 px column, so the band holds each on two lines (gallery.wrap), not one cut short
+    from PIL import ImageDraw
+
+    from lorabuild import gallery
+
+    font = ImageDraw.Draw(Image.new("RGB", (1, 1))).getfont()
+    assert grid.size == (72 + 2 * 128, 16 + gallery.line_height(font) + 4 * 128)
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == sorted(
         [f"{row}-00-redcircle-shape-white-background.png" for row in ("base", "e000002", "e000004", "e000006")]
         + [f"{row}-01-bluesquare-shape-yellow-background.png" for row in ("base", "e000002", "e000004", "e000006")]

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from figures import outcome, record
+from conftest import NOT_IN_PARALLEL
 
 
 def _out(proc) -> str:
@@ -291,6 +292,7 @@ def test_a_damaged_doit_database_is_moved_aside_and_rebuilt(demo, damage):
     assert demo.ran("then") == set()
 
 
+@NOT_IN_PARALLEL
 def test_ctrl_c_during_training_names_the_kept_state_and_the_next_run_resumes_exactly(demo, built_demo):
     _forget_later_epochs(demo)
     demo.edit(lambda d: d["train"].update(epochs=4))  # from the epoch-1 state on: epochs 2-4 train

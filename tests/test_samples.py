@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import html.parser
+import re
 import shutil
 from pathlib import Path
 
@@ -103,9 +104,78 @@ def test_grid_dimensions_cells_and_labels(tmp_path):
     assert not inked((0, 0, gallery.LABEL_W, gallery.LABEL_H))  # the corner stays empty
 
 
-def test_long_prompts_are_shortened_with_an_ellipsis():
-    assert gallery.shorten("short", 10) == "short"
-    assert gallery.shorten("a very long prompt indeed", 10) == "a very lo…"
+def _font():
+    from PIL import ImageDraw
+
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).getfont()
+
+
+def test_wrap_keeps_every_word_and_fits_the_width():
+    font = _font()
+    prompt = "masterpiece, best quality, 1girl, long hair, looking at viewer, simple background, smile"
+    for width in (60, 124, 300):
+        lines = gallery.wrap(prompt, font, width)
+        assert " ".join(lines) == prompt  # nothing cut off
+        assert all(font.getlength(line) <= width for line in lines)
+    assert len(gallery.wrap(prompt, font, 60)) > len(gallery.wrap(prompt, font, 124)) > len(gallery.wrap(prompt, font, 300))
+    word = "supercalifragilisticexpialidocious_extra_long_tag"  # wider than a column: broken between characters
+    lines = gallery.wrap(word, font, 40)
+    assert len(lines) > 1 and "".join(lines) == word and all(font.getlength(line) <= 40 for line in lines)
+    assert gallery.wrap("fits", font, 124) == ["fits"]
+
+
+def _band(img: Image.Image, x0: int, x1: int, bottom: int) -> list[int]:
+    """The rows (y) of a strip that have ink."""
+    gray = img.crop((x0, 0, x1, bottom)).convert("L")
+    return [y for y in range(gray.height) if gray.crop((0, y, gray.width, y + 1)).getextrema()[0] < 255]
+
+
+def test_long_prompt_labels_wrap_over_as_many_lines_as_they_need(tmp_path):
+    font = _font()
+    step = gallery.line_height(font)
+    cells = [[_tile(tmp_path / "r.png", "red", (64, 48)), _tile(tmp_path / "g.png", "green", (64, 48))]]
+    heights = []
+    for n in (1, 4, 12):
+        prompt = " ".join(["long hair"] * n)
+        img = gallery.grid_image(cells, ["epoch 1"], ["a", prompt])
+        band = img.height - 48
+        heights.append(band)
+        lines = gallery.wrap(prompt, font, 60)
+        assert band == gallery.LABEL_H + step * (len(lines) - 1)  # the band grows to the longest label
+        inked = _band(img, gallery.LABEL_W + 64, gallery.LABEL_W + 128, band)
+        for i in range(len(lines)):  # every line is drawn, one below the other, inside the band
+            assert any(2 + i * step <= y < 2 + (i + 1) * step for y in inked), (n, i)
+        assert img.getpixel((gallery.LABEL_W + 96, band + 24)) == (0, 128, 0)  # the tiles sit below the band
+        assert max(_band(img, gallery.LABEL_W, gallery.LABEL_W + 64, band)) < step + 2  # "a": its one line only
+    assert heights[0] == gallery.LABEL_H and heights[0] < heights[1] < heights[2]
+
+
+def test_a_long_row_label_wraps_in_the_margin_and_its_row_grows_to_fit(tmp_path):
+    font = _font()
+    step = gallery.line_height(font)
+    cells = [[_tile(tmp_path / "r.png", "red", (16, 8))], [_tile(tmp_path / "b.png", "blue", (16, 8))]]
+    label = "epoch 12 of a run with a long name"
+    lines = gallery.wrap(label, font, gallery.LABEL_W - 4)
+    assert len(lines) > 1 and " ".join(lines) == label
+    img = gallery.grid_image(cells, [label, "base model"], ["a"])
+    rh = (img.height - gallery.LABEL_H) // 2
+    assert rh >= step * len(lines)  # taller than the 8 px tiles: the label needs it
+    margin = _band(img, 0, gallery.LABEL_W, gallery.LABEL_H + rh)
+    assert len({(y - gallery.LABEL_H) // step for y in margin if y >= gallery.LABEL_H}) >= len(lines)
+    assert img.getpixel((gallery.LABEL_W + 8, gallery.LABEL_H + 4)) == (255, 0, 0)
+    assert img.getpixel((gallery.LABEL_W + 8, gallery.LABEL_H + rh + 4)) == (0, 0, 255)
+
+
+def test_index_html_shows_every_prompt_in_full_above_its_column(tmp_path):
+    long = "masterpiece, best quality, " + ", ".join(f"tag number {i}" for i in range(40))
+    s = {**DEFAULTS, "prompt": long, "width": 64, "height": 64}
+    short = {**s, "prompt": "a cat"}
+    gallery.index_html([("base model", [("base-00.png", s), ("base-01.png", short)]),
+                        ("epoch 1", [("e1-00.png", s), ("e1-01.png", short)])], tmp_path / "index.html", "x samples")
+    page = (tmp_path / "index.html").read_text()
+    heads = re.findall(r"<th class='prompt'>(.*?)</th>", page)
+    assert [html.unescape(h) for h in heads] == [long, "a cat"]
+    assert "…" not in page and "<th>base model</th>" in page and "<th>epoch 1</th>" in page
 
 
 # --- the stage on the demo --------------------------------------------------------------
@@ -128,7 +198,8 @@ def test_adding_a_prompt_renders_one_image_per_row(demo):
                                                                     "bluesquare-shape-yellow-background",
                                                                     "redcircle-shape"])])
     grid = Image.open(demo.root / "output/demo/samples/grid.png")
-    assert grid.size == (gallery.LABEL_W + 3 * 128, gallery.LABEL_H + 2 * 128)
+    # the two longer prompts take two lines of a 128 px column: the label band is one line taller
+    assert grid.size == (gallery.LABEL_W + 3 * 128, gallery.LABEL_H + gallery.line_height(_font()) + 2 * 128)
 
 
 def test_a_new_epoch_renders_one_image_per_prompt(demo):

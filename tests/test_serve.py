@@ -16,7 +16,7 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from lorabuild.serve.app import create_app  # noqa: E402
-from conftest import init_workspace
+from conftest import NOT_IN_PARALLEL, init_workspace
 
 ORIGIN = "http://127.0.0.1:8765"
 
@@ -176,6 +176,70 @@ def test_a_caption_changed_meanwhile_is_not_overwritten(fresh):
     assert cap.read_text() == "edited in another window\n"
 
 
+def test_the_dataset_view_shows_the_taggers_suggestions_and_a_click_adds_one(fresh, monkeypatch):
+    """Off without a tagger section, one line before the tag stage has run, then each image's
+    tags with their confidences from the stage's cache (no model runs in the request), marked
+    where the caption has them; adding one goes through the caption write."""
+    import math
+
+    tt = pytest.importorskip("test_tagger")  # the tiny ONNX tagger (skips without onnx)
+    from conftest import WS
+
+    ws = WS(fresh)
+    red, boxed = "demo/10_redcircle shape/redcircle_07.png", CAPTION  # without / with a caption file
+    cap = fresh / "projects" / CAPTION.replace(".png", ".txt")
+    with client(fresh) as c:
+        d = c.get("/api/projects/demo/dataset").json()
+        assert d["tagger"]["state"] == "off" and "no tagger section" in d["tagger"]["line"]
+        assert {im["suggestions"] for cc in d["concepts"] for im in cc["images"]} == {None}
+        tt.make_tagger(fresh / "projects" / "tagger-model")
+        ws.edit(lambda y: y.update(tagger={"model": "tagger-model", "mode": "merge", "additional_tags": ["sks"]}))
+        d = c.get("/api/projects/demo/dataset").json()
+        assert d["tagger"]["state"] == "not run" and "build tag:demo" in d["tagger"]["line"]
+        ws.doit("tag:demo", build="t1")
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the view reads the stage's results: no model runs
+        d = c.get("/api/projects/demo/dataset").json()
+        images = {im["id"]: im for cc in d["concepts"] for im in cc["images"]}
+        assert d["tagger"]["state"] == "ran" and "mode merge" in d["tagger"]["line"]
+        assert len(images) == 16 and all(im["suggestions"] for im in images.values())  # merge tags every image
+        got = {s["tag"]: s for s in images[boxed]["suggestions"]}
+        manifest = {e["id"]: e for e in ws.manifest("tag")["items"]}
+        assert list(got) == manifest[boxed]["tags"]  # the stage's tags, in its order (highest first)
+        assert got["long hair"]["score"] == pytest.approx(1 / (1 + math.exp(-2)), abs=1e-4)  # the model's bias alone
+        assert got["simple background"]["score"] == pytest.approx(0.5, abs=1e-4)
+        assert not any(s["in_caption"] for s in got.values())  # redcircle, shape, white background, …
+        # an image without a caption file: the training sees the tagger's caption, so all are in it
+        assert all(s["in_caption"] for s in images[red]["suggestions"])
+
+        # a tag in the file, spelt with an underscore, counts as there (as the tagger compares tags)
+        before = cap.read_text().strip()
+        cap.write_text(before + ", long_hair\n")
+        d = c.get("/api/projects/demo/dataset").json()
+        marks = {s["tag"]: s["in_caption"] for cc in d["concepts"] for im in cc["images"] if im["id"] == boxed
+                 for s in im["suggestions"]}
+        assert marks["long hair"] is True and marks["simple background"] is False
+
+        # the click: the caption write with the tag appended, CSRF-checked, answered with the new marks
+        body = {"id": boxed, "text": f"{before}, long_hair, simple background", "expected": f"{before}, long_hair"}
+        assert c.put("/api/projects/demo/caption", json=body).status_code == 403
+        r = c.put("/api/projects/demo/caption", json=body, headers=writes(c))
+        assert r.status_code == 200, r.text
+        marks = {s["tag"]: s["in_caption"] for s in r.json()["image"]["suggestions"]}
+        assert marks["simple background"] is True and marks["long hair"] is True
+        assert cap.read_text() == f"{before}, long_hair, simple background\n"
+
+        # a damaged cache entry: the tags still show (without scores) and the view leaves the entry be
+        from lorabuild.cache import Store
+
+        store = Store(fresh / "cache", "tag", ".tags.json")
+        path = store.path(manifest[boxed]["hash"])
+        path.write_text("{trunc")
+        shown = next(im for cc in c.get("/api/projects/demo/dataset").json()["concepts"] for im in cc["images"]
+                     if im["id"] == boxed)["suggestions"]
+        assert [s["tag"] for s in shown] == manifest[boxed]["tags"] and {s["score"] for s in shown} == {None}
+        assert path.read_text() == "{trunc"
+
+
 # --- the queue -------------------------------------------------------------------------------------
 
 def test_the_queue_is_kept_on_disk_across_a_server_restart(fresh):
@@ -278,6 +342,7 @@ def test_every_sample_png_carries_its_settings_as_a1111_parameters(demo):
     assert grid["rows"][1]["cells"]["1"]["parameters"] == epoch
 
 
+@NOT_IN_PARALLEL
 def test_stopping_a_build_keeps_the_last_finished_epochs_state_and_train_continues_from_it(demo):
     demo.edit(lambda d: d["train"].update(epochs=2, learning_rate=0.003))  # a new run: no earlier state fits it
     states = demo.root / "cache/objects/train"

@@ -2,7 +2,8 @@
 demo: stale stages with reasons, a caption edit, the editor's errors, and builds from the
 queue with live progress and the sample grid at the end.
 
-``LORABUILD_SCREENSHOTS=DIR`` saves a screenshot of each view there (the README's).
+``LORABUILD_SCREENSHOTS=DIR`` saves a screenshot of each view there (the README's; the dataset
+view's comes from the tagger test, which shows the suggestions).
 """
 from __future__ import annotations
 
@@ -78,7 +79,6 @@ def test_the_dashboard_shows_status_edits_captions_and_runs_a_queue_live(demo):
             image.locator("button", has_text="Save").click()
             expect(image).to_contain_text("saved")
             assert (demo.root / "projects" / CAPTION).with_suffix(".txt").read_text() == "redcircle, shape, edited in the browser\n"
-            shot(page, "dataset")
             page.click('#tabs button[data-view="projects"]')
             expect(card.locator('li[data-stage="textemb"]')).to_have_text(["textemb: 1 caption files changed"],
                                                                          timeout=60_000)
@@ -150,5 +150,42 @@ def test_the_dashboard_shows_status_edits_captions_and_runs_a_queue_live(demo):
             expect(page.locator("#viewer-cells pre").nth(1)).to_contain_text("<lora:demo:1>")
             expect(page.locator("#viewer-cells pre").nth(1)).to_contain_text("Steps: 8, Sampler:")
             shot(page, "samples")
+        finally:
+            browser.close()
+
+
+def test_the_dataset_view_shows_tagger_suggestions_and_a_click_adds_one_to_the_caption(tmp_path):
+    """An unbuilt demo with the tiny ONNX tagger (mode merge): the suggestions beside each caption,
+    those already in it marked, and a click that writes the tag into the caption file."""
+    from playwright.sync_api import expect, sync_playwright
+
+    tt = pytest.importorskip("test_tagger")
+    from conftest import init_workspace
+
+    ws = init_workspace(tmp_path / "ws")
+    tt.make_tagger(ws.root / "projects" / "tagger-model")
+    ws.edit(lambda d: d.update(tagger={"model": "tagger-model", "mode": "merge"}))
+    ws.doit("bucket:demo", "tag:demo", build="t1")
+    cap = (ws.root / "projects" / CAPTION).with_suffix(".txt")
+    before = cap.read_text().strip()
+    with Server(ws.root) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(url + "#dataset/demo")
+            expect(page.locator("#tagger-line")).to_contain_text("tagger suggestions from the last tag:demo run")
+            image = page.locator(f'.image[data-id="{CAPTION}"]')
+            chip = image.locator('.sugg[data-tag="simple background"]')
+            expect(chip).to_have_text("+ simple background 0.50")
+            expect(chip).to_be_enabled()
+            uncaptioned = page.locator('.image[data-id="demo/10_redcircle shape/redcircle_07.png"] .sugg')
+            expect(uncaptioned.first).to_have_attribute("data-in-caption", "true")  # the tagger's caption is its caption
+            chip.click()
+            expect(image).to_contain_text("saved")
+            expect(image.locator('.sugg[data-tag="simple background"]')).to_have_attribute("data-in-caption", "true")
+            expect(image.locator('.sugg[data-tag="simple background"]')).to_be_disabled()
+            expect(image.locator("textarea")).to_have_value(f"{before}, simple background")
+            assert cap.read_text() == f"{before}, simple background\n"
+            shot(page, "dataset")
         finally:
             browser.close()

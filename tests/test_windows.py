@@ -2,10 +2,9 @@
 privilege. Each drives the real doit CLI on a copy of the built demo."""
 from __future__ import annotations
 
-import re
-
 import hashlib
 import json
+import re
 
 import winsim
 from conftest import init_workspace

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..cache import atomic_write, read_json
+from ..captions import split_tags
 from ..progress import read_live
 from ..workspace import Workspace
 
@@ -127,7 +128,6 @@ def _row_label(row_id: str) -> str:
 # --- dataset and captions ------------------------------------------------------------------
 
 def dataset(root: Path, name: str) -> dict:
-    from ..captions import CaptionError, dataset_captions, read_caption, split_tags
     from ..dataset import DatasetError, from_project
 
     project = load(root, name)
@@ -135,35 +135,80 @@ def dataset(root: Path, name: str) -> dict:
         ds = from_project(project)
     except DatasetError as exc:
         raise ViewError(422, f"projects/{name}.yaml: dataset: {exc}") from None
+    facts = _caption_facts(root, project, ds.images)
+    tags: Counter = Counter()
+    concepts = []
+    for c in ds.concepts:
+        images = [_image_entry(name, im, facts) for im in ds.images if im.concept == c]
+        for e in images:
+            tags.update(set(split_tags(e["caption_seen"] or "")))
+        concepts.append({"folder": c.folder.name, "repeats": c.repeats, "tokens": c.tokens, "validation": c.is_val,
+                         "images": images})
+    return {"project": name, "concepts": concepts, "tags": tags.most_common(), "problem": facts["problem"],
+            "tagger": facts["tagger"]}
+
+
+def _caption_facts(root: Path, project, images) -> dict:
+    """What each image's entry needs beside its files: the captions the training sees, the
+    bucket fits, and the tagger's last results (the same readers the build uses)."""
+    from ..captions import CaptionError, dataset_captions
+
     tagged = _tagged(root, project) or {}
     try:
-        seen = dataset_captions(ds.images, project.section("captions"), tagged)
-        problem = None
+        seen, problem = dataset_captions(images, project.section("captions"), tagged), None
     except CaptionError as exc:
         seen, problem = {}, str(exc)
     fits = {e["id"]: e for e in (read_json(Workspace(root).output_dir(project.output_name) / "buckets" / "buckets.json",
                                            {}) or {}).get("images", [])}
-    tags: Counter = Counter()
-    concepts = []
-    for c in ds.concepts:
-        images = []
-        for im in (i for i in ds.images if i.concept == c):
-            raw = None
-            if im.caption_path is not None:
-                with contextlib.suppress(OSError, UnicodeDecodeError):
-                    raw = read_caption(im.caption_path)
-            fit = fits.get(im.id)
-            tags.update(set(split_tags(seen.get(im.id, ""))))
-            images.append({
-                "id": im.id, "url": f"/dataset/{quote(name)}/{quote(im.id)}", "caption_file": raw,
-                "caption_seen": seen.get(im.id), "default": raw is None and im.id not in tagged,
-                "tagger": tagged.get(im.id), "fit": fit,
-                "flags": ([f"upscaled ×{fit['scale']:.2f}"] if fit and fit.get("upscaled") else [])
-                + ([f"crop loses {fit['cropped_share']:.0%}"] if fit and fit.get("cropped_share", 0) > 0.1 else []),
-            })
-        concepts.append({"folder": c.folder.name, "repeats": c.repeats, "tokens": c.tokens, "validation": c.is_val,
-                         "images": images})
-    return {"project": name, "concepts": concepts, "tags": tags.most_common(), "problem": problem}
+    return {"tagged": tagged, "seen": seen, "problem": problem, "fits": fits, **_tagger_facts(root, project)}
+
+
+def _tagger_facts(root: Path, project) -> dict:
+    """The tag stage's suggestions per image, with the one line the page shows about them."""
+    from ..stages import tag
+
+    name, none = project.name, {"suggestions": {}, "settings": None}
+    if not tag.enabled(project):
+        return {**none, "tagger": {"state": "off", "line": f"projects/{name}.yaml has no tagger section: add one "
+                                   "(tagger: model: FOLDER) to see a WD14 tagger's suggestions beside each caption"}}
+    manifest = read_json(Workspace(root).manifest(name, "tag"))
+    if not isinstance(manifest, dict):
+        return {**none, "tagger": {"state": "not run", "line": f"the tagger has not run yet: build tag:{name} "
+                                   f"(or lorabuild tag {name}) to see its suggestions beside each caption"}}
+    settings = project.section("tagger")
+    return {"suggestions": tag.suggestions(Workspace(root).cache, manifest), "settings": settings,
+            "tagger": {"state": "ran", "mode": settings["mode"],
+                       "line": f"tagger suggestions from the last tag:{name} run (mode {settings['mode']}); "
+                               "✓ marks a tag already in the caption, a click adds one to the caption file"}}
+
+
+def _image_entry(name: str, im, facts: dict) -> dict:
+    from ..captions import read_caption
+
+    raw = None
+    if im.caption_path is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            raw = read_caption(im.caption_path)
+    fit, seen = facts["fits"].get(im.id), facts["seen"].get(im.id)
+    return {
+        "id": im.id, "url": f"/dataset/{quote(name)}/{quote(im.id)}", "caption_file": raw,
+        "caption_seen": seen, "default": raw is None and im.id not in facts["tagged"],
+        "tagger": facts["tagged"].get(im.id), "fit": fit,
+        "suggestions": _marked(facts["suggestions"].get(im.id), raw if raw is not None else seen, facts["settings"]),
+        "flags": ([f"upscaled ×{fit['scale']:.2f}"] if fit and fit.get("upscaled") else [])
+        + ([f"crop loses {fit['cropped_share']:.0%}"] if fit and fit.get("cropped_share", 0) > 0.1 else []),
+    }
+
+
+def _marked(tags: list | None, caption: str | None, settings: dict | None) -> list[dict] | None:
+    """The tagger's tags for one image, each marked whether ``caption`` (the caption file, else
+    what the training sees) has it already, compared as the tagger compares tags."""
+    from ..tagger import normal
+
+    if tags is None:
+        return None
+    have = {normal(t, settings) for t in split_tags(caption or "")}
+    return [{"tag": t, "score": c, "in_caption": normal(t, settings) in have} for t, c in tags]
 
 
 def dataset_roots(root: Path, name: str) -> tuple[Path, list[Path]]:
@@ -215,7 +260,9 @@ def write_caption(root: Path, name: str, image_id: str, text: str, expected: str
             raise ViewError(409, f"{image_id}'s caption changed since the page read it (now {current!r}): reload")
         with atomic_write(path, "w") as fh:
             fh.write(text.strip() + "\n")
-    return {"id": image_id, "caption_file": text.strip()}
+    im = next(i for i in from_project(project).images if i.id == image_id)  # now with its caption file
+    return {"id": image_id, "caption_file": text.strip(),
+            "image": _image_entry(name, im, _caption_facts(root, project, [im]))}
 
 
 # --- the project editor ---------------------------------------------------------------------

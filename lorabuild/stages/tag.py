@@ -180,3 +180,23 @@ def captions_of(manifest: dict) -> dict[str, str]:
 def tagged_captions(ctx: Context) -> dict[str, str]:
     """The tagger's captions for textemb and train ({} for a project without a tagger)."""
     return captions_of(ctx.read_manifest(STAGE)) if enabled(ctx.project) else {}
+
+
+def suggestions(cache_root: Path, manifest: dict) -> dict[str, list[list]]:
+    """Image id → ``[[tag, confidence], …]`` the last tag run gave it (highest first), for the
+    dashboard. Read only: an unreadable entry is left for the next build to recompute, and the
+    manifest's tags are given without confidences when their entry is gone."""
+    from ..cache import Store, read_json
+
+    store = Store(cache_root, STAGE, ".tags.json")
+    out = {}
+    for e in manifest.get("items", []):
+        data = read_json(store.path(e["hash"])) if e.get("hash") else None
+        stored = data.get("tags") if isinstance(data, dict) else None
+        names = e.get("tags") or []
+        if (isinstance(stored, list) and all(isinstance(t, list) and len(t) == 2 for t in stored)
+                and [t for t, _ in stored] == names):
+            out[e["id"]] = [[t, c] for t, c in stored]
+        else:
+            out[e["id"]] = [[t, None] for t in names]
+    return out

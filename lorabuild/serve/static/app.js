@@ -2,7 +2,7 @@
 "use strict";
 const CSRF = document.querySelector('meta[name="csrf-token"]').content;
 const $ = (sel) => document.querySelector(sel);
-const S = {project: null, view: "projects", live: {}, queue: [], zoom: null, samplesStamp: {}, yaml: null, logId: null};
+const S = {project: null, view: "projects", live: {}, queue: [], zoom: null, samplesStamp: {}, yaml: null, logId: null, tagger: null};
 
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
@@ -178,6 +178,8 @@ async function renderDataset() {
   const d = await api(`/api/projects/${encodeURIComponent(S.project)}/dataset`);
   const root = $("#view-dataset"); root.replaceChildren();
   if (d.problem) root.append(el("p", {class: "warn"}, d.problem));
+  S.tagger = d.tagger;
+  root.append(el("p", {id: "tagger-line", class: "muted", "data-state": d.tagger.state}, d.tagger.line));
   root.append(el("p", {class: "tags"}, "tag frequency: ", d.tags.map(([t, n]) => el("span", {}, `${t} ${n}`))));
   for (const c of d.concepts) {
     root.append(el("h3", {}, `${c.folder} — ${c.images.length} images × ${c.repeats} repeats${c.validation ? " (validation)" : ""}`));
@@ -186,24 +188,44 @@ async function renderDataset() {
     root.append(grid);
   }
 }
-function imageCard(im, c) {
+function imageCard(im, c, note) {
   const ta = el("textarea", {placeholder: `(no caption file: "${c.tokens}")`});
   ta.value = im.caption_file || "";
-  let expected = im.caption_file;
   const save = el("button", {disabled: true}, "Save");
-  const msg = el("span", {class: "muted"});
-  ta.addEventListener("input", () => { save.disabled = ta.value.trim() === (expected || ""); });
-  save.addEventListener("click", async () => {
+  const msg = el("span", {class: "muted"}, note || "");
+  ta.addEventListener("input", () => { save.disabled = ta.value.trim() === (im.caption_file || ""); });
+  // every write goes through the caption API (atomic, CSRF-checked, refused if the file changed meanwhile);
+  // the card is then drawn again from what the server read back
+  const write = async (text) => {
     try {
-      const r = await api(`/api/projects/${encodeURIComponent(S.project)}/caption`, "PUT", {id: im.id, text: ta.value, expected});
-      expected = r.caption_file; save.disabled = true; msg.textContent = "saved";
+      const r = await api(`/api/projects/${encodeURIComponent(S.project)}/caption`, "PUT", {id: im.id, text, expected: im.caption_file});
+      card.replaceWith(imageCard(r.image, c, "saved"));
     } catch (e) { msg.textContent = e.message; }
-  });
+  };
+  save.addEventListener("click", () => write(ta.value));
+  const addTag = (tag) => {
+    // a caption file gets the tag appended; without one, the caption the training sees does
+    const base = ta.value.trim() || (im.caption_file == null ? (im.caption_seen || "") : "");
+    write(base ? `${base}, ${tag}` : tag);
+  };
   const fit = im.fit ? `bucket ${im.fit.bucket[0]}×${im.fit.bucket[1]}, crop ${im.fit.crop.join(",")}` : "not bucketed yet";
-  return el("div", {class: "image", "data-id": im.id}, el("img", {src: im.url, alt: im.id}), el("div", {}, im.id.split("/").pop()),
+  const card = el("div", {class: "image", "data-id": im.id}, el("img", {src: im.url, alt: im.id}), el("div", {}, im.id.split("/").pop()),
     el("div", {class: "muted"}, fit), im.flags.map((f) => el("span", {class: "flag"}, f)),
     ta, el("div", {class: "seen"}, "training sees: ", el("code", {}, im.caption_seen ?? "?")),
-    im.tagger ? el("div", {class: "seen"}, "tagger: ", im.tagger) : null, el("div", {class: "row"}, save, msg));
+    suggestionsBox(im, addTag), el("div", {class: "row"}, save, msg));
+  return card;
+}
+function suggestionsBox(im, addTag) {
+  if (!S.tagger || S.tagger.state !== "ran") return null;  // the one line above the images says why
+  if (!im.suggestions) {
+    const why = S.tagger.mode === "missing" && im.caption_file != null ? "mode missing tags only images without a caption file" : "not in the last tag run";
+    return el("div", {class: "suggest muted"}, `tagger: not tagged (${why})`);
+  }
+  if (!im.suggestions.length) return el("div", {class: "suggest muted"}, "tagger: no tag above the thresholds");
+  return el("div", {class: "suggest"}, "tagger: ", im.suggestions.map((s) => el("button", {
+    class: s.in_caption ? "sugg have" : "sugg", "data-tag": s.tag, "data-in-caption": String(s.in_caption), disabled: s.in_caption,
+    title: s.in_caption ? "already in the caption" : "add to the caption file", onclick: () => addTag(s.tag)},
+    `${s.in_caption ? "✓" : "+"} ${s.tag}`, s.score == null ? null : el("small", {}, ` ${s.score.toFixed(2)}`))));
 }
 
 // --- editor ---------------------------------------------------------------------------------
