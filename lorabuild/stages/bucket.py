@@ -95,7 +95,8 @@ def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image:
                            f"{d['bucket'][0]}x{d['bucket'][1]})")
         label = f"{d['bucket'][0]}x{d['bucket'][1]}"
         histogram[label] = histogram.get(label, 0) + 1
-        entries.append({"id": item.id, "hash": item.hash, "src": item.data["hash"], "orig_size": item.data["orig_size"], **d})
+        entries.append({"id": item.id, "hash": item.hash, "src": item.data["hash"], "orig_size": item.data["orig_size"],
+                        "content": item.data["content"], "source_hash": item.data["source_hash"], **d})
     if regrown:  # the working copy threw away pixels its bucket then asks for (`lorabuild plan` says how to keep them)
         note = (f"{len(regrown)} image(s) were shrunk to resize.max_side ({ctx.project.get('resize.max_side')}) and are "
                 f"enlarged again to their bucket: {', '.join(regrown[:3])}")
