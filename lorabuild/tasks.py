@@ -295,7 +295,8 @@ class Graph:
             deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")
             if p.get("sample.prompt_file"):
                 deps.append(str(p.resolve(p.get("sample.prompt_file"))))
-            cfg = {**_params(p, ("sample", "network", "device") + MODEL), "v": sample.VERSION}
+            cfg = {**_params(p, ("sample", "network", "device", "textemb.clip_skip", "textemb.max_token_length") + MODEL),
+                   "v": sample.VERSION}
         targets = [m(stage)]
         if stage == "train":
             targets.append(lora)
