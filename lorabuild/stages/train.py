@@ -21,7 +21,7 @@ from ..captions import concept_options
 from ..config import without_newer
 from ..publish import pending, publish, remove
 from ..progress import LiveLog, live_path
-from ..trainplan import Sample, make_plan, training_samples
+from ..trainplan import Sample, make_plan, project_samples
 from .. import blocks, dist, models
 from ..workspace import build_id
 from . import runtime, textemb
@@ -45,12 +45,6 @@ NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None
 UNKEYED = ("lean_cpu_memory",)
 # bucket settings kohya's metadata records (ss_resolution, ss_min/max_bucket_reso, ss_bucket_no_upscale)
 BUCKET_METADATA = ("resolution", "min_reso", "max_reso", "no_upscale")
-
-
-def validation_seed(p) -> int:
-    """The seed that chooses the images validation_split holds out (kohya validation_seed)."""
-    v = p.get("train.validation_seed")
-    return p.get("train.seed") if v is None else v
 
 
 def init_weights(ctx: Context) -> Path | None:
@@ -477,7 +471,7 @@ def run(ctx: Context, dataset) -> dict:
     concept_of = {im.id: im.concept for im in dataset.images}
     every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg, concept_of[i].is_val)
              for i in sorted(latents)]
-    samples, held_out = training_samples(every, p.get("train.validation_split"), validation_seed(p))
+    samples, held_out = project_samples(every, p.section("train"))
     launch = dist.launch_options(p)
     plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"),
                      p.get("train.max_steps"), launch.world)
