@@ -269,7 +269,8 @@ class Graph:
         tagged = [m("tag")] if tag.enabled(p) else []  # the tagger's captions, when there is one
         if stage == "resize":
             keys = resize.PARAMS + ("dataset.on_bad_image",)
-            deps, cfg = [str(im.path) for im in ds.images], {**_params(p, keys), "v": resize.VERSION}
+            deps, cfg = [str(im.path) for im in ds.images], {**_params(p, keys), "v": resize.VERSION,
+                                                             "manifest": resize.MANIFEST}
         elif stage == "tag":
             deps = [str(im.path) for im in ds.images] + captions + [str(f) for f in tag.model_files(p)]
             cfg = {**_params(p, ("tagger", "dataset", "device")), "v": tag.VERSION}

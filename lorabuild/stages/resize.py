@@ -16,6 +16,8 @@ from .base import Context, Item, StageError, StageRun
 
 STAGE = "resize"
 VERSION = 1
+# 2: manifest entries hold each working copy's content (the task runs once more, keys unchanged)
+MANIFEST = 2
 PARAMS = ("resize.max_side", "resize.interpolation", "resize.background")
 
 
