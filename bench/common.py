@@ -260,16 +260,16 @@ def watch(cmd: list[str], cwd: Path, stop_after: int | None = None, env: dict | 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     seen: list[str] = []
-    banner, steps, cpu, buf = None, [], [], ""
+    banner, steps, cpu = None, [], []
     while True:
         chunk = os.read(proc.stdout.fileno(), 65536).decode("utf-8", "replace")
         if not chunk:
             break
         now = time.perf_counter() - t0
         seen.append(chunk)
-        buf += chunk
-        *lines, buf = re.split(r"[\r\n]", buf)
-        for line in lines:
+        # every piece counts now, the unterminated last one too: tqdm writes an update as "\r" + text,
+        # so waiting for the next delimiter dated each step one update late
+        for line in re.split(r"[\r\n]", chunk):
             if banner is None and BANNER in line:
                 banner = now
             m = STEP.search(line)

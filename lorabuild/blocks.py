@@ -34,12 +34,15 @@ _UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|a
 KEY_DEFAULTS = {"unet_target_modules": ["Transformer2DModel"], "text_encoder_target_modules": ["CLIPAttention", "CLIPMLP"],
                 "exclude_patterns": [], "include_patterns": [], **{f: None for f in BLOCK_FIELDS + LR_FIELDS},
                 "block_lr_zero_threshold": 0, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None,
-                "rank_dropout": 0, "module_dropout": 0}
+                "rank_dropout": 0, "module_dropout": 0,
+                # LyCORIS types (lyco.py); lora and locon are the one kohya LoRA, so they key alike
+                "type": "lora", "factor": -1, "decompose_both": False, "use_tucker": False, "use_scalar": False,
+                "rank_dropout_scale": False, "dora_wd": False}
 
 
 def keyed(net: Mapping) -> dict:
     """The ``network`` section as the training key holds it: new fields only when they are set."""
-    return without_newer(net, KEY_DEFAULTS)
+    return without_newer({**net, "type": "lora"} if net.get("type") == "locon" else net, KEY_DEFAULTS)
 
 
 def block_index(name: str, arch: str) -> int:

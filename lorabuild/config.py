@@ -346,6 +346,10 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
                 doc.problem(pos("network", key, i), f"network.{key}.{i}", f"{p!r} is not a regular expression ({exc})")
     for key, msg in length_problems(net, _known_arch(data)):
         doc.problem(pos("network", key), f"network.{key}", msg)
+    from .lyco import option_problems
+
+    for section, key, msg in option_problems(net, data.get("train")):
+        doc.problem(pos(section, key), f"{section}.{key}", msg)
 
 
 def apply_defaults(data: Any, sch: dict) -> Any:

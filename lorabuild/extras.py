@@ -34,9 +34,36 @@ def needs(cfg: Mapping) -> list[Need]:
         out.append(Need("train.optimizer", opt, "lion_pytorch", "lion-pytorch", "lion", "train"))
     if train.get("attention") == "xformers":
         out.append(Need("train.attention", "xformers", "xformers", "xformers", "xformers", "train"))
+    kind = (cfg.get("network") or {}).get("type")
+    if kind in ("loha", "lokr", "dora"):
+        out.append(Need("network.type", kind, "lycoris", "lycoris-lora", "lycoris", "train"))
     if cfg.get("tagger"):
         out.append(Need("tagger", "a WD14 tagger", "onnxruntime", "onnxruntime", "tagger", "tag"))
+    if "lms" in _samplers(cfg.get("sample") or {}):
+        out.append(SCIPY)
     return out
+
+
+# diffusers' LMSDiscreteScheduler imports scipy when it is made, not when diffusers is imported
+SCIPY = Need("sample.sampler", "lms", "scipy", "scipy", "lms", "sample")
+
+
+def _samplers(sample: Mapping) -> set[str]:
+    """The samplers the project file names (its default and its inline prompts; a prompt file is
+    checked by the sample stage, which reads it)."""
+    from .prompts import parse_line
+
+    found = {sample.get("sampler")}
+    for p in sample.get("prompts") or []:
+        found.add((parse_line(p) or {}).get("sampler") if isinstance(p, str) else (p or {}).get("sampler"))
+    return found
+
+
+def sampler_problem(settings: list[dict]) -> str | None:
+    """The line for resolved sample settings (prompt files included) that need a missing package."""
+    if any(s.get("sampler") == "lms" for s in settings) and not installed(SCIPY.module):
+        return message(SCIPY)
+    return None
 
 
 def install_hint(extra: str) -> str:

@@ -11,6 +11,7 @@ import atexit
 import errno
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -69,9 +70,20 @@ def stopped(label: str, state_epoch: int | None) -> None:
     raise Stopped() from None
 
 
+STOPPABLE = "LORABUILD_STOPPABLE"  # set by the tools that stop a build with SIGINT (serve, watch)
+
+
 def quiet_interrupts() -> None:
-    """A Ctrl-C ends the process with its one line (a stage's :func:`stopped`), not a traceback."""
+    """A Ctrl-C ends the process with its one line (a stage's :func:`stopped`), not a traceback.
+
+    A process started in the background by a non-interactive shell (``lorabuild serve &``, a
+    script, nohup) inherits SIGINT *ignored*, and so does every build it starts: the dashboard's
+    Stop and watch's stop would then be ignored until their kill. A build started by one of those
+    tools (``LORABUILD_STOPPABLE`` in its environment, in its own process group) takes SIGINT
+    again; any other build keeps the shell's choice."""
     sys.excepthook = _excepthook
+    if os.environ.get(STOPPABLE) and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _excepthook(kind, value, tb, _default=sys.excepthook):

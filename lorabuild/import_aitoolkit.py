@@ -59,8 +59,18 @@ def from_aitoolkit(cfg: dict, src: Source) -> tuple[dict, dict | None]:
 
     net = dict(_section(p, "network", src))
     kind = str(net.pop("type", "lora")).lower()
-    if kind not in ("lora", "locon"):
-        src.unmapped.append(f"network.type = {kind!r} (lorabuild trains LoRA and LoCon only: imported as a LoRA)")
+    if kind == "lokr":  # LyCORIS' LoKr, as kohya's GUIs name it: lycoris.kohya with algo=lokr
+        out["network_module"] = "lycoris.kohya"
+        out.setdefault("network_args", []).append("algo=lokr")
+        if "lokr_factor" in net:
+            out["network_args"].append(f"factor={net.pop('lokr_factor')}")
+        src.renamed["network_module"] = "network.type"
+        if net.pop("lokr_full_rank", False):
+            src.unmapped.append("network.lokr_full_rank = True (lorabuild's lokr factors its second matrix at "
+                                "network.dim: a smaller network than ai-toolkit's full-rank one)")
+    elif kind not in ("lora", "locon"):
+        src.unmapped.append(f"network.type = {kind!r} (lorabuild trains LoRA, LoCon and LoKr from ai-toolkit: "
+                            "imported as a LoRA)")
     for k in ("conv", "conv_alpha"):
         if k in net:
             out.setdefault("network_args", []).append(f"{'conv_dim' if k == 'conv' else k}={net.pop(k)}")
@@ -100,6 +110,12 @@ def _train(train: dict, out: dict, src: Source) -> None:
         src.renamed["network_train_unet_only"] = "train.train_text_encoder (false)"
     if train.pop("train_unet", True) is False:
         out["network_train_text_encoder_only"] = True
+    ema = train.pop("ema_config", None)
+    if isinstance(ema, dict) and ema.get("use_ema"):
+        out["_ema_decay"] = float(ema.get("ema_decay", 0.99))  # ai-toolkit's default decay
+        src.renamed["_ema_decay"] = "train.ema_config"
+    elif ema is not None and not isinstance(ema, dict):
+        src.unmapped.append(f"train.ema_config = {ema!r} (not a mapping)")
     if isinstance(train.get("optimizer_params"), dict):
         out["optimizer_args"] = [f"{k}={v}" for k, v in train.pop("optimizer_params").items()]
         src.renamed["optimizer_args"] = "train.optimizer_params"

@@ -100,8 +100,12 @@ def from_onetrainer(cfg: dict, src: Source, root: Path) -> tuple[dict, dict | No
             if len(sides) > 1:
                 src.unmapped.append(f"resolution = {v!r} (OneTrainer trains at each; a project at one: {max(sides)})")
         elif key == "ema":
-            if str(v) != "OFF":
-                src.unmapped.append(f"ema = {v!r} (no equivalent in lorabuild)")
+            if str(v) != "OFF":  # GPU or CPU: where OneTrainer keeps it; lorabuild keeps it beside the weights
+                out["_ema_decay"] = float(cfg.get("ema_decay", 0.999))
+                out["_ema_every_n_steps"] = int(cfg.get("ema_update_step_interval", 5))
+                src.renamed.update(_ema_decay=f"ema = {v}, ema_decay", _ema_every_n_steps="ema_update_step_interval")
+        elif key in ("ema_decay", "ema_update_step_interval"):
+            continue
         elif key == "sample_after":
             _sample_every(cfg, out, src)
         elif key in ("concept_file_name", "concepts", "sample_definition_file_name", "samples", "sample_after_unit"):

@@ -208,6 +208,61 @@ ZERO_OFF = {"max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_
             "lr_warmup_steps", "token_warmup_step", "token_warmup_min",
             "enable_wildcard"}
 # the networks sd-scripts can train; lorabuild trains networks.lora (with LoCon), and LyCORIS' locon as that
+# lycoris.kohya's network_args for the types lorabuild trains (lyco.py), and its algo names
+LYCORIS_ARGS = {"factor": ("factor", int), "decompose_both": ("decompose_both", lambda v: _flag(v)),
+                "use_tucker": ("use_tucker", lambda v: _flag(v)), "use_scalar": ("use_scalar", lambda v: _flag(v)),
+                "rank_dropout_scale": ("rank_dropout_scale", lambda v: _flag(v)),
+                "dora_wd": ("dora_wd", lambda v: _flag(v))}
+LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+
+
+def _flag(v: str) -> bool:
+    if v.strip().lower() in ("true", "1", "yes"):
+        return True
+    if v.strip().lower() in ("false", "0", "no", ""):
+        return False
+    raise ValueError(v)
+
+
+def _is_default(k2: str, v2: str) -> bool:
+    """A network_args value that leaves the network as if it were not given (kohya GUIs write them all)."""
+    from .lyco import OPTION_DEFAULTS
+
+    try:
+        if k2 in LYCORIS_ARGS:
+            return LYCORIS_ARGS[k2][1](v2) == OPTION_DEFAULTS[LYCORIS_ARGS[k2][0]]
+        return not float(v2 or 0)
+    except ValueError:
+        return False
+
+
+def _lycoris_type(r: Result, algo: str, args: dict, module: str) -> str | None:
+    """network.type for LyCORIS' ``algo`` (LoRA/LoCon with dora_wd is type dora); None and listed if
+    lorabuild has no such network (ia3, dylora, glora, diag-oft, boft, full…)."""
+    kind = LYCORIS_ALGOS.get(algo.lower())
+    if kind is None:
+        r.unmapped.append(f"network_args algo={algo} (lorabuild trains lora, locon, loha, lokr and dora: this "
+                          "imports as a LoRA of the same dim and alpha, which is a different network)")
+        for k2 in ("conv_dim", "conv_alpha"):
+            if k2 in args:
+                r.unmapped.append(f"network_args {k2}={args.pop(k2)} ({algo}'s convolution setting: the imported "
+                                  "LoRA has none)")
+        return None
+    if kind in ("lora", "locon") and "dora_wd" in args:
+        if _flag(args.pop("dora_wd")):
+            kind = "dora"
+        else:
+            r.off.append("network_args dora_wd")
+    if kind == "locon" and "conv_dim" not in args:
+        kind = "lora"  # LyCORIS' locon without conv_dim trains the Linear layers only: lorabuild's lora
+    if kind not in ("lora", "locon"):  # kohya's LoRA and LoCon are lorabuild's lora (+ conv_dim): no type to write
+        r.set("network.type", kind, f"network_args algo={algo}")
+    else:
+        r.notes.append(f"network_module {module} algo={algo}: trained as kohya's LoRA/LoCon (network.conv_dim), "
+                       "saved in kohya's layout")
+    return kind
+
+
 NETWORK_MODULES = {"networks.lora": None, "lycoris.kohya": "lycoris"}
 
 
@@ -344,6 +399,9 @@ def _one(r: Result, key: str, value, module: str) -> None:
                              "sdxl_train_network.py)")
         if kind == "sdxl":
             r.set("model_type", "sdxl", "sdxl_train_network.py")
+    elif key in ("_ema_decay", "_ema_every_n_steps"):  # sd-scripts has no EMA: ai-toolkit's and OneTrainer's
+        r.set(f"train.ema.{key[5:]}", value, key)
+        r.sources.setdefault("train.ema", key)  # the YAML writes train.ema on one line: its comment
     elif key == "alpha_mask":  # kohya applies an alpha mask whenever it loads one, masked_loss or not
         r.set("train.masked_loss", True, key)
     elif key == "lr_warmup_steps":
@@ -378,17 +436,16 @@ def _one(r: Result, key: str, value, module: str) -> None:
 def _network_args(r: Result, value, module: str) -> None:
     args = _raw_kv(value)
     algo = args.pop("algo", "lora" if module == "lycoris.kohya" else None)
-    if algo is not None and algo.lower() in ("lora", "locon"):
-        r.notes.append(f"network_module {module} algo={algo}: trained as kohya's LoRA/LoCon (network.conv_dim), "
-                       "saved in kohya's layout")
-    elif algo is not None:
-        r.unmapped.append(f"network_args algo={algo} (lorabuild trains LoRA and LoCon only: this imports as a "
-                          "LoRA of the same dim and alpha, which is a different network; kohya's LoCon is "
-                          "LyCORIS' algo=locon)")
-    other = algo is not None and algo.lower() not in ("lora", "locon")
+    kind = _lycoris_type(r, algo, args, module) if algo is not None else None
+    from .lyco import LYCO_TYPES, NOT_FOR_LYCO, OPTIONS
+
     for k2, v2 in args.items():
-        if other and k2 in ("conv_dim", "conv_alpha"):
-            r.unmapped.append(f"network_args {k2}={v2} ({algo}'s convolution setting: the imported LoRA has none)")
+        dotted = (LYCORIS_ARGS.get(k2) or NETWORK_ARGS.get(k2) or (k2,))[0]  # network_args dropout: network.dropout
+        if kind in LYCO_TYPES and (dotted in NOT_FOR_LYCO or (k2 in LYCORIS_ARGS and kind not in OPTIONS[dotted][1])):
+            if _is_default(k2, v2):
+                r.off.append(f"network_args {k2}")
+            else:  # LyCORIS takes it and does nothing with it for this algo
+                r.unmapped.append(f"network_args {k2}={v2} (LyCORIS' {kind} does not use it)")
             continue
         if module == "lycoris.kohya" and k2 == "dropout":
             if float(v2 or 0):
@@ -396,10 +453,13 @@ def _network_args(r: Result, value, module: str) -> None:
             else:
                 r.off.append("network_args dropout")
             continue
-        if k2 not in NETWORK_ARGS:
+        if k2 in LYCORIS_ARGS and kind not in LYCO_TYPES:
+            r.unmapped.append(f"network_args {k2}={v2} (a LyCORIS option for loha, lokr and dora; not for a LoRA)")
+            continue
+        if k2 not in NETWORK_ARGS and k2 not in LYCORIS_ARGS:
             r.unmapped.append(f"network_args {k2}={v2} (no equivalent in lorabuild)")
             continue
-        dotted, conv = NETWORK_ARGS[k2]
+        dotted, conv = LYCORIS_ARGS.get(k2) or NETWORK_ARGS[k2]
         try:
             r.set(f"network.{dotted}", conv(v2.strip()), f"network_args {k2}")
         except ValueError:

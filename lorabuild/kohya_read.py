@@ -125,6 +125,10 @@ LYCORIS_ONLY = {"factor", "use_cp", "use_tucker", "use_scalar", "decompose_both"
                 "dim_from_weights", "train_on_input"}
 GUI_RENAMED = {"max_resolution": "resolution", "optimizer": "optimizer_type", "lora_network_weights": "network_weights"}
 LOCON_TYPES = {"Kohya LoCon", "LyCORIS/LoCon"}
+# the GUI's LyCORIS types lorabuild trains: launched as network_module lycoris.kohya, network_args algo=…
+LYCORIS_ALGO = {"LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}
+LYCORIS_ARGS = {"factor": "factor", "use_tucker": "use_tucker", "use_cp": "use_tucker", "use_scalar": "use_scalar",
+                "decompose_both": "decompose_both", "rank_dropout_scale": "rank_dropout_scale", "dora_wd": "dora_wd"}
 
 
 def is_gui_config(cfg: dict) -> bool:
@@ -147,7 +151,8 @@ def from_gui(cfg: dict, src: Source) -> dict:
     out: dict = {}
     kind = str(cfg.get("LoRA_type", "Standard"))
     lycoris = kind.startswith("LyCORIS") and kind not in LOCON_TYPES
-    if kind not in ("Standard", *LOCON_TYPES):
+    dora = kind == "LyCORIS/LoCon" and str(cfg.get("dora_wd", "")).lower() in ("true", "1")  # LyCORIS' DoRA
+    if kind not in ("Standard", *LOCON_TYPES, *LYCORIS_ALGO):
         src.unmapped.append(f"LoRA_type = {kind!r} (lorabuild trains LoRA and LoCon only: this imports as a LoRA "
                             "of the same dim and alpha, which is a different network)")
     empty = []
@@ -156,6 +161,12 @@ def from_gui(cfg: dict, src: Source) -> dict:
             continue
         if key in GUI_ONLY:
             src.gui_only.append(key)
+        elif key in LYCORIS_ARGS and (kind in LYCORIS_ALGO or (dora and key == "dora_wd")):
+            if not _empty(value):
+                out.setdefault("network_args", []).append(f"{LYCORIS_ARGS[key]}={value}")
+        elif key in ("conv_dim", "conv_alpha") and kind in LYCORIS_ALGO:
+            if not _empty(value):
+                out.setdefault("network_args", []).append(f"{key}={value}")
         elif key in LYCORIS_ONLY and not lycoris:
             src.gui_only.append(key)
         elif key in LYCORIS_ONLY and not _empty(value):
@@ -187,6 +198,9 @@ def from_gui(cfg: dict, src: Source) -> dict:
             src.notes.append(f"additional_parameters read as command-line options: {', '.join(extra) or 'none'}")
         else:
             out[GUI_RENAMED.get(key, key)] = value
+    if kind in LYCORIS_ALGO or dora:
+        out["network_module"] = "lycoris.kohya"
+        out.setdefault("network_args", []).insert(0, f"algo={LYCORIS_ALGO.get(kind, 'locon')}")
     src.empty = empty
     src.renamed = {**{v: k for k, v in GUI_RENAMED.items()}, "_sample_prompt_lines": "sample_prompts"}
     _gui_length(cfg, out, src)

@@ -80,7 +80,7 @@ def kohya_metadata(
         "ss_lr_scheduler": train["lr_scheduler"],
         "ss_optimizer": _optimizer_text(train),
         "ss_max_grad_norm": train["max_grad_norm"],
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if _lycoris(net) else "networks.lora",
         "ss_network_dim": net["dim"],
         "ss_network_alpha": net["alpha"],
         "ss_network_dropout": net["dropout"] or None,
@@ -152,9 +152,17 @@ def kohya_metadata(
     return apply_mode(md, cfg["output"].get("metadata", "full"))
 
 
+def _lycoris(net: Mapping) -> bool:
+    return net.get("type") in ("loha", "lokr", "dora")
+
+
 def network_args(net: Mapping) -> dict[str, str]:
     """kohya's ``ss_network_args``: the network options beyond dim/alpha, as strings."""
     out = {}
+    if _lycoris(net):
+        from .lyco import algo_args
+
+        out.update(algo_args(net))
     if net.get("conv_dim"):
         out["conv_dim"] = str(net["conv_dim"])
         out["conv_alpha"] = str(net["conv_alpha"] if net.get("conv_alpha") is not None else net["conv_dim"])

@@ -408,6 +408,52 @@ def checkpoint_arch(tensors: dict) -> str | None:
     return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(min(widths)) if widths else None
 
 
+# Marker tensors a checkpoint carries to say how it was trained (NoobAI-XL V-pred and other
+# SDXL fine-tunes); ComfyUI reads the same two (comfy/supported_models.py, SDXL.model_type
+# @a125cd8): ``v_pred`` → v-prediction, and with it ``ztsnr`` → the zero-terminal-SNR schedule.
+MARKERS = {"v_pred": "v-prediction", "ztsnr": "zero terminal SNR"}
+
+
+def checkpoint_markers(tensors: dict, arch: str | None, opts: dict) -> dict:
+    """What the marker keys of a single file's ``tensors`` decide, given the project's ``opts``:
+    {"prediction_type": ... (only when ``prediction_type: auto``), "zero_terminal_snr": bool,
+    "why": [a line per decision, for ``plan``]}. SDXL only, as ComfyUI reads them."""
+    out: dict = {"zero_terminal_snr": False, "why": []}
+    if arch != "sdxl" or "v_pred" not in tensors:
+        return out
+    if opts.get("prediction_type", "auto") == "auto":
+        out["prediction_type"] = "v_prediction"
+        out["why"].append("v-prediction: the checkpoint has a v_pred key (set prediction_type: epsilon to override)")
+    else:
+        out["why"].append(f"the checkpoint has a v_pred key, but prediction_type: {opts['prediction_type']} is set")
+    if "ztsnr" in tensors:
+        out["zero_terminal_snr"] = True
+        out["why"].append("zero terminal SNR: the checkpoint has a ztsnr key (the noise schedule is rescaled for "
+                          "training, and samplers step from the last timestep)")
+    return out
+
+
+def single_file_markers(spec: str, project_root: Path, opts: dict) -> list[str]:
+    """The lines ``plan`` prints about a single-file base model's marker keys (none for a folder,
+    a built-in model, or a file that cannot be read: the build reports that)."""
+    if spec.startswith("builtin:"):
+        return []
+    path = (Path(project_root) / Path(spec).expanduser()).resolve()
+    if not path.is_file():
+        return []
+    if path.suffix.lower() != ".safetensors":
+        return []  # a pickle is read only by the build (weights_only), never to make a plan
+    try:  # the header alone, without torch: ``plan`` loads no model
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if n <= 100 << 20 else {}  # safetensors' own header limit
+        tensors = {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    arch = opts.get("model_type") if opts.get("model_type", "auto") != "auto" else checkpoint_arch(tensors)
+    return checkpoint_markers(tensors, arch, opts)["why"]
+
+
 def _config_dir(opts: dict, arch: str, project_root: Path) -> Path:
     if opts.get("base_model_config"):
         cfg = (project_root / Path(opts["base_model_config"]).expanduser()).resolve()
@@ -440,14 +486,16 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
         raise ModelError(f"{path}: cannot tell SD1 / SD2 / SDXL from its keys (no known text encoder or UNet "
                          "layout); set model_type: sd1, sd2 or sdxl")
     cfg_dir = _config_dir(opts, arch, project_root)
-    pred = opts.get("prediction_type", "auto")
+    marked = checkpoint_markers(tensors, arch, opts)
+    pred = marked.get("prediction_type", opts.get("prediction_type", "auto"))
     if pred == "auto":  # a single file has no scheduler config: the shipped one's (SD2 → 768-v, as diffusers)
         pred = _config(cfg_dir, "scheduler").get("prediction_type", "epsilon")
+    ztsnr = marked["zero_terminal_snr"]
     sha = _sha256(path, cache_root, hashes)
     unet_dtypes = [d for k, (_, d) in sorted(tensors.items()) if k.startswith("model.diffusion_model.")]
     dtype = unet_dtypes[0] if unet_dtypes else "F32"
     key = {"sha256": sha, "arch": arch, "prediction_type": pred, "config": _tree_digest(cfg_dir),
-           "v": CONVERT_VERSION}
+           "v": CONVERT_VERSION, **({"ztsnr": True} if ztsnr else {})}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_root / "models" / "single-file" / f"{path.stem[:40]}-{digest}"
     if _marker_ok(folder):
@@ -455,7 +503,7 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(folder)
     try:
-        _convert(path, cfg_dir, arch, pred, dtype, tmp, bool(opts.get("allow_pickle")))
+        _convert(path, cfg_dir, arch, pred, dtype, tmp, bool(opts.get("allow_pickle")), ztsnr)
         _still(path, sha)
         marker = {"name": "single-file", "source": str(path), "sha256": sha, "legacy_hash": legacy_hash(path),
                   "arch": arch, "prediction_type": pred, "detected": detected, "v": CONVERT_VERSION}
@@ -466,7 +514,8 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     return folder
 
 
-def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: Path, allow_pickle: bool) -> None:
+def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: Path, allow_pickle: bool,
+             ztsnr: bool = False) -> None:
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -482,7 +531,10 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
                     tc = _read_json(work / tok / "tokenizer_config.json", {})
                     (work / tok / "tokenizer_config.json").write_text(json.dumps({**tc, "pad_token": "!"}, indent=2))
         sched = _read_json(work / "scheduler" / "scheduler_config.json")
-        (work / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "prediction_type": pred}))
+        # a ztsnr checkpoint: the rescaled betas (training's DDPMScheduler and the samplers read them), and
+        # sampling from the last timestep, which only then is pure noise (Lin et al. 2024, arXiv:2305.08891 §3.3)
+        zsnr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if ztsnr else {}
+        (work / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "prediction_type": pred, **zsnr}))
         src = path
         if path.suffix.lower() in PICKLE_SUFFIXES:  # weights_only-loaded tensors, re-saved for diffusers' reader
             from safetensors.torch import save_file
@@ -662,7 +714,7 @@ def model_info(model_dir: Path) -> dict:
     index = _read_json(Path(model_dir) / "model_index.json")
     if not isinstance(index, dict):
         raise ModelError(f"{model_dir}: model_index.json is missing or unreadable")
-    vae, te = _config(model_dir, "vae"), _config(model_dir, "text_encoder")
+    vae, te, sched = _config(model_dir, "vae"), _config(model_dir, "text_encoder"), _config(model_dir, "scheduler")
     if _listed(index, "text_encoder_2"):
         arch = "sdxl"
     elif te.get("hidden_size") == 1024 or te.get("hidden_act") == "gelu":  # OpenCLIP (SD2) vs CLIP ViT-L's quick_gelu
@@ -671,7 +723,8 @@ def model_info(model_dir: Path) -> dict:
         arch = "sd1"
     return {
         "arch": arch,
-        "prediction_type": _config(model_dir, "scheduler").get("prediction_type", "epsilon"),
+        "prediction_type": sched.get("prediction_type", "epsilon"),
+        "zero_terminal_snr": bool(sched.get("rescale_betas_zero_snr")),  # a ztsnr checkpoint's schedule
         "latent_scale": vae.get("scaling_factor", 0.18215),
         "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
         "latent_channels": vae.get("latent_channels", 4),

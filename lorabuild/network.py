@@ -211,8 +211,9 @@ class LoRANetwork(nn.Module):
                  train_text_encoder: bool = True, arch: str = "sd1", conv_dim: int | None = None,
                  conv_alpha: float | None = None, dropout: float = 0.0, unet_targets=UNET_TARGETS,
                  te_targets=TE_TARGETS, exclude_patterns=(), include_patterns=(), blocks: dict | None = None,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0):
-        """``blocks``: per-block settings from ``blocks.block_settings`` (kohya block_dims & co.)."""
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, make=None):
+        """``blocks``: per-block settings from ``blocks.block_settings`` (kohya block_dims & co.);
+        ``make(name, module, dim, alpha)``: the module to train there (default: kohya's LoRA)."""
         super().__init__()
         if arch not in ("sd1", "sd2", "sdxl"):
             raise ValueError(f"unknown model architecture {arch!r}")
@@ -227,6 +228,8 @@ class LoRANetwork(nn.Module):
             raise NetworkConfigError("network.exclude_patterns: every module is excluded (include_patterns "
                                      "brings modules back)")
         conv_alpha = conv_dim if conv_alpha is None else conv_alpha
+        if make is None:
+            make = lambda n, m, d, a: LoRAModule(n, m, d, a, dropout, rank_dropout, module_dropout)  # noqa: E731
         made = []
         for name, module, is3, part in found:
             d, a = (conv_dim, conv_alpha) if is3 else (dim, alpha)
@@ -234,7 +237,7 @@ class LoRANetwork(nn.Module):
                 i = block_index(name, arch)
                 d, a = (blocks["conv_dims"][i], blocks["conv_alphas"][i]) if is3 else (blocks["dims"][i], blocks["alphas"][i])
             if d:  # kohya: a block dim of 0 (or an lr weight of 0) creates no module there
-                made.append((part, LoRAModule(name, module, d, a, dropout, rank_dropout, module_dropout)))
+                made.append((part, make(name, module, d, a)))
         if not made:
             raise NetworkConfigError("network.block_dims: every remaining module sits in a block whose dim or lr "
                                      "weight is 0")
@@ -304,9 +307,12 @@ class LoRANetwork(nn.Module):
                 groups += [{"params": [m.lora_down.weight for m in mods], "lr": lr, **extra},
                            {"params": [m.lora_up.weight for m in mods], "lr": lr * ratio, **extra}]
             else:
-                groups.append({"params": [p for m in mods for p in (m.lora_down.weight, m.lora_up.weight)], "lr": lr,
-                               **extra})
+                groups.append({"params": [p for m in mods for p in self.module_params(m)], "lr": lr, **extra})
         return groups
+
+    def module_params(self, m) -> list:
+        """What the optimizer trains in one module, in a fixed order (the optimizer state follows it)."""
+        return [m.lora_down.weight, m.lora_up.weight]
 
     def state_dict_kohya(self) -> dict[str, torch.Tensor]:
         sd = {}
@@ -334,12 +340,7 @@ class LoRANetwork(nn.Module):
 
         loaded = load_file(str(path))
         mine = self.state_dict_kohya()
-        missing, unexpected = sorted(set(mine) - set(loaded)), sorted(set(loaded) - set(mine))
-        if unexpected or (missing and strict):
-            raise ValueError(
-                f"{path}: LoRA layout does not match: {len(missing)} missing keys (e.g. {missing[:2]}), "
-                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
-            )
+        missing = check_layout(path, mine, loaded, strict)
         with torch.no_grad():
             for k, v in mine.items():
                 if k not in loaded:
@@ -353,13 +354,27 @@ class LoRANetwork(nn.Module):
 
 
 def kohya_tensors(full: dict) -> dict[str, torch.Tensor]:
-    """The kohya-layout tensors of :meth:`LoRANetwork.full_weights` (a training state holds
-    them too): ``loras.<i>.*`` named after module ``i``, as ``state_dict_kohya`` names them."""
+    """The saved-layout tensors of :meth:`LoRANetwork.full_weights` (a training state holds
+    them too): ``loras.<i>.*`` named after module ``i``, as ``state_dict_kohya`` names them; a
+    LycoNetwork's own layout, which it keeps beside them (``saved``)."""
+    if "saved" in full:
+        return full["saved"]
     out = {}
     for i, name in enumerate(full["names"]):
         for part in ("lora_down.weight", "lora_up.weight", "alpha"):
             out[f"{name}.{part}"] = full["network"][f"loras.{i}.{part}"]
     return out
+
+
+def ema_weights(state: dict) -> dict:
+    """The full weights of a training state's EMA (train.ema), in :meth:`LoRANetwork.full_weights`'
+    form: kept by the trainer while the averaged weights were applied, or, in a state written
+    before it kept them (LoRA only), the state's weights with the averaged tensors in place."""
+    if "ema_full" in state:
+        return state["ema_full"]
+    if "saved" in state:
+        raise ValueError("the training state holds no saved-layout EMA weights")
+    return {"names": state["names"], "network": {**state["network"], **state["ema"]["shadow"]}}
 
 
 def write_kohya(tensors: dict, path: str | Path, dtype=torch.float16, metadata: dict[str, str] | None = None) -> None:
@@ -377,6 +392,17 @@ def write_kohya(tensors: dict, path: str | Path, dtype=torch.float16, metadata: 
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def check_layout(path, mine: dict, loaded: dict, strict: bool) -> list[str]:
+    """The keys of ``mine`` the file lacks; a ValueError for keys it has that we do not (or any lack, ``strict``)."""
+    missing, unexpected = sorted(set(mine) - set(loaded)), sorted(set(loaded) - set(mine))
+    if unexpected or (missing and strict):
+        raise ValueError(
+            f"{path}: LoRA layout does not match: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
+        )
+    return missing
+
+
 def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_encoder: bool | None = None) -> LoRANetwork:
     """The network a project's ``network`` section describes, around these models. Options that
     do not fit the model raise ``NetworkConfigError`` naming the field."""
@@ -384,7 +410,12 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         blocks = block_settings(net, arch)
     except ValueError as exc:
         raise NetworkConfigError(str(exc)) from None
-    return LoRANetwork(
+    cls, extra = LoRANetwork, {}
+    if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA: LyCORIS' modules (optional package)
+        from .lyco import LycoNetwork, module_maker
+
+        cls, extra = LycoNetwork, {"make": module_maker(net)}
+    return cls(
         unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
         train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
         arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
@@ -392,4 +423,4 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         te_targets=net.get("text_encoder_target_modules") or TE_TARGETS,
         exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
         blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,
-    )
+        **extra)

@@ -109,8 +109,13 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         warnings += _duplicates(ds, hashes)
     val_ids = {s.id for s in val}  # what training sees: validation images are not in the tag counts
     tags = Counter(t_ for i, c in captions.items() if i not in val_ids for t_ in set(split_tags(c)))
+    from .models import MODEL_OPTIONS, single_file_markers
+
+    detected = single_file_markers(str(project.get("base_model")), project.root,
+                                   {k: project.get(k) for k in MODEL_OPTIONS})
     return {
         "project": project.name,
+        "base_model": detected,
         "concepts": concepts,
         "buckets": dict(sorted(histogram.items())),
         "steps": None if tp is None else {
@@ -233,7 +238,8 @@ def _duplicates(ds: Dataset, hashes) -> list[str]:
 
 
 def render(plan: dict) -> str:
-    lines = [f"plan for {plan['project']}:", "  concepts:"]
+    lines = [f"plan for {plan['project']}:"] + [f"  base model: {d}" for d in plan.get("base_model", [])]
+    lines.append("  concepts:")
     for c in plan["concepts"]:
         if c.get("validation"):
             lines.append(f"    {c['folder']}: {c['images']} validation images; caption default '{c['default_caption']}'; "

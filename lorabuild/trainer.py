@@ -422,8 +422,20 @@ class LossReadback:
         self.read_at = time.perf_counter()
 
 
-def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
-    """Train; ``save(network, epoch, step)`` is called at the end of every epoch."""
+def _ema(tr: dict, network, params: list):
+    """The moving average of ``train.ema`` (lorabuild/ema.py), or None when it is off."""
+    if not tr.get("ema"):
+        return None
+    from .ema import AdapterEMA
+
+    e = tr["ema"]
+    return AdapterEMA(network, params, e["decay"], e["update_after_step"], e["every_n_steps"])
+
+
+def train(inp: TrainInputs, save: Callable[..., None]) -> None:
+    """Train; ``save(network, epoch, step)`` is called at the end of every epoch, and with
+    ``train.ema`` once more as ``save(network, epoch, step, ema=True)`` while the network holds
+    the averaged weights."""
     import torch
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
@@ -466,6 +478,7 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
     autocast = torch.autocast(inp.device.type, dtype=_dtype(tr["mixed_precision"]), enabled=tr["mixed_precision"] != "no")
     scaler = torch.amp.GradScaler(enabled=tr["mixed_precision"] == "fp16" and inp.device.type == "cuda")
     params = [p for g in groups for p in g["params"]]
+    ema = _ema(tr, network, params)
     accum, step, t0 = tr["gradient_accumulation_steps"], 0, time.perf_counter()
     first_epoch = 1
     if inp.resume is not None:
@@ -479,6 +492,8 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
         scaler.load_state_dict(st["scaler"])
         torch.set_rng_state(st["rng"])
         _device_rng(inp.device, st)
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
         step, first_epoch = st["step"], st["epoch"] + 1
         inp.log_rows[:] = [tuple(row) for row in st["log"]]
         inp.val_rows[:] = [tuple(row) for row in st.get("val", [])]
@@ -565,6 +580,8 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             norms = network.max_norm_(tr["scale_weight_norms"]) if tr.get("scale_weight_norms") else ()
+            if ema is not None:  # after max-norm scaling: the average is of the weights as saved
+                ema.update(step)
             # 4. log: the loss is read back now and then (LossReadback), not every step
             losses.add(epoch, step, loss, live, (lr, round(time.perf_counter() - t0, 3), last, norms))
             if losses.due(step) or f"s{step:06d}" in inp.sample_points:
@@ -585,13 +602,19 @@ def train(inp: TrainInputs, save: Callable[[object, int, int], None]) -> None:
             bar.write(f"epoch {epoch}: validation loss {val:.5f} ({len(inp.val_samples)} held-out images)")
         # 5. save: the LoRA (the stage keeps the saved epochs), samples, then the training state
         save(network, epoch, step)
+        ema_full = None
+        if ema is not None:
+            with ema.applied():
+                save(network, epoch, step, ema=True)
+                # kept in the state: the EMA file is written again from them in other output settings
+                ema_full = network.full_weights() if inp.save_state is not None else None
         sample(f"e{epoch:06d}", epoch)
         if inp.save_state is not None:
             inp.save_state(epoch, {
                 **network.full_weights(),  # "network" (what resume loads) and the modules' names
                 "optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
                 "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), **_device_rng(inp.device),
-                "step": step, "epoch": epoch,
+                "step": step, "epoch": epoch, **({"ema": ema.state_dict(), "ema_full": ema_full} if ema is not None else {}),
                 "log": [list(row) for row in inp.log_rows], "val": [list(row) for row in inp.val_rows],
             })
     bar.close()

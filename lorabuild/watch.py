@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import check
 from .dataset import IMAGE_EXTENSIONS
+from .faults import STOPPABLE
 
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", ".swp", ".download", "~")
 CHANGES = {"created", "modified", "moved", "deleted", "closed"}  # watchdog event types that change files
@@ -93,7 +94,7 @@ class Watcher:
         self.builds += 1
         build_id = f"watch-{os.getpid()}-{self.builds}"
         print(f"watch: build {self.builds} ({' '.join(self.targets)})", flush=True)
-        env = {**os.environ, "LORABUILD_BUILD": build_id}
+        env = {**os.environ, "LORABUILD_BUILD": build_id, STOPPABLE: "1"}  # request_stop's SIGINT must reach it
         self.proc = subprocess.Popen([sys.executable, "-m", "doit", *self.targets], cwd=self.root, env=env)
         while True:  # timed waits: an untimed one cannot be interrupted by Ctrl-C on Windows
             try:

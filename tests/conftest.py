@@ -18,13 +18,6 @@ import yaml
 STAGES = ("resize", "bucket", "latents", "textemb", "train", "sample")  # the demo's (no tagger)
 MAX_WORKERS = 4  # pytest -n auto (pyproject addopts): each worker builds its own demo once
 
-# Tests that stop a training build with SIGINT (Ctrl-C, the dashboard's Stop) fail when two
-# workers share the 2-core CI machine: the build does not stop (CI 2026-12-01, twice); they pass
-# run alone, also under xdist -n 1. Not diagnosed yet (issue 18): run them with
-# `python -m pytest -n 0 tests/test_faults_env.py tests/test_serve.py -k "ctrl_c or stopping"`.
-NOT_IN_PARALLEL = pytest.mark.skipif(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1) > 1,
-                                     reason="a SIGINT to a training build beside another worker: run with -n 0 (see conftest)")
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Parallel workers share the cores: one torch thread each (inherited by every doit/lorabuild
     # process a test starts). Two threads per worker on two cores oversubscribe them many times over.

@@ -10,10 +10,11 @@ from lorabuild.network import LoRANetwork, from_config
 
 
 def unet_outputs(folder: Path, lora: Path, arch: str, width: int, dim: int = 8, alpha: float = 8, pooled: int = 0,
-                 net_cfg: dict | None = None):
+                 net_cfg: dict | None = None, diffusers: bool = True):
     """(our UNet output with the LoRA, without it, diffusers' with the LoRA) on fixed random inputs
     (``pooled``: SDXL's pooled text width; its size/crop ids are those of a 128² image; ``net_cfg``: a
-    project's ``network`` section, for a LoRA whose modules or ranks are not uniform)."""
+    project's ``network`` section, for a LoRA whose modules or ranks are not uniform; ``diffusers``
+    False: None for diffusers' output, which is not computed)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([10, 500])
@@ -33,11 +34,14 @@ def unet_outputs(folder: Path, lora: Path, arch: str, width: int, dim: int = 8, 
     else:
         net = LoRANetwork(unet, tes, dim=dim, alpha=alpha, train_unet=True, train_text_encoder=with_te, arch=arch)
     net.load_weights(lora)
+    net.eval()  # no dropout while measuring
     net.apply()
     with torch.no_grad():
         ours = unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
         net.set_multiplier(0.0)
         plain = unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+    if not diffusers:
+        return ours, plain, None
     pipe = models.load_pipeline(folder)
     pipe.load_lora_weights(str(lora))
     with torch.no_grad():

@@ -33,6 +33,7 @@ def test_doctor_on_this_machine(tmp_path):
     assert f"GiB free at {root}" in out and abs(float(out.split(" GiB free at")[0].split()[-1]) - free) < 1
     for name in ("xformers", "bitsandbytes", "onnxruntime"):
         assert (f"ok    {name} " if importlib.util.find_spec(name) else f"note  {name} not installed") in out
+    assert ("ok    lycoris-lora " if importlib.util.find_spec("lycoris") else "note  lycoris-lora not installed") in out
     assert "library versions match the tested set (ci.txt)" in out or "versions differ from the tested set" in out
     fixes = out.count("\nFIX ")
     assert out.rstrip().endswith(f"{fixes} thing(s) to fix" if fixes else "nothing to fix")
@@ -41,7 +42,8 @@ def test_doctor_on_this_machine(tmp_path):
 def test_doctor_without_gpu_or_optional_packages(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("xformers", "bitsandbytes", "onnxruntime") else real_find_spec(name, *a))
+                        lambda name, *a: None if name in ("xformers", "bitsandbytes", "onnxruntime", "lycoris")
+                        else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
@@ -49,7 +51,8 @@ def test_doctor_without_gpu_or_optional_packages(tmp_path, monkeypatch):
     text = _text(doctor.check_torch() + doctor.check_optional())
     assert "FIX   no GPU: CUDA is not available and there is no MPS" in text
     assert "fix: this torch is a CPU build but an NVIDIA driver is installed: pip install torch --index-url" in text
-    for name, hint in (("xformers", "lorabuild[xformers]"), ("bitsandbytes", "lorabuild[bnb]"), ("onnxruntime", "lorabuild[tagger]")):
+    for name, hint in (("xformers", "lorabuild[xformers]"), ("bitsandbytes", "lorabuild[bnb]"), ("onnxruntime", "lorabuild[tagger]"),
+                       ("lycoris-lora", "lorabuild[lycoris]")):
         assert f"note  {name} not installed" in text and f'pip install "{hint}"' in text
     monkeypatch.setattr(shutil, "which", lambda c: None)  # no driver either: no CUDA-build hint
     assert "training runs on the CPU" in _text(doctor.check_torch())

@@ -192,18 +192,15 @@ def test_a_lora_scripts_ps1_with_variables_and_ext_args(tmp_path):
     assert doc["dataset"] == {"dirs": ["../../train/aki"], "caption_extension": ".txt"}
     assert doc["captions"] == {"shuffle": True}  # --shuffle_caption before $ext_args is a flag, not a value
     assert doc["bucket"] == {"resolution": 512} and doc["textemb"] == {"clip_skip": 2}
-    assert doc["network"] == {"dim": 32, "alpha": 16.0, "train_text_encoder": False}
+    # lycoris.kohya algo=loha is LyCORIS' LoHa, with its convolution rank
+    assert doc["network"] == {"dim": 32, "alpha": 16.0, "train_text_encoder": False, "type": "loha", "conv_dim": 4,
+                              "conv_alpha": 2.0}
     assert doc["train"] == {"epochs": 10, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 1e-5,
                             "lr_scheduler": "cosine_with_restarts", "batch_size": 2, "mixed_precision": "fp16",
                             "seed": 1337, "attention": "xformers", "optimizer": "adamw8bit", "min_snr_gamma": 5.0}
     assert doc["output"] == {"name": "aki"}
-    # LoHa is not LoRA: said, not silently turned into one
-    assert _unmapped(text) == ["network_args algo=loha (lorabuild trains LoRA and LoCon only: this imports as a LoRA of "
-                               "the same dim and alpha, which is a different network; kohya's LoCon is LyCORIS' "
-                               "algo=locon)",
-                               "network_args conv_dim=4 (loha's convolution setting: the imported LoRA has none)",
-                               "network_args conv_alpha=2 (loha's convolution setting: the imported LoRA has none)"]
-    assert "not mapped: network_args algo=loha" in proc.stderr
+    assert _unmapped(text) == [] and "not mapped" not in proc.stderr
+    assert "  type: loha  # kohya: network_args algo=loha\n" in text
     off = next(ln for ln in text.splitlines() if ln.startswith("# Off"))
     assert off.endswith(": lr_warmup_steps, save_every_n_epochs, network_args dropout")
     assert "  dim: 32  # kohya: network_dim\n" in text and "  optimizer: adamw8bit  # kohya: optimizer_type\n" in text
@@ -401,7 +398,7 @@ def test_a_kohya_ss_gui_preset(tmp_path):
     assert doc["captions"] == {"dropout": 0.05, "keep_tokens": 1, "shuffle": True}
     assert doc["bucket"] == {"no_upscale": True, "step": 64, "resolution": 768, "max_reso": 1024, "min_reso": 256}
     assert doc["textemb"] == {"clip_skip": 2, "max_token_length": 75}
-    assert doc["network"] == {"alpha": 16.0, "dim": 32}  # LoHa: listed below, and its conv_dim stays LoHa's
+    assert doc["network"] == {"alpha": 16.0, "dim": 32, "type": "loha", "conv_dim": 8, "conv_alpha": 4.0}  # LyCORIS' LoHa
     t = doc["train"]
     assert (t["epochs"], t["lr_warmup_ratio"], t["optimizer"], t["max_grad_norm"]) == (12, 0.1, "adamw8bit", 0.5)
     assert t["optimizer_args"] == {"weight_decay": 0.1, "betas": [0.9, 0.99]}
@@ -409,8 +406,8 @@ def test_a_kohya_ss_gui_preset(tmp_path):
     assert doc["sample"] == {"prompts": ["a photo of sks dog --w 512 --h 512", "sks dog in a bucket"],
                              "every_n_epochs": 2, "sampler": "euler_a"}
     assert doc["output"] == {"name": "gui", "save_precision": "fp16"}
-    assert _unmapped(text)[0].startswith("LoRA_type = 'LyCORIS/LoHa' (lorabuild trains LoRA and LoCon only")
-    assert [u.split(" (")[0] for u in _unmapped(text)[1:]] == ["conv_alpha = 4", "conv_dim = 8", "factor = -1"]
+    assert _unmapped(text) == []  # LoHa's factor -1 is LyCORIS' default (and LoKr's only): off
+    assert "network_args factor" in next(ln for ln in text.splitlines() if ln.startswith("# Off"))
     gui = next(ln for ln in text.splitlines() if ln.startswith("# Settings with no effect on the LoRA"))
     assert all(k in gui for k in ("output_dir", "num_cpu_threads_per_process", "use_wandb", "cache_latents"))
     empty = next(ln for ln in text.splitlines() if ln.startswith("# Left empty"))
@@ -485,12 +482,13 @@ def test_an_ai_toolkit_job(tmp_path):
     assert doc["captions"] == {"prepend": ["p3r5on"]} and doc["bucket"] == {"resolution": 1024}
     assert doc["network"] == {"dim": 16, "alpha": 8.0, "train_text_encoder": False}
     assert doc["train"] == {"save_every_n_steps": 250, "mixed_precision": "bf16", "batch_size": 1, "max_steps": 2000,
-                            "gradient_checkpointing": True, "optimizer": "adamw8bit", "learning_rate": 1e-4}
+                            "gradient_checkpointing": True, "optimizer": "adamw8bit", "learning_rate": 1e-4,
+                            "ema": {"decay": 0.99}}
     assert doc["sample"] == {"at_first": True, "every_n_steps": 250, "sampler": "euler_a",
                              "prompts": ["p3r5on playing chess at the park --w 1024 --h 1024 --s 20 --l 4 --d 42 --n blurry"]}
     assert doc["output"] == {"name": "my_sdxl_lora", "save_precision": "fp16", "keep_last": 4}
+    assert "  ema: {decay: 0.99}  # ai-toolkit: train.ema_config\n" in text
     assert _unmapped(text) == [
-        "train.ema_config = {'use_ema': True} (no equivalent in lorabuild)",
         "datasets imgs: resolution = [512, 768, 1024] (ai-toolkit trains at each; a project trains at one: 1024; "
         "a project per resolution trains the others)"]
     assert "  dim: 16  # ai-toolkit: network.linear\n" in text
@@ -498,6 +496,10 @@ def test_an_ai_toolkit_job(tmp_path):
     (tmp_path / "flux.yaml").write_text(AITOOLKIT.replace("is_xl: true", "is_flux: true"))
     _, text, _ = _import(tmp_path, "flux.yaml", AITOOLKIT.replace("is_xl: true", "is_flux: true"), out="f.yaml")
     assert _unmapped(text)[0].startswith("model.is_flux = true (lorabuild trains SD 1.x, 2.x and SDXL LoRAs")
+    lokr = AITOOLKIT.replace('type: "lora"', 'type: "lokr"\n        lokr_factor: 4\n        lokr_full_rank: true')
+    doc, text, _ = _import(tmp_path, "lokr.yaml", lokr, out="k.yaml")
+    assert doc["network"]["type"] == "lokr" and doc["network"]["factor"] == 4
+    assert any(u.startswith("network.lokr_full_rank = True") for u in _unmapped(text))
 
 
 ONETRAINER = {
@@ -536,6 +538,12 @@ def test_a_onetrainer_preset_with_its_concepts_and_samples(tmp_path):
                                "concept 'old': disabled in OneTrainer, left out"]
     assert "  dim: 16  # OneTrainer: lora_rank\n" in text
     assert _validate(tmp_path / "p.yaml").returncode == 0
+    ema = {**ONETRAINER, "ema": "GPU", "ema_decay": 0.998, "ema_update_step_interval": 2}
+    (tmp_path / "p.yaml").unlink()  # one project per output name in a folder
+    doc, text, _ = _import(tmp_path, "ema.json", json.dumps(ema), out="ema.yaml")
+    assert doc["train"]["ema"] == {"decay": 0.998, "every_n_steps": 2} and not any("ema" in u for u in _unmapped(text))
+    assert "  ema: {decay: 0.998, every_n_steps: 2}  # OneTrainer: ema = GPU, ema_decay\n" in text
+    assert _validate(tmp_path / "ema.yaml").returncode == 0
 
 
 def test_a_gui_preset_with_nothing_known_is_not_an_empty_success(tmp_path):

@@ -142,3 +142,26 @@ def test_plan_names_caption_files_under_another_extension(tmp_path):
     assert line == (f"  warning: {concept.name}: 2 caption file(s) end in .caption ({images[0].stem}.caption, "
                     f"{images[1].stem}.caption), but captions are read from .txt files: set "
                     "dataset.caption_extension: .caption (or the concept's caption_extension) to use them")
+
+
+def test_the_lms_sampler_without_scipy_is_named_before_sampling(tmp_path, monkeypatch):
+    """diffusers imports scipy only when an LMS scheduler is made: without it, one line, not an ImportError."""
+    from doit.exceptions import TaskFailed
+
+    from lorabuild import tasks
+
+    line = ('sample.sampler: lms needs scipy, which is not installed: pip install -e ".[lms]" in a clone of '
+            'lorabuild, or pip install "lorabuild[lms]"')
+    monkeypatch.setattr(extras, "installed", lambda module: module != "scipy")
+    assert extras.missing({"sample": {"sampler": "lms", "prompts": []}}) == [line]
+    assert extras.missing({"sample": {"sampler": "euler", "prompts": ["a cat --ss k_lms"]}}, "sample") == [line]
+    assert extras.missing({"sample": {"sampler": "euler", "prompts": ["a cat", {"prompt": "a dog"}]}}) == []
+    # a prompt file the project file does not show: the sample stage reads it and stops at its start
+    ws = _workspace(tmp_path)
+    yaml_path = ws / "projects" / "demo.yaml"
+    (ws / "projects" / "prompts.txt").write_text("a red circle --ss k_lms\n")
+    text = yaml_path.read_text()
+    assert "\nsample:\n" in text
+    yaml_path.write_text(text.replace("\nsample:\n", "\nsample:\n  prompt_file: prompts.txt\n", 1))
+    result = tasks.run_stage("sample", str(ws), str(yaml_path))
+    assert isinstance(result, TaskFailed) and str(result).strip().endswith(f"sample:demo: {line}")

@@ -120,6 +120,26 @@ def test_a_killed_run_continues_from_its_last_state_and_ends_equal(demo):
     assert _same(resumed, _fresh_run(demo, "fresh"))
 
 
+def _killed_short_run(tmp_path, train: dict, network: dict | None = None):
+    """A fresh workspace whose demo sees its 16 images once per epoch (a few steps an epoch),
+    with these train/network settings, killed after the state of epoch 1 and then continued."""
+    ws = init_workspace(tmp_path / "ws")
+    folders = sorted(p.name for p in ws.data.iterdir() if p.is_dir())
+
+    def short(d):
+        d["dataset"] = {"concepts": [{"path": f"demo/{f}", "repeats": 1} for f in folders]}
+        d["train"].update(**train)
+        d["network"].update(**(network or {}))
+        d.pop("sample", None)
+
+    ws.edit(short)
+    _kill_after_state(ws, 1, timeout=600)
+    assert 3 not in _states(ws).values()
+    ws.doit("train:demo", build="resume")
+    assert "continued from the training state after epoch" in _notes(ws)
+    return ws
+
+
 KNOBS_TRAIN = {"min_timestep": 100, "max_timestep": 900, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
                "noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01,
                "scale_weight_norms": 0.05}
@@ -129,20 +149,8 @@ KNOBS_TRAIN = {"min_timestep": 100, "max_timestep": 900, "ip_noise_gamma": 0.1, 
 def test_a_killed_run_with_kohyas_noise_dropout_and_max_norm_options_continues_bit_exact(tmp_path):
     """All the randomness these options add (rank and module dropout, noise strengths, input
     perturbation) and the in-place max-norm scaling survive a kill: the continued run equals a fresh one."""
-    ws = init_workspace(tmp_path / "ws")
-    folders = sorted(p.name for p in ws.data.iterdir() if p.is_dir())
-
-    def short(d):  # 16 images seen once per epoch, a few steps an epoch: a short run
-        d["dataset"] = {"concepts": [{"path": f"demo/{f}", "repeats": 1} for f in folders]}
-        d["train"].update(epochs=3, seed=45, save_every_n_epochs=None, **KNOBS_TRAIN)
-        d["network"].update(rank_dropout=0.2, module_dropout=0.1)
-        d.pop("sample", None)
-
-    ws.edit(short)
-    _kill_after_state(ws, 1, timeout=600)
-    assert 3 not in _states(ws).values()
-    ws.doit("train:demo", build="resume")
-    assert "continued from the training state after epoch" in _notes(ws)
+    ws = _killed_short_run(tmp_path, {"epochs": 3, "seed": 45, "save_every_n_epochs": None, **KNOBS_TRAIN},
+                           {"rank_dropout": 0.2, "module_dropout": 0.1})
     resumed = _weights(ws.root / "output/demo/demo.safetensors")
     rows = (ws.root / "output/demo/loss.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,loss,lr,seconds,keys_scaled,average_key_norm,max_key_norm"
@@ -213,3 +221,19 @@ def test_output_settings_write_the_saved_files_again_from_the_states_without_tra
 
 def ws_loss(ws) -> str:
     return (ws.root / "output/demo/loss.csv").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process groups and SIGKILL")
+def test_a_killed_run_with_ema_continues_its_average_bit_exact(tmp_path):
+    """train.ema's shadow weights and update count are part of the training state: after a kill
+    the continued run's EMA files (every saved epoch) equal a fresh run's."""
+    # 5 steps an epoch; averaging starts after step 3, every 2nd step
+    ws = _killed_short_run(tmp_path, {"epochs": 3, "seed": 46, "save_every_n_epochs": 1,
+                                      "ema": {"decay": 0.8, "update_after_step": 3, "every_n_steps": 2}})
+    out = ws.root / "output/demo"
+    names = ("demo-ema.safetensors", "demo-ema-000001.safetensors", "demo-ema-000002.safetensors")
+    resumed = {n: _weights(out / n) for n in names}
+    raw = _weights(out / "demo.safetensors")
+    assert not _same(resumed["demo-ema.safetensors"], raw)
+    assert _same(raw, _fresh_run(ws, "fresh"))
+    assert all(_same(resumed[n], _weights(out / n)) for n in names)

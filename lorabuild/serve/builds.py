@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from ..cache import read_json, write_json
+from ..faults import STOPPABLE
 
 TARGET = re.compile(r"^(resize|tag|bucket|latents|textemb|train|sample):([A-Za-z0-9][A-Za-z0-9_.-]*)$")
 STOP_GRACE = 30.0  # seconds between Ctrl-C and a hard kill: enough to finish writing a file
@@ -138,7 +139,7 @@ class BuildQueue:
 
     def _run(self, entry: dict) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "LORABUILD_BUILD"} | {"PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in os.environ.items() if k != "LORABUILD_BUILD"} | {"PYTHONUNBUFFERED": "1", STOPPABLE: "1"}
         started = time.time()
         self._set(entry["id"], state="running", started=started)
         # the log is appended as the build prints (a log, not a result: no atomic rewrite)

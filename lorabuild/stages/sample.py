@@ -36,6 +36,10 @@ SAMPLERS = {
 }
 
 
+# samplers whose diffusers scheduler has no rescale_betas_zero_snr option (diffusers 0.42)
+NO_ZERO_SNR = ("pndm", "lms", "heun")
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of the grid: the base model (lora None) or one LoRA file."""
@@ -126,6 +130,16 @@ def make_pipeline(unet, vae, text_encoders: list, tokenizers: list, scheduler):
     return pipe
 
 
+def check_samplers(ctx: Context, settings: list[dict]) -> None:
+    """Before any model is loaded: a sampler whose package is missing stops with one line."""
+    from ..extras import sampler_problem
+    from .base import StageError
+
+    problem = sampler_problem(settings)
+    if problem:
+        raise StageError(f"{STAGE}:{ctx.name}: {problem}")
+
+
 def render(pipe, network, items: list[Item], store, notes: list | None = None) -> None:
     """Render ``items`` with ``network`` (already applied, or None for the base model) into ``store``."""
     import diffusers
@@ -158,7 +172,8 @@ def lora_network(ctx: Context, pipe):
     from ..network import from_config
 
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
-    return from_config(ctx.project.section("network"), pipe.unet, encoders, runtime.arch(ctx))
+    # eval: no dropout of any kind (network, rank, module) while rendering
+    return from_config(ctx.project.section("network"), pipe.unet, encoders, runtime.arch(ctx)).eval()
 
 
 def _render_missing(ctx: Context, missing: list[Item], store, notes: list) -> None:
@@ -208,6 +223,7 @@ class TrainingSampler:
     """
 
     def __init__(self, ctx: Context, settings: list[dict], publish_dir: Path):
+        check_samplers(ctx, settings)
         self.ctx, self.settings, self.publish_dir = ctx, settings, publish_dir
         self.store = ctx.store(STAGE, ".png")
         self.base = base_identity(ctx)
@@ -246,7 +262,8 @@ class TrainingSampler:
 
 
 def rows(ctx: Context) -> list[Row]:
-    """Base model (``baseline`` or ``at_first``), in-training snapshots and every saved epoch, by step."""
+    """Base model (``baseline`` or ``at_first``), in-training snapshots and every saved epoch (and
+    its EMA, with ``train.ema``), by step."""
     entry = ctx.read_manifest("train")["items"][0]
     train_store = ctx.store("train", ".safetensors")
     hashes = ctx.hashes()
@@ -258,12 +275,18 @@ def rows(ctx: Context) -> list[Row]:
         if row_id != "base":
             path = train_store.path(h)
             found[row_id] = (step, Row(row_id, label, path, hashes.sha256(path, tensors_only=True), f"{out}-step{step:08d}"))
-    for e, eh, *rest in entry["epochs"]:
+    ema_only = entry.get("ema_save") == "ema"  # train.ema.save: the EMA files took the raw ones' names
+    for e, eh, *rest in [] if ema_only else entry["epochs"]:
         # the cache's copy, not output/'s: a locked output may still hold the previous bytes
         path = train_store.path(eh)
         step = rest[0] if rest else e
         found[f"e{e:06d}"] = (step, Row(f"e{e:06d}", f"epoch {e}", path, hashes.sha256(path, tensors_only=True),
                                         out if e == last else f"{out}-{e:06d}"))
+    stem = out if ema_only else f"{out}-ema"
+    for e, eh, step in entry.get("ema", []):  # train.ema: a row of its own after each epoch's raw one
+        path = train_store.path(eh)
+        found[f"e{e:06d}-ema"] = (step, Row(f"e{e:06d}-ema", f"epoch {e} EMA", path,
+                                            hashes.sha256(path, tensors_only=True), stem if e == last else f"{stem}-{e:06d}"))
     hashes.save()
     return [r for _, r in sorted(found.values(), key=lambda sr: (sr[0], sr[1].id))]
 
@@ -294,8 +317,13 @@ def run(ctx: Context) -> dict:
 
     sr = StageRun(ctx, STAGE)
     name = ctx.project.output_name
-    settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes,
-                               prompts.native_size(models.model_info(runtime.model_dir(ctx))))
+    info = models.model_info(runtime.model_dir(ctx))
+    settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes, prompts.native_size(info))
+    check_samplers(ctx, settings)
+    blind = sorted({s["sampler"] for s in settings if s["sampler"] in NO_ZERO_SNR}) if info["zero_terminal_snr"] else []
+    if blind:  # diffusers' schedulers without rescale_betas_zero_snr sample a ztsnr model on the plain schedule
+        sr.notes.append(f"the base model has a zero-terminal-SNR schedule, which {', '.join(blind)} cannot follow: "
+                        "use euler, euler_a, ddim or dpm++_2m for samples that match the model")
     grid_rows = rows(ctx)
     base = base_identity(ctx)
     text = text_settings(ctx.project, runtime.arch(ctx))

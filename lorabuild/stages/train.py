@@ -23,6 +23,7 @@ from ..publish import pending, publish, remove
 from ..progress import LiveLog, live_path
 from ..trainplan import Sample, make_plan, project_samples
 from .. import blocks, dist, models
+from .. import ema as ema_settings
 from ..workspace import build_id
 from . import runtime, textemb
 from . import sample as sample_stage
@@ -40,7 +41,7 @@ EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length"
 # train options added after LoRAs were trained without them, with the value that means "off"
 NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None, "max_timestep": None,
              "ip_noise_gamma": None, "ip_noise_gamma_random_strength": False, "noise_offset_random_strength": False,
-             "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto"}
+             "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto", "ema": None}
 # train options that change how memory is managed, never a weight
 UNKEYED = ("lean_cpu_memory",)
 # bucket settings kohya's metadata records (ss_resolution, ss_min/max_bucket_reso, ss_bucket_no_upscale)
@@ -57,6 +58,8 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
     cfg["network"] = blocks.keyed(cfg["network"])  # options added later count only when set
     cfg["train"] = without_newer(dist.keyed_train(cfg["train"], dist.launch_options(ctx.project).world), NEWER_OFF)
     cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in UNKEYED}
+    if "ema" in cfg["train"]:  # its save choice publishes, it does not train
+        cfg["train"]["ema"] = ema_settings.keyed(cfg["train"]["ema"])
     start = init_weights(ctx)
     if start is not None:  # the starting LoRA by content: a moved or touched file changes nothing
         hashes = ctx.hashes()
@@ -125,6 +128,11 @@ def entry_key(wkey: dict, plan, kind: str, epoch: int) -> dict:
     if plan.cut_short and epoch == plan.epochs:
         key["until_step"] = plan.total_steps
     return key
+
+
+def ema_key(wkey: dict, plan, epoch: int) -> dict:
+    """The key of the EMA file of ``epoch`` (train.ema): the epoch's key, marked."""
+    return {**entry_key(wkey, plan, "epoch", epoch), "weights": "ema"}
 
 
 def step_save_points(every: int | None, plan) -> dict[str, tuple[str, int]]:
@@ -196,6 +204,7 @@ class Run:
     snapshots: list
     store: object
     states: object  # training states and full-precision snapshots (.pt)
+    ema_epochs: list  # [epoch, hash, step] of the EMA file of each saved epoch (train.ema)
     sampler: object = None
 
     def epoch_hash(self, epoch: int) -> str:
@@ -204,6 +213,9 @@ class Run:
     def state_hash(self, epoch: int) -> str:
         return key_hash(entry_key(self.tkey, self.plan, "state", epoch))
 
+    def ema_hash(self, epoch: int) -> str:
+        return key_hash(ema_key(self.wkey, self.plan, epoch))
+
     def snap_hash(self, row_id: str) -> str:
         return key_hash({**self.wkey, "snapshot": row_id})
 
@@ -211,9 +223,9 @@ class Run:
         """A snapshot's full-precision weights (LoRANetwork.full_weights), kept to write it again."""
         return key_hash({**self.tkey, "snapshot": row_id})
 
-    def export(self, tensors: dict, ekey: dict, epoch: int, step: int, stamp: dict) -> str:
-        """Save kohya-layout ``tensors`` as the entry ``ekey`` in the output precision, with the
-        metadata of ``epoch``/``step``; ``stamp``: the run's session id and times."""
+    def export(self, tensors: dict, ekey: dict, epoch: int, step: int, stamp: dict, ema: bool = False) -> str:
+        """Save saved-layout ``tensors`` as the entry ``ekey`` in the output precision, with the
+        metadata of ``epoch``/``step`` (and of train.ema, ``ema``); ``stamp``: the run's session id and times."""
         import torch
 
         from ..network import write_kohya
@@ -222,12 +234,12 @@ class Run:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
             self.ctx.project.get("output.save_precision")]
         with self.store.put(key_hash(ekey), ekey, {"epoch": epoch, "step": step}) as tmp:
-            write_kohya(tensors, tmp, dtype, _metadata(self, epoch, step, stamp))
+            write_kohya(tensors, tmp, dtype, _metadata(self, epoch, step, stamp, ema))
         return key_hash(ekey)
 
 
-def _metadata(r: Run, epoch: int, step: int, stamp: dict) -> dict:
-    """kohya's ``ss_*`` metadata of the file saved after ``epoch``/``step``."""
+def _metadata(r: Run, epoch: int, step: int, stamp: dict, ema: bool = False) -> dict:
+    """kohya's ``ss_*`` metadata of the file saved after ``epoch``/``step`` (its EMA file's, ``ema``)."""
     from ..metadata import kohya_metadata, tag_frequency
 
     p = r.ctx.project
@@ -243,7 +255,7 @@ def _metadata(r: Run, epoch: int, step: int, stamp: dict) -> dict:
         d["img_count"] += 1
     cfg = {s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "output")}
     cfg["bucket"] = r.wkey["params"]["bucket"]  # what the key holds, so a restored file never states other settings
-    return kohya_metadata(
+    md = kohya_metadata(
         cfg=cfg,
         output_name=p.output_name, arch=r.info["arch"], prediction_type=r.info["prediction_type"], plan=r.plan,
         epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(trained_captions, folder_of),
@@ -252,6 +264,11 @@ def _metadata(r: Run, epoch: int, step: int, stamp: dict) -> dict:
         model_source=models.source_info(r.mdir),
         session_id=stamp["session"], started=stamp["started"], finished=stamp["finished"],
     )
+    if ema:
+        md.update(ema_settings.metadata(p.get("train.ema")))
+    if r.info.get("zero_terminal_snr"):  # the base model's own schedule (a ztsnr checkpoint) was rescaled
+        md["ss_zero_terminal_snr"] = "True"
+    return md
 
 
 class Whole:
@@ -277,19 +294,24 @@ def export_missing(r: Run, e0: int, whole) -> int:
     metadata leaves to do. Returns how many were written; nothing is trained."""
     import torch
 
-    from ..network import kohya_tensors
+    from ..network import ema_weights, kohya_tensors
 
-    todo = [(entry_key(r.wkey, r.plan, "epoch", e), r.state_hash(e)) for e in sorted(r.saved)
+    todo = [(entry_key(r.wkey, r.plan, "epoch", e), r.state_hash(e), False) for e in sorted(r.saved)
             if e <= e0 and not whole(r.store, r.epoch_hash(e))]
-    todo += [({**r.wkey, "snapshot": row}, r.full_hash(row)) for row, (_, step) in r.snapshot_points.items()
+    if r.ctx.project.get("train.ema"):  # the EMA files, from the averaged weights in the same states
+        todo += [(ema_key(r.wkey, r.plan, e), r.state_hash(e), True) for e in sorted(r.saved)
+                 if e <= e0 and not whole(r.store, r.ema_hash(e))]
+    todo += [({**r.wkey, "snapshot": row}, r.full_hash(row), False) for row, (_, step) in r.snapshot_points.items()
              if step <= r.plan.epoch_end_step(e0) and not whole(r.store, r.snap_hash(row))]
-    for ekey, fh in todo:
+    for ekey, fh, ema in todo:
         full = checked_read("train", r.states.path(fh), lambda f: torch.load(f, weights_only=True))
         info = r.states.info(fh) or {}
+        if ema:
+            full, info = ema_weights(full), {**info, **info.get("ema_stamp", {})}
         # the stamp of the run that trained them, so only what changed differs from its files
         stamp = {k: info.get(k, now) for k, now in (("session", uuid.uuid4().hex), ("started", time.time()),
                                                     ("finished", time.time()))}
-        r.export(kohya_tensors(full), ekey, info["epoch"], info["step"], stamp)
+        r.export(kohya_tensors(full), ekey, info["epoch"], info["step"], stamp, ema=ema)
         whole.seen(r.store, key_hash(ekey))
     return len(todo)
 
@@ -329,7 +351,9 @@ def _train(r: Run, resume: dict | None) -> list:
     stamps: dict[int, dict] = {}  # {saved epoch: its file's stamp}, kept with its training state
     kept_state: list[int] = []  # the latest state of an epoch that is not saved, replaced as training goes
 
-    def save_entry(network, ekey: dict, epoch: int, step: int) -> str:
+    ema_stamps: dict[int, dict] = {}  # {saved epoch: its EMA file's stamp}
+
+    def save_entry(network, ekey: dict, epoch: int, step: int, ema: bool = False) -> str:
         stamp = {"session": session, "started": started, "finished": time.time()}
         if "snapshot" in ekey:  # its full-precision weights, to write it again in other output settings
             fkey = {**r.tkey, "snapshot": ekey["snapshot"]}
@@ -337,20 +361,25 @@ def _train(r: Run, resume: dict | None) -> list:
             info = {"epoch": epoch, "step": step, "snapshot": ekey["snapshot"], **stamp}
             with states.put(key_hash(fkey), fkey, info, need=_tensor_bytes(full)) as tmp, open(tmp, "wb") as fh:
                 torch_save(full, fh)
+        elif ema:
+            ema_stamps[epoch] = stamp
         else:
             stamps[epoch] = stamp
-        return r.export(network.state_dict_kohya(), ekey, epoch, step, stamp)
+        return r.export(network.state_dict_kohya(), ekey, epoch, step, stamp, ema=ema)
 
-    def save(network, epoch: int, step: int) -> None:
-        if epoch in r.saved and rank.main:  # rank 0 alone writes
+    def save(network, epoch: int, step: int, ema: bool = False) -> None:
+        if epoch in r.saved and rank.main and ema:  # the network holds the averaged weights now
+            r.ema_epochs.append([epoch, save_entry(network, ema_key(wkey, r.plan, epoch), epoch, step, ema=True), step])
+        elif epoch in r.saved and rank.main:  # rank 0 alone writes
             r.epochs.append([epoch, save_entry(network, entry_key(wkey, r.plan, "epoch", epoch), epoch, step), step])
 
     def save_state(epoch: int, state: dict) -> None:
         if not rank.main:
             return
         skey = entry_key(r.tkey, r.plan, "state", epoch)
-        with (states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"], **stamps.get(epoch, {})},
-                         need=_tensor_bytes(state)) as tmp, open(tmp, "wb") as fh):
+        info = {"epoch": epoch, "step": state["step"], **stamps.get(epoch, {}),
+                **({"ema_stamp": ema_stamps[epoch]} if epoch in ema_stamps else {})}
+        with (states.put(key_hash(skey), skey, info, need=_tensor_bytes(state)) as tmp, open(tmp, "wb") as fh):
             torch_save(state, fh)  # through a Python file: a full disk's OSError is the context of torch's error
         ctx.memo["state_epoch"] = epoch  # what a Ctrl-C leaves to continue from (tasks.run_stage says so)
         for old in kept_state:
@@ -490,20 +519,25 @@ def run(ctx: Context, dataset) -> dict:
     run = Run(ctx=ctx, dataset=dataset, plan=plan, samples=samples, val_samples=held_out, captions=captions,
               latents=latents, lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, info=info,
               mdir=mdir, wkey=wkey, tkey=training_key(wkey), saved=saved, points=points,
-              snapshot_points=snapshot_points, epochs=[], snapshots=[], store=store, states=states)
+              snapshot_points=snapshot_points, epochs=[], snapshots=[], store=store, states=states, ema_epochs=[])
     epoch_h, state_h, snap_h, full_h = run.epoch_hash, run.state_hash, run.snap_hash, run.full_hash
+    with_ema = bool(p.get("train.ema"))
+    ema_h = run.ema_hash
 
     def complete(entry: dict | None) -> bool:
         if entry is None or not all(whole(store, eh) for _, eh, *_ in entry.get("epochs", [])):
             return False
         have = {row_id: sh for row_id, _, _, sh in entry.get("snapshots", [])}
+        if with_ema and not all(whole(store, eh) for _, eh, *_ in entry.get("ema", [])):
+            return False
         return all(r in have and whole(store, have[r]) for r in snapshot_points)
 
     def resume_point() -> int:
-        """The last epoch whose training state, saved epochs and snapshots are all in the store,
-        each saved file either as it is or as the full-precision weights to write it from."""
+        """The last epoch whose training state, saved epochs (and their EMA files) and snapshots are
+        all in the store, each saved file either as it is or as the full-precision weights to write it from."""
         for e0 in range(plan.epochs, 0, -1):
             files = [(store, epoch_h(e), states, state_h(e)) for e in saved if e <= e0]
+            files += [(store, ema_h(e), states, state_h(e)) for e in saved if e <= e0 and with_ema]
             files += [(store, snap_h(r), states, full_h(r)) for r, (_, step) in snapshot_points.items()
                       if step <= plan.epoch_end_step(e0)]
             if (states.has(state_h(e0)) and all(a.has(ah) or b.has(bh) for a, ah, b, bh in files)
@@ -512,10 +546,11 @@ def run(ctx: Context, dataset) -> dict:
         return 0
 
     def start(notes: list) -> tuple:
-        """(last epoch in the store, its training state, saved epochs and snapshots so far)."""
+        """(last epoch in the store, its training state, saved epochs, snapshots and EMA files so far)."""
         e0 = resume_point()
         resume = None
         epochs = [[e, epoch_h(e), plan.epoch_end_step(e)] for e in sorted(saved) if e <= e0]
+        emas = [[e, ema_h(e), plan.epoch_end_step(e)] for e in sorted(saved) if e <= e0] if with_ema else []
         snapshots = [[r, label, step, snap_h(r)] for r, (label, step) in sorted(snapshot_points.items(), key=lambda kv: kv[1][1])
                      if step <= plan.epoch_end_step(e0)]
         if e0 and rank is None:  # a rank process trains on; its parent writes what is missing
@@ -535,11 +570,11 @@ def run(ctx: Context, dataset) -> dict:
                     else f"{p.get('train.lr_scheduler')} schedule")
             notes.append(f"trained from the start: the {what} depends on the run's length, so no earlier run "
                          "can be continued")
-        return e0, resume, epochs, snapshots
+        return e0, resume, epochs, snapshots, emas
 
     sampled = None  # (rendered, reused) by in-training sampling
     if not complete(entry):
-        e0, resume, epochs, snapshots = start(sr.notes)
+        e0, resume, epochs, snapshots, emas = start(sr.notes)
         if e0 < plan.epochs and rank is None:  # before any process trains on them
             _repair_inputs(ctx, dataset, lat_manifest, captions, cached)
         log_rows = list(resume["log"]) if resume else []
@@ -549,19 +584,21 @@ def run(ctx: Context, dataset) -> dict:
             # in the store, and this process assembles them as it assembles a run trained before.
             sampled = _launch(ctx, launch)
             sr.notes.append(f"trained by {launch.world} processes" + (f" on {launch.nnodes} nodes" if launch.nnodes > 1 else ""))
-            e0, resume, epochs, snapshots = start([])
+            e0, resume, epochs, snapshots, emas = start([])
             if e0 < plan.epochs:
                 raise StageError(f"train:{ctx.name}: the ranks finished but the store has no training state "
                                  f"after epoch {plan.epochs} (only up to epoch {e0})")
             log_rows, val_rows = list(resume["log"]), list(resume.get("val", []))
         elif e0 < plan.epochs:
-            run.epochs, run.snapshots = epochs, snapshots
+            run.epochs, run.snapshots, run.ema_epochs = epochs, snapshots, emas
             log_rows, val_rows = _train(run, resume)
             sampled = (run.sampler.rendered, run.sampler.reused) if run.sampler else None
         if rank is not None:
             return {"sampled": sampled}  # a rank's part ends here: its parent assembles and publishes
         final_hash = epochs[-1][1]
-        with store.put(h, key, {"epochs": epochs, "snapshots": snapshots, "loss": log_rows, "val": val_rows}) as tmp:
+        info_ema = {"ema": emas} if with_ema else {}
+        with store.put(h, key, {"epochs": epochs, "snapshots": snapshots, "loss": log_rows, "val": val_rows,
+                                **info_ema}) as tmp:
             shutil.copyfile(store.path(final_hash), tmp)
         entry = store.info(h)
         sr.computed = 1
@@ -569,21 +606,31 @@ def run(ctx: Context, dataset) -> dict:
         sr.reused = 1
         sr.notes.append("restored a LoRA trained before with the same inputs")
 
-    # Publish: <name>.safetensors, every saved epoch as <name>-000001.safetensors, the loss log.
+    # Publish: <name>.safetensors, every saved epoch as <name>-000001.safetensors, the loss log;
+    # with train.ema its files beside them (<name>-ema[-000001].safetensors), or in their place
     hashes = ctx.hashes()
-    publish(store.path(h), out_dir / f"{name}.safetensors", hashes, sr.notes)
+    emas = entry.get("ema", []) if with_ema else []
+    ema_only = bool(emas) and p.get("train.ema.save") == "ema"
+    publish(store.path(emas[-1][1] if ema_only else h), out_dir / f"{name}.safetensors", hashes, sr.notes)
     final_epoch = entry["epochs"][-1][0]
-    wanted = {f"{name}-{e:06d}.safetensors": eh for e, eh, *_ in entry["epochs"] if e != final_epoch}
     keep_last = p.get("output.keep_last")
-    if keep_last:  # the final LoRA counts as one of the last N (kohya save_last_n_epochs)
-        wanted = dict(sorted(wanted.items())[-(keep_last - 1):]) if keep_last > 1 else {}
+
+    def per_epoch(rows: list, stem: str) -> dict:
+        files = {f"{stem}-{e:06d}.safetensors": eh for e, eh, *_ in rows if e != final_epoch}
+        if keep_last:  # the final LoRA counts as one of the last N (kohya save_last_n_epochs)
+            files = dict(sorted(files.items())[-(keep_last - 1):]) if keep_last > 1 else {}
+        return files
+
+    wanted = per_epoch(emas if ema_only else entry["epochs"], name)
+    if emas and not ema_only:
+        wanted.update({f"{name}-ema.safetensors": emas[-1][1], **per_epoch(emas, f"{name}-ema")})
     # step saves (kohya naming <name>-step00000500.safetensors), the last N of them with keep_last
     steps = [[st, sh] for row_id, _, st, sh in entry.get("snapshots", []) if row_id in step_saves]
     step_files = {f"{name}-step{st:08d}.safetensors": sh for st, sh in steps}
     if keep_last:
         step_files = dict(sorted(step_files.items())[-keep_last:])
     wanted.update(step_files)
-    for pattern in ("[0-9]" * 6, "step" + "[0-9]" * 8):
+    for pattern in ("[0-9]" * 6, "step" + "[0-9]" * 8, "ema", "ema-" + "[0-9]" * 6):
         for old in out_dir.glob(f"{name}-{pattern}.safetensors"):
             if old.name not in wanted:
                 remove(old, sr.notes)  # a locked one is kept, with a warning
@@ -611,5 +658,6 @@ def run(ctx: Context, dataset) -> dict:
     kept = [[e, state_h(e)] for e, *_ in entry["epochs"] if states.has(state_h(e))]
     # the snapshots' full-precision weights (kept by gc: other output settings are written from them)
     full = [[row_id, full_h(row_id)] for row_id, *_ in entry.get("snapshots", []) if states.has(full_h(row_id))]
-    return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "steps": steps,
+    ema_rows = {"ema": emas, "ema_save": p.get("train.ema.save")} if emas else {}
+    return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "steps": steps, **ema_rows,
                        "states": kept, "full": full}])
