@@ -65,6 +65,13 @@ class LycoNetwork(LoRANetwork):
     def state_dict_kohya(self) -> dict[str, torch.Tensor]:
         return {f"{m.lora_name}.{k}": v for m in self.loras for k, v in m.custom_state_dict().items()}
 
+    def full_weights(self) -> dict:
+        # the saved layout at full precision beside the raw tensors: it is LyCORIS' export form
+        # (scalars folded in), which needs the modules to compute (network.kohya_tensors)
+        full = super().full_weights()
+        full["saved"] = {k: v.detach().cpu().clone() for k, v in self.state_dict_kohya().items()}
+        return full
+
     def max_norm_(self, max_norm: float):
         raise NetworkConfigError("train.scale_weight_norms: kohya's max-norm regularisation is LoRA's only")
 

@@ -323,18 +323,14 @@ class LoRANetwork(nn.Module):
         return sd
 
     def save(self, path: str | Path, dtype=torch.float16, metadata: dict[str, str] | None = None) -> None:
-        from safetensors.torch import save_file
+        write_kohya(self.state_dict_kohya(), path, dtype, metadata)
 
-        from .cache import atomic_path
-
-        from .metadata import lora_hashes
-
-        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict_kohya().items()}
-        metadata = dict(metadata or {})
-        if any(k.startswith("ss_") for k in metadata):  # kohya's precomputed hashes go with its metadata
-            metadata.update(lora_hashes(tensors, metadata))
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+    def full_weights(self) -> dict:
+        """The weights at full precision with the modules' names: what a training state or a
+        snapshot keeps so the saved file can be written again in another precision or with other
+        metadata (:func:`kohya_tensors`) without the models or any training."""
+        return {"names": [m.lora_name for m in self.loras],
+                "network": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}}
 
     def load_weights(self, path: str | Path, strict: bool = True) -> list[str]:
         """Load a kohya-layout file whose modules match this network's exactly (``strict``), or,
@@ -355,6 +351,45 @@ class LoRANetwork(nn.Module):
         for m in self.loras:
             m.scale = float(m.alpha) / m.lora_down.weight.shape[0]
         return sorted({k.split(".")[0] for k in missing})
+
+
+def kohya_tensors(full: dict) -> dict[str, torch.Tensor]:
+    """The saved-layout tensors of :meth:`LoRANetwork.full_weights` (a training state holds
+    them too): ``loras.<i>.*`` named after module ``i``, as ``state_dict_kohya`` names them; a
+    LycoNetwork's own layout, which it keeps beside them (``saved``)."""
+    if "saved" in full:
+        return full["saved"]
+    out = {}
+    for i, name in enumerate(full["names"]):
+        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            out[f"{name}.{part}"] = full["network"][f"loras.{i}.{part}"]
+    return out
+
+
+def ema_weights(state: dict) -> dict:
+    """The full weights of a training state's EMA (train.ema), in :meth:`LoRANetwork.full_weights`'
+    form: kept by the trainer while the averaged weights were applied, or, in a state written
+    before it kept them (LoRA only), the state's weights with the averaged tensors in place."""
+    if "ema_full" in state:
+        return state["ema_full"]
+    if "saved" in state:
+        raise ValueError("the training state holds no saved-layout EMA weights")
+    return {"names": state["names"], "network": {**state["network"], **state["ema"]["shadow"]}}
+
+
+def write_kohya(tensors: dict, path: str | Path, dtype=torch.float16, metadata: dict[str, str] | None = None) -> None:
+    """Save kohya-layout ``tensors`` in ``dtype``, with kohya's precomputed hashes beside its metadata."""
+    from safetensors.torch import save_file
+
+    from .cache import atomic_path
+    from .metadata import lora_hashes
+
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    metadata = dict(metadata or {})
+    if any(k.startswith("ss_") for k in metadata):  # kohya's precomputed hashes go with its metadata
+        metadata.update(lora_hashes(tensors, metadata))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def check_layout(path, mine: dict, loaded: dict, strict: bool) -> list[str]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from . import buckets
 from .captions import CaptionError, dataset_captions, split_tags
 from .dataset import IMAGE_EXTENSIONS, Dataset, from_project
-from .trainplan import Sample, make_plan, training_samples
+from .stages import bucket as bucket_stage
+from .trainplan import Sample, make_plan, project_samples
 
 # EXIF orientations 5-8 rotate by 90°, so width and height swap.
 _SWAPS = {5, 6, 7, 8}
@@ -45,32 +46,12 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         warnings.append(str(exc))
         captions = {im.id: im.concept.tokens for im in ds.images}
     b = project.section("bucket")
-    ladder = buckets.make_buckets(b["resolution"] ** 2, b["min_reso"], b["max_reso"], b["step"])
-    histogram: Counter = Counter()
-    samples, tiny, unreadable, narrow = [], [], [], []
     sizes = {im.id: header_size(im.path) for im in ds.images}
     regrown = _regrown(ds, sizes, b, project.get("resize.max_side"))
-    for im in ds.images:
-        size = sizes[im.id]
-        if size is None:
-            unreadable.append(im.id)
-            continue
-        if b["no_upscale"]:
-            try:
-                f = buckets.no_upscale_fit(*size, b["resolution"] ** 2, b["step"])
-            except buckets.TooNarrow as exc:
-                narrow.append(f"{im.id}: {exc}")
-                continue
-        else:
-            f = buckets.fit(*size, *buckets.select_bucket(*size, ladder))
-            if f.upscaled:
-                tiny.append(f"{im.id} ({size[0]}x{size[1]})")
-        bucket = (f.crop[2] - f.crop[0], f.crop[3] - f.crop[1])
-        histogram[f"{bucket[0]}x{bucket[1]}"] += 1
-        samples.append(Sample(im.id, bucket, im.concept.repeats, im.concept.is_reg, im.concept.is_val))
+    samples, histogram, left = _placed(ds, sizes, b, project.get("resize.max_side"))
+    tiny, unreadable, narrow, rejected, slivers = (left[k] for k in ("tiny", "unreadable", "narrow", "rejected", "slivers"))
     t = project.section("train")
-    val_seed = t["seed"] if t["validation_seed"] is None else t["validation_seed"]
-    samples, val = training_samples(samples, t["validation_split"], val_seed)
+    samples, val = project_samples(samples, t)
     held_out = [s for s in val if not s.is_val]
     if held_out:
         warnings.append(f"{len(held_out)} image(s) held out for validation (train.validation_split): "
@@ -108,6 +89,13 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         warnings.append(f"{len(missing)} image(s) have no caption file and use their folder's tokens: {', '.join(missing[:5])}")
     if tiny:
         warnings.append(f"{len(tiny)} image(s) are smaller than their bucket and will be upscaled: {', '.join(tiny[:5])}")
+    if rejected:
+        warnings.append(f"{len(rejected)} image(s) have a side below bucket.min_reso ({b['min_reso']}) and are left out "
+                        f"(bucket.small_images: reject): {', '.join(rejected[:5])}")
+    if slivers:
+        warnings.append(f"{len(slivers)} image(s) would be cut to a sliver by their bucket and "
+                        + ("are left out (dataset.on_bad_image: skip): " if project.get("dataset.on_bad_image") == "skip"
+                           else "stop the bucket stage: ") + "; ".join(slivers[:3]))
     if narrow:
         warnings.append(f"{len(narrow)} image(s) fit no bucket under bucket.no_upscale and stop the bucket stage: "
                         + "; ".join(narrow[:3]))
@@ -141,6 +129,38 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         "top_tags": tags.most_common(20),
         "warnings": warnings,
     }
+
+
+def _placed(ds: Dataset, sizes: dict, b: dict, max_side: int) -> tuple[list[Sample], Counter, dict[str, list[str]]]:
+    """(samples, bucket histogram, the images left out or warned about by kind), each image put
+    in its bucket by the bucket stage's own rules, from the working copy's size resize.max_side
+    gives it, as the stage does."""
+    ladder = buckets.make_buckets(b["resolution"] ** 2, b["min_reso"], b["max_reso"], b["step"])
+    samples, histogram = [], Counter()
+    left: dict[str, list[str]] = {k: [] for k in ("tiny", "unreadable", "narrow", "rejected", "slivers")}
+    for im in ds.images:
+        size = sizes[im.id]
+        if size is None:
+            left["unreadable"].append(im.id)
+            continue
+        work = buckets.working_size(*size, max_side)
+        if bucket_stage.rejected(*work, b, b["small_images"]):
+            left["rejected"].append(f"{im.id} ({work[0]}x{work[1]})")
+            continue
+        try:
+            d = bucket_stage.decide(*work, b, ladder)
+        except buckets.TooNarrow as exc:
+            left["narrow"].append(f"{im.id}: {exc}")
+            continue
+        if 1 - d["cropped_share"] < bucket_stage.MIN_KEPT:  # the stage stops on it, or leaves it out
+            left["slivers"].append(f"{im.id}: {1 - d['cropped_share']:.1%} of it fits bucket "
+                                   f"{d['bucket'][0]}x{d['bucket'][1]}")
+            continue
+        if d["upscaled"] and not b["no_upscale"] and work == size:  # shrunk ones: _regrown's warning
+            left["tiny"].append(f"{im.id} ({size[0]}x{size[1]})")
+        histogram["{}x{}".format(*d["bucket"])] += 1
+        samples.append(Sample(im.id, tuple(d["bucket"]), im.concept.repeats, im.concept.is_reg, im.concept.is_val))
+    return samples, histogram, left
 
 
 def _regrown(ds: Dataset, sizes: dict, b: dict, max_side: int) -> str | None:

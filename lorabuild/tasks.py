@@ -269,7 +269,8 @@ class Graph:
         tagged = [m("tag")] if tag.enabled(p) else []  # the tagger's captions, when there is one
         if stage == "resize":
             keys = resize.PARAMS + ("dataset.on_bad_image",)
-            deps, cfg = [str(im.path) for im in ds.images], {**_params(p, keys), "v": resize.VERSION}
+            deps, cfg = [str(im.path) for im in ds.images], {**_params(p, keys), "v": resize.VERSION,
+                                                             "manifest": resize.MANIFEST}
         elif stage == "tag":
             deps = [str(im.path) for im in ds.images] + captions + [str(f) for f in tag.model_files(p)]
             cfg = {**_params(p, ("tagger", "dataset", "device")), "v": tag.VERSION}
@@ -295,7 +296,8 @@ class Graph:
             deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")
             if p.get("sample.prompt_file"):
                 deps.append(str(p.resolve(p.get("sample.prompt_file"))))
-            cfg = {**_params(p, ("sample", "network", "device") + MODEL), "v": sample.VERSION}
+            cfg = {**_params(p, ("sample", "network", "device", "textemb.clip_skip", "textemb.max_token_length") + MODEL),
+                   "v": sample.VERSION}
         targets = [m(stage)]
         if stage == "train":
             targets.append(lora)

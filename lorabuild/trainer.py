@@ -602,16 +602,19 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
             bar.write(f"epoch {epoch}: validation loss {val:.5f} ({len(inp.val_samples)} held-out images)")
         # 5. save: the LoRA (the stage keeps the saved epochs), samples, then the training state
         save(network, epoch, step)
+        ema_full = None
         if ema is not None:
             with ema.applied():
                 save(network, epoch, step, ema=True)
+                # kept in the state: the EMA file is written again from them in other output settings
+                ema_full = network.full_weights() if inp.save_state is not None else None
         sample(f"e{epoch:06d}", epoch)
         if inp.save_state is not None:
             inp.save_state(epoch, {
-                "network": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+                **network.full_weights(),  # "network" (what resume loads) and the modules' names
                 "optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
                 "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), **_device_rng(inp.device),
-                "step": step, "epoch": epoch, **({"ema": ema.state_dict()} if ema is not None else {}),
+                "step": step, "epoch": epoch, **({"ema": ema.state_dict(), "ema_full": ema_full} if ema is not None else {}),
                 "log": [list(row) for row in inp.log_rows], "val": [list(row) for row in inp.val_rows],
             })
     bar.close()

@@ -56,6 +56,14 @@ def hold_out(ids: list[str], share: float, seed: int) -> list[str]:
     return sorted(random.Random(derive_seed("validation", seed)).sample(sorted(ids), n))
 
 
+def project_samples(every: list[Sample], train: dict) -> tuple[list[Sample], list[Sample]]:
+    """:func:`training_samples` under the project's rule (``train``: its train section): the share
+    ``validation_split`` held out, chosen by ``validation_seed`` (kohya), or by ``seed`` when that
+    is unset. The train stage and ``lorabuild plan`` both split here, so they cannot disagree."""
+    seed = train["seed"] if train.get("validation_seed") is None else train["validation_seed"]
+    return training_samples(every, train["validation_split"], seed)
+
+
 def training_samples(every: list[Sample], val_share: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(samples an epoch trains on, validation samples): training images minus the held-out
     ones, plus regularization images balanced against them (kohya); the validation images

@@ -142,6 +142,37 @@ def test_changing_bucket_resolution_reuses_resize(demo):
     assert demo.report("bucket")["computed"] > 0
 
 
+def test_changing_resize_max_side_reencodes_only_the_working_copies_that_changed(demo):
+    """Latents are keyed on the working copy's pixels, not on the resize key (issue 24, item 7)."""
+    sizes = {e["id"]: max(e["orig_size"]) for e in demo.manifest("resize")["items"]}
+    shrunk = {i for i, side in sizes.items() if side > 224}
+    assert 0 < len(shrunk) < N_IMAGES  # the demo has images on both sides of 224 px
+    before = {e["id"]: e["hash"] for e in demo.manifest("latents")["items"]}
+    demo.edit(lambda d: d["resize"].update(max_side=224))
+    demo.doit("train:demo", build="side")
+    r = demo.report("resize")
+    assert (r["computed"], r["reused"]) == (N_IMAGES, 0)  # every working copy is made again under its new key
+    lat = demo.report("latents")
+    assert (lat["computed"], lat["reused"]) == (len(shrunk), N_IMAGES - len(shrunk))
+    after = {e["id"]: e["hash"] for e in demo.manifest("latents")["items"]}
+    assert {i for i in after if after[i] != before[i]} == shrunk
+    assert demo.report("train")["computed"] == 1
+    # no image is larger than 256 px: at 512 every working copy is the original again, so every
+    # latent is the one encoded at 256 and the LoRA trained then is restored
+    demo.edit(lambda d: d["resize"].update(max_side=512))
+    demo.doit("train:demo", build="side-up")
+    assert (demo.report("latents")["computed"], demo.report("latents")["reused"]) == (0, N_IMAGES)
+    assert {e["id"]: e["hash"] for e in demo.manifest("latents")["items"]} == before
+    assert (demo.report("train")["computed"], demo.report("train")["reused"]) == (0, 1)
+    # and from 512 to 1024 nothing downstream of the working copies changes: train does not even run
+    demo.edit(lambda d: d["resize"].update(max_side=1024))
+    demo.doit("train:demo", build="side-up2")
+    assert demo.ran("side-up2") == {"resize", "bucket", "latents", "textemb"}
+    assert demo.report("resize")["computed"] == N_IMAGES
+    for stage in ("bucket", "latents", "textemb"):
+        assert demo.report(stage)["computed"] == 0, stage
+
+
 def test_deleting_an_image_removes_it_downstream(demo):
     (demo.data / "10_redcircle shape" / "redcircle_01.png").unlink()
     (demo.data / "10_redcircle shape" / "redcircle_01.txt").unlink()

@@ -111,6 +111,19 @@ def test_ema_files_rows_save_choice_and_key_through_the_cli(tmp_path):
     assert key["key"]["params"]["train"]["ema"] == {"decay": 0.9, "update_after_step": 0, "every_n_steps": 1}
     ema_file = _tensors(out / "demo-ema.safetensors")
 
+    # another save precision: the EMA files are written again from the averaged weights the
+    # training states keep (metadata and all), training nothing
+    ws.edit(lambda d: d["output"].update(save_precision="fp32"))
+    proc = ws.doit("train:demo", build="ema-fp32")
+    assert "wrote 4 saved files again from the full-precision weights" in " ".join(ws.report("train")["notes"])
+    assert "LoRA modules" not in proc.stdout
+    ema32 = _tensors(out / "demo-ema.safetensors")
+    assert all(v.dtype == torch.float32 for v in ema32.values())
+    assert _same({k: v.half() for k, v in ema32.items()}, ema_file)
+    md32 = safe_open(str(out / "demo-ema.safetensors"), "pt").metadata()
+    assert md32["ss_ema_decay"] == "0.9" and md32["ss_session_id"] == md["ss_session_id"]
+    ws.edit(lambda d: d["output"].update(save_precision="fp16"))
+
     # save: ema publishes the averaged weights under the usual names; nothing is trained again
     _short(ws, decay=0.9, save="ema")
     ws.doit("sample:demo", build="ema-only")

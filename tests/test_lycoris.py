@@ -203,6 +203,20 @@ def test_a_killed_loha_run_with_a_scalar_and_dropouts_continues_bit_exact(traine
     assert _same(resumed, load_file(str(trained[2]["loha"])))  # the fixture's uninterrupted run
 
 
+@pytest.mark.parametrize("trained", ["tiny-sd1"], indirect=True)
+def test_another_save_precision_writes_the_lycoris_file_again_without_training(trained, tmp_path):
+    """The training state keeps LyCORIS' saved layout at full precision (its scalar folded in, as
+    the file holds it): save_precision fp32 writes the file again from it, training nothing."""
+    ws = copy_workspace(trained[0], tmp_path / "ws")
+    ws.edit(lambda d: d["output"].update(save_precision="fp32"))
+    proc = ws.doit("train:demo", build="fp32")
+    assert "wrote 1 saved file again from the full-precision weights" in _notes(ws)
+    assert "LoRA modules" not in proc.stdout
+    fp32 = load_file(str(ws.root / "output/demo/demo.safetensors"))
+    assert {k.split(".", 1)[1] for k in fp32} == SUFFIXES["loha"] and all(v.dtype == torch.float32 for v in fp32.values())
+    assert _same({k: v.half() for k, v in fp32.items()}, load_file(str(trained[2]["loha"])))
+
+
 def test_sd2_networks_read_alike_by_lorabuild_and_the_library(tmp_path):
     """SD 2 (no CLI run: the same code as SD 1 with other widths): each type's saved file, merged
     by lorabuild, equals LyCORIS' reading of it and the applied network."""

@@ -59,3 +59,25 @@ def test_plan_names_a_dataset_mistake(tmp_path):
     proc = _plan(ws)
     assert proc.returncode == 1
     assert "looks like a concept folder" in proc.stderr and "dataset.dirs must name its parent" in proc.stderr
+
+
+def test_plan_and_the_bucket_stage_put_every_image_in_the_same_bucket(tmp_path):
+    """One bucket decision (issue 24, item 7): plan calls the stage's, on the working copy's size.
+    With resize.max_side below the images and no_upscale, deciding on the originals, as plan used
+    to, gives other buckets."""
+    from lorabuild import buckets
+
+    ws = init_workspace(tmp_path / "ws")
+    ws.edit(lambda d: (d["resize"].update(max_side=160), d["bucket"].update(no_upscale=True, resolution=160),
+                       d["train"].update(validation_split=0.25, validation_seed=5)))
+    plan = json.loads(_plan(ws.root, "--json").stdout)
+    ws.doit("bucket:demo", build="buckets")
+    stage = ws.manifest("bucket")
+    assert plan["buckets"] == stage["buckets"] and sum(plan["buckets"].values()) == 16
+    old = {}
+    for e in stage["items"]:
+        f = buckets.no_upscale_fit(*e["orig_size"], 160 ** 2, 64)
+        label = f"{f.crop[2] - f.crop[0]}x{f.crop[3] - f.crop[1]}"
+        old[label] = old.get(label, 0) + 1
+    assert old != stage["buckets"]
+    assert plan["validation"]["held_out"] == 4

@@ -165,6 +165,64 @@ def test_a_killed_run_with_kohyas_noise_dropout_and_max_norm_options_continues_b
     assert _same(resumed, _fresh_run(ws, "fresh"))
 
 
+def _metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return fh.metadata()
+
+
+def test_output_settings_write_the_saved_files_again_from_the_states_without_training(demo):
+    """save_precision, output.metadata and output.comment shape the saved files, never the weights:
+    a change writes each saved file again from the full-precision weights in the cache (the
+    training states, a snapshot's own weights), trains nothing, and re-renders only the samples
+    whose LoRA's tensors changed."""
+    import torch
+
+    out = demo.root / "output/demo"
+    demo.edit(lambda d: d["train"].update(save_every_n_steps=20))  # a step save: a snapshot with its own file
+    demo.doit("sample:demo", build="steps")
+    assert "continued" not in _notes(demo) and ws_loss(demo) and (out / "demo-step00000020.safetensors").is_file()
+    files = ("demo.safetensors", "demo-step00000020.safetensors")
+    fp16, md16, loss = {f: _weights(out / f) for f in files}, _metadata(out / "demo.safetensors"), ws_loss(demo)
+
+    demo.edit(lambda d: d["output"].update(save_precision="fp32"))
+    proc = demo.doit("sample:demo", build="fp32")
+    assert "wrote 2 saved files again from the full-precision weights" in _notes(demo)
+    assert "LoRA modules" not in proc.stdout and ws_loss(demo) == loss  # nothing trained
+    fp32 = {f: _weights(out / f) for f in files}
+    for f in files:  # the full-precision weights, which round to exactly the fp16 file's
+        assert all(v.dtype == torch.float32 for v in fp32[f].values())
+        assert _same({k: v.half() for k, v in fp32[f].items()}, fp16[f])
+    md32 = _metadata(out / "demo.safetensors")
+    assert md32["ss_session_id"] == md16["ss_session_id"]  # the metadata of the run that trained it
+    assert md32["ss_training_finished_at"] == md16["ss_training_finished_at"]
+    sample = demo.report("sample")
+    assert (sample["computed"], sample["reused"]) == (2, 2)  # the LoRA's row again (2 prompts), not the base's
+
+    demo.edit(lambda d: d["output"].update(save_precision="bf16"))
+    demo.doit("sample:demo", build="bf16")
+    assert "wrote 2 saved files again" in _notes(demo) and ws_loss(demo) == loss
+    for f in files:
+        assert _same(_weights(out / f), {k: v.to(torch.bfloat16) for k, v in fp32[f].items()})
+
+    bf16 = {f: _weights(out / f) for f in files}
+    demo.edit(lambda d: d["output"].update(comment="re-exported", metadata="public"))
+    proc = demo.doit("sample:demo", build="comment")
+    assert "wrote 2 saved files again" in _notes(demo) and "LoRA modules" not in proc.stdout
+    assert all(_same(_weights(out / f), bf16[f]) for f in files)
+    md = _metadata(out / "demo.safetensors")
+    assert "ss_training_comment" not in md and "ss_sd_model_name" not in md and "ss_sd_model_name" in md16  # public
+    assert (demo.report("sample")["computed"], demo.report("sample")["reused"]) == (0, 4)  # same tensors: no image
+    demo.edit(lambda d: d["output"].update(metadata="full"))
+    demo.doit("sample:demo", build="comment2")
+    assert _metadata(out / "demo.safetensors")["ss_training_comment"] == "re-exported"
+
+
+def ws_loss(ws) -> str:
+    return (ws.root / "output/demo/loss.csv").read_text()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process groups and SIGKILL")
 def test_a_killed_run_with_ema_continues_its_average_bit_exact(tmp_path):
     """train.ema's shadow weights and update count are part of the training state: after a kill

@@ -279,3 +279,97 @@ def test_index_html_shows_no_broken_image_in_headless_chromium(built_demo):
     assert len(images) == 1 + 4 * 2  # the grid, then (base model + epochs 2, 4, 6) × 2 prompts
     broken = [src for src, complete, width in images if not complete or width == 0]
     assert broken == []
+
+
+LONG_CAPTION = "bluesquare, shape, " + ", ".join(f"{c} square number {i}" for i, c in
+                                              zip(range(20), ["blue", "small", "flat", "bright", "plain"] * 4))
+
+
+def _render_one(pipe, text: dict, prompt: str, tmp_path: Path, name: str) -> bytes:
+    from lorabuild.cache import Store
+    from lorabuild.stages.sample import Row, render, row_items
+
+    settings = {"prompt": prompt, "negative": "", "width": 64, "height": 64, "steps": 2, "cfg": 7.0, "seed": 3,
+                "sampler": "euler", "lora_weight": 1.0}
+    store = Store(tmp_path / name, "sample", ".png")
+    [item] = row_items(Row("base", "base model", None, None), [settings], {}, "fp32", text)
+    render(pipe, None, [item], store)
+    return store.path(item.hash).read_bytes()
+
+
+def test_samples_encode_prompts_as_training_encodes_captions(tmp_path):
+    """textemb.clip_skip and prompts over 75 tokens reach the samples (issue 24, item 7): a prompt's
+    embedding is the very tensor the textemb stage cached for the same caption text."""
+    import io
+
+    from conftest import init_workspace
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from lorabuild import models
+    from lorabuild.stages.sample import conditioning
+
+    demo = init_workspace(tmp_path / "ws")
+    (demo.data / "10_bluesquare shape" / "bluesquare_03.txt").write_text(LONG_CAPTION + "\n")
+    demo.edit(lambda d: d["textemb"].update(clip_skip=2, max_token_length=150))
+    demo.doit("textemb:demo", build="long")
+    entry = next(e for e in demo.manifest("textemb")["items"] if e["id"] == LONG_CAPTION)
+    cached = load_file(demo.root / "cache/objects/textemb" / entry["hash"][:2] / f"{entry['hash'][2:]}.safetensors")
+    pipe = models.load_pipeline(demo.root / "cache/models/tiny-sd1")
+    n_tokens = len(pipe.tokenizer(LONG_CAPTION).input_ids) - 2
+    assert 75 < n_tokens <= 150
+    text = {"clip_skip": 2, "max_token_length": 150}
+    notes = []
+    with torch.no_grad():
+        embeds = conditioning(pipe, LONG_CAPTION, "", text, notes)
+        default = conditioning(pipe, LONG_CAPTION, "", {"clip_skip": 1, "max_token_length": 75})["prompt_embeds"]
+    assert embeds["prompt_embeds"].shape == (1, 152, cached["hidden"].shape[-1])
+    assert torch.equal(embeds["prompt_embeds"][0], cached["hidden"])
+    assert embeds["negative_prompt_embeds"].shape == embeds["prompt_embeds"].shape
+    assert notes == []  # nothing cut
+    # the pipeline's own encoder is what samples used before: 77 tokens, the last layer
+    with torch.no_grad():
+        theirs, _ = pipe.encode_prompt(LONG_CAPTION, "cpu", 1, False)
+    assert torch.equal(theirs, default)
+    # rendering takes them: at the defaults the image is the pipeline's own (samples rendered before
+    # stay valid under their keys); clip_skip 2 and the whole caption give another image
+    import diffusers
+
+    scheduler = pipe.scheduler
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(scheduler.config)
+    with torch.no_grad():
+        own = pipe(LONG_CAPTION, width=64, height=64, num_inference_steps=2, guidance_scale=7.0,
+                   generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    pipe.scheduler = scheduler
+    pixels = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.int16)  # noqa: E731
+    plain = _render_one(pipe, {"clip_skip": 1, "max_token_length": 75}, LONG_CAPTION, tmp_path, "plain")
+    assert np.array_equal(pixels(plain), np.asarray(own.convert("RGB"), dtype=np.int16))
+    skip2 = _render_one(pipe, text, LONG_CAPTION, tmp_path, "skip2")
+    assert np.abs(pixels(plain) - pixels(skip2)).max() > 0
+    cut = []
+    with torch.no_grad():
+        conditioning(pipe, LONG_CAPTION, "", {"clip_skip": 1, "max_token_length": 75}, cut)
+    assert len(cut) == 1 and f"is {n_tokens} tokens" in cut[0] and "(75)" in cut[0]
+
+
+def test_sdxl_samples_take_long_prompts_and_keep_the_pipelines_embeddings_at_the_defaults(tmp_path):
+    """SDXL: both encoders and the pooled output come from the training code; at 75 tokens they are
+    the pipeline's own (images rendered before stay valid), at 150 a long prompt renders whole."""
+    import torch
+
+    from lorabuild import models
+    from lorabuild.stages.sample import conditioning
+
+    pipe = models.load_pipeline(models.ensure_builtin("tiny-sdxl", tmp_path / "models"))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = pipe.encode_prompt(LONG_CAPTION, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        ours = conditioning(pipe, LONG_CAPTION, "", {"max_token_length": 75})
+        whole = conditioning(pipe, LONG_CAPTION, "", {"max_token_length": 150})
+    assert torch.equal(theirs[0], ours["prompt_embeds"]) and torch.equal(theirs[2], ours["pooled_prompt_embeds"])
+    assert "negative_prompt_embeds" not in ours  # an empty negative: the pipeline's zeros
+    assert whole["prompt_embeds"].shape[1] == 152
+    assert _render_one(pipe, {"max_token_length": 150}, LONG_CAPTION, tmp_path, "whole") != \
+        _render_one(pipe, {"max_token_length": 75}, LONG_CAPTION, tmp_path, "cut")

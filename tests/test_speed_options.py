@@ -3,6 +3,7 @@ train.lean_cpu_memory changes where memory comes from, never the weights."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -94,10 +95,11 @@ def test_lean_cpu_memory_trains_the_same_weights_and_is_not_in_the_key(demo):
     demo.edit(lambda d: d["train"].update(lean_cpu_memory=True))
     demo.doit("train:demo", build="lean")
     assert demo.report("train")["computed"] == 0  # same key: the trained LoRA stands
-    # retrain with it on (a new comment is a new key, and changes only the metadata)
-    demo.edit(lambda d: d["output"].update(comment="lean"))
-    demo.doit("train:demo", build="lean2")
-    assert demo.report("train")["computed"] == 1
+    # retrain with it on: nothing trained before left in the cache
+    shutil.rmtree(demo.root / "cache/objects/train")
+    demo.doit("forget", "train:demo", build="lean-forget")
+    proc = demo.doit("train:demo", build="lean2")
+    assert demo.report("train")["computed"] == 1 and "LoRA modules" in proc.stdout
     after = load_file(str(lora))
     assert before.keys() == after.keys()
     for k in before:

@@ -448,3 +448,17 @@ def test_fp8_base_stores_weights_in_float8_and_computes_like_their_rounded_fp32_
         torch.testing.assert_close(unet(x, t, encoder_hidden_states=h).sample, out)  # restored: casting still on
     assert not precision.store(_small_unet(), "auto", torch.float32)
     assert not precision.store(_small_unet(), "bf16", torch.bfloat16)  # loaded in bf16 already: nothing to cast
+
+
+def test_bucket_metadata_is_what_the_train_key_holds_and_a_change_rewrites_the_files_only(demo):
+    """A bucket setting that moves no image (the latents stay) changes what the saved files
+    state (ss_max_bucket_reso): they are written again from the training state, nothing trained."""
+    demo.edit(lambda d: d["bucket"].update(max_reso=320))  # no bucket of area <= 128² is 320 wide at step 64
+    proc = demo.doit("train:demo", build="max-reso")
+    assert demo.report("latents")["computed"] == 0 and demo.report("latents")["reused"] > 0
+    notes = " ".join(demo.report("train")["notes"])
+    assert "wrote 1 saved file again" in notes and "LoRA modules" not in proc.stdout
+    with safe_open(str(demo.root / "output/demo/demo.safetensors"), "pt") as fh:
+        md = fh.metadata()
+    assert md["ss_max_bucket_reso"] == "320" and md["ss_min_bucket_reso"] == "64"
+    assert md["ss_resolution"] == "(128, 128)" and md["modelspec.resolution"] == "128x128"

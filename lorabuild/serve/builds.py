@@ -185,7 +185,8 @@ def _kept_note(root: Path, target: str, started: float) -> str:
     for side in (root / "cache" / "objects" / "train").glob("*/*.json"):
         if side.with_suffix(".pt").is_file() and side.stat().st_mtime >= started:
             info = (read_json(side, {}) or {}).get("info", {})
-            if "epoch" in info and (best is None or info["epoch"] > best):
+            # a snapshot's own weights (train.full_weights) are no state to continue from
+            if "epoch" in info and "snapshot" not in info and (best is None or info["epoch"] > best):
                 best = info["epoch"]
     if best is None:
         return "stopped before the first epoch ended: no training state of this run was saved"

@@ -47,6 +47,12 @@ def decide(w: int, h: int, params: dict, ladder: list[tuple[int, int]]) -> dict:
     }
 
 
+def rejected(w: int, h: int, params: dict, small_images: str) -> bool:
+    """Whether a ``w``×``h`` working copy is left out: ``bucket.small_images: reject`` and a side
+    below ``bucket.min_reso``."""
+    return small_images == "reject" and min(w, h) < params["min_reso"]
+
+
 def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image: str = "error") -> dict:
     sr = StageRun(ctx, STAGE)
     store = ctx.store(STAGE, ".fit.json")
@@ -58,7 +64,7 @@ def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image:
     entries, histogram, before, regrown = [], {}, sr.previous(), []
     for item in items:
         w, h = item.data["size"]
-        if small_images == "reject" and min(w, h) < params["min_reso"]:
+        if rejected(w, h, params, small_images):
             sr.notes.append(f"rejected {item.id} ({w}x{h}): a side is below bucket.min_reso ({params['min_reso']})")
             continue
         d = None
@@ -95,7 +101,8 @@ def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image:
                            f"{d['bucket'][0]}x{d['bucket'][1]})")
         label = f"{d['bucket'][0]}x{d['bucket'][1]}"
         histogram[label] = histogram.get(label, 0) + 1
-        entries.append({"id": item.id, "hash": item.hash, "src": item.data["hash"], "orig_size": item.data["orig_size"], **d})
+        entries.append({"id": item.id, "hash": item.hash, "src": item.data["hash"], "orig_size": item.data["orig_size"],
+                        "content": item.data["content"], "source_hash": item.data["source_hash"], **d})
     if regrown:  # the working copy threw away pixels its bucket then asks for (`lorabuild plan` says how to keep them)
         note = (f"{len(regrown)} image(s) were shrunk to resize.max_side ({ctx.project.get('resize.max_side')}) and are "
                 f"enlarged again to their bucket: {', '.join(regrown[:3])}")

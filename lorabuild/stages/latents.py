@@ -1,7 +1,8 @@
 """latents: each image, resized and cropped to its bucket, → VAE latents (plus its mirror image).
 
-Item = one image; key = working image hash + its fit (resize size, crop, bucket) +
-flip + interpolation + the VAE's identity. Encoded one image at a time by default: on the CPU
+Item = one image; key = the working copy's content (its pixels' hash, not the resize stage's
+key: a ``resize.max_side`` change re-encodes only the images whose working copy changed) + its
+fit (resize size, crop, bucket) + flip + interpolation + the VAE's identity. Encoded one image at a time by default: on the CPU
 an image encoded in a batch differs (up to 1.4e-7) from the same image encoded alone, so an
 entry's bytes would depend on which other images happened to be missing with it; one at a time
 they depend on its key alone, and a rebuild after a kill or a lost entry is bit-exact.
@@ -11,6 +12,8 @@ its config: 0.18215 for SD1/2, 0.13025 for SDXL).
 With ``train.masked_loss`` an image that has an alpha channel also gets its mask (kohya
 ``alpha_mask``), and ``"mask"`` joins its key; images without alpha keep the key and entry
 they have without it, so turning the option on or off recomputes only images with alpha.
+A mask is made from the source image's alpha, not from the working copy, so its key also holds
+the source's hash and the filter that resized it.
 """
 from __future__ import annotations
 
@@ -18,20 +21,24 @@ from .base import Context, Item, StageError, StageRun
 from . import runtime
 
 STAGE = "latents"
-VERSION = 2  # 2: entries encoded one at a time by default (1: in batches of 8 below 256² px)
+# 3: keyed on the working copy's content (2: on the resize key; encoded one at a time by default;
+# 1: in batches of 8 below 256² px)
+VERSION = 3
 PARAMS = ("latents.flip", "latents.interpolation", "latents.batch_size", "latents.random_crop", "train.masked_loss")
 KEY_PARAMS = ("flip", "interpolation")  # batch_size: see batch_size()
 
 
-def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | None = None) -> list[Item]:
-    """``alpha``: {image id: source path} of the images whose alpha channel is their mask."""
+def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | None = None,
+         mask_filter: str = "") -> list[Item]:
+    """``alpha``: {image id: source path} of the images whose alpha channel is their mask;
+    ``mask_filter``: resize.interpolation, which shrank those masks with their working copies."""
     items = []
     alpha = alpha or {}
     for e in bucket_entries:
         key = {
             "stage": STAGE,
             "v": VERSION,
-            "src": e["src"],
+            "content": e["content"],
             "bucket": e["bucket"],
             "resized": e["resized"],
             "crop": e["crop"],
@@ -41,7 +48,7 @@ def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | No
         }
         data = e
         if e["id"] in alpha:
-            key["mask"] = "alpha"
+            key["mask"] = {"alpha": e["source_hash"], "filter": mask_filter}
             data = {**e, "source": alpha[e["id"]]}
         items.append(Item(e["id"], key, data))
     return items
@@ -205,7 +212,8 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool 
 
 
 def _items(ctx: Context, params: dict) -> list[Item]:
-    return plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"), alpha_sources(ctx, params))
+    return plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"), alpha_sources(ctx, params),
+                ctx.project.get("resize.interpolation"))
 
 
 def project_params(project) -> dict:

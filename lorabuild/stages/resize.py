@@ -4,6 +4,10 @@ Its own parameter sets the working size, so changing buckets never re-runs it.
 Item = one image; key = image bytes + resize parameters. An image is decoded from the very
 bytes its key is hashed from (read once): one rewritten during a build is stored under its
 new bytes' key, never its new pixels under the old bytes' key.
+
+Each entry also records its ``content``: a hash of the working copy's pixels. Later stages key
+on that instead of on this stage's key, so a ``resize.max_side`` change re-encodes only the
+images whose working copy comes out different (issue 24, item 7).
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from .base import Context, Item, StageError, StageRun
 
 STAGE = "resize"
 VERSION = 1
+# 2: manifest entries hold each working copy's content (the task runs once more, keys unchanged)
+MANIFEST = 2
 PARAMS = ("resize.max_side", "resize.interpolation", "resize.background")
 
 
@@ -43,17 +49,52 @@ def _read(item: Item, hashes) -> tuple[Item, bytes]:
     return item, data
 
 
-def _compute(item: Item, params: dict, store, data: bytes) -> dict:
-    from ..images import RESAMPLE, load_rgb
+def content_hash(img) -> str:
+    """What a working copy is, whatever made it: its mode, size and pixels (not the PNG bytes,
+    which another zlib could compress differently)."""
+    import hashlib
 
+    h = hashlib.sha256(f"{img.mode} {img.width}x{img.height}\n".encode("ascii"))
+    h.update(img.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _add_content(store, h: str, info: dict) -> dict:
+    """``info`` with the ``content`` of an entry made before entries recorded it, which is then
+    written into its sidecar (key and checksum unchanged), so it is decoded once; None when the
+    entry is damaged (it is removed, to be made again)."""
+    import io
+
+    from PIL import Image
+
+    from ..cache import CorruptEntry, checked_read, read_json, write_json
+
+    def decode(_path):
+        with Image.open(io.BytesIO(data)) as im:
+            return content_hash(im.convert("RGB"))
+
+    try:
+        data = store.read_verified(h)
+        info = {**info, "content": checked_read(STAGE, store.path(h), decode)}
+    except CorruptEntry as exc:
+        store.discard(h, exc.reason)
+        return None
+    side = read_json(store.sidecar(h))
+    if isinstance(side, dict):
+        write_json(store.sidecar(h), {**side, "info": {**side.get("info", {}), "content": info["content"]}})
+    return info
+
+
+def _compute(item: Item, params: dict, store, data: bytes) -> dict:
     from ..buckets import working_size
+    from ..images import RESAMPLE, load_rgb
 
     img = load_rgb(item.data["path"], tuple(params["background"]), data=data)
     orig = img.size
     size = working_size(*orig, params["max_side"])
     if size != orig:
         img = img.resize(size, RESAMPLE[params["interpolation"]])
-    info = {"orig_size": list(orig), "size": list(img.size)}
+    info = {"orig_size": list(orig), "size": list(img.size), "content": content_hash(img)}
     with store.put(item.hash, item.key, info) as tmp:
         img.save(tmp, format="PNG", compress_level=1)
     return info
@@ -99,11 +140,17 @@ def run(ctx: Context, dataset: Dataset, params: dict, on_bad_image: str = "error
         if item.hash in bad:
             continue
         info = infos.get(item.hash) or before.get(item.hash) or store.info(item.hash)
+        damaged = False
+        if info and "size" in info and "content" not in info:
+            info = _add_content(store, item.hash, info)
+            damaged = info is None
         if not info or "size" not in info:
-            store.discard(item.hash, "missing sidecar")
+            if not damaged:
+                store.discard(item.hash, "missing sidecar")
             item, data = _read(item, hashes)
             info = _compute(item, params, store, data)
             sr.computed += 1
             sr.reused -= 1
-        entries.append({"id": item.id, "hash": item.hash, "size": info["size"], "orig_size": info["orig_size"]})
+        entries.append({"id": item.id, "hash": item.hash, "size": info["size"], "orig_size": info["orig_size"],
+                        "content": info["content"], "source_hash": item.key["src"]})
     return sr.finish(entries)

@@ -2,7 +2,10 @@
 
 Item = one image; key = the sha256 of the LoRA's weights (none for the base-model row) + the
 prompt's full settings (sampler included) + the base model's identity + the precision it
-was rendered in. Adding a prompt renders one image per row; a new epoch renders one image
+was rendered in + how prompts are encoded, where that is not the default (``textemb.clip_skip``,
+``textemb.max_token_length``: prompts are encoded by :func:`lorabuild.textenc.condition`, as
+training encodes captions, not by the pipeline's own encoder, which cuts at 77 tokens and
+knows no clip_skip of ours). Adding a prompt renders one image per row; a new epoch renders one image
 per prompt; a retrained LoRA renders its row again. Everything else is reused, including
 the images rendered while training (``sample.every_n_epochs``/``every_n_steps``/``at_first``),
 which land in the same store under the same keys.
@@ -57,12 +60,52 @@ def base_identity(ctx: Context) -> dict:
             "text_encoder": runtime.text_identity(ctx)}
 
 
-def row_items(row: Row, settings: list[dict], base: dict, precision: str) -> list[Item]:
-    """The images of one row, content-addressed."""
+# how training encodes text, at the values with which the pipeline's own encoder gave the same embeddings
+TEXT_DEFAULTS = {"clip_skip": 1, "max_token_length": 75}
+
+
+def text_settings(project, arch: str) -> dict:
+    """The text-encoding settings a sample is rendered with (training's); SDXL knows no clip_skip."""
+    text = {k: project.get(f"textemb.{k}") for k in TEXT_DEFAULTS}
+    return {k: v for k, v in text.items() if not (k == "clip_skip" and arch == "sdxl")}
+
+
+def row_items(row: Row, settings: list[dict], base: dict, precision: str, text: dict) -> list[Item]:
+    """The images of one row, content-addressed. ``text``: :func:`text_settings`; keyed only where
+    not the default, so images rendered before prompts were encoded as training does stay valid."""
     out = []
+    keyed_text = {k: v for k, v in text.items() if v != TEXT_DEFAULTS[k]}
     for i, s in enumerate(settings):
         key = {"stage": STAGE, "v": VERSION, "lora": row.lora_hash, "settings": s, "base": base, "precision": precision}
-        out.append(Item(f"{row.id}-{i:02d}-{slug(s['prompt'])}", key, {"settings": s, "lora": row.lora, "name": row.name}))
+        if keyed_text:
+            key["text"] = keyed_text
+        out.append(Item(f"{row.id}-{i:02d}-{slug(s['prompt'])}", key,
+                        {"settings": s, "lora": row.lora, "name": row.name, "text": text}))
+    return out
+
+
+def conditioning(pipe, prompt: str, negative: str, text: dict, notes: list | None = None) -> dict:
+    """The pipeline's prompt arguments, as embeddings made by :func:`lorabuild.textenc.condition`,
+    the function the textemb stage and training encode captions with: clip_skip and captions of
+    150/225 tokens are seen as in training. The prompt and the negative are encoded one at a
+    time, as captions are. An empty negative is left to the SDXL pipeline, which makes it zeros
+    (``force_zeros_for_empty_prompt``); SD 1/2's is encoded, as the pipeline itself would."""
+    from ..textenc import condition
+
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    arch, clip_skip, max_tokens = ("sdxl" if sdxl else "sd1"), text.get("clip_skip", 1), text["max_token_length"]
+    n = len(pipe.tokenizer(prompt, verbose=False).input_ids) - 2
+    note = (f"prompt {prompt[:40]!r}… is {n} tokens: like captions in training, it is cut at "
+            f"textemb.max_token_length ({max_tokens})")
+    if notes is not None and n > max_tokens and note not in notes:  # once, not once per row
+        notes.append(note)
+    hidden, pooled = condition(arch, tokenizers, encoders, [prompt], clip_skip, max_tokens)
+    out = {"prompt_embeds": hidden} | ({"pooled_prompt_embeds": pooled} if sdxl else {})
+    if negative or not (sdxl and pipe.config.force_zeros_for_empty_prompt):
+        neg, neg_pooled = condition(arch, tokenizers, encoders, [negative or ""], clip_skip, max_tokens)
+        out |= {"negative_prompt_embeds": neg} | ({"negative_pooled_prompt_embeds": neg_pooled} if sdxl else {})
     return out
 
 
@@ -97,7 +140,7 @@ def check_samplers(ctx: Context, settings: list[dict]) -> None:
         raise StageError(f"{STAGE}:{ctx.name}: {problem}")
 
 
-def render(pipe, network, items: list[Item], store) -> None:
+def render(pipe, network, items: list[Item], store, notes: list | None = None) -> None:
     """Render ``items`` with ``network`` (already applied, or None for the base model) into ``store``."""
     import diffusers
     import torch
@@ -114,8 +157,8 @@ def render(pipe, network, items: list[Item], store) -> None:
         # A CPU generator makes the starting noise the same on every device (as A1111 does).
         with torch.no_grad(), autocast:
             image = pipe(
-                s["prompt"], negative_prompt=s["negative"] or None, width=s["width"], height=s["height"],
-                num_inference_steps=s["steps"], guidance_scale=s["cfg"],
+                **conditioning(pipe, s["prompt"], s["negative"], it.data["text"], notes), width=s["width"],
+                height=s["height"], num_inference_steps=s["steps"], guidance_scale=s["cfg"],
                 generator=torch.Generator("cpu").manual_seed(s["seed"]),
             ).images[0]
         with store.put(it.hash, it.key, {"prompt": s["prompt"]}) as tmp:
@@ -133,7 +176,7 @@ def lora_network(ctx: Context, pipe):
     return from_config(ctx.project.section("network"), pipe.unet, encoders, runtime.arch(ctx)).eval()
 
 
-def _render_missing(ctx: Context, missing: list[Item], store) -> None:
+def _render_missing(ctx: Context, missing: list[Item], store, notes: list) -> None:
     """Render the missing images, loading the pipeline once and each LoRA file once."""
     from .. import models
 
@@ -149,7 +192,7 @@ def _render_missing(ctx: Context, missing: list[Item], store) -> None:
             network.load_weights(lora)
             network.to(pipe.device)
             network.apply()
-        render(pipe, network, items, store)
+        render(pipe, network, items, store, notes)
         if network is not None:
             network.restore()
 
@@ -184,6 +227,7 @@ class TrainingSampler:
         self.ctx, self.settings, self.publish_dir = ctx, settings, publish_dir
         self.store = ctx.store(STAGE, ".png")
         self.base = base_identity(ctx)
+        self.text = text_settings(ctx.project, runtime.arch(ctx))
         self.pipe = None
         self.rendered = self.reused = 0
 
@@ -197,7 +241,7 @@ class TrainingSampler:
                 runtime.text_models(self.ctx)
             self.pipe = make_pipeline(parts["unet"], parts["vae"] or runtime.frozen(self.ctx, "vae"), tes, toks,
                                       models.load_sampling_scheduler(runtime.model_dir(self.ctx)))
-        items = row_items(row, self.settings, self.base, precision_of(parts["unet"]))
+        items = row_items(row, self.settings, self.base, precision_of(parts["unet"]), self.text)
         missing = [it for it in items if not self.store.has(it.hash)]
         self.reused += len(items) - len(missing)
         if missing:
@@ -282,12 +326,13 @@ def run(ctx: Context) -> dict:
                         "use euler, euler_a, ddim or dpm++_2m for samples that match the model")
     grid_rows = rows(ctx)
     base = base_identity(ctx)
-    grid_items = [row_items(r, settings, base, "fp32") for r in grid_rows]
+    text = text_settings(ctx.project, runtime.arch(ctx))
+    grid_items = [row_items(r, settings, base, "fp32", text) for r in grid_rows]
     items = [it for row in grid_items for it in row]
     store = ctx.store(STAGE, ".png")
     missing = sr.split(items, store)
     if missing:
-        _render_missing(ctx, missing, store)
+        _render_missing(ctx, missing, store, sr.notes)
         sr.computed += len(missing)
     out_dir = ctx.ws.output_dir(name) / "samples"
     keep = {f"{it.id}.png" for it in items} | {"grid.png"}

@@ -21,7 +21,7 @@ from ..captions import concept_options
 from ..config import without_newer
 from ..publish import pending, publish, remove
 from ..progress import LiveLog, live_path
-from ..trainplan import Sample, make_plan, training_samples
+from ..trainplan import Sample, make_plan, project_samples
 from .. import blocks, dist, models
 from .. import ema as ema_settings
 from ..workspace import build_id
@@ -34,7 +34,8 @@ VERSION = 2
 SECTIONS = ("network", "train", "captions", "output")
 # when to sample while training: decides which snapshots a run keeps, never the weights
 SAMPLE_PARAMS = ("sample.at_first", "sample.every_n_epochs", "sample.every_n_steps")
-EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "dataset")
+EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length", "latents.flip", "dataset",
+                "bucket.resolution", "bucket.min_reso", "bucket.max_reso", "bucket.no_upscale")  # metadata: BUCKET_METADATA
 
 
 # train options added after LoRAs were trained without them, with the value that means "off"
@@ -43,12 +44,8 @@ NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None
              "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto", "ema": None}
 # train options that change how memory is managed, never a weight
 UNKEYED = ("lean_cpu_memory",)
-
-
-def validation_seed(p) -> int:
-    """The seed that chooses the images validation_split holds out (kohya validation_seed)."""
-    v = p.get("train.validation_seed")
-    return p.get("train.seed") if v is None else v
+# bucket settings kohya's metadata records (ss_resolution, ss_min/max_bucket_reso, ss_bucket_no_upscale)
+BUCKET_METADATA = ("resolution", "min_reso", "max_reso", "no_upscale")
 
 
 def init_weights(ctx: Context) -> Path | None:
@@ -69,8 +66,10 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
         cfg["network"] = {**cfg["network"], "weights": hashes.sha256(start, tensors_only=True)}
         hashes.save()
     cfg["save_precision"] = ctx.project.get("output.save_precision")
-    # what goes into the saved files' metadata (a change re-saves them; it retrains, for now)
+    # what goes into the saved files' metadata (a change writes them again, without training: training_key)
     cfg["metadata"] = [ctx.project.get("output.metadata"), ctx.project.get("output.comment")]
+    # the bucket settings the files' ss_* metadata states (the latents' own buckets are keyed with them)
+    cfg["bucket"] = {k: ctx.project.get(f"bucket.{k}") for k in BUCKET_METADATA}
     concept_of = {im.id: im.concept for im in dataset.images}
     images = []
     for i in sorted(latents):
@@ -108,6 +107,17 @@ def weights_key(key: dict, total_steps: int) -> dict:
     if train["lr_scheduler"] not in LENGTH_FREE_SCHEDULES or train.get("lr_warmup_ratio") is not None:
         wkey["total_steps"] = total_steps
     return wkey
+
+
+# output settings: they shape the saved files, never the weights
+OUTPUT_PARAMS = ("save_precision", "metadata", "bucket")
+
+
+def training_key(wkey: dict) -> dict:
+    """The weights key without the output settings: the key of the training states and of the
+    snapshots' full-precision weights, which every save precision and metadata share. A change of
+    output settings finds them and writes the saved files again from them, training nothing."""
+    return {**wkey, "params": {k: v for k, v in wkey["params"].items() if k not in OUTPUT_PARAMS}}
 
 
 def entry_key(wkey: dict, plan, kind: str, epoch: int) -> dict:
@@ -186,14 +196,124 @@ class Run:
     info: dict
     mdir: Path
     wkey: dict
+    tkey: dict  # training_key(wkey): training states and full-precision snapshots
     saved: set
     points: dict  # in-training sample points: {row id: (label, step)}
     snapshot_points: dict  # points that need a LoRA file of their own (step saves included)
     epochs: list
     snapshots: list
     store: object
+    states: object  # training states and full-precision snapshots (.pt)
     ema_epochs: list  # [epoch, hash, step] of the EMA file of each saved epoch (train.ema)
     sampler: object = None
+
+    def epoch_hash(self, epoch: int) -> str:
+        return key_hash(entry_key(self.wkey, self.plan, "epoch", epoch))
+
+    def state_hash(self, epoch: int) -> str:
+        return key_hash(entry_key(self.tkey, self.plan, "state", epoch))
+
+    def ema_hash(self, epoch: int) -> str:
+        return key_hash(ema_key(self.wkey, self.plan, epoch))
+
+    def snap_hash(self, row_id: str) -> str:
+        return key_hash({**self.wkey, "snapshot": row_id})
+
+    def full_hash(self, row_id: str) -> str:
+        """A snapshot's full-precision weights (LoRANetwork.full_weights), kept to write it again."""
+        return key_hash({**self.tkey, "snapshot": row_id})
+
+    def export(self, tensors: dict, ekey: dict, epoch: int, step: int, stamp: dict, ema: bool = False) -> str:
+        """Save saved-layout ``tensors`` as the entry ``ekey`` in the output precision, with the
+        metadata of ``epoch``/``step`` (and of train.ema, ``ema``); ``stamp``: the run's session id and times."""
+        import torch
+
+        from ..network import write_kohya
+
+        self.ctx.check_inputs()  # the UNet and text encoder trained on are those the key names
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+            self.ctx.project.get("output.save_precision")]
+        with self.store.put(key_hash(ekey), ekey, {"epoch": epoch, "step": step}) as tmp:
+            write_kohya(tensors, tmp, dtype, _metadata(self, epoch, step, stamp, ema))
+        return key_hash(ekey)
+
+
+def _metadata(r: Run, epoch: int, step: int, stamp: dict, ema: bool = False) -> dict:
+    """kohya's ``ss_*`` metadata of the file saved after ``epoch``/``step`` (its EMA file's, ``ema``)."""
+    from ..metadata import kohya_metadata, tag_frequency
+
+    p = r.ctx.project
+    # the metadata describes what was trained: validation images are left out of it
+    val_ids = {s.id for s in r.val_samples}
+    trained_captions = {i: c for i, c in r.captions.items() if i not in val_ids}
+    folder_of = {im.id: im.concept.folder.name for im in r.dataset.images}
+    dirs = {}
+    for im in r.dataset.images:
+        if im.id in val_ids:
+            continue
+        d = dirs.setdefault(im.concept.folder.name, {"n_repeats": im.concept.repeats, "img_count": 0})
+        d["img_count"] += 1
+    cfg = {s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "output")}
+    cfg["bucket"] = r.wkey["params"]["bucket"]  # what the key holds, so a restored file never states other settings
+    md = kohya_metadata(
+        cfg=cfg,
+        output_name=p.output_name, arch=r.info["arch"], prediction_type=r.info["prediction_type"], plan=r.plan,
+        epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(trained_captions, folder_of),
+        bucket_info=_bucket_info([e for e in r.lat_manifest["items"] if e["id"] not in val_ids]),
+        textemb_cached=r.cached, model_name=Path(str(p.get("base_model"))).name, model_hash=r.unet_id,
+        model_source=models.source_info(r.mdir),
+        session_id=stamp["session"], started=stamp["started"], finished=stamp["finished"],
+    )
+    if ema:
+        md.update(ema_settings.metadata(p.get("train.ema")))
+    if r.info.get("zero_terminal_snr"):  # the base model's own schedule (a ztsnr checkpoint) was rescaled
+        md["ss_zero_terminal_snr"] = "True"
+    return md
+
+
+class Whole:
+    """Present and undamaged (each entry checked once per run): a damaged LoRA or state is
+    reported, removed and made again, never published, sampled or continued from."""
+
+    def __init__(self):
+        self.checked: dict[tuple[str, str], bool] = {}
+
+    def __call__(self, st, h: str) -> bool:
+        if (st.stage + st.ext, h) not in self.checked:
+            self.checked[(st.stage + st.ext, h)] = st.verified(h)
+        return self.checked[(st.stage + st.ext, h)]
+
+    def seen(self, st, h: str) -> None:
+        """``h`` was just written whole."""
+        self.checked[(st.stage + st.ext, h)] = True
+
+
+def export_missing(r: Run, e0: int, whole) -> int:
+    """Write each saved file up to epoch ``e0`` (saved epochs, snapshots) that the store lacks from
+    the full-precision weights kept beside it: what a change of ``output.save_precision`` or the
+    metadata leaves to do. Returns how many were written; nothing is trained."""
+    import torch
+
+    from ..network import ema_weights, kohya_tensors
+
+    todo = [(entry_key(r.wkey, r.plan, "epoch", e), r.state_hash(e), False) for e in sorted(r.saved)
+            if e <= e0 and not whole(r.store, r.epoch_hash(e))]
+    if r.ctx.project.get("train.ema"):  # the EMA files, from the averaged weights in the same states
+        todo += [(ema_key(r.wkey, r.plan, e), r.state_hash(e), True) for e in sorted(r.saved)
+                 if e <= e0 and not whole(r.store, r.ema_hash(e))]
+    todo += [({**r.wkey, "snapshot": row}, r.full_hash(row), False) for row, (_, step) in r.snapshot_points.items()
+             if step <= r.plan.epoch_end_step(e0) and not whole(r.store, r.snap_hash(row))]
+    for ekey, fh, ema in todo:
+        full = checked_read("train", r.states.path(fh), lambda f: torch.load(f, weights_only=True))
+        info = r.states.info(fh) or {}
+        if ema:
+            full, info = ema_weights(full), {**info, **info.get("ema_stamp", {})}
+        # the stamp of the run that trained them, so only what changed differs from its files
+        stamp = {k: info.get(k, now) for k, now in (("session", uuid.uuid4().hex), ("started", time.time()),
+                                                    ("finished", time.time()))}
+        r.export(kohya_tensors(full), ekey, info["epoch"], info["step"], stamp, ema=ema)
+        whole.seen(r.store, key_hash(ekey))
+    return len(todo)
 
 
 def _tensorboard(ctx: Context, run_hash: str, start_step: int):
@@ -211,13 +331,14 @@ def _tensorboard(ctx: Context, run_hash: str, start_step: int):
 
 def _train(r: Run, resume: dict | None) -> list:
     """Train (from ``resume``, a saved training state, when given); returns the loss log."""
-    from ..metadata import kohya_metadata, tag_frequency
+    from torch import save as torch_save
+
     from ..plan import build_plan, render
     from ..trainer import TrainError, TrainInputs, train
 
     ctx, p, store, wkey = r.ctx, r.ctx.project, r.store, r.wkey
     rank = ctx.memo.get("rank", dist.SINGLE)
-    states = ctx.store(STAGE, ".pt")
+    states = r.states
     name = p.output_name
     lat_store = ctx.store("latents", ".safetensors")
     emb_paths = None
@@ -226,42 +347,25 @@ def _train(r: Run, resume: dict | None) -> list:
         ck = lambda c: textemb.item_key(c, p.get("textemb.clip_skip"), p.get("textemb.max_token_length"), r.te_id)  # noqa: E731
         emb_paths = {c: emb_store.path(key_hash(ck(c))) for c in set(r.captions.values())}
     concept_of = {im.id: im.concept for im in r.dataset.images}
-    folder_of = {im.id: im.concept.folder.name for im in r.dataset.images}
-    # the metadata describes what was trained: validation images are left out of it
-    val_ids = {s.id for s in r.val_samples}
-    trained_captions = {i: c for i, c in r.captions.items() if i not in val_ids}
-    dirs = {}
-    for im in r.dataset.images:
-        if im.id in val_ids:
-            continue
-        d = dirs.setdefault(im.concept.folder.name, {"n_repeats": im.concept.repeats, "img_count": 0})
-        d["img_count"] += 1
     session, started = uuid.uuid4().hex, time.time()
-    dtype_name = p.get("output.save_precision")
+    stamps: dict[int, dict] = {}  # {saved epoch: its file's stamp}, kept with its training state
     kept_state: list[int] = []  # the latest state of an epoch that is not saved, replaced as training goes
 
+    ema_stamps: dict[int, dict] = {}  # {saved epoch: its EMA file's stamp}
+
     def save_entry(network, ekey: dict, epoch: int, step: int, ema: bool = False) -> str:
-        import torch
-
-        ctx.check_inputs()  # the UNet and text encoder trained on are those the key names
-
-        md = kohya_metadata(
-            cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents", "bucket", "output")},
-            output_name=name, arch=r.info["arch"], prediction_type=r.info["prediction_type"], plan=r.plan,
-            epoch=epoch, step=step, dataset_dirs=dirs, tag_freq=tag_frequency(trained_captions, folder_of),
-            bucket_info=_bucket_info([e for e in r.lat_manifest["items"] if e["id"] not in val_ids]), textemb_cached=r.cached,
-            model_name=Path(str(p.get("base_model"))).name, model_hash=r.unet_id,
-            model_source=models.source_info(r.mdir),
-            session_id=session, started=started, finished=time.time(),
-        )
-        if ema:
-            md.update(ema_settings.metadata(p.get("train.ema")))
-        if r.info.get("zero_terminal_snr"):  # the base model's own schedule (a ztsnr checkpoint) was rescaled
-            md["ss_zero_terminal_snr"] = "True"
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-        with store.put(key_hash(ekey), ekey, {"epoch": epoch, "step": step}) as tmp:
-            network.save(tmp, dtype=dtype, metadata=md)
-        return key_hash(ekey)
+        stamp = {"session": session, "started": started, "finished": time.time()}
+        if "snapshot" in ekey:  # its full-precision weights, to write it again in other output settings
+            fkey = {**r.tkey, "snapshot": ekey["snapshot"]}
+            full = network.full_weights()
+            info = {"epoch": epoch, "step": step, "snapshot": ekey["snapshot"], **stamp}
+            with states.put(key_hash(fkey), fkey, info, need=_tensor_bytes(full)) as tmp, open(tmp, "wb") as fh:
+                torch_save(full, fh)
+        elif ema:
+            ema_stamps[epoch] = stamp
+        else:
+            stamps[epoch] = stamp
+        return r.export(network.state_dict_kohya(), ekey, epoch, step, stamp, ema=ema)
 
     def save(network, epoch: int, step: int, ema: bool = False) -> None:
         if epoch in r.saved and rank.main and ema:  # the network holds the averaged weights now
@@ -270,17 +374,16 @@ def _train(r: Run, resume: dict | None) -> list:
             r.epochs.append([epoch, save_entry(network, entry_key(wkey, r.plan, "epoch", epoch), epoch, step), step])
 
     def save_state(epoch: int, state: dict) -> None:
-        import torch
-
         if not rank.main:
             return
-        skey = entry_key(wkey, r.plan, "state", epoch)
-        with (states.put(key_hash(skey), skey, {"epoch": epoch, "step": state["step"]}, need=_tensor_bytes(state)) as tmp,
-              open(tmp, "wb") as fh):
-            torch.save(state, fh)  # through a Python file: a full disk's OSError is the context of torch's error
+        skey = entry_key(r.tkey, r.plan, "state", epoch)
+        info = {"epoch": epoch, "step": state["step"], **stamps.get(epoch, {}),
+                **({"ema_stamp": ema_stamps[epoch]} if epoch in ema_stamps else {})}
+        with (states.put(key_hash(skey), skey, info, need=_tensor_bytes(state)) as tmp, open(tmp, "wb") as fh):
+            torch_save(state, fh)  # through a Python file: a full disk's OSError is the context of torch's error
         ctx.memo["state_epoch"] = epoch  # what a Ctrl-C leaves to continue from (tasks.run_stage says so)
         for old in kept_state:
-            states.remove(key_hash(entry_key(wkey, r.plan, "state", old)))  # superseded by this later state
+            states.remove(r.state_hash(old))  # superseded by this later state
         kept_state[:] = [] if epoch in r.saved else [epoch]
 
     if r.points and rank.main:
@@ -397,7 +500,7 @@ def run(ctx: Context, dataset) -> dict:
     concept_of = {im.id: im.concept for im in dataset.images}
     every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg, concept_of[i].is_val)
              for i in sorted(latents)]
-    samples, held_out = training_samples(every, p.get("train.validation_split"), validation_seed(p))
+    samples, held_out = project_samples(every, p.section("train"))
     launch = dist.launch_options(p)
     plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"),
                      p.get("train.max_steps"), launch.world)
@@ -408,23 +511,18 @@ def run(ctx: Context, dataset) -> dict:
     snapshot_points = {r: v for r, v in points.items() if r != "base" and not (r[0] == "e" and int(r[1:]) in saved)}
     step_saves = step_save_points(p.get("train.save_every_n_steps"), plan)
     snapshot_points = {**step_saves, **snapshot_points}
-    checked: dict[tuple[str, str], bool] = {}
-
-    def whole(st, eh: str) -> bool:
-        """Present and undamaged (each entry checked once per run): a damaged LoRA or state is
-        reported, removed and made again, never published, sampled or continued from."""
-        if (st.stage + st.ext, eh) not in checked:
-            checked[(st.stage + st.ext, eh)] = st.verified(eh)
-        return checked[(st.stage + st.ext, eh)]
-
+    rank = ctx.memo.get("rank")  # set in a process started by torchrun (lorabuild.worker)
+    whole = Whole()
     entry = store.info(h) if whole(store, h) else None
     wkey = weights_key(key, plan.total_steps)
     states = ctx.store(STAGE, ".pt")  # training states: torch pickles (weights_only), not safetensors
-    epoch_h = lambda e: key_hash(entry_key(wkey, plan, "epoch", e))  # noqa: E731
-    state_h = lambda e: key_hash(entry_key(wkey, plan, "state", e))  # noqa: E731
-    snap_h = lambda r: key_hash({**wkey, "snapshot": r})  # noqa: E731
+    run = Run(ctx=ctx, dataset=dataset, plan=plan, samples=samples, val_samples=held_out, captions=captions,
+              latents=latents, lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, info=info,
+              mdir=mdir, wkey=wkey, tkey=training_key(wkey), saved=saved, points=points,
+              snapshot_points=snapshot_points, epochs=[], snapshots=[], store=store, states=states, ema_epochs=[])
+    epoch_h, state_h, snap_h, full_h = run.epoch_hash, run.state_hash, run.snap_hash, run.full_hash
     with_ema = bool(p.get("train.ema"))
-    ema_h = lambda e: key_hash(ema_key(wkey, plan, e))  # noqa: E731
+    ema_h = run.ema_hash
 
     def complete(entry: dict | None) -> bool:
         if entry is None or not all(whole(store, eh) for _, eh, *_ in entry.get("epochs", [])):
@@ -435,16 +533,15 @@ def run(ctx: Context, dataset) -> dict:
         return all(r in have and whole(store, have[r]) for r in snapshot_points)
 
     def resume_point() -> int:
-        """The last epoch whose training state, saved epochs (and their EMA files) and snapshots are all in the store."""
+        """The last epoch whose training state, saved epochs (and their EMA files) and snapshots are
+        all in the store, each saved file either as it is or as the full-precision weights to write it from."""
         for e0 in range(plan.epochs, 0, -1):
-            if with_ema and not all(store.has(ema_h(e)) and whole(store, ema_h(e)) for e in saved if e <= e0):
-                continue
-            if (states.has(state_h(e0)) and all(store.has(epoch_h(e)) for e in saved if e <= e0)
-                    and all(store.has(snap_h(r)) for r, (_, step) in snapshot_points.items()
-                            if step <= plan.epoch_end_step(e0))
-                    and whole(states, state_h(e0)) and all(whole(store, epoch_h(e)) for e in saved if e <= e0)
-                    and all(whole(store, snap_h(r)) for r, (_, step) in snapshot_points.items()
-                            if step <= plan.epoch_end_step(e0))):
+            files = [(store, epoch_h(e), states, state_h(e)) for e in saved if e <= e0]
+            files += [(store, ema_h(e), states, state_h(e)) for e in saved if e <= e0 and with_ema]
+            files += [(store, snap_h(r), states, full_h(r)) for r, (_, step) in snapshot_points.items()
+                      if step <= plan.epoch_end_step(e0)]
+            if (states.has(state_h(e0)) and all(a.has(ah) or b.has(bh) for a, ah, b, bh in files)
+                    and whole(states, state_h(e0)) and all(whole(a, ah) or whole(b, bh) for a, ah, b, bh in files)):
                 return e0
         return 0
 
@@ -456,6 +553,11 @@ def run(ctx: Context, dataset) -> dict:
         emas = [[e, ema_h(e), plan.epoch_end_step(e)] for e in sorted(saved) if e <= e0] if with_ema else []
         snapshots = [[r, label, step, snap_h(r)] for r, (label, step) in sorted(snapshot_points.items(), key=lambda kv: kv[1][1])
                      if step <= plan.epoch_end_step(e0)]
+        if e0 and rank is None:  # a rank process trains on; its parent writes what is missing
+            exported = export_missing(run, e0, whole)
+            if exported:
+                notes.append(f"wrote {exported} saved file{'s' if exported != 1 else ''} again from the full-precision "
+                             "weights in the cache (the output settings changed; nothing trained for them)")
         if e0:
             import torch
 
@@ -471,7 +573,6 @@ def run(ctx: Context, dataset) -> dict:
         return e0, resume, epochs, snapshots, emas
 
     sampled = None  # (rendered, reused) by in-training sampling
-    rank = ctx.memo.get("rank")  # set in a process started by torchrun (lorabuild.worker)
     if not complete(entry):
         e0, resume, epochs, snapshots, emas = start(sr.notes)
         if e0 < plan.epochs and rank is None:  # before any process trains on them
@@ -489,11 +590,7 @@ def run(ctx: Context, dataset) -> dict:
                                  f"after epoch {plan.epochs} (only up to epoch {e0})")
             log_rows, val_rows = list(resume["log"]), list(resume.get("val", []))
         elif e0 < plan.epochs:
-            run = Run(ctx=ctx, dataset=dataset, plan=plan, samples=samples, val_samples=held_out,
-                      captions=captions, latents=latents,
-                      lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, info=info, mdir=mdir,
-                      wkey=wkey, saved=saved, points=points, snapshot_points=snapshot_points, epochs=epochs,
-                      snapshots=snapshots, store=store, ema_epochs=emas)
+            run.epochs, run.snapshots, run.ema_epochs = epochs, snapshots, emas
             log_rows, val_rows = _train(run, resume)
             sampled = (run.sampler.rendered, run.sampler.reused) if run.sampler else None
         if rank is not None:
@@ -559,6 +656,8 @@ def run(ctx: Context, dataset) -> dict:
     snaps = [s for s in entry.get("snapshots", []) if s[0] in points]
     # the training states of saved epochs (what `epochs` raised later continues from; kept by gc)
     kept = [[e, state_h(e)] for e, *_ in entry["epochs"] if states.has(state_h(e))]
+    # the snapshots' full-precision weights (kept by gc: other output settings are written from them)
+    full = [[row_id, full_h(row_id)] for row_id, *_ in entry.get("snapshots", []) if states.has(full_h(row_id))]
     ema_rows = {"ema": emas, "ema_save": p.get("train.ema.save")} if emas else {}
     return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "steps": steps, **ema_rows,
-                       "states": kept}])
+                       "states": kept, "full": full}])
