@@ -37,7 +37,8 @@ KEY_DEFAULTS = {"unet_target_modules": ["Transformer2DModel"], "text_encoder_tar
                 "rank_dropout": 0, "module_dropout": 0,
                 # LyCORIS types (lyco.py); lora and locon are the one kohya LoRA, so they key alike
                 "type": "lora", "factor": -1, "decompose_both": False, "use_tucker": False, "use_scalar": False,
-                "rank_dropout_scale": False, "dora_wd": False}
+                "rank_dropout_scale": False, "dora_wd": False,
+                "constraint": 0, "rescaled": False, "train_on_input": False, "train_norm": False}
 
 
 def keyed(net: Mapping) -> dict:

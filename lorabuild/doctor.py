@@ -21,7 +21,7 @@ CORE = ("torch", "diffusers", "transformers", "tokenizers", "huggingface-hub", "
         "doit", "numpy")
 OPTIONAL = {"xformers": ("xformers", "memory-efficient attention (train.attention: xformers)", 'pip install "lorabuild[xformers]"'),
             "bitsandbytes": ("bitsandbytes", "8-bit optimizers (AdamW8bit)", 'pip install "lorabuild[bnb]"'),
-            "lycoris-lora": ("lycoris", "LyCORIS network types (network.type: loha, lokr, dora)", 'pip install "lorabuild[lycoris]"'),
+            "lycoris-lora": ("lycoris", "LyCORIS network types (network.type: loha, lokr, dora, ia3, full, diag-oft)", 'pip install "lorabuild[lycoris]"'),
             "onnxruntime": ("onnxruntime", "the WD14 tagger (tagger:)", 'pip install "lorabuild[tagger]"')}
 
 

@@ -35,7 +35,9 @@ def needs(cfg: Mapping) -> list[Need]:
     if train.get("attention") == "xformers":
         out.append(Need("train.attention", "xformers", "xformers", "xformers", "xformers", "train"))
     kind = (cfg.get("network") or {}).get("type")
-    if kind in ("loha", "lokr", "dora"):
+    from .lyco_options import LYCO_TYPES
+
+    if kind in LYCO_TYPES:
         out.append(Need("network.type", kind, "lycoris", "lycoris-lora", "lycoris", "train"))
     if cfg.get("tagger"):
         out.append(Need("tagger", "a WD14 tagger", "onnxruntime", "onnxruntime", "tagger", "tag"))

@@ -2,13 +2,20 @@
 import-kohya read them, and none of those may import torch (lorabuild/lyco.py builds the networks)."""
 from __future__ import annotations
 
-LYCO_TYPES = ("loha", "lokr", "dora")
-# network fields -> LyCORIS module keyword (kohya network_args name in the schema); which types take them
-OPTIONS = {"use_tucker": ("use_tucker", LYCO_TYPES), "use_scalar": ("use_scalar", LYCO_TYPES),
-           "rank_dropout_scale": ("rank_dropout_scale", LYCO_TYPES), "dora_wd": ("weight_decompose", ("loha", "lokr")),
-           "factor": ("factor", ("lokr",)), "decompose_both": ("decompose_both", ("lokr",))}
+LOW_RANK = ("loha", "lokr", "dora")
+# ia3: a trained scale per channel; full: the whole weight (its difference saved); diag-oft: a block-diagonal rotation
+LYCO_TYPES = (*LOW_RANK, "ia3", "full", "diag-oft")
+# network fields -> LyCORIS module keyword (kohya network_args name in the schema), or None for a network-level
+# option; which types take them
+OPTIONS = {"use_tucker": ("use_tucker", LOW_RANK), "use_scalar": ("use_scalar", LOW_RANK),
+           "rank_dropout_scale": ("rank_dropout_scale", (*LOW_RANK, "full")),
+           "dora_wd": ("weight_decompose", ("loha", "lokr")),
+           "factor": ("factor", ("lokr",)), "decompose_both": ("decompose_both", ("lokr",)),
+           "constraint": ("constraint", ("diag-oft",)), "rescaled": ("rescaled", ("diag-oft",)),
+           "train_on_input": ("train_on_input", ("ia3",)), "train_norm": (None, LYCO_TYPES)}
 OPTION_DEFAULTS = {"use_tucker": False, "use_scalar": False, "rank_dropout_scale": False, "dora_wd": False,
-                   "factor": -1, "decompose_both": False}
+                   "factor": -1, "decompose_both": False, "constraint": 0.0, "rescaled": False,
+                   "train_on_input": False, "train_norm": False}
 # lorabuild options LyCORIS' modules do not implement (so a set one would silently do nothing)
 NOT_FOR_LYCO = ("dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
@@ -28,6 +35,9 @@ def option_problems(net: dict, train: dict | None = None) -> list[tuple[str, str
         for key in NOT_FOR_LYCO:
             if net.get(key):
                 out.append(("network", key, f"is not available for network.type {kind} (LyCORIS' {kind} has no such option)"))
+        if kind == "ia3" and net.get("rank_dropout"):  # LyCORIS' IA3 takes it and never uses it
+            out.append(("network", "rank_dropout", "is not available for network.type ia3 (a scale per channel has no "
+                        "rank; module_dropout is)"))
         if train.get("scale_weight_norms"):
             out.append(("train", "scale_weight_norms", f"is not available for network.type {kind} (kohya's max-norm "
                         "is LoRA's)"))

@@ -153,7 +153,9 @@ def kohya_metadata(
 
 
 def _lycoris(net: Mapping) -> bool:
-    return net.get("type") in ("loha", "lokr", "dora")
+    from .lyco_options import LYCO_TYPES
+
+    return net.get("type") in LYCO_TYPES
 
 
 def network_args(net: Mapping) -> dict[str, str]:

@@ -411,10 +411,10 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
     except ValueError as exc:
         raise NetworkConfigError(str(exc)) from None
     cls, extra = LoRANetwork, {}
-    if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA: LyCORIS' modules (optional package)
+    if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA…: LyCORIS' modules (optional package)
         from .lyco import LycoNetwork, module_maker
 
-        cls, extra = LycoNetwork, {"make": module_maker(net)}
+        cls, extra = LycoNetwork, {"make": module_maker(net), "train_norm": bool(net.get("train_norm"))}
     return cls(
         unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
         train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,

@@ -1,4 +1,4 @@
-"""LyCORIS network types (network.type loha / lokr / dora) trained through the CLI on the tiny
+"""LyCORIS network types (network.type loha / lokr / dora / ia3 / full / diag-oft) trained through the CLI on the tiny
 models: the file has the layout A1111/ComfyUI/Forge load, lorabuild's own reading of it agrees
 with the lycoris-lora library and with what training applied, DoRA loads in diffusers, and a
 killed run continues bit for bit."""
@@ -24,14 +24,23 @@ pytest.importorskip("lycoris")
 from lorabuild import lyco, models  # noqa: E402
 from lorabuild.network import from_config  # noqa: E402
 
-TYPES = ("loha", "lokr", "dora")
+TYPES = ("loha", "lokr", "dora", "ia3", "full", "diag-oft")
 # rank 2 (so LoKr factors its larger matrix and alpha/rank ≠ 1 everywhere), LoCon-style 3×3 convs too
 NET = {"dim": 2, "alpha": 1.0, "conv_dim": 2, "conv_alpha": 1.0}
 # the LoHa also trains with a scalar and both dropouts for two epochs: the resume test's fresh run
-EXTRA = {"loha": {"use_scalar": True, "rank_dropout": 0.2, "module_dropout": 0.1}, "lokr": {"factor": 4}, "dora": {}}
+# full also trains the norm layers, diag-OFT with a cap and a rescale: with the LoHa, the types that
+# train two epochs for the resume test
+EXTRA = {"loha": {"use_scalar": True, "rank_dropout": 0.2, "module_dropout": 0.1}, "lokr": {"factor": 4}, "dora": {},
+         "ia3": {"train_on_input": True, "module_dropout": 0.1},
+         "full": {"train_norm": True, "rank_dropout": 0.1, "rank_dropout_scale": True},
+         "diag-oft": {"constraint": 1e-3, "rescaled": True, "rank_dropout": 0.1}}
+RESUMED = ("loha", "full", "diag-oft")
 SUFFIXES = {"loha": {"alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
-            "dora": {"alpha", "lora_down.weight", "lora_up.weight", "dora_scale"}}
-LIB_NAME = {"loha": "loha", "lokr": "kron", "dora": "locon"}  # LyCORIS' module class names, by layout
+            "dora": {"alpha", "lora_down.weight", "lora_up.weight", "dora_scale"}, "ia3": {"weight", "on_input"},
+            "full": {"diff", "diff_b"}, "diag-oft": {"oft_blocks", "rescale", "alpha"}}
+NORM = {"w_norm", "b_norm"}  # train_norm's modules, on the LayerNorm/GroupNorm layers
+# LyCORIS' module class names, by layout
+LIB_NAME = {"loha": "loha", "lokr": "kron", "dora": "locon", "ia3": "ia3", "full": "full", "diag-oft": "diag-oft"}
 ARCH = {"tiny-sd1": ("sd1", 32, 0), "tiny-sdxl": ("sdxl", 72, 32)}  # arch, text width, pooled width
 
 
@@ -55,7 +64,7 @@ def trained(request, tmp_path_factory):
     for kind in TYPES:
         doc = yaml.safe_load(text)
         doc["network"].update(type=kind, **EXTRA[kind])
-        doc["train"]["epochs"] = 2 if kind == "loha" else 1
+        doc["train"]["epochs"] = 2 if kind in RESUMED else 1
         (ws.root / "projects" / ("demo" if kind == "loha" else kind)).with_suffix(".yaml").write_text(
             yaml.safe_dump(doc, sort_keys=False))
     ws.doit("train", build=model)
@@ -88,16 +97,29 @@ def test_the_file_has_lycoris_layout_and_kohya_metadata(trained, kind):
     args = json.loads(md["ss_network_args"])
     assert args["algo"] == {"dora": "locon"}.get(kind, kind) and (args.get("dora_wd") == "True") == (kind == "dora")
     assert (args["conv_dim"], md["ss_network_dim"], md["ss_network_alpha"]) == ("2", "2", "1.0")
+    assert {k: v for k, v in args.items() if k in EXTRA[kind] and "dropout" not in k} == {
+        k: str(v) for k, v in EXTRA[kind].items() if "dropout" not in k}  # train_norm=True, constraint=0.001…
     mods = _modules(tensors)
-    # the module names are exactly those of lorabuild's kohya LoRA (SGM names on SDXL)
+    norms = {n for n, t in mods.items() if set(t) == NORM}
+    assert bool(norms) == (kind == "full")
+    # the module names are exactly those of lorabuild's kohya LoRA (SGM names on SDXL), and with
+    # train_norm the target blocks' norms: LayerNorms of the transformers, GroupNorms of the ResNets
     unet = models.load_unet(ws.root / "cache/models" / model)
     lora_names = {m.lora_name for m in from_config(_net_cfg("lora"), unet, [], ARCH[model][0]).loras}
-    assert set(mods) == lora_names
+    assert set(mods) - norms == lora_names
     if model == "tiny-sdxl":
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k" in mods
+        assert not norms or {"lora_unet_input_blocks_4_1_transformer_blocks_0_norm1", "lora_unet_input_blocks_4_1_norm",
+                             "lora_unet_input_blocks_4_0_in_layers_0"} <= norms
+    elif norms:
+        assert {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_norm3",
+                "lora_unet_down_blocks_0_resnets_0_norm1"} <= norms
     from lycoris.modules import get_module
 
     for name, t in mods.items():
+        if name in norms:
+            assert get_module(tensors, name)[0].name == "norm"
+            continue
         if kind == "lokr":  # each Kronecker side is a full matrix or a low-rank pair
             assert "alpha" in t and ("lokr_w1" in t) != ("lokr_w1_a" in t) and ("lokr_w2" in t) != ("lokr_w2_a" in t)
         else:
@@ -108,7 +130,7 @@ def test_the_file_has_lycoris_layout_and_kohya_metadata(trained, kind):
 
 
 def _library_delta(kind: str, t: dict, org) -> torch.Tensor:
-    """ΔW (LoHa/LoKr) or the merged weight (DoRA) as lycoris-lora computes it from the saved tensors."""
+    """ΔW (LoHa/LoKr) or the merged weight (the others) as lycoris-lora computes it from the saved tensors."""
     from lycoris.functional import loha, lokr
     from lycoris.modules import get_module, make_module
 
@@ -122,9 +144,30 @@ def _library_delta(kind: str, t: dict, org) -> torch.Tensor:
         g = [t.get(k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")]
         # gamma is alpha here: LyCORIS divides by the rank of a factored side itself (none factored: 1)
         return lokr.diff_weight(*g, gamma=float(t["alpha"])).reshape(org.weight.shape)
+    if kind == "ia3":  # LyCORIS 4.1.3's IA3Module.make_module_from_state_dict does not take its own on_input
+        from lycoris.modules import IA3Module
+
+        module = IA3Module("m", org, 1.0, train_on_input=bool(t["on_input"]))
+        module.weight.data.copy_(t["weight"])
+        return module.get_merged_weight(1.0, org.weight.shape)[0]
     sd = {f"m.{k}": v for k, v in t.items()}
     cls, params = get_module(sd, "m")
     return make_module(cls, params, "m", org).get_merged_weight(1.0, org.weight.shape)[0]
+
+
+MERGED = ("dora", "ia3", "full", "diag-oft")  # _library_delta gives the merged weight
+
+
+def _org(m):
+    """The layer a module trains, with its own weight (full takes it while applied)."""
+    import copy
+
+    org = m.org_module[0]
+    if "weight" not in dict(org.named_parameters()):
+        org = copy.copy(org)
+        org._parameters = {}
+        org.weight, org.bias = m._org_params
+    return org
 
 
 @pytest.mark.parametrize("kind", TYPES)
@@ -139,8 +182,8 @@ def test_our_merge_agrees_with_the_library_and_with_training(trained, kind):
     for m in net.loras:
         org = m.org_module[0]
         ours = lyco.merged_weight(mods[m.lora_name], org.weight.detach())
-        lib = _library_delta(kind, mods[m.lora_name], org).detach()
-        lib = lib if kind == "dora" else org.weight.detach() + lib
+        lib = _library_delta(_kind(kind, mods[m.lora_name]), mods[m.lora_name], org).detach()
+        lib = lib if _kind(kind, mods[m.lora_name]) in MERGED else org.weight.detach() + lib
         worst = max(worst, float((ours - lib).abs().max()))
         changed += bool((ours - org.weight).abs().max() > 1e-6)
     assert worst < 1e-5 and changed > len(net.loras) // 2  # trained, and read alike
@@ -153,8 +196,14 @@ def test_our_merge_agrees_with_the_library_and_with_training(trained, kind):
     with torch.no_grad():
         for name, org in names.items():
             org.weight.copy_(lyco.merged_weight(mods[name], org.weight))
+            if org.bias is not None:  # full's diff_b, a norm's b_norm
+                org.bias.copy_(lyco.merged_bias(mods[name], org.bias))
     assert (ours - plain).abs().max() > 1e-4
     torch.testing.assert_close(_unet_out(merged, width, pooled), ours, atol=1e-4, rtol=1e-4)
+
+
+def _kind(kind: str, t: dict) -> str:
+    return "full" if set(t) == NORM else kind  # a norm module merges as the library's module does, like full
 
 
 def _unet_out(unet, width: int, pooled: int):
@@ -234,18 +283,25 @@ def test_sd2_networks_read_alike_by_lorabuild_and_the_library(tmp_path):
         assert all(n.startswith("lora_unet_") for n in mods) and len(mods) == len(net.loras)
         net.apply()
         net.eval()
-        for m in net.loras[::7]:
-            org = m.org_module[0]
-            assert get_module({f"{m.lora_name}.{k}": v for k, v in mods[m.lora_name].items()},
-                              m.lora_name)[0].name == LIB_NAME[kind]
-            lib = _library_delta(kind, mods[m.lora_name], org)
-            ours = lyco.merged_weight(mods[m.lora_name], org.weight.detach())
-            torch.testing.assert_close(ours, lib if kind == "dora" else org.weight.detach() + lib, atol=1e-5, rtol=1e-5)
+        for m in net.loras[::5]:
+            org, t = _org(m), mods[m.lora_name]
+            is_norm = set(t) == NORM
+            assert get_module({f"{m.lora_name}.{k}": v for k, v in t.items()},
+                              m.lora_name)[0].name == ("norm" if is_norm else LIB_NAME[kind])
+            lib = _library_delta(_kind(kind, t), t, org)
+            ours = lyco.merged_weight(t, org.weight.detach())
+            torch.testing.assert_close(ours, lib if _kind(kind, t) in MERGED else org.weight.detach() + lib,
+                                       atol=1e-5, rtol=1e-5)
+            if is_norm:  # the UNet outputs of the tests above apply them
+                continue
             x = torch.randn(2, org.weight.shape[1], *([4, 4] if org.weight.dim() == 4 else []))
+            bias = lyco.merged_bias(t, org.bias)
             with torch.no_grad():  # what training and sampling apply: the module's forward
-                want = F.conv2d(x, ours, org.bias, **m.kw_dict) if org.weight.dim() == 4 else F.linear(x, ours, org.bias)
-                torch.testing.assert_close(org(x), want, atol=1e-5, rtol=1e-5)
+                want = F.conv2d(x, ours, bias, **m.kw_dict) if org.weight.dim() == 4 else F.linear(x, ours, bias)
+                torch.testing.assert_close(m.org_module[0](x), want, atol=1e-5, rtol=1e-5)
         net.restore()
+        restored = models.load_unet(models.ensure_builtin("tiny-sd2", tmp_path / "cache"))
+        assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), restored.state_dict().values()))
 
 
 def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
