@@ -212,8 +212,11 @@ ZERO_OFF = {"max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_
 LYCORIS_ARGS = {"factor": ("factor", int), "decompose_both": ("decompose_both", lambda v: _flag(v)),
                 "use_tucker": ("use_tucker", lambda v: _flag(v)), "use_scalar": ("use_scalar", lambda v: _flag(v)),
                 "rank_dropout_scale": ("rank_dropout_scale", lambda v: _flag(v)),
-                "dora_wd": ("dora_wd", lambda v: _flag(v))}
-LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+                "dora_wd": ("dora_wd", lambda v: _flag(v)), "constraint": ("constraint", float),
+                "rescaled": ("rescaled", lambda v: _flag(v)), "train_on_input": ("train_on_input", lambda v: _flag(v)),
+                "train_norm": ("train_norm", lambda v: _flag(v))}
+LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "ia3": "ia3", "full": "full",
+                 "diag-oft": "diag-oft"}
 
 
 def _flag(v: str) -> bool:
@@ -238,10 +241,10 @@ def _is_default(k2: str, v2: str) -> bool:
 
 def _lycoris_type(r: Result, algo: str, args: dict, module: str) -> str | None:
     """network.type for LyCORIS' ``algo`` (LoRA/LoCon with dora_wd is type dora); None and listed if
-    lorabuild has no such network (ia3, dylora, glora, diag-oft, boft, full…)."""
+    lorabuild has no such network (dylora, glora, boft…)."""
     kind = LYCORIS_ALGOS.get(algo.lower())
     if kind is None:
-        r.unmapped.append(f"network_args algo={algo} (lorabuild trains lora, locon, loha, lokr and dora: this "
+        r.unmapped.append(f"network_args algo={algo} (lorabuild trains lora, locon, loha, lokr, dora, ia3, full and diag-oft: this "
                           "imports as a LoRA of the same dim and alpha, which is a different network)")
         for k2 in ("conv_dim", "conv_alpha"):
             if k2 in args:
@@ -454,7 +457,7 @@ def _network_args(r: Result, value, module: str) -> None:
                 r.off.append("network_args dropout")
             continue
         if k2 in LYCORIS_ARGS and kind not in LYCO_TYPES:
-            r.unmapped.append(f"network_args {k2}={v2} (a LyCORIS option for loha, lokr and dora; not for a LoRA)")
+            r.unmapped.append(f"network_args {k2}={v2} (a LyCORIS option for its own algos; not for a LoRA)")
             continue
         if k2 not in NETWORK_ARGS and k2 not in LYCORIS_ARGS:
             r.unmapped.append(f"network_args {k2}={v2} (no equivalent in lorabuild)")

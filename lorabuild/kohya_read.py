@@ -126,9 +126,12 @@ LYCORIS_ONLY = {"factor", "use_cp", "use_tucker", "use_scalar", "decompose_both"
 GUI_RENAMED = {"max_resolution": "resolution", "optimizer": "optimizer_type", "lora_network_weights": "network_weights"}
 LOCON_TYPES = {"Kohya LoCon", "LyCORIS/LoCon"}
 # the GUI's LyCORIS types lorabuild trains: launched as network_module lycoris.kohya, network_args algo=…
-LYCORIS_ALGO = {"LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}
+LYCORIS_ALGO = {"LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "LyCORIS/iA3": "ia3",
+                "LyCORIS/Native Fine-Tuning": "full", "LyCORIS/Diag-OFT": "diag-oft"}
 LYCORIS_ARGS = {"factor": "factor", "use_tucker": "use_tucker", "use_cp": "use_tucker", "use_scalar": "use_scalar",
-                "decompose_both": "decompose_both", "rank_dropout_scale": "rank_dropout_scale", "dora_wd": "dora_wd"}
+                "decompose_both": "decompose_both", "rank_dropout_scale": "rank_dropout_scale", "dora_wd": "dora_wd",
+                "constrain": "constraint", "rescaled": "rescaled", "train_on_input": "train_on_input",
+                "train_norm": "train_norm"}
 
 
 def is_gui_config(cfg: dict) -> bool:
@@ -153,8 +156,9 @@ def from_gui(cfg: dict, src: Source) -> dict:
     lycoris = kind.startswith("LyCORIS") and kind not in LOCON_TYPES
     dora = kind == "LyCORIS/LoCon" and str(cfg.get("dora_wd", "")).lower() in ("true", "1")  # LyCORIS' DoRA
     if kind not in ("Standard", *LOCON_TYPES, *LYCORIS_ALGO):
-        src.unmapped.append(f"LoRA_type = {kind!r} (lorabuild trains LoRA and LoCon only: this imports as a LoRA "
-                            "of the same dim and alpha, which is a different network)")
+        src.unmapped.append(f"LoRA_type = {kind!r} (lorabuild trains LoRA, LoCon and LyCORIS' LoHa, LoKr, iA3, Native "
+                            "Fine-Tuning and Diag-OFT: this imports as a LoRA of the same dim and alpha, which is a "
+                            "different network)")
     empty = []
     for key, value in cfg.items():
         if key == "LoRA_type":

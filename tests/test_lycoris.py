@@ -122,6 +122,8 @@ def test_the_file_has_lycoris_layout_and_kohya_metadata(trained, kind):
             continue
         if kind == "lokr":  # each Kronecker side is a full matrix or a low-rank pair
             assert "alpha" in t and ("lokr_w1" in t) != ("lokr_w1_a" in t) and ("lokr_w2" in t) != ("lokr_w2_a" in t)
+        elif kind == "full":  # diff_b where the layer has a bias
+            assert {"diff"} <= set(t) <= SUFFIXES[kind], name
         else:
             assert set(t) == SUFFIXES[kind], name
         assert get_module(tensors, name)[0].name == LIB_NAME[kind]  # LyCORIS reads the layout as this algo
@@ -235,12 +237,26 @@ def test_diffusers_reads_doras_lora_part(trained):
     torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=2e-4)
 
 
+def test_diffusers_refuses_ia3_full_and_oft_files(trained):
+    """diffusers (0.42) has no loader for LyCORIS' IA3, full or diag-OFT layouts: it refuses the
+    files (README says so) rather than loading part of them."""
+    ws, model, files = trained
+    pipe = models.load_pipeline(ws.root / "cache/models" / model)
+    for kind in ("ia3", "full", "diag-oft"):
+        with pytest.raises(ValueError, match="not been correctly renamed"):
+            pipe.load_lora_weights(str(files[kind]), adapter_name=kind.replace("-", "_"))
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process groups and SIGKILL")
 @pytest.mark.parametrize("trained", ["tiny-sd1"], indirect=True)
-def test_a_killed_loha_run_with_a_scalar_and_dropouts_continues_bit_exact(trained, tmp_path):
-    """The training state holds LyCORIS' raw tensors (use_scalar's scalar apart from w1_a) and the
-    random draws of its rank and module dropout: a killed run continues to the fresh run's bytes."""
+@pytest.mark.parametrize("kind", RESUMED)
+def test_a_killed_lycoris_run_with_its_options_and_dropouts_continues_bit_exact(trained, kind, tmp_path):
+    """The training state holds LyCORIS' raw tensors (use_scalar's scalar apart from w1_a; full's
+    whole weights, norms included; diag-OFT's blocks and rescale) and the random draws of rank and
+    module dropout: a killed run continues to the fresh run's bytes."""
     ws = copy_workspace(trained[0], tmp_path / "ws")
+    if kind != "loha":  # the type's project (trained two epochs by the fixture) as the demo
+        shutil.copy(ws.root / "projects" / f"{kind}.yaml", ws.root / "projects/demo.yaml")
     shutil.rmtree(ws.root / "cache/objects/train")  # no trained epochs or states: the run starts from step 0
     ws.doit("forget", "train:demo", build="forget")
     _kill_after_state(ws, 1)
@@ -248,22 +264,34 @@ def test_a_killed_loha_run_with_a_scalar_and_dropouts_continues_bit_exact(traine
     ws.doit("train:demo", build="resume")
     assert "continued from the training state after epoch 1" in _notes(ws)
     resumed = load_file(str(ws.root / "output/demo/demo.safetensors"))
-    assert {k.split(".", 1)[1] for k in resumed} == SUFFIXES["loha"]
-    assert _same(resumed, load_file(str(trained[2]["loha"])))  # the fixture's uninterrupted run
+    assert {k.split(".", 1)[1] for k in resumed} == SUFFIXES[kind] | (NORM if kind == "full" else set())  # all there
+    assert _same(resumed, load_file(str(trained[2][kind])))  # the fixture's uninterrupted run
 
 
 @pytest.mark.parametrize("trained", ["tiny-sd1"], indirect=True)
-def test_another_save_precision_writes_the_lycoris_file_again_without_training(trained, tmp_path):
-    """The training state keeps LyCORIS' saved layout at full precision (its scalar folded in, as
-    the file holds it): save_precision fp32 writes the file again from it, training nothing."""
+def test_another_save_precision_writes_the_lycoris_files_again_without_training(trained, tmp_path):
+    """The training state keeps LyCORIS' saved layout at full precision (LoHa's scalar folded in,
+    full's difference from the base, as the file holds them): save_precision fp32 writes each
+    type's file again from it, training nothing."""
     ws = copy_workspace(trained[0], tmp_path / "ws")
-    ws.edit(lambda d: d["output"].update(save_precision="fp32"))
-    proc = ws.doit("train:demo", build="fp32")
-    assert "wrote 1 saved file again from the full-precision weights" in _notes(ws)
+    for kind in TYPES:
+        path = ws.root / "projects" / f"{_project(kind)}.yaml"
+        doc = yaml.safe_load(path.read_text())
+        doc["output"]["save_precision"] = "fp32"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = ws.doit("train", build="fp32")
     assert "LoRA modules" not in proc.stdout
-    fp32 = load_file(str(ws.root / "output/demo/demo.safetensors"))
-    assert {k.split(".", 1)[1] for k in fp32} == SUFFIXES["loha"] and all(v.dtype == torch.float32 for v in fp32.values())
-    assert _same({k: v.half() for k, v in fp32.items()}, load_file(str(trained[2]["loha"])))
+    for kind in TYPES:
+        name = _project(kind)
+        assert "wrote 1 saved file again from the full-precision weights" in " ".join(
+            ws.report("train", project=name)["notes"]), kind
+        fp32 = load_file(str(ws.root / "output" / name / f"{name}.safetensors"))
+        assert all(v.dtype == torch.float32 for v in fp32.values())
+        assert _same({k: v.half() for k, v in fp32.items()}, load_file(str(trained[2][kind]))), kind
+
+
+def _project(kind: str) -> str:
+    return "demo" if kind == "loha" else kind
 
 
 def test_sd2_networks_read_alike_by_lorabuild_and_the_library(tmp_path):
@@ -311,9 +339,12 @@ def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
     head = "base_model: builtin:tiny-sd1\ndataset:\n  dirs: [img]\nnetwork:\n"
     for name, body in (("a", "  type: loha\n  factor: 4\n  dropout: 0.1\ntrain:\n  scale_weight_norms: 1\n"
                               "  base_precision: fp8\n"),
-                       ("b", "  type: locon\n"), ("c", "  type: lokr\n  factor: 4\n  decompose_both: true\n")):
+                       ("b", "  type: locon\n"), ("c", "  type: lokr\n  factor: 4\n  decompose_both: true\n"),
+                       ("d", "  type: ia3\n  rank_dropout: 0.1\n  constraint: 0.5\n  train_norm: true\n"),
+                       ("e", "  train_norm: true\n")):
         (tmp_path / f"{name}.yaml").write_text(head + body)
-    proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate", "a.yaml", "b.yaml", "c.yaml"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "validate", "a.yaml", "b.yaml", "c.yaml", "d.yaml",
+                           "e.yaml"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert "Traceback" not in proc.stderr
     assert [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln[1:7] == ".yaml:"] == [
@@ -321,7 +352,12 @@ def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
         "a.yaml:7:12: network.dropout: is not available for network.type loha (LyCORIS' loha has no such option)",
         "a.yaml:9:23: train.scale_weight_norms: is not available for network.type loha (kohya's max-norm is LoRA's)",
         "a.yaml:10:19: train.base_precision: fp8 is not available for network.type loha (use fp16 or bf16)",
-        "b.yaml:5:9: network.type: locon needs network.conv_dim (LoCon is LoRA on the 3×3 convolutions too)"]
+        "b.yaml:5:9: network.type: locon needs network.conv_dim (LoCon is LoRA on the 3×3 convolutions too)",
+        "d.yaml:6:17: network.rank_dropout: is not available for network.type ia3 (a scale per channel has no rank; "
+        "module_dropout is)",
+        "d.yaml:7:15: network.constraint: is set but network.type is ia3 (constraint is for diag-oft)",
+        "e.yaml:5:15: network.train_norm: is set but network.type is lora (train_norm is for loha, lokr, dora, ia3, "
+        "full, diag-oft)"]
     # without the package, validate (and the train stage) name it and how to install it
     from lorabuild import extras
 
@@ -355,9 +391,19 @@ def test_import_kohya_maps_lycoris_algos(tmp_path):
     r = convert_full({**base, "network_args": ["algo=loha", "factor=-1", "decompose_both=False"]})
     assert r.doc["network"]["type"] == "loha" and not r.unmapped  # LyCORIS' defaults: off
     assert {"network_args factor", "network_args decompose_both"} <= set(r.off)
-    r = convert_full({**base, "network_args": ["algo=ia3", "conv_dim=4"]})
+    r = convert_full({**base, "network_args": ["algo=glora", "conv_dim=4"]})
     assert "type" not in r.doc["network"] and [u.split(" (")[0] for u in r.unmapped] == [
-        "network_args algo=ia3", "network_args conv_dim=4"]
+        "network_args algo=glora", "network_args conv_dim=4"]
+    # IA3, native fine-tuning and diag-OFT with their options, and train_norm for any LyCORIS algo
+    r = convert_full({**base, "network_args": ["algo=ia3", "train_on_input=True", "train_norm=True", "constraint=0"]})
+    assert r.doc["network"] == {"dim": 8, "alpha": 4.0, "type": "ia3", "train_on_input": True, "train_norm": True}
+    assert not r.unmapped and "network_args constraint" in r.off
+    r = convert_full({**base, "network_args": ["algo=diag-oft", "constraint=0.01", "rescaled=True", "rank_dropout=0.1"]})
+    assert r.doc["network"] == {"dim": 8, "alpha": 4.0, "type": "diag-oft", "constraint": 0.01, "rescaled": True,
+                                "rank_dropout": 0.1}
+    r = convert_full({**base, "network_args": ["algo=full", "conv_dim=4", "rescaled=True"]})
+    assert r.doc["network"] == {"dim": 8, "alpha": 4.0, "type": "full", "conv_dim": 4}
+    assert r.unmapped == ["network_args rescaled=True (LyCORIS' full does not use it)"]
     # the kohya_ss GUI's LyCORIS types launch lycoris.kohya with algo=…: LoKr, and LoCon with dora_wd (DoRA)
     from lorabuild.kohya_read import Source, from_gui
 
@@ -365,7 +411,15 @@ def test_import_kohya_maps_lycoris_algos(tmp_path):
            "factor": 8, "decompose_both": True, "use_cp": False, "train_norm": False}
     r = convert_full(from_gui(gui, Source("kohya_ss GUI", {})))
     assert r.doc["network"] == {"dim": 8, "alpha": 4.0, "type": "lokr", "conv_dim": 4, "conv_alpha": 1.0, "factor": 8,
-                                "decompose_both": True, "use_tucker": False}
+                                "decompose_both": True, "use_tucker": False, "train_norm": False}
+    gui = {"LoRA_type": "LyCORIS/Diag-OFT", "network_dim": 8, "network_alpha": 4, "constrain": 0.5, "rescaled": True,
+           "train_norm": True, "factor": -1}
+    assert convert_full(from_gui(gui, Source("kohya_ss GUI", {}))).doc["network"] == {
+        "dim": 8, "alpha": 4.0, "type": "diag-oft", "constraint": 0.5, "rescaled": True, "train_norm": True}
+    gui = {"LoRA_type": "LyCORIS/iA3", "network_dim": 8, "network_alpha": 4, "train_on_input": True}
+    assert convert_full(from_gui(gui, Source("kohya_ss GUI", {}))).doc["network"]["type"] == "ia3"
+    gui = {"LoRA_type": "LyCORIS/Native Fine-Tuning", "network_dim": 8, "network_alpha": 4}
+    assert convert_full(from_gui(gui, Source("kohya_ss GUI", {}))).doc["network"]["type"] == "full"
     gui = {"LoRA_type": "LyCORIS/LoCon", "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "dora_wd": True}
     assert convert_full(from_gui(gui, Source("kohya_ss GUI", {}))).doc["network"] == {
         "dim": 8, "alpha": 4.0, "type": "dora", "conv_dim": 4}
