@@ -288,6 +288,13 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     for k in ("min_reso", "max_reso"):
         if b[k] % b["step"]:
             doc.problem(pos("bucket", k), f"bucket.{k}", f"{b[k]} is not a multiple of bucket.step ({b['step']})")
+    from .multires import problems as resolution_problems
+
+    resolution_problems(b, "bucket", lambda *k: pos("bucket", *k), doc.problem)
+    for i, c in enumerate(ds["concepts"]):
+        if c.get("bucket"):
+            resolution_problems({**b, **c["bucket"]}, f"dataset.concepts.{i}.bucket",
+                                lambda *k, i=i: pos("dataset", "concepts", i, "bucket", *k), doc.problem)
     # Latents are 1/8 of the pixels; the SD 1.x/2.x UNet halves them 3 times (sides divide by 64),
     # SDXL's twice (by 32). Checked where the architecture is known here (built-in model, model_type).
     arch = _known_arch(data)

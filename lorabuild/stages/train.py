@@ -18,11 +18,11 @@ from pathlib import Path
 
 from ..cache import atomic_write, checked_read, key_hash
 from ..captions import concept_options
-from ..config import without_newer
+from ..config import thaw, without_newer
 from ..publish import pending, publish, remove
 from ..progress import LiveLog, live_path
 from ..trainplan import Sample, make_plan, project_samples
-from .. import blocks, dist, models
+from .. import blocks, dist, models, multires
 from .. import ema as ema_settings
 from ..workspace import build_id
 from . import runtime, textemb
@@ -69,7 +69,7 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
     # what goes into the saved files' metadata (a change writes them again, without training: training_key)
     cfg["metadata"] = [ctx.project.get("output.metadata"), ctx.project.get("output.comment")]
     # the bucket settings the files' ss_* metadata states (the latents' own buckets are keyed with them)
-    cfg["bucket"] = {k: ctx.project.get(f"bucket.{k}") for k in BUCKET_METADATA}
+    cfg["bucket"] = {k: thaw(ctx.project.get(f"bucket.{k}")) for k in BUCKET_METADATA}  # a resolution list: JSON
     concept_of = {im.id: im.concept for im in dataset.images}
     images = []
     for i in sorted(latents):
@@ -263,6 +263,7 @@ def _metadata(r: Run, epoch: int, step: int, stamp: dict, ema: bool = False) -> 
         textemb_cached=r.cached, model_name=Path(str(p.get("base_model"))).name, model_hash=r.unet_id,
         model_source=models.source_info(r.mdir),
         session_id=stamp["session"], started=stamp["started"], finished=stamp["finished"],
+        datasets=multires.datasets_metadata([e for e in r.lat_manifest["items"] if e["id"] not in val_ids], cfg["bucket"]),
     )
     if ema:
         md.update(ema_settings.metadata(p.get("train.ema")))
@@ -485,6 +486,8 @@ def run(ctx: Context, dataset) -> dict:
     captions = textemb.captions_for(ctx, dataset)
     lat_manifest = ctx.read_manifest("latents")
     lat_items = lat_manifest["items"]
+    dataset = multires.with_samples(dataset, lat_items)  # a multi-resolution sample is trained like its image
+    captions.update({e["id"]: captions[e["image"]] for e in lat_items if e.get("image") in captions})
     latents = {e["id"]: e for e in lat_items}
     if not set(latents) <= set(captions):
         raise StageError("the latents manifest does not match the dataset: run the latents stage again")
