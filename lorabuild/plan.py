@@ -188,7 +188,8 @@ def _placed(ds: Dataset, sizes: dict, b: dict, max_side: int, res=None) -> tuple
         if d["upscaled"] and not b["no_upscale"] and work == size:  # shrunk ones: _regrown's warning
             left["tiny"].append(f"{im.id} ({size[0]}x{size[1]})")
         histogram["{}x{}".format(*d["bucket"])] += 1
-        samples.append(Sample(sid, tuple(d["bucket"]), im.concept.repeats, im.concept.is_reg, im.concept.is_val))
+        samples.append(Sample(sid, tuple(d["bucket"]), im.concept.repeats, im.concept.is_reg, im.concept.is_val,
+                              "" if sid == im.id else im.id))
         left["resolution"].append((b["resolution"], "{}x{}".format(*d["bucket"])))
     return samples, histogram, left
 

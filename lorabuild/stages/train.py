@@ -501,8 +501,8 @@ def run(ctx: Context, dataset) -> dict:
     name = p.output_name
     out_dir = ctx.ws.output_dir(name)
     concept_of = {im.id: im.concept for im in dataset.images}
-    every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg, concept_of[i].is_val)
-             for i in sorted(latents)]
+    every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg, concept_of[i].is_val,
+                    latents[i].get("image", "")) for i in sorted(latents)]
     samples, held_out = project_samples(every, p.section("train"))
     launch = dist.launch_options(p)
     plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"),
