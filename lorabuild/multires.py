@@ -53,7 +53,7 @@ def is_multi(project) -> bool:
     b = project.section("bucket")
     return (isinstance(b["resolution"], list) or bool(b.get("min_orig_resolution")) or
             b.get("max_orig_resolution") is not None or
-            any(c.get("bucket") for c in project.section("dataset")["concepts"]))
+            bool(concept_buckets(project)) or bool(dir_buckets(project)))
 
 
 def concept_buckets(project) -> dict:
@@ -66,26 +66,36 @@ def concept_buckets(project) -> dict:
     return out
 
 
+def dir_buckets(project) -> dict:
+    """{dataset folder: its merged bucket section} for the ``dataset.dirs`` entries that override it
+    (their concept folders are its sub-folders)."""
+    base = project.section("bucket")
+    return {project.resolve(d["path"]): {**base, **d["bucket"]} for d in project.section("dataset")["dirs"]
+            if isinstance(d, dict) and d.get("bucket")}
+
+
 def task_config(project) -> dict:
     """What decides a multi-resolution project's samples beyond bucket.PARAMS (for doit's up-to-date check)."""
     b = project.section("bucket")
     return {"orig": [b.get("min_orig_resolution"), b.get("max_orig_resolution")],
-            "concepts": {str(k): {o: v[o] for o in OVERRIDES} for k, v in sorted(concept_buckets(project).items())}}
+            "concepts": {str(k): {o: v[o] for o in OVERRIDES} for k, v in sorted(concept_buckets(project).items())},
+            "dirs": {str(k): {o: v[o] for o in OVERRIDES} for k, v in sorted(dir_buckets(project).items())}}
 
 
 def image_specs(project, dataset=None) -> tuple[list[Res], dict]:
     """(the project's resolutions, {image id: its concept's resolutions} where a concept overrides);
     ``dataset``: the project's, when already scanned."""
     base = specs(project.section("bucket"))
-    over = concept_buckets(project)
-    if not over:
+    over, dirs = concept_buckets(project), dir_buckets(project)
+    if not over and not dirs:
         return base, {}
     from .dataset import from_project
 
     per = {}
     for im in (dataset or from_project(project)).images:
-        if im.concept.folder in over:
-            per[im.id] = specs(over[im.concept.folder])
+        b = over.get(im.concept.folder) or dirs.get(im.concept.folder.parent)  # a concept's own, else its folder's
+        if b is not None:
+            per[im.id] = specs(b)
     return base, per
 
 
@@ -126,14 +136,6 @@ def problems(bucket: dict, where: str, pos, problem) -> None:
         if spec.max_orig is not None and spec.max_orig <= spec.min_orig:
             problem(pos(*at), field, f"max_orig_resolution ({spec.max_orig}) is not above min_orig_resolution "
                                      f"({spec.min_orig}): no image would train at {spec.resolution}")
-
-
-def largest(project) -> int:
-    """The largest resolution anything in the project trains at (for the working copy's size)."""
-    rs = [r.resolution for r in specs(project.section("bucket"))]
-    for b in concept_buckets(project).values():
-        rs += [r.resolution for r in specs(b)]
-    return max(rs)
 
 
 def datasets_metadata(entries: list[dict], bucket: dict) -> list | None:

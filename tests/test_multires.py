@@ -98,10 +98,17 @@ def test_a_concept_with_its_own_resolution(ws):
     items = ws.manifest("latents")["items"]
     at_192 = {e["image"] for e in items if e.get("resolution") == 192}
     assert len(at_192) == 8 and all("redcircle" in i for i in at_192)
-    assert _counts(ws, "latents") == (0, IMAGES + 8)
+    computed, reused = _counts(ws, "latents")  # the 192 ones are new unless the first test encoded them
+    assert computed + reused == IMAGES + 8 and computed <= 8
     plan = json.loads(ws.lorabuild("plan", "demo", "--json").stdout)
     assert plan["resolutions"] == {"128": {"images": 16, "buckets": plan["resolutions"]["128"]["buckets"]},
                                    "192": {"images": 8, "buckets": plan["resolutions"]["192"]["buckets"]}}
+    # a dataset folder's own bucket: every concept under it
+    ws.edit(lambda d: d["dataset"].update(dirs=[{"path": "demo", "bucket": {"resolution": [128, 192]}}], concepts=[]))
+    ws.doit("latents:demo", build="dirs")
+    assert len([e for e in ws.manifest("latents")["items"] if e.get("resolution") == 192]) == IMAGES
+    computed, reused = _counts(ws, "latents")  # the redcircle ones at 192 were encoded just above
+    assert computed + reused == 2 * IMAGES and computed <= 8
 
 
 def test_training_at_two_resolutions_writes_kohyas_per_dataset_metadata(ws):
@@ -125,17 +132,19 @@ def test_training_at_two_resolutions_writes_kohyas_per_dataset_metadata(ws):
     ("[128, 100]", "bucket.resolution.1: 100 is not a multiple of bucket.step (64)"),
     ("[128, 512]", "bucket.resolution.1: 512 is larger than bucket.max_reso (256)"),
     ("[128, 128]", "bucket.resolution.1: 128 is listed twice"),
+    ("128\ndataset:\n  dirs: [{path: demo, bucket: {resolution: [128, 320]}}]",
+     "dataset.dirs.0.bucket.resolution.1: 320 is larger than bucket.max_reso (256)"),
     ("[128, {resolution: 192, min_orig_resolution: 300, max_orig_resolution: 200}]",
      "bucket.resolution.1: max_orig_resolution (200) is not above min_orig_resolution (300)"),
 ])
 def test_bad_resolution_lists_are_named_by_file_and_line(ws, value, message):
     bad = ws.root / "projects" / "bad.yaml"
-    bad.write_text("base_model: builtin:tiny-sd1\ndataset:\n  dirs: [demo]\nbucket:\n"
-                   f"  max_reso: 256\n  resolution: {value}\n")
+    dataset = "" if "dataset:" in value else "dataset:\n  dirs: [demo]\n"
+    bad.write_text(f"base_model: builtin:tiny-sd1\n{dataset}bucket:\n  max_reso: 256\n  resolution: {value}\n")
     try:
         proc = ws.lorabuild("validate", str(bad))
     finally:
         text = bad.read_text()
         bad.unlink()
     assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
-    assert f"bad.yaml:6:" in proc.stdout + proc.stderr and message in proc.stdout + proc.stderr, (text, proc.stdout)
+    assert "bad.yaml:6:" in proc.stdout + proc.stderr and message in proc.stdout + proc.stderr, (text, proc.stdout)
