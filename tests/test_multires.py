@@ -127,6 +127,21 @@ def test_training_at_two_resolutions_writes_kohyas_per_dataset_metadata(ws):
     assert buckets == {tuple(e["bucket"]) for e in ws.manifest("latents")["items"]}
 
 
+def test_plan_names_working_copies_too_small_for_the_larger_resolution(ws):
+    """Issue 24 item 8 per resolution: max_side 200 keeps every pixel the 128 buckets need, not the 192 ones'."""
+    def shrunk(resolution):
+        ws.edit(lambda d: (d["resize"].update(max_side=200), d["bucket"].update(resolution=resolution)))
+        plan = json.loads(ws.lorabuild("plan", "demo", "--json").stdout)
+        return [w for w in plan["warnings"] if "shrunk to resize.max_side (200)" in w]
+
+    try:
+        assert shrunk(128) == []
+        [warning] = shrunk([128, 192])
+        assert "@192 (" in warning and "resize.max_side: 256 keeps every pixel" in warning
+    finally:
+        ws.edit(lambda d: (d["resize"].update(max_side=256), d["bucket"].update(resolution=128)))
+
+
 @pytest.mark.parametrize("value, message", [
     ("[]", "bucket.resolution: [] should be non-empty"),
     ("[128, 100]", "bucket.resolution.1: 100 is not a multiple of bucket.step (64)"),
@@ -148,3 +163,17 @@ def test_bad_resolution_lists_are_named_by_file_and_line(ws, value, message):
         bad.unlink()
     assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
     assert "bad.yaml:6:" in proc.stdout + proc.stderr and message in proc.stdout + proc.stderr, (text, proc.stdout)
+
+
+def test_sdxl_trains_at_two_resolutions(tmp_path):
+    from safetensors import safe_open
+
+    ws = init_workspace(tmp_path / "xl")
+    ws.edit(lambda d: (d.update(base_model="builtin:tiny-sdxl"), d["bucket"].update(resolution=[128, 192]),
+                       d["train"].update(epochs=1, max_steps=2, save_every_n_epochs=None)))
+    ws.doit("train:demo", build="xl")
+    with safe_open(str(ws.root / "output" / "demo" / "demo.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["ss_base_model_version"].startswith("sdxl")
+    assert [d["resolution"] for d in json.loads(md["ss_datasets"])] == [[128, 128], [192, 192]]
+    assert ws.report("latents")["computed"] == 2 * IMAGES
