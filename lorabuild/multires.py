@@ -14,8 +14,8 @@ project's manifests and keys are what they were; each further one is ``<id>@<res
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import NamedTuple
 
 # keys of a concept's bucket override (the schema's dataset.concepts.bucket)

@@ -140,7 +140,10 @@ def _samples(ds: Dataset, sizes: dict, b: dict, res):
     ladders: dict[int, list] = {}
     for im in ds.images:
         size = sizes[im.id]
-        if size is None or res is None:
+        if size is None:
+            yield im, im.id, None, b, None
+            continue
+        if res is None:
             picked = [(im.id, b["resolution"])]
         else:
             picked = [(sid, r.resolution) for sid, r in multires.samples_of(im.id, size, res[1].get(im.id, res[0]))]
@@ -162,13 +165,13 @@ def _per_resolution(placed: list[tuple[int, str]]) -> dict:
             for k, v in sorted(out.items(), key=lambda kv: int(kv[0]))}
 
 
-def _placed(ds: Dataset, sizes: dict, b: dict, max_side: int, res=None) -> tuple[list[Sample], Counter, dict[str, list[str]]]:
+def _placed(ds: Dataset, sizes: dict, b0: dict, max_side: int, res=None) -> tuple[list[Sample], Counter, dict[str, list]]:
     """(samples, bucket histogram, the images left out or warned about by kind), each image put
     in its bucket by the bucket stage's own rules, from the working copy's size resize.max_side
     gives it, as the stage does; ``res``: a multi-resolution project's (lorabuild.multires.image_specs)."""
     samples, histogram = [], Counter()
     left: dict[str, list] = {k: [] for k in ("tiny", "unreadable", "narrow", "rejected", "slivers", "resolution")}
-    for im, sid, size, b, ladder in _samples(ds, sizes, b, res):
+    for im, sid, size, b, ladder in _samples(ds, sizes, b0, res):  # b: with the sample's one resolution
         if size is None:
             left["unreadable"].append(im.id)
             continue

@@ -10,9 +10,8 @@ import json
 import math
 
 import pytest
-from PIL import Image
-
 from conftest import init_workspace
+from PIL import Image
 
 IMAGES = 16  # the tiny demo's, two concepts of 8
 
@@ -123,6 +122,9 @@ def test_training_at_two_resolutions_writes_kohyas_per_dataset_metadata(ws):
     assert [d["resolution"] for d in datasets] == [[128, 128], [192, 192]]
     assert [d["num_train_images"] for d in datasets] == [IMAGES, IMAGES]
     assert md["ss_resolution"] == "(192, 192)" and md["ss_num_train_images"] == str(2 * IMAGES * 10)
+    # each folder's images counted once (as kohya counts a folder two datasets share), its tags too
+    assert {d["img_count"] for d in json.loads(md["ss_dataset_dirs"]).values()} == {IMAGES // 2}
+    assert max(n for tags in json.loads(md["ss_tag_frequency"]).values() for n in tags.values()) <= IMAGES // 2
     buckets = {tuple(b["resolution"]) for b in json.loads(md["ss_bucket_info"])["buckets"].values()}
     assert buckets == {tuple(e["bucket"]) for e in ws.manifest("latents")["items"]}
 

@@ -6,7 +6,9 @@ contact sheet per bucket, ``<W>x<H>.jpg``, so a user sees which image went where
 what was cut off.
 
 Item = one image; key = the working image's size + the bucket parameters (nothing
-else decides a bucket, so images of equal size share an entry).
+else decides a bucket, so images of equal size share an entry). With several resolutions
+(lorabuild.multires) an item is one (image, resolution) sample, keyed with that one
+resolution: the key a single-resolution project at it has.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def rejected(w: int, h: int, params: dict, small_images: str) -> bool:
     return small_images == "reject" and min(w, h) < params["min_reso"]
 
 
-def plan(project, params: dict, resized: list[dict]) -> tuple[list[Item], bool]:
+def sample_items(project, params: dict, resized: list[dict]) -> tuple[list[Item], bool]:
     """(one item per (image, resolution) sample, whether the project is multi-resolution).
     A sample's key holds its one resolution: the same key a single-resolution project at that
     resolution has, so adding a resolution decides (and encodes) only the new samples."""
@@ -74,7 +76,7 @@ def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image:
     sr = StageRun(ctx, STAGE)
     store = ctx.store(STAGE, ".fit.json")
     resized = ctx.read_manifest("resize")["items"]
-    items, multi = plan(ctx.project, params, resized)
+    items, multi = sample_items(ctx.project, params, resized)
     ladders: dict[int, list] = {}
     entries, histogram, before, regrown = [], {}, sr.previous(), []
     for item in items:
@@ -87,27 +89,7 @@ def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image:
         if rejected(w, h, params, small_images):
             sr.notes.append(f"rejected {item.id} ({w}x{h}): a side is below bucket.min_reso ({params['min_reso']})")
             continue
-        d = None
-        if store.has(item.hash):  # the decision as the last run listed it, else from the entry
-            last = before.get(item.hash, {})
-            d = {k: last[k] for k in DECISION} if all(k in last for k in DECISION) else store.info(item.hash)
-        if d is not None and "bucket" in d:
-            sr.reused += 1
-        else:
-            with store.claim([item.hash]):  # another build may be deciding the same size meanwhile
-                d = store.info(item.hash) if store.has(item.hash) else None
-                if d is not None and "bucket" in d:
-                    sr.reused += 1
-                else:
-                    try:
-                        d = decide(w, h, kp, ladder)
-                    except buckets.TooNarrow as exc:
-                        raise StageError(f"{item.id}: bucket.no_upscale: its working copy {exc}; remove the image or "
-                                         "turn bucket.no_upscale off (bucket.small_images: reject leaves out images with "
-                                         "a side below bucket.min_reso)") from None
-                    with store.put(item.hash, item.key, d) as tmp:
-                        tmp.write_text(canonical_json(d), encoding="utf-8")
-                    sr.computed += 1
+        d = _decision(sr, store, item, before, ladder)
         if 1 - d["cropped_share"] < MIN_KEPT:
             bad = (f"{item.id} ({item.data['orig_size'][0]}x{item.data['orig_size'][1]}): only "
                    f"{1 - d['cropped_share']:.1%} of it would fit its bucket {d['bucket'][0]}x{d['bucket'][1]}")
@@ -140,6 +122,33 @@ def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image:
                          ladder={str(r): [list(b) for b in lad] for r, lad in sorted(ladders.items())})
     ladder = buckets.make_buckets(params["resolution"] ** 2, params["min_reso"], params["max_reso"], params["step"])
     return sr.finish(entries, buckets=dict(sorted(histogram.items())), ladder=[list(b) for b in ladder])
+
+
+def _decision(sr: StageRun, store, item: Item, before: dict, ladder: list) -> dict:
+    """The item's bucket decision: as the last run listed it, else from its entry, else decided
+    now (and stored); counted as reused or computed."""
+    d = None
+    if store.has(item.hash):  # the decision as the last run listed it, else from the entry
+        last = before.get(item.hash, {})
+        d = {k: last[k] for k in DECISION} if all(k in last for k in DECISION) else store.info(item.hash)
+    if d is not None and "bucket" in d:
+        sr.reused += 1
+        return d
+    with store.claim([item.hash]):  # another build may be deciding the same size meanwhile
+        d = store.info(item.hash) if store.has(item.hash) else None
+        if d is not None and "bucket" in d:
+            sr.reused += 1
+            return d
+        try:
+            d = decide(*item.data["size"], item.key["params"], ladder)
+        except buckets.TooNarrow as exc:
+            raise StageError(f"{item.id}: bucket.no_upscale: its working copy {exc}; remove the image or "
+                             "turn bucket.no_upscale off (bucket.small_images: reject leaves out images with "
+                             "a side below bucket.min_reso)") from None
+        with store.put(item.hash, item.key, d) as tmp:
+            tmp.write_text(canonical_json(d), encoding="utf-8")
+        sr.computed += 1
+    return d
 
 
 def resolutions(entries: list[dict]) -> dict:

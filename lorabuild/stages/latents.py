@@ -1,6 +1,6 @@
 """latents: each image, resized and cropped to its bucket, → VAE latents (plus its mirror image).
 
-Item = one image; key = the working copy's content (its pixels' hash, not the resize stage's
+Item = one image (one (image, resolution) sample with several resolutions, its fit its own); key = the working copy's content (its pixels' hash, not the resize stage's
 key: a ``resize.max_side`` change re-encodes only the images whose working copy changed) + its
 fit (resize size, crop, bucket) + flip + interpolation + the VAE's identity. Encoded one image at a time by default: on the CPU
 an image encoded in a batch differs (up to 1.4e-7) from the same image encoded alone, so an

@@ -245,11 +245,13 @@ def _metadata(r: Run, epoch: int, step: int, stamp: dict, ema: bool = False) -> 
     p = r.ctx.project
     # the metadata describes what was trained: validation images are left out of it
     val_ids = {s.id for s in r.val_samples}
-    trained_captions = {i: c for i, c in r.captions.items() if i not in val_ids}
+    # an image trained at several resolutions counts once in the folders' counts and tags (kohya: once per folder)
+    again = val_ids | {e["id"] for e in r.lat_manifest["items"] if e.get("image")}
+    trained_captions = {i: c for i, c in r.captions.items() if i not in again}
     folder_of = {im.id: im.concept.folder.name for im in r.dataset.images}
     dirs = {}
     for im in r.dataset.images:
-        if im.id in val_ids:
+        if im.id in again:
             continue
         d = dirs.setdefault(im.concept.folder.name, {"n_repeats": im.concept.repeats, "img_count": 0})
         d["img_count"] += 1
