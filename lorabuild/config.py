@@ -253,8 +253,11 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
         if data[key] and not (root / data[key]).exists():
             doc.problem(pos(key), key, f"{(root / data[key]).resolve()} does not exist")
     ds = data["dataset"]
+    from .dataset import dir_path
+
     for key in ("dirs", "reg_dirs", "val_dirs"):
         for i, d in enumerate(ds[key]):
+            d = dir_path(d)  # a dirs entry may be {path, bucket}
             if not (root / d).is_dir():
                 doc.problem(pos("dataset", key, i), f"dataset.{key}.{i}", f"folder {(root / d).resolve()} does not exist")
     for i, c in enumerate(ds["concepts"]):
@@ -288,6 +291,14 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     for k in ("min_reso", "max_reso"):
         if b[k] % b["step"]:
             doc.problem(pos("bucket", k), f"bucket.{k}", f"{b[k]} is not a multiple of bucket.step ({b['step']})")
+    from .multires import problems as resolution_problems
+
+    resolution_problems(b, "bucket", lambda *k: pos("bucket", *k), doc.problem)
+    for key in ("concepts", "dirs"):
+        for i, c in enumerate(ds[key]):
+            if isinstance(c, dict) and c.get("bucket"):
+                resolution_problems({**b, **c["bucket"]}, f"dataset.{key}.{i}.bucket",
+                                    lambda *k, i=i, key=key: pos("dataset", key, i, "bucket", *k), doc.problem)
     # Latents are 1/8 of the pixels; the SD 1.x/2.x UNet halves them 3 times (sides divide by 64),
     # SDXL's twice (by 32). Checked where the architecture is known here (built-in model, model_type).
     arch = _known_arch(data)

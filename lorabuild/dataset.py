@@ -168,6 +168,11 @@ def _val_concepts(ds: Path, warnings: list[str], caption_extension: str) -> list
     return [replace(c, is_val=True) for c in _kohya_concepts(ds, False, warnings, caption_extension)]
 
 
+def dir_path(entry) -> str:
+    """A ``dataset.dirs`` entry's folder: the entry itself, or its ``path`` ({path, bucket})."""
+    return entry if isinstance(entry, str) else entry["path"]
+
+
 def from_project(project) -> Dataset:
     """The dataset a project describes (paths resolved against the project's folder).
 
@@ -177,7 +182,7 @@ def from_project(project) -> Dataset:
     d = project.section("dataset")
     try:
         explicit = [{**c, "path": project.resolve(c["path"])} for c in d["concepts"]]
-        return scan([project.resolve(x) for x in d["dirs"]], project.root, d["caption_extension"],
+        return scan([project.resolve(dir_path(x)) for x in d["dirs"]], project.root, d["caption_extension"],
                     [project.resolve(x) for x in d["reg_dirs"]], explicit, [project.resolve(x) for x in d["val_dirs"]])
     except OSError as exc:
         raise UnusableFolder(f"{exc.filename or 'a dataset folder'} cannot be read ({exc.strerror or exc})") from None

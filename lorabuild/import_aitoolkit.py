@@ -172,11 +172,10 @@ def _datasets(datasets, src: Source) -> dict | None:
         sub = {"image_dir": str(d["folder_path"]), "num_repeats": d.get("num_repeats", 1)}
         entry: dict = {"subsets": [sub]}
         res = d.get("resolution")
+        many = []  # ai-toolkit trains the folder at each resolution: one kohya dataset each (lorabuild.multires)
         if isinstance(res, list) and res:
-            entry["resolution"] = max(res)
-            if len(res) > 1:
-                src.unmapped.append(f"datasets {d['folder_path']}: resolution = {res} (ai-toolkit trains at each; a "
-                                    f"project trains at one: {max(res)}; a project per resolution trains the others)")
+            entry["resolution"] = res[0]
+            many = [{**entry, "resolution": r} for r in res[1:]]
         elif res:
             entry["resolution"] = res
         for k, kohya in (("caption_dropout_rate", "caption_dropout_rate"), ("shuffle_tokens", "shuffle_caption"),
@@ -191,7 +190,7 @@ def _datasets(datasets, src: Source) -> dict | None:
                 continue
             (src.gui_only.append(f"datasets.{k}") if k in NOT_THE_LORA else
              src.unmapped.append(f"datasets {d['folder_path']}: {k} = {v!r} (no equivalent in lorabuild)"))
-        out.append(entry)
+        out += [entry] + many
     src.renamed["[[datasets.subsets]] image_dir, num_repeats, class_tokens, is_reg"] = "datasets folder_path, num_repeats"
     src.renamed["[[datasets]] resolution"] = "datasets resolution"
     return {"datasets": out} if out else None

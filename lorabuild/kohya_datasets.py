@@ -51,14 +51,17 @@ def add_datasets(r: Result, cfg: dict) -> None:
                 _layer(r, key, value, f"[general] {key}")
             except (ValueError, TypeError):
                 r.unmapped.append(f"[general] {key} = {value!r} (not understood)")
-        elif key in CONCEPT:
-            continue  # read per subset below
+        elif key in CONCEPT or key in ORIG:
+            continue  # read per subset / per dataset below
         elif _is_off(key, value):
             r.off.append(f"[general] {key}")
         else:
             r.unmapped.append(f"[general] {key} = {value!r} (no equivalent in lorabuild)")
     once: dict = {}  # dotted → (value, which dataset set it)
+    own: list[dict] = []  # per dataset: its concepts' bucket override (its resolution, its orig-size limits)
     for i, d in enumerate(datasets):
+        own.append(_orig_limits(d, general, i, r))
+        start = len(r.doc.get("dataset", {}).get("concepts", []))
         for key in ONCE:
             if key not in d and key not in general:
                 continue
@@ -67,6 +70,9 @@ def add_datasets(r: Result, cfg: dict) -> None:
                 dotted, conv = _convert(key, value)
             except (ValueError, TypeError):
                 r.unmapped.append(f"datasets[{i}] {key} = {value!r} (not understood)")
+                continue
+            if key == "resolution" and dotted in once and once[dotted][0] != conv:
+                own[i]["resolution"] = conv  # a dataset's own resolution: its concepts' bucket (multi-resolution)
                 continue
             if dotted not in once:
                 once[dotted] = (conv, i)
@@ -77,13 +83,66 @@ def add_datasets(r: Result, cfg: dict) -> None:
                                   f"imported with datasets[{j}]'s {first!r}: make a second project to train them "
                                   "at this value)")
         for key, value in d.items():
-            if key not in ONCE and key not in CAPTIONS and key not in CONCEPT and key != "subsets":
+            if key not in ONCE and key not in CAPTIONS and key not in CONCEPT and key not in ORIG and key != "subsets":
                 r.unmapped.append(f"datasets[{i}] {key} = {value!r} (no equivalent in lorabuild)")
         for s in _tables(d.get("subsets", []), "datasets.subsets", r):
             try:
                 _subset(r, {k: v for k, v in d.items() if k in CAPTIONS or k in CONCEPT}, s, general)
             except (ValueError, TypeError) as exc:
                 r.unmapped.append(f"subset {s.get('image_dir', s)!r}: not understood ({exc}); left out")
+        if own[i]:
+            for c in r.doc.get("dataset", {}).get("concepts", [])[start:]:
+                c["bucket"] = dict(own[i])
+    _merge_resolutions(r, once.get("bucket.resolution", (None, 0))[0])
+
+
+# kohya PR#2273: per dataset, which original sizes it trains (see lorabuild.multires)
+ORIG = ("min_orig_resolution", "max_orig_resolution")
+
+
+def _orig_limits(d: dict, general: dict, i: int, r: Result) -> dict:
+    """A dataset's min/max_orig_resolution, as its concepts' bucket override."""
+    out = {}
+    for key in ORIG:
+        value = d.get(key, general.get(key))
+        if value is None:
+            continue
+        try:
+            out[key] = float(value)
+        except (ValueError, TypeError):
+            r.unmapped.append(f"datasets[{i}] {key} = {value!r} (not understood)")
+    return out
+
+
+def _merge_resolutions(r: Result, project_res) -> None:
+    """Concepts of one folder listed by several datasets (kohya's multi-resolution datasets, sd-scripts
+    PR#2269) → one concept trained at each dataset's resolution (a ``bucket.resolution`` list)."""
+    concepts = r.doc.get("dataset", {}).get("concepts", [])
+    merged: list[dict] = []
+    by_path: dict[str, dict] = {}
+    for c in concepts:
+        b = c.get("bucket", {})
+        entry = {"resolution": b.get("resolution", project_res), **{k: b[k] for k in ORIG if k in b}}
+        entry = entry["resolution"] if len(entry) == 1 else entry
+        rest = {k: v for k, v in c.items() if k != "bucket"}
+        first = by_path.get(c["path"])
+        if first is None or {k: v for k, v in first.items() if k not in ("bucket", "_res")} != rest or project_res is None:
+            by_path.setdefault(c["path"], c)
+            merged.append(c)
+            c["_res"] = [entry]
+            continue
+        first["_res"].append(entry)
+    for c in merged:
+        res = c.pop("_res")
+        if len(res) > 1:
+            c["bucket"] = {"resolution": res}
+    if concepts:
+        r.doc["dataset"]["concepts"] = merged
+    lists = [c.get("bucket") for c in merged]
+    if len(merged) > 0 and all(b and list(b) == ["resolution"] and b == lists[0] for b in lists):
+        for c in merged:  # every folder at the same resolutions: the project's list (ai-toolkit's form)
+            del c["bucket"]
+        r.set("bucket.resolution", lists[0]["resolution"], "[[datasets]] resolution (one dataset per resolution)")
 
 
 def _layer(r: Result, key: str, value, source: str) -> None:

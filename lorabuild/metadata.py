@@ -54,8 +54,12 @@ def kohya_metadata(
     session_id: str,
     started: float,
     finished: float,
+    datasets: list | None = None,
 ) -> dict[str, str]:
+    """``datasets``: kohya's ``ss_datasets`` (one per resolution) of a multi-resolution run."""
     net, train, cap, bucket = cfg["network"], cfg["train"], cfg["captions"], cfg["bucket"]
+    if datasets:  # ss_resolution and modelspec name the largest; ss_datasets has each (as kohya's dataset configs)
+        bucket = {**bucket, "resolution": max(d["resolution"][0] for d in datasets)}
     version_key = "sd2-v" if arch == "sd2" and prediction_type == "v_prediction" else arch
     md = {
         "ss_session_id": session_id,
@@ -128,6 +132,7 @@ def kohya_metadata(
         "ss_sd_model_name": model_name,
         "ss_new_sd_model_hash": model_hash,
         "ss_training_tool": "lorabuild",
+        **({"ss_datasets": json.dumps(datasets)} if datasets else {}),
     }
     src = model_source or {}
     if src.get("sha256"):  # a single file: A1111's hashes of it, as kohya writes them

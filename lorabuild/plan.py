@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from . import buckets
+from . import buckets, multires
 from .captions import CaptionError, dataset_captions, split_tags
 from .dataset import IMAGE_EXTENSIONS, Dataset, from_project
 from .stages import bucket as bucket_stage
@@ -47,8 +47,10 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         captions = {im.id: im.concept.tokens for im in ds.images}
     b = project.section("bucket")
     sizes = {im.id: header_size(im.path) for im in ds.images}
-    regrown = _regrown(ds, sizes, b, project.get("resize.max_side"))
-    samples, histogram, left = _placed(ds, sizes, b, project.get("resize.max_side"))
+    multi = multires.is_multi(project)
+    res = multires.image_specs(project, ds) if multi else None  # None: one resolution, bucket.resolution
+    regrown = _regrown(ds, sizes, b, project.get("resize.max_side"), res)
+    samples, histogram, left = _placed(ds, sizes, b, project.get("resize.max_side"), res)
     tiny, unreadable, narrow, rejected, slivers = (left[k] for k in ("tiny", "unreadable", "narrow", "rejected", "slivers"))
     t = project.section("train")
     samples, val = project_samples(samples, t)
@@ -118,6 +120,7 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         "base_model": detected,
         "concepts": concepts,
         "buckets": dict(sorted(histogram.items())),
+        **({"resolutions": _per_resolution(left["resolution"])} if multi else {}),
         "steps": None if tp is None else {
             "images": tp.images, "samples_per_epoch": tp.samples_per_epoch, "batch_size": tp.batch_size,
             "gradient_accumulation_steps": tp.gradient_accumulation_steps, "effective_batch": tp.effective_batch,
@@ -131,15 +134,44 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     }
 
 
-def _placed(ds: Dataset, sizes: dict, b: dict, max_side: int) -> tuple[list[Sample], Counter, dict[str, list[str]]]:
-    """(samples, bucket histogram, the images left out or warned about by kind), each image put
-    in its bucket by the bucket stage's own rules, from the working copy's size resize.max_side
-    gives it, as the stage does."""
-    ladder = buckets.make_buckets(b["resolution"] ** 2, b["min_reso"], b["max_reso"], b["step"])
-    samples, histogram = [], Counter()
-    left: dict[str, list[str]] = {k: [] for k in ("tiny", "unreadable", "narrow", "rejected", "slivers")}
+def _samples(ds: Dataset, sizes: dict, b: dict, res):
+    """(image, sample id, size, bucket settings with its one resolution, ladder) of every sample,
+    as the bucket stage makes them (lorabuild.multires); size None: unreadable."""
+    ladders: dict[int, list] = {}
     for im in ds.images:
         size = sizes[im.id]
+        if size is None:
+            yield im, im.id, None, b, None
+            continue
+        if res is None:
+            picked = [(im.id, b["resolution"])]
+        else:
+            picked = [(sid, r.resolution) for sid, r in multires.samples_of(im.id, size, res[1].get(im.id, res[0]))]
+        for sid, r in picked:
+            if r not in ladders:
+                ladders[r] = buckets.make_buckets(r ** 2, b["min_reso"], b["max_reso"], b["step"])
+            yield im, sid, size, {**b, "resolution": r}, ladders[r]
+
+
+def _per_resolution(placed: list[tuple[int, str]]) -> dict:
+    """{resolution: {"images", "buckets"}} of a multi-resolution plan, from each sample's
+    (resolution, bucket label); validation images included, as in the bucket histogram."""
+    out: dict = {}
+    for res, label in placed:
+        r = out.setdefault(str(res), {"images": 0, "buckets": Counter()})
+        r["images"] += 1
+        r["buckets"][label] += 1
+    return {k: {"images": v["images"], "buckets": dict(sorted(v["buckets"].items()))}
+            for k, v in sorted(out.items(), key=lambda kv: int(kv[0]))}
+
+
+def _placed(ds: Dataset, sizes: dict, b0: dict, max_side: int, res=None) -> tuple[list[Sample], Counter, dict[str, list]]:
+    """(samples, bucket histogram, the images left out or warned about by kind), each image put
+    in its bucket by the bucket stage's own rules, from the working copy's size resize.max_side
+    gives it, as the stage does; ``res``: a multi-resolution project's (lorabuild.multires.image_specs)."""
+    samples, histogram = [], Counter()
+    left: dict[str, list] = {k: [] for k in ("tiny", "unreadable", "narrow", "rejected", "slivers", "resolution")}
+    for im, sid, size, b, ladder in _samples(ds, sizes, b0, res):  # b: with the sample's one resolution
         if size is None:
             left["unreadable"].append(im.id)
             continue
@@ -159,18 +191,19 @@ def _placed(ds: Dataset, sizes: dict, b: dict, max_side: int) -> tuple[list[Samp
         if d["upscaled"] and not b["no_upscale"] and work == size:  # shrunk ones: _regrown's warning
             left["tiny"].append(f"{im.id} ({size[0]}x{size[1]})")
         histogram["{}x{}".format(*d["bucket"])] += 1
-        samples.append(Sample(im.id, tuple(d["bucket"]), im.concept.repeats, im.concept.is_reg, im.concept.is_val))
+        samples.append(Sample(sid, tuple(d["bucket"]), im.concept.repeats, im.concept.is_reg, im.concept.is_val,
+                              "" if sid == im.id else im.id))
+        left["resolution"].append((b["resolution"], "{}x{}".format(*d["bucket"])))
     return samples, histogram, left
 
 
-def _regrown(ds: Dataset, sizes: dict, b: dict, max_side: int) -> str | None:
+def _regrown(ds: Dataset, sizes: dict, b0: dict, max_side: int, res=None) -> str | None:
     """A warning for the images that resize.max_side shrinks below what their bucket then needs, so
     they are enlarged again from a copy that threw those pixels away (or, with no_upscale, put in
-    a smaller bucket than their original allows), with the max_side that would keep every pixel."""
-    ladder = buckets.make_buckets(b["resolution"] ** 2, b["min_reso"], b["max_reso"], b["step"])
+    a smaller bucket than their original allows), with the max_side that would keep every pixel;
+    for each resolution a multi-resolution image is trained at (its largest bucket decides)."""
     hit, need = [], 0
-    for im in ds.images:
-        size = sizes[im.id]
+    for im, sid, size, b, ladder in _samples(ds, sizes, b0, res):
         if size is None or buckets.working_size(*size, max_side) == size:
             continue
         work = buckets.working_size(*size, max_side)
@@ -185,13 +218,13 @@ def _regrown(ds: Dataset, sizes: dict, b: dict, max_side: int) -> str | None:
         except buckets.TooNarrow:
             continue  # reported on its own
         if lost:
-            hit.append(f"{im.id} ({size[0]}x{size[1]} → {work[0]}x{work[1]} → bucket {f.crop[2] - f.crop[0]}x"
+            hit.append(f"{sid} ({size[0]}x{size[1]} → {work[0]}x{work[1]} → bucket {f.crop[2] - f.crop[0]}x"
                        f"{f.crop[3] - f.crop[1]})")
             need = max(need, min(max(size), max(fo.resized)))
     if not hit:
         return None
     return (f"{len(hit)} image(s) are shrunk to resize.max_side ({max_side}) below what their bucket needs "
-            f"(bucket.resolution {b['resolution']}, bucket.max_reso {b['max_reso']}) and lose detail their original "
+            f"(bucket.resolution {b0['resolution']}, bucket.max_reso {b0['max_reso']}) and lose detail their original "
             f"has: {', '.join(hit[:3])}; resize.max_side: {need} keeps every pixel they need")
 
 
@@ -251,6 +284,8 @@ def render(plan: dict) -> str:
             + (f", tagged {c['captions_tagged']}" if c.get("captions_tagged") else "")
         )
     lines.append("  buckets: " + ", ".join(f"{k}: {v}" for k, v in plan["buckets"].items()))
+    for r, v in (plan.get("resolutions") or {}).items():  # a multi-resolution project: each resolution's own
+        lines.append(f"    at {r}: {v['images']} images; " + ", ".join(f"{k}: {n}" for k, n in v["buckets"].items()))
     s = plan["steps"]
     if s:
         lines.append(

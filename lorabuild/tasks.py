@@ -14,7 +14,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import blocks, faults, models, publish
+from . import blocks, faults, models, multires, publish
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
 from .dist import launch_options
@@ -276,6 +276,8 @@ class Graph:
             cfg = {**_params(p, ("tagger", "dataset", "device")), "v": tag.VERSION}
         elif stage == "bucket":
             deps, cfg = [m("resize")], {**_params(p, bucket.PARAMS + bucket.FILTER_PARAMS), "v": bucket.VERSION}
+            if multires.is_multi(p):  # its orig-size rules and concepts' overrides (absent: cfg as it was)
+                cfg["multires"] = multires.task_config(p)
         elif stage == "latents":
             deps = [m("bucket")] + _weights(p, self.ws, "vae")
             cfg = {**_params(p, latents.PARAMS + MODEL + ("device",)), "v": latents.VERSION}

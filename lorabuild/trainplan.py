@@ -19,6 +19,7 @@ class Sample:
     repeats: int
     is_reg: bool = False
     is_val: bool = False  # a validation image (dataset.val_dirs, an is_val concept): never trained on
+    image: str = ""  # a multi-resolution sample's image (lorabuild.multires); "": the id is the image
 
 
 def balance_reg(train: list[Sample], reg: list[Sample]) -> list[Sample]:
@@ -70,9 +71,10 @@ def training_samples(every: list[Sample], val_share: float, seed: int) -> tuple[
     (``is_val``) and the held-out ones, both measured, neither trained on. ``seed`` chooses
     the held-out share among the training images only."""
     train = [s for s in every if not s.is_reg and not s.is_val]
-    held = set(hold_out([s.id for s in train], val_share, seed))
-    val = [s for s in train if s.id in held] + [s for s in every if s.is_val]
-    train = [s for s in train if s.id not in held]
+    # an image is held out with all its resolutions: none of them trains what it measures
+    held = set(hold_out(sorted({s.image or s.id for s in train}), val_share, seed))
+    val = [s for s in train if (s.image or s.id) in held] + [s for s in every if s.is_val]
+    train = [s for s in train if (s.image or s.id) not in held]
     return train + balance_reg(train, [s for s in every if s.is_reg]), val
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .config import check
-from .dataset import IMAGE_EXTENSIONS
+from .dataset import IMAGE_EXTENSIONS, dir_path
 from .faults import STOPPABLE
 
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", ".swp", ".download", "~")
@@ -144,7 +144,7 @@ class Watcher:
         if problems:
             return [self.yaml.parent]
         base = self.yaml.parent
-        folders = [base / d for d in data["dataset"]["dirs"] + data["dataset"]["reg_dirs"] + data["dataset"]["val_dirs"]]
+        folders = [base / dir_path(d) for d in data["dataset"]["dirs"] + data["dataset"]["reg_dirs"] + data["dataset"]["val_dirs"]]
         folders += [base / c["path"] for c in data["dataset"]["concepts"]]
         return [f.resolve() for f in folders if f.is_dir()]
 

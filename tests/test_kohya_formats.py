@@ -339,12 +339,10 @@ def test_a_dataset_config_with_two_datasets_and_w_h_resolutions(tmp_path):
         {"path": "img/chara", "repeats": 8, "trigger": "chara 1girl", "captions": {"dropout": 0.1}},
         {"path": "img/reg", "repeats": 1, "is_reg": True},
         {"path": "img/style", "repeats": 2, "caption_extension": ".caption",
-         "captions": {"keep_tokens": 2, "shuffle": False}}]}
+         "captions": {"keep_tokens": 2, "shuffle": False}, "bucket": {"resolution": 512}}]}
     assert doc["captions"] == {"shuffle": True, "keep_tokens": 1}
-    assert doc["bucket"] == {"resolution": 768} and doc["train"]["batch_size"] == 2
+    assert doc["bucket"] == {"resolution": 768} and doc["train"]["batch_size"] == 2  # datasets[1]'s: its concepts'
     assert _unmapped(text) == [
-        "datasets[1] resolution = 512 (a project has one bucket.resolution; its concepts are imported with "
-        "datasets[0]'s 768: make a second project to train them at this value)",
         "datasets[1] batch_size = 4 (a project has one train.batch_size; its concepts are imported with "
         "datasets[0]'s 2: make a second project to train them at this value)",
         "subset img/style: face_crop_aug_range = [2.0, 4.0] (no equivalent in lorabuild)"]
@@ -479,7 +477,7 @@ def test_an_ai_toolkit_job(tmp_path):
     assert (doc["base_model"], doc["model_type"]) == ("models/sdxl.safetensors", "sdxl")
     assert doc["dataset"] == {"concepts": [{"path": "imgs", "repeats": 1, "caption_extension": ".txt",
                                             "captions": {"dropout": 0.05, "shuffle": False}}]}
-    assert doc["captions"] == {"prepend": ["p3r5on"]} and doc["bucket"] == {"resolution": 1024}
+    assert doc["captions"] == {"prepend": ["p3r5on"]} and doc["bucket"] == {"resolution": [512, 768, 1024]}
     assert doc["network"] == {"dim": 16, "alpha": 8.0, "train_text_encoder": False}
     assert doc["train"] == {"save_every_n_steps": 250, "mixed_precision": "bf16", "batch_size": 1, "max_steps": 2000,
                             "gradient_checkpointing": True, "optimizer": "adamw8bit", "learning_rate": 1e-4,
@@ -488,9 +486,7 @@ def test_an_ai_toolkit_job(tmp_path):
                              "prompts": ["p3r5on playing chess at the park --w 1024 --h 1024 --s 20 --l 4 --d 42 --n blurry"]}
     assert doc["output"] == {"name": "my_sdxl_lora", "save_precision": "fp16", "keep_last": 4}
     assert "  ema: {decay: 0.99}  # ai-toolkit: train.ema_config\n" in text
-    assert _unmapped(text) == [
-        "datasets imgs: resolution = [512, 768, 1024] (ai-toolkit trains at each; a project trains at one: 1024; "
-        "a project per resolution trains the others)"]
+    assert _unmapped(text) == []  # the resolution list is the project's (multi-resolution training)
     assert "  dim: 16  # ai-toolkit: network.linear\n" in text
     assert _validate(tmp_path / "ws" / "p.yaml").returncode == 0
     (tmp_path / "flux.yaml").write_text(AITOOLKIT.replace("is_xl: true", "is_flux: true"))

@@ -6,13 +6,15 @@ contact sheet per bucket, ``<W>x<H>.jpg``, so a user sees which image went where
 what was cut off.
 
 Item = one image; key = the working image's size + the bucket parameters (nothing
-else decides a bucket, so images of equal size share an entry).
+else decides a bucket, so images of equal size share an entry). With several resolutions
+(lorabuild.multires) an item is one (image, resolution) sample, keyed with that one
+resolution: the key a single-resolution project at it has.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .. import buckets
+from .. import buckets, multires
 from ..cache import atomic_path, canonical_json, read_json, write_json_if_changed
 from .base import Context, Item, StageError, StageRun
 
@@ -53,41 +55,41 @@ def rejected(w: int, h: int, params: dict, small_images: str) -> bool:
     return small_images == "reject" and min(w, h) < params["min_reso"]
 
 
+def sample_items(project, params: dict, resized: list[dict]) -> tuple[list[Item], bool]:
+    """(one item per (image, resolution) sample, whether the project is multi-resolution).
+    A sample's key holds its one resolution: the same key a single-resolution project at that
+    resolution has, so adding a resolution decides (and encodes) only the new samples."""
+    multi = multires.is_multi(project)
+    base, per = multires.image_specs(project) if multi else ([None], {})
+    items = []
+    for e in resized:
+        if not multi:
+            items.append(Item(e["id"], {"stage": STAGE, "v": VERSION, "size": e["size"], "params": params}, e))
+            continue
+        for sid, spec in multires.samples_of(e["id"], e["orig_size"], per.get(e["id"], base)):
+            key = {"stage": STAGE, "v": VERSION, "size": e["size"], "params": {**params, "resolution": spec.resolution}}
+            items.append(Item(sid, key, {**e, "image": e["id"], "resolution": spec.resolution}))
+    return items, multi
+
+
 def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image: str = "error") -> dict:
     sr = StageRun(ctx, STAGE)
     store = ctx.store(STAGE, ".fit.json")
     resized = ctx.read_manifest("resize")["items"]
-    ladder = buckets.make_buckets(params["resolution"] ** 2, params["min_reso"], params["max_reso"], params["step"])
-    items = [
-        Item(e["id"], {"stage": STAGE, "v": VERSION, "size": e["size"], "params": params}, e) for e in resized
-    ]
+    items, multi = sample_items(ctx.project, params, resized)
+    ladders: dict[int, list] = {}
     entries, histogram, before, regrown = [], {}, sr.previous(), []
     for item in items:
         w, h = item.data["size"]
+        kp = item.key["params"]  # with this sample's one resolution
+        ladder = ladders.get(kp["resolution"])
+        if ladder is None:
+            ladder = ladders[kp["resolution"]] = buckets.make_buckets(
+                kp["resolution"] ** 2, kp["min_reso"], kp["max_reso"], kp["step"])
         if rejected(w, h, params, small_images):
             sr.notes.append(f"rejected {item.id} ({w}x{h}): a side is below bucket.min_reso ({params['min_reso']})")
             continue
-        d = None
-        if store.has(item.hash):  # the decision as the last run listed it, else from the entry
-            last = before.get(item.hash, {})
-            d = {k: last[k] for k in DECISION} if all(k in last for k in DECISION) else store.info(item.hash)
-        if d is not None and "bucket" in d:
-            sr.reused += 1
-        else:
-            with store.claim([item.hash]):  # another build may be deciding the same size meanwhile
-                d = store.info(item.hash) if store.has(item.hash) else None
-                if d is not None and "bucket" in d:
-                    sr.reused += 1
-                else:
-                    try:
-                        d = decide(w, h, params, ladder)
-                    except buckets.TooNarrow as exc:
-                        raise StageError(f"{item.id}: bucket.no_upscale: its working copy {exc}; remove the image or "
-                                         "turn bucket.no_upscale off (bucket.small_images: reject leaves out images with "
-                                         "a side below bucket.min_reso)") from None
-                    with store.put(item.hash, item.key, d) as tmp:
-                        tmp.write_text(canonical_json(d), encoding="utf-8")
-                    sr.computed += 1
+        d = _decision(sr, store, item, before, ladder)
         if 1 - d["cropped_share"] < MIN_KEPT:
             bad = (f"{item.id} ({item.data['orig_size'][0]}x{item.data['orig_size'][1]}): only "
                    f"{1 - d['cropped_share']:.1%} of it would fit its bucket {d['bucket'][0]}x{d['bucket'][1]}")
@@ -102,16 +104,63 @@ def run(ctx: Context, params: dict, small_images: str = "upscale", on_bad_image:
         label = f"{d['bucket'][0]}x{d['bucket'][1]}"
         histogram[label] = histogram.get(label, 0) + 1
         entries.append({"id": item.id, "hash": item.hash, "src": item.data["hash"], "orig_size": item.data["orig_size"],
-                        "content": item.data["content"], "source_hash": item.data["source_hash"], **d})
+                        "content": item.data["content"], "source_hash": item.data["source_hash"], **d,
+                        **({"resolution": item.data["resolution"]} if multi else {}),
+                        **({"image": item.data["image"]} if item.id != item.data.get("image", item.id) else {})})
     if regrown:  # the working copy threw away pixels its bucket then asks for (`lorabuild plan` says how to keep them)
         note = (f"{len(regrown)} image(s) were shrunk to resize.max_side ({ctx.project.get('resize.max_side')}) and are "
                 f"enlarged again to their bucket: {', '.join(regrown[:3])}")
         sr.notes.append(note)
         print(f"warning: {note}", flush=True)
     out = ctx.ws.output_dir(ctx.project.output_name) / "buckets"
-    write_json_if_changed(out / "buckets.json", {"buckets": dict(sorted(histogram.items())), "images": entries})
+    per_res = resolutions(entries) if multi else {}
+    write_json_if_changed(out / "buckets.json", {"buckets": dict(sorted(histogram.items())),
+                                                 **({"resolutions": per_res} if multi else {}), "images": entries})
     contact_sheets(ctx.store("resize", ".png"), entries, out)
+    if multi:
+        return sr.finish(entries, buckets=dict(sorted(histogram.items())), resolutions=per_res,
+                         ladder={str(r): [list(b) for b in lad] for r, lad in sorted(ladders.items())})
+    ladder = buckets.make_buckets(params["resolution"] ** 2, params["min_reso"], params["max_reso"], params["step"])
     return sr.finish(entries, buckets=dict(sorted(histogram.items())), ladder=[list(b) for b in ladder])
+
+
+def _decision(sr: StageRun, store, item: Item, before: dict, ladder: list) -> dict:
+    """The item's bucket decision: as the last run listed it, else from its entry, else decided
+    now (and stored); counted as reused or computed."""
+    d = None
+    if store.has(item.hash):  # the decision as the last run listed it, else from the entry
+        last = before.get(item.hash, {})
+        d = {k: last[k] for k in DECISION} if all(k in last for k in DECISION) else store.info(item.hash)
+    if d is not None and "bucket" in d:
+        sr.reused += 1
+        return d
+    with store.claim([item.hash]):  # another build may be deciding the same size meanwhile
+        d = store.info(item.hash) if store.has(item.hash) else None
+        if d is not None and "bucket" in d:
+            sr.reused += 1
+            return d
+        try:
+            d = decide(*item.data["size"], item.key["params"], ladder)
+        except buckets.TooNarrow as exc:
+            raise StageError(f"{item.id}: bucket.no_upscale: its working copy {exc}; remove the image or "
+                             "turn bucket.no_upscale off (bucket.small_images: reject leaves out images with "
+                             "a side below bucket.min_reso)") from None
+        with store.put(item.hash, item.key, d) as tmp:
+            tmp.write_text(canonical_json(d), encoding="utf-8")
+        sr.computed += 1
+    return d
+
+
+def resolutions(entries: list[dict]) -> dict:
+    """{resolution: {"images": n, "buckets": {"WxH": n}}} of a multi-resolution bucket manifest."""
+    out: dict = {}
+    for e in entries:
+        r = out.setdefault(str(e["resolution"]), {"images": 0, "buckets": {}})
+        label = f"{e['bucket'][0]}x{e['bucket'][1]}"
+        r["images"] += 1
+        r["buckets"][label] = r["buckets"].get(label, 0) + 1
+    return {k: {"images": v["images"], "buckets": dict(sorted(v["buckets"].items()))}
+            for k, v in sorted(out.items(), key=lambda kv: int(kv[0]))}
 
 
 SHEET_PAGE = 64  # images per contact sheet (8 × 8); a bigger bucket gets pages <bucket>-p2.jpg, …
@@ -130,8 +179,9 @@ def contact_sheets(resize_store, entries: list[dict], out: Path, thumb: int = 12
     import json
 
     by_bucket: dict[str, list[dict]] = {}
-    for e in entries:
-        by_bucket.setdefault(f"{e['bucket'][0]}x{e['bucket'][1]}", []).append(e)
+    for e in entries:  # a multi-resolution sample's sheets are named for its resolution too: 768-512x1024.jpg
+        prefix = f"{e['resolution']}-" if "resolution" in e else ""
+        by_bucket.setdefault(f"{prefix}{e['bucket'][0]}x{e['bucket'][1]}", []).append(e)
     pages: dict[str, list[dict]] = {}
     for label, group in by_bucket.items():
         for n, i in enumerate(range(0, len(group), SHEET_PAGE), 1):

@@ -1,6 +1,6 @@
 """latents: each image, resized and cropped to its bucket, → VAE latents (plus its mirror image).
 
-Item = one image; key = the working copy's content (its pixels' hash, not the resize stage's
+Item = one image (one (image, resolution) sample with several resolutions, its fit its own); key = the working copy's content (its pixels' hash, not the resize stage's
 key: a ``resize.max_side`` change re-encodes only the images whose working copy changed) + its
 fit (resize size, crop, bucket) + flip + interpolation + the VAE's identity. Encoded one image at a time by default: on the CPU
 an image encoded in a batch differs (up to 1.4e-7) from the same image encoded alone, so an
@@ -47,9 +47,10 @@ def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | No
             "vae": vae_id,
         }
         data = e
-        if e["id"] in alpha:
+        image = e.get("image", e["id"])  # a multi-resolution sample names its image (lorabuild.multires)
+        if image in alpha:
             key["mask"] = {"alpha": e["source_hash"], "filter": mask_filter}
-            data = {**e, "source": alpha[e["id"]]}
+            data = {**e, "source": alpha[image]}
         items.append(Item(e["id"], key, data))
     return items
 
@@ -253,11 +254,16 @@ def run(ctx: Context, params: dict) -> dict:
         reason = "latents.random_crop is on: each epoch crops anew, so training encodes images itself"
         sr.notes.append(f"skipped: {reason}")
         entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "src": it.data["src"],
-                    "resized": it.data["resized"], "orig_size": it.data.get("orig_size")} for it in items]
+                    "resized": it.data["resized"], "orig_size": it.data.get("orig_size"), **_image(it)} for it in items]
         return sr.finish(entries, cached=False, reason=reason, flip=params["flip"])
     missing = sr.split(items, store)
     sr.compute(missing, store, lambda: _encode_missing(ctx, missing, params))
     # sizes and crop ride along for SDXL's size/crop conditioning (not part of the keys' meaning)
     entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "resized": it.data["resized"],
-                "crop": it.data["crop"], "orig_size": it.data.get("orig_size")} for it in items]
+                "crop": it.data["crop"], "orig_size": it.data.get("orig_size"), **_image(it)} for it in items]
     return sr.finish(entries, cached=True, flip=params["flip"])
+
+
+def _image(it: Item) -> dict:
+    """The image and resolution of a multi-resolution sample (absent for a single-resolution project)."""
+    return {k: it.data[k] for k in ("image", "resolution") if k in it.data}

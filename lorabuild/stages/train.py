@@ -18,11 +18,11 @@ from pathlib import Path
 
 from ..cache import atomic_write, checked_read, key_hash
 from ..captions import concept_options
-from ..config import without_newer
+from ..config import thaw, without_newer
 from ..publish import pending, publish, remove
 from ..progress import LiveLog, live_path
 from ..trainplan import Sample, make_plan, project_samples
-from .. import blocks, dist, models
+from .. import blocks, dist, models, multires
 from .. import ema as ema_settings
 from ..workspace import build_id
 from . import runtime, textemb
@@ -69,7 +69,7 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
     # what goes into the saved files' metadata (a change writes them again, without training: training_key)
     cfg["metadata"] = [ctx.project.get("output.metadata"), ctx.project.get("output.comment")]
     # the bucket settings the files' ss_* metadata states (the latents' own buckets are keyed with them)
-    cfg["bucket"] = {k: ctx.project.get(f"bucket.{k}") for k in BUCKET_METADATA}
+    cfg["bucket"] = {k: thaw(ctx.project.get(f"bucket.{k}")) for k in BUCKET_METADATA}  # a resolution list: JSON
     concept_of = {im.id: im.concept for im in dataset.images}
     images = []
     for i in sorted(latents):
@@ -245,11 +245,13 @@ def _metadata(r: Run, epoch: int, step: int, stamp: dict, ema: bool = False) -> 
     p = r.ctx.project
     # the metadata describes what was trained: validation images are left out of it
     val_ids = {s.id for s in r.val_samples}
-    trained_captions = {i: c for i, c in r.captions.items() if i not in val_ids}
+    # an image trained at several resolutions counts once in the folders' counts and tags (kohya: once per folder)
+    again = val_ids | {e["id"] for e in r.lat_manifest["items"] if e.get("image")}
+    trained_captions = {i: c for i, c in r.captions.items() if i not in again}
     folder_of = {im.id: im.concept.folder.name for im in r.dataset.images}
     dirs = {}
     for im in r.dataset.images:
-        if im.id in val_ids:
+        if im.id in again:
             continue
         d = dirs.setdefault(im.concept.folder.name, {"n_repeats": im.concept.repeats, "img_count": 0})
         d["img_count"] += 1
@@ -263,6 +265,7 @@ def _metadata(r: Run, epoch: int, step: int, stamp: dict, ema: bool = False) -> 
         textemb_cached=r.cached, model_name=Path(str(p.get("base_model"))).name, model_hash=r.unet_id,
         model_source=models.source_info(r.mdir),
         session_id=stamp["session"], started=stamp["started"], finished=stamp["finished"],
+        datasets=multires.datasets_metadata([e for e in r.lat_manifest["items"] if e["id"] not in val_ids], cfg["bucket"]),
     )
     if ema:
         md.update(ema_settings.metadata(p.get("train.ema")))
@@ -485,6 +488,8 @@ def run(ctx: Context, dataset) -> dict:
     captions = textemb.captions_for(ctx, dataset)
     lat_manifest = ctx.read_manifest("latents")
     lat_items = lat_manifest["items"]
+    dataset = multires.with_samples(dataset, lat_items)  # a multi-resolution sample is trained like its image
+    captions.update({e["id"]: captions[e["image"]] for e in lat_items if e.get("image") in captions})
     latents = {e["id"]: e for e in lat_items}
     if not set(latents) <= set(captions):
         raise StageError("the latents manifest does not match the dataset: run the latents stage again")
@@ -498,8 +503,8 @@ def run(ctx: Context, dataset) -> dict:
     name = p.output_name
     out_dir = ctx.ws.output_dir(name)
     concept_of = {im.id: im.concept for im in dataset.images}
-    every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg, concept_of[i].is_val)
-             for i in sorted(latents)]
+    every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg, concept_of[i].is_val,
+                    latents[i].get("image", "")) for i in sorted(latents)]
     samples, held_out = project_samples(every, p.section("train"))
     launch = dist.launch_options(p)
     plan = make_plan(samples, p.get("train.batch_size"), p.get("train.gradient_accumulation_steps"), p.get("train.epochs"),
