@@ -72,6 +72,15 @@ class Context:
         return Store(self.ws.cache, stage, ext)
 
 
+def load_context(root: str | Path, project_file: str | Path) -> Context:
+    """The context a stage runs in: the workspace at ``root`` and its project, loaded and validated
+    (a doit action, a torchrun rank and a test each start from the files alone)."""
+    from ..config import load_project
+
+    ws = Workspace(Path(root))
+    return Context(ws, load_project(Path(project_file), memo_dir=ws.cache / "validated"))
+
+
 class StageRun:
     """Counts one stage run and writes its manifest and report."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .base import Context, Item, StageError, StageRun
 from . import runtime
+from .spec import MODEL, Stage, params_of
 
 STAGE = "latents"
 # 3: keyed on the working copy's content (2: on the resize key; encoded one at a time by default;
@@ -261,3 +262,8 @@ def run(ctx: Context, params: dict) -> dict:
     entries = [{"id": it.id, "hash": it.hash, "bucket": it.data["bucket"], "resized": it.data["resized"],
                 "crop": it.data["crop"], "orig_size": it.data.get("orig_size")} for it in items]
     return sr.finish(entries, cached=True, flip=params["flip"])
+
+
+TASK = Stage(STAGE, VERSION, "bucketed images → VAE latents (content-addressed)",
+             params=PARAMS + MODEL + ("device",), deps=lambda t: [t.manifest("bucket")] + t.weights("vae"),
+             run=lambda ctx, dataset: run(ctx, params_of(ctx.project, PARAMS)))
