@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 
-from .config import without_newer
+from .cache import without_newer
 
 # per architecture: (blocks, down/up lr-weight entries, mid lr-weight entries)
 LAYOUT = {"sd1": (25, 12, 1), "sd2": (25, 12, 1), "sdxl": (23, 9, 3)}

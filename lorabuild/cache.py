@@ -31,6 +31,14 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def without_newer(section: dict, off: dict) -> dict:
+    """``section`` as a cache key holds it: each field of ``off`` (options added after keys were
+    first made) dropped while it has the value that leaves training as it was, so projects
+    that do not use them keep their keys (and their trained LoRAs)."""
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (YAML lists vs frozen tuples)
+    return {k: v for k, v in section.items() if not (k in off and plain(v) == off[k])}
+
+
 def key_hash(key: dict) -> str:
     """sha256 hex of a key dict's canonical JSON."""
     return hashlib.sha256(canonical_json(key).encode("ascii")).hexdigest()

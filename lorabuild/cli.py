@@ -95,17 +95,9 @@ def _gc_leftovers(ws: Workspace, dry_run: bool, verb: str) -> None:
 
 def _project(root: Path, name: str):
     """Load ``projects/NAME.yaml`` (or a path to a YAML file); problems go to stderr."""
-    from .config import ProjectError, load_project
+    from .config import load_named
 
-    path = Path(name) if name.endswith((".yaml", ".yml")) else Workspace(root).projects / f"{name}.yaml"
-    if not path.is_file():
-        print(f"lorabuild: no project {path}", file=sys.stderr)
-        return None
-    try:
-        return load_project(path, display=str(path))
-    except ProjectError as exc:
-        print(exc, file=sys.stderr)
-        return None
+    return load_named(Workspace(root).projects, name)
 
 
 def _tagged(root: Path, project) -> dict[str, str] | None:

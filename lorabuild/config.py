@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from . import __version__, limits
+from .cache import without_newer  # noqa: F401 - its home is cache.py; stages/train.py reads it here
 from .captions import is_randomised
 from .models import BUILTIN_MODELS, PICKLE_SUFFIXES
 from .resources import schema_path
@@ -76,12 +77,17 @@ class Project:
         return self.cfg["output"]["name"] or self.name
 
 
-def without_newer(section: dict, off: dict) -> dict:
-    """``section`` as a cache key holds it: each field of ``off`` (options added after keys were
-    first made) dropped while it has the value that leaves training as it was, so projects
-    that do not use them keep their keys (and their trained LoRAs)."""
-    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (YAML lists vs frozen tuples)
-    return {k: v for k, v in section.items() if not (k in off and plain(v) == off[k])}
+def load_named(projects_dir: Path, name: str) -> "Project | None":
+    """``projects/NAME.yaml`` (or a path to a YAML file) for a command; problems go to stderr."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(projects_dir) / f"{name}.yaml"
+    if not path.is_file():
+        print(f"lorabuild: no project {path}", file=sys.stderr)
+        return None
+    try:
+        return load_project(path, display=str(path))
+    except ProjectError as exc:
+        print(exc, file=sys.stderr)
+        return None
 
 
 def freeze(obj: Any) -> Any:

@@ -39,7 +39,7 @@ class LaunchError(Exception):
         """The parent stage's error: an unreadable cache entry stays a CorruptEntry (so the build
         removes it and the next run recomputes just that entry), anything else a StageError."""
         from .cache import CorruptEntry
-        from .stages.base import StageError
+        from .errors import StageError
 
         if self.corrupt:
             stage, path, reason = self.corrupt

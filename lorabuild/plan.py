@@ -14,6 +14,7 @@ from . import buckets, multires
 from .captions import CaptionError, dataset_captions, split_tags
 from .dataset import IMAGE_EXTENSIONS, Dataset, from_project
 from .stages import bucket as bucket_stage
+from .stages.spec import params_of
 from .trainplan import Sample, make_plan, project_samples
 
 # EXIF orientations 5-8 rotate by 90°, so width and height swap.
@@ -45,7 +46,7 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     except CaptionError as exc:
         warnings.append(str(exc))
         captions = {im.id: im.concept.tokens for im in ds.images}
-    b = project.section("bucket")
+    b = params_of(project, bucket_stage.TASK.params)  # what the bucket stage's task is keyed on
     sizes = {im.id: header_size(im.path) for im in ds.images}
     multi = multires.is_multi(project)
     res = multires.image_specs(project, ds) if multi else None  # None: one resolution, bucket.resolution

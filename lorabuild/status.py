@@ -14,10 +14,9 @@ from pathlib import Path
 
 from . import publish
 from .cache import read_json
-from .tasks import Graph, manifest_readable, stages_of
-
-UPSTREAM = {"bucket": ["resize"], "latents": ["bucket"], "textemb": ["resize", "tag"], "train": ["latents", "textemb", "tag"],
-            "sample": ["train"]}
+from .stages.registry import inputs, stages_of, upstream
+from .stages.spec import weight_files
+from .tasks import Graph, manifest_readable
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:
@@ -28,6 +27,11 @@ def _diff(old, new, prefix: str = "") -> list[str]:
             out += _diff(old.get(k, "(unset)"), new.get(k, "(unset)"), f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
+
+
+def _named(decl, config: dict) -> dict:
+    """A task record with its keys as the project names them (``bucket.resolution``, not ``resolution``)."""
+    return {decl.full_name(k): v for k, v in config.items()}
 
 
 def _describe(paths: list[str], verb: str) -> list[str]:
@@ -89,14 +93,16 @@ def _project_status(root: Path, name: str) -> dict:
         return {"project": name, "error": error, "stages": {}}
     tasks = {}
     stages_here = stages_of(p)
-    for stage in stages_here:
-        d = graph._task(stage, f, p, ds)
-        d = {k: v for k, v in d.items() if k != "basename"} | {"name": f"{stage}:{name}"}
+    t = inputs(graph.ws, p, ds)
+    for decl in stages_here:
+        d = graph.task(decl.name, f, p, ds)
+        d = {k: v for k, v in d.items() if k != "basename"} | {"name": f"{decl.name}:{name}"}
         tasks[d["name"]] = dict_to_task(d)
     db = graph.ws.cache / "doit.sqlite3"
     dep = Dependency(SqliteDB, str(db), checker_cls=MD5Checker) if db.is_file() else None
     stages: dict[str, dict] = {}
-    for stage in stages_here:
+    for decl in stages_here:
+        stage = decl.name
         task = tasks[f"{stage}:{name}"]
         report = read_json(graph.ws.report(name, stage), {}) or {}
         why: list[str] = []
@@ -112,7 +118,7 @@ def _project_status(root: Path, name: str) -> dict:
                           for u, args, _ in task.uptodate[1:] if u is publish.up_to_date for f in publish.pending(*args)]
                 own = graph.ws.manifest(name, stage)
                 broken = [] if manifest_readable(str(own)) else [f"its manifest {graph.ws.relative(own)} is missing or unreadable"]
-                why += broken + ((old and _diff(old, task.uptodate[0][0].config))
+                why += broken + ((old and _diff(*(_named(decl, c) for c in (old, task.uptodate[0][0].config))))
                                  or locked or ([] if broken else ["parameters changed since the last build"]))
             added, removed = r.get("added_file_dep", []), r.get("removed_file_dep", [])
             changed = [x for x in r.get("changed_file_dep", []) if x not in added]
@@ -121,7 +127,7 @@ def _project_status(root: Path, name: str) -> dict:
                 why.append(f"output {t} is missing")
             if st.status == "error":
                 why.append(st.error_reason or "a dependency is missing")
-        stale_up = [u for u in UPSTREAM.get(stage, []) if u in stages and stages[u]["state"] != "up to date"]
+        stale_up = [u for u in upstream(decl, t) if u in stages and stages[u]["state"] != "up to date"]
         if state == "up to date" and stale_up:
             state, why = "waits on upstream", [f"upstream {', '.join(stale_up)} stale: may re-run after it"]
         stages[stage] = {"state": state, "why": why, "last": {k: report.get(k) for k in ("build", "computed", "reused", "removed")}}
@@ -140,7 +146,6 @@ def rehash(root: Path, name: str) -> str:
 
     from doit.dependency import Dependency, MD5Checker, SqliteDB
 
-    from . import tasks
     from .cache import FileHashes
     from .stages import tag
 
@@ -148,7 +153,7 @@ def rehash(root: Path, name: str) -> str:
     if p is None:
         return error
     files = [im.path for im in ds.images] + ds.caption_files()
-    files += [Path(w) for w in tasks._weights(p, graph.ws, "unet", "vae", "text_encoder")]
+    files += [Path(w) for w in weight_files(p, "unet", "vae", "text_encoder")]
     if tag.enabled(p):
         files += tag.model_files(p)
     if p.get("network.weights"):
@@ -157,8 +162,8 @@ def rehash(root: Path, name: str) -> str:
     db = graph.ws.cache / "doit.sqlite3"
     if db.is_file():  # doit's own record: its next run checks each stage's files by content
         dep = Dependency(SqliteDB, str(db), checker_cls=MD5Checker)
-        for stage in stages_of(p):
-            dep.remove_success(SimpleNamespace(name=f"{stage}:{name}"))
+        for decl in stages_of(p):
+            dep.remove_success(SimpleNamespace(name=f"{decl.name}:{name}"))
         dep.close()
     return (f"forgot the remembered hashes of {name}'s {len(files)} input files ({dropped} memo entries) and doit's "
             f"record of its stages: the next build re-reads them, and recomputes only what changed")

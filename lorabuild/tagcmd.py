@@ -42,10 +42,10 @@ def write_captions(entries: list[dict], project_root: Path, force: bool) -> dict
 
 
 def cmd_tag(root: Path, name: str, write: bool, force: bool) -> int:
-    from .cli import _project
+    from .config import load_named
     from .stages import tag
 
-    project = _project(root, name)
+    project = load_named(Workspace(root).projects, name)
     if project is None:
         return 1
     if not tag.enabled(project):

@@ -14,83 +14,16 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import blocks, faults, models, multires, publish
+from . import faults
 from .config import Project, ProjectError, load_project
 from .dataset import Dataset, DatasetError, from_project
-from .dist import launch_options
 from .limits import shared_outputs
+from .stages.registry import BY_NAME, STAGES, inputs
 from .winenv import output_clashes
 from .workspace import Workspace, build_id
 
-STAGES = ("resize", "tag", "bucket", "latents", "textemb", "train", "sample")
-DOCS = {
-    "resize": "images → RGB working copies (EXIF-aware, longest side ≤ resize.max_side)",
-    "tag": "images → WD14 tags from the project's tagger (only projects with a tagger section)",
-    "bucket": "working copies → kohya aspect-ratio buckets, resize sizes and crops",
-    "latents": "bucketed images → VAE latents (content-addressed)",
-    "textemb": "distinct captions → text-encoder embeddings (when they can be cached)",
-    "train": "latents + captions → the LoRA: output/<name>/<name>.safetensors",
-    "sample": "the LoRA + sample.prompts → images and a grid in output/<name>/samples/",
-}
 # Bumped when a stage's task wiring or output format changes, so doit re-runs it.
 TASK_VERSION = 2
-
-
-def _params(project: Project, keys: tuple[str, ...]) -> dict:
-    return {k.rsplit(".", 1)[-1]: _plain(project.get(k)) for k in keys}
-
-
-def _plain(value):
-    """Deep-thaw frozen config values into JSON-able lists and dicts."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "items"):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-# what names the base model: a change reruns the stages that load it (they reuse what its
-# identity, a content hash, says is unchanged)
-MODEL = ("base_model",) + models.MODEL_OPTIONS
-
-
-def stages_of(project: Project) -> tuple[str, ...]:
-    """The stages a project has: ``tag`` only with a ``tagger`` section."""
-    from .stages import tag
-
-    return STAGES if tag.enabled(project) else tuple(s for s in STAGES if s != "tag")
-
-
-def _weights(project: Project, ws: Workspace, *components: str) -> list[str]:
-    """Weight files of a real base model (and a separate VAE) as file_deps; a builtin model has
-    none to watch. A single file is named as it is (converting it is the stage's work, not
-    the task graph's)."""
-    out = []
-    spec = str(project.get("base_model"))
-    vae = project.get("vae")
-    if vae and "vae" in components:
-        vpath = project.resolve(vae)
-        out += [str(vpath)] if vpath.is_file() else [str(f) for f in models.weight_files(vpath, "")] + [
-            str(f) for f in models.weight_files(vpath, "vae")]
-        components = tuple(c for c in components if c != "vae")
-    if spec.startswith("builtin:"):
-        return out
-    path = project.resolve(spec)
-    if path.is_file():
-        return out + [str(path)]
-    if not path.is_dir():
-        return out  # the stage's action reports it
-    # SDXL's second text encoder is read wherever the first is (a folder without one lists nothing)
-    parts = [p for c in components for p in ((c, "text_encoder_2") if c == "text_encoder" else (c,))]
-    return out + [str(f) for c in parts for f in models.weight_files(path, c)]
-
-
-def _context(root: str, project_file: str):
-    from .stages.base import Context
-
-    ws = Workspace(Path(root))
-    project = load_project(Path(project_file), memo_dir=ws.cache / "validated")
-    return Context(ws, project)
 
 
 def run_stage(stage: str, root: str, project_file: str, config: dict | None = None):
@@ -99,11 +32,11 @@ def run_stage(stage: str, root: str, project_file: str, config: dict | None = No
 
     from .cache import CorruptEntry
     from .captions import CaptionError
-    from .stages.base import StageError
+    from .stages.base import StageError, load_context
 
     ctx = None
     try:
-        ctx = _context(root, project_file)
+        ctx = load_context(root, project_file)
         ctx.config = config or {}  # recorded in the stage's report, so `lorabuild status` can diff it
         with _project_lock(ctx.ws, ctx.project.name):
             _run(stage, ctx)
@@ -153,32 +86,15 @@ def _project_lock(ws: Workspace, name: str):
 
 
 def _run(stage: str, ctx) -> None:
-    from .stages import bucket, latents, resize, sample, tag, textemb, train
-
     from .extras import missing
     from .stages.base import StageError
+    from .stages.registry import BY_NAME
 
     p = ctx.project
     lacking = missing(p.cfg, stage)
     if lacking:  # before any work of this stage, and without a traceback
         raise StageError(f"{stage}:{p.name}: " + "; ".join(lacking))
-    dataset = from_project(p)
-    if stage == "resize":
-        for w in dataset.warnings:
-            print(f"warning: {w}", file=sys.stderr)
-        resize.run(ctx, dataset, _params(p, resize.PARAMS), p.get("dataset.on_bad_image"))
-    elif stage == "tag":
-        tag.run(ctx, dataset)
-    elif stage == "bucket":
-        bucket.run(ctx, _params(p, bucket.PARAMS), p.get("bucket.small_images"), p.get("dataset.on_bad_image"))
-    elif stage == "latents":
-        latents.run(ctx, _params(p, latents.PARAMS))
-    elif stage == "textemb":
-        textemb.run(ctx, dataset, _params(p, textemb.PARAMS))
-    elif stage == "train":
-        train.run(ctx, dataset)
-    elif stage == "sample":
-        sample.run(ctx)
+    BY_NAME[stage].run(ctx, from_project(p))
 
 
 def manifest_readable(path: str) -> bool:
@@ -253,70 +169,26 @@ class Graph:
         for f, p, ds, error in self.projects():
             if p is None:
                 yield _failing(stage, f.stem, error)
-            elif stage in stages_of(p):
+            elif BY_NAME[stage].enabled(p):
                 try:
-                    yield self._task(stage, f, p, ds)
+                    yield self.task(stage, f, p, ds)
                 except (OSError, RuntimeError) as exc:  # a model or weights path that cannot be resolved
                     yield _failing(stage, f.stem, f"{f}: {_unresolvable(exc)}")
 
-    def _task(self, stage: str, f: Path, p: Project, ds: Dataset) -> dict:
-        from .stages import bucket, latents, resize, sample, tag, textemb, train
-
-        m = lambda s: str(self.ws.manifest(p.name, s))  # noqa: E731
-        lora = str(self.ws.output_dir(p.output_name) / f"{p.output_name}.safetensors")
-        captions = [str(c) for c in ds.caption_files()]
-        v = {"task_version": TASK_VERSION}
-        tagged = [m("tag")] if tag.enabled(p) else []  # the tagger's captions, when there is one
-        if stage == "resize":
-            keys = resize.PARAMS + ("dataset.on_bad_image",)
-            deps, cfg = [str(im.path) for im in ds.images], {**_params(p, keys), "v": resize.VERSION,
-                                                             "manifest": resize.MANIFEST}
-        elif stage == "tag":
-            deps = [str(im.path) for im in ds.images] + captions + [str(f) for f in tag.model_files(p)]
-            cfg = {**_params(p, ("tagger", "dataset", "device")), "v": tag.VERSION}
-        elif stage == "bucket":
-            deps, cfg = [m("resize")], {**_params(p, bucket.PARAMS + bucket.FILTER_PARAMS), "v": bucket.VERSION}
-            if multires.is_multi(p):  # its orig-size rules and concepts' overrides (absent: cfg as it was)
-                cfg["multires"] = multires.task_config(p)
-        elif stage == "latents":
-            deps = [m("bucket")] + _weights(p, self.ws, "vae")
-            cfg = {**_params(p, latents.PARAMS + MODEL + ("device",)), "v": latents.VERSION}
-        elif stage == "textemb":
-            deps = [m("resize")] + tagged + captions + _weights(p, self.ws, "text_encoder")
-            keys = textemb.PARAMS + MODEL + ("captions", "network.train_text_encoder", "dataset")
-            cfg = {**_params(p, keys), "v": textemb.VERSION}
-        elif stage == "train":
-            deps = [m("latents"), m("textemb")] + tagged + captions + _weights(p, self.ws, "unet", "text_encoder")
-            if p.get("network.weights"):
-                deps.append(str(p.resolve(p.get("network.weights"))))
-            cfg = {**{s: _plain(p.section(s)) for s in train.SECTIONS}, **_params(p, train.EXTRA_PARAMS + MODEL + train.SAMPLE_PARAMS + ("device",)), "v": train.VERSION}
-            cfg["network"] = blocks.keyed(cfg["network"])  # unset new options leave an existing build up to date
-            world = launch_options(p).world
-            if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA it trains
-                cfg["world"] = world
-        else:
-            deps = [lora, m("train")] + _weights(p, self.ws, "unet", "vae", "text_encoder")
-            if p.get("sample.prompt_file"):
-                deps.append(str(p.resolve(p.get("sample.prompt_file"))))
-            cfg = {**_params(p, ("sample", "network", "device", "textemb.clip_skip", "textemb.max_token_length") + MODEL),
-                   "v": sample.VERSION}
-        targets = [m(stage)]
-        if stage == "train":
-            targets.append(lora)
+    def task(self, stage: str, f: Path, p: Project, ds: Dataset) -> dict:
+        """doit's task dict for one stage of one project, from the stage's declaration."""
+        decl = BY_NAME[stage]
+        t = inputs(self.ws, p, ds)
+        config = {**decl.config(p), "task_version": TASK_VERSION}
         rel = self.ws.relative
-        config = {**cfg, **v}
-        # a publish that found its output locked (publish.py) leaves the task out of date until redone
-        out_dir = self.ws.output_dir(p.output_name)
-        waiting = {"train": [(publish.up_to_date, (str(out_dir), f"{p.output_name}*"))],
-                   "sample": [(publish.up_to_date, (str(out_dir / "samples"),))]}.get(stage, [])
         return {
             "basename": stage,
             "name": p.name,
-            "doc": f"{DOCS[stage]} [{f.name}]",
+            "doc": f"{decl.doc} [{f.name}]",
             "actions": [(run_stage, [stage, str(self.ws.root), str(f), config])],
-            "file_dep": [rel(d) for d in deps],
-            "targets": [rel(t) for t in targets],
-            "uptodate": [config_changed(config), (manifest_readable, [m(stage)])] + waiting,
+            "file_dep": [rel(d) for d in decl.deps(t)],
+            "targets": [rel(x) for x in [t.manifest(stage)] + decl.outputs(t)],
+            "uptodate": [config_changed(config), (manifest_readable, [t.manifest(stage)])] + decl.waits(t),
             "verbosity": 2,
         }
 
@@ -352,11 +224,11 @@ def make_task_creators(root: Path) -> dict:
     build_id()
     graph = Graph(Path(root).resolve())
     creators = {}
-    for stage in STAGES:
-        def creator(stage=stage):
-            yield {"basename": stage, "name": None, "doc": DOCS[stage]}
+    for decl in STAGES:
+        def creator(stage=decl.name, doc=decl.doc):
+            yield {"basename": stage, "name": None, "doc": doc}
             yield from graph.tasks(stage)
 
-        creator.__doc__ = DOCS[stage]
-        creators[f"task_{stage}"] = creator
+        creator.__doc__ = decl.doc
+        creators[f"task_{decl.name}"] = creator
     return creators

@@ -28,14 +28,15 @@ def _message(exc: BaseException) -> str:
 def _run(stage: str, root: str, project_file: str, folder: str, rank: dist.Rank) -> dict:
     from .dataset import from_project
     from .stages import latents, runtime, textemb, train
-    from .tasks import _context, _params
+    from .stages.base import load_context
+    from .stages.spec import params_of
 
-    ctx = _context(root, project_file)
+    ctx = load_context(root, project_file)
     ctx.memo["rank"] = rank
     if stage == "latents":
-        return latents.run_shard(ctx, _params(ctx.project, latents.PARAMS), dist.payload(folder), rank)
+        return latents.run_shard(ctx, params_of(ctx.project, latents.PARAMS), dist.payload(folder), rank)
     if stage == "textemb":
-        return textemb.run_shard(ctx, _params(ctx.project, textemb.PARAMS), dist.payload(folder), rank)
+        return textemb.run_shard(ctx, params_of(ctx.project, textemb.PARAMS), dist.payload(folder), rank)
     import torch.distributed as td
 
     dist.init_process_group(runtime.device(ctx))

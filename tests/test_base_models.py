@@ -305,15 +305,14 @@ def test_sdxl_network_names_and_rates(tmp_path):
 
 def test_an_sdxl_folders_second_text_encoder_is_a_dependency(tmp_path):
     from lorabuild.config import load_project
-    from lorabuild.tasks import _weights
-    from lorabuild.workspace import Workspace
+    from lorabuild.stages.spec import weight_files
 
     xl = tmp_path / "projects" / "xl"
     shutil.copytree(models.ensure_builtin("tiny-sdxl", tmp_path / "cache"), xl)
     (tmp_path / "projects" / "data" / "1_x").mkdir(parents=True)
     (tmp_path / "projects" / "p.yaml").write_text("base_model: xl\ndataset: {dirs: [data]}\n")
     project = load_project(tmp_path / "projects" / "p.yaml")
-    deps = {Path(d).relative_to(xl).parent.as_posix() for d in _weights(project, Workspace(tmp_path), "text_encoder")}
+    deps = {Path(d).relative_to(xl).parent.as_posix() for d in weight_files(project, "text_encoder")}
     assert deps == {"text_encoder", "text_encoder_2"}
-    deps = {Path(d).relative_to(xl).parent.as_posix() for d in _weights(project, Workspace(tmp_path), "unet")}
+    deps = {Path(d).relative_to(xl).parent.as_posix() for d in weight_files(project, "unet")}
     assert deps == {"unet"}

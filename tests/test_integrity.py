@@ -181,7 +181,8 @@ def _sha(path: Path) -> str:
 def test_an_image_rewritten_between_hashing_and_decoding_is_keyed_on_what_was_decoded(ws, monkeypatch):
     from lorabuild.dataset import from_project
     from lorabuild.stages import resize
-    from lorabuild.tasks import _context, _params
+    from lorabuild.stages.base import load_context as _context
+    from lorabuild.stages.spec import params_of as _params
 
     img = ws.data / "1_redcircle shape" / "new.png"
     Image.new("RGB", (96, 96), (200, 0, 0)).save(img)
@@ -251,7 +252,7 @@ def test_a_latent_entry_is_the_same_bytes_whichever_images_are_encoded_with_it(t
     """The property behind bit-exact rebuilds, in process: entries re-encoded 3 at a time (as after
     a kill or a lost entry) are byte-identical to those a full build encoded."""
     from lorabuild.stages import latents
-    from lorabuild.tasks import _context
+    from lorabuild.stages.base import load_context as _context
 
     root = tmp_path / "ws"
     init_workspace(root)

@@ -43,7 +43,7 @@ def test_status_after_each_kind_of_edit(demo):
 
     demo.edit(lambda d: d["bucket"].update(step=128, min_reso=128, max_reso=256))
     st = _check_agreement(demo, "bucket")
-    assert "step: 64 → 128" in st["bucket"]["why"] and st["resize"]["state"] == "up to date"
+    assert "bucket.step: 64 → 128" in st["bucket"]["why"] and st["resize"]["state"] == "up to date"
 
 
 def test_status_from_a_subfolder_of_the_workspace_agrees_with_status_from_its_root(demo):

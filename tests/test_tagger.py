@@ -310,7 +310,7 @@ def test_cli_prints_and_writes_only_missing_captions_without_force(fresh):
 
 def _captions_used(ws: WS) -> dict[str, str]:
     """Image id → the caption textemb and train use, computed by lorabuild itself."""
-    code = ("import json, sys; from pathlib import Path; from lorabuild.tasks import _context; "
+    code = ("import json, sys; from pathlib import Path; from lorabuild.stages.base import load_context as _context; "
             "from lorabuild.dataset import from_project; from lorabuild.stages.textemb import captions_for; "
             "ctx = _context(sys.argv[1], sys.argv[2]); print(json.dumps(captions_for(ctx, from_project(ctx.project))))")
     proc = subprocess.run([sys.executable, "-c", code, str(ws.root), str(ws.yaml_path)], capture_output=True, text=True)
@@ -390,7 +390,7 @@ def test_an_image_rewritten_after_hashing_is_tagged_under_its_new_bytes(fresh, m
     from lorabuild.cache import key_hash
     from lorabuild.dataset import from_project
     from lorabuild.stages import tag
-    from lorabuild.tasks import _context
+    from lorabuild.stages.base import load_context as _context
 
     _add_tagger(fresh)
     red = fresh.root / "projects" / RED

@@ -15,15 +15,12 @@ from typing import Any
 
 from ..cache import FileHashes, Store, changed_since, key_hash, read_json, write_json, write_json_if_changed
 from ..config import Project
+from ..errors import StageError  # noqa: F401 - its home is errors.py; every stage imports it from here
 from ..workspace import Workspace, build_id
 
 # seconds this process has spent loading frozen models (stages/runtime.py adds to it), so a
 # stage's report can tell its own work from model loading
 MODEL_LOAD = {"seconds": 0.0}
-
-
-class StageError(Exception):
-    """A stage cannot go on; the message names the file or field at fault."""
 
 
 @dataclass
@@ -70,6 +67,15 @@ class Context:
 
     def store(self, stage: str, ext: str) -> Store:
         return Store(self.ws.cache, stage, ext)
+
+
+def load_context(root: str | Path, project_file: str | Path) -> Context:
+    """The context a stage runs in: the workspace at ``root`` and its project, loaded and validated
+    (a doit action, a torchrun rank and a test each start from the files alone)."""
+    from ..config import load_project
+
+    ws = Workspace(Path(root))
+    return Context(ws, load_project(Path(project_file), memo_dir=ws.cache / "validated"))
 
 
 class StageRun:

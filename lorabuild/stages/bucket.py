@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import buckets, multires
 from ..cache import atomic_path, canonical_json, read_json, write_json_if_changed
 from .base import Context, Item, StageError, StageRun
+from .spec import Stage, params_of
 
 STAGE = "bucket"
 VERSION = 1
@@ -253,3 +254,14 @@ def _sheet(resize_store, group: list[dict], path: Path, thumb: int, columns: int
         draw.text((x + 2, y + thumb + 2), Path(e["id"]).name[:20], fill="black")
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="JPEG", quality=85)
+
+
+def _task_run(ctx: Context, dataset) -> dict:
+    p = ctx.project
+    return run(ctx, params_of(p, PARAMS), p.get("bucket.small_images"), p.get("dataset.on_bad_image"))
+
+
+TASK = Stage(STAGE, VERSION, "working copies → kohya aspect-ratio buckets, resize sizes and crops",
+             params=PARAMS + FILTER_PARAMS, deps=lambda t: [t.manifest("resize")], run=_task_run,
+             # a multi-resolution project's orig-size rules and concepts' overrides (absent: the record as it was)
+             extra=lambda p, cfg: {"multires": multires.task_config(p)} if multires.is_multi(p) else {})

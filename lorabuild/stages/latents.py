@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .base import Context, Item, StageError, StageRun
 from . import runtime
+from .spec import MODEL, Stage, params_of
 
 STAGE = "latents"
 # 3: keyed on the working copy's content (2: on the resize key; encoded one at a time by default;
@@ -267,3 +268,8 @@ def run(ctx: Context, params: dict) -> dict:
 def _image(it: Item) -> dict:
     """The image and resolution of a multi-resolution sample (absent for a single-resolution project)."""
     return {k: it.data[k] for k in ("image", "resolution") if k in it.data}
+
+
+TASK = Stage(STAGE, VERSION, "bucketed images → VAE latents (content-addressed)",
+             params=PARAMS + MODEL + ("device",), deps=lambda t: [t.manifest("bucket")] + t.weights("vae"),
+             run=lambda ctx, dataset: run(ctx, params_of(ctx.project, PARAMS)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..dataset import Dataset
 from .base import Context, Item, StageError, StageRun
+from .spec import Inputs, Stage, params_of
 
 STAGE = "resize"
 VERSION = 1
@@ -154,3 +155,16 @@ def run(ctx: Context, dataset: Dataset, params: dict, on_bad_image: str = "error
         entries.append({"id": item.id, "hash": item.hash, "size": info["size"], "orig_size": info["orig_size"],
                         "content": info["content"], "source_hash": item.key["src"]})
     return sr.finish(entries)
+
+
+def _task_run(ctx: Context, dataset: Dataset) -> dict:
+    import sys
+
+    for w in dataset.warnings:  # once per build, before any image is read
+        print(f"warning: {w}", file=sys.stderr)
+    return run(ctx, dataset, params_of(ctx.project, PARAMS), ctx.project.get("dataset.on_bad_image"))
+
+
+TASK = Stage(STAGE, VERSION, "images → RGB working copies (EXIF-aware, longest side ≤ resize.max_side)",
+             params=PARAMS + ("dataset.on_bad_image",), deps=Inputs.images, run=_task_run,
+             extra=lambda project, cfg: {"manifest": MANIFEST})

@@ -16,9 +16,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..publish import publish as publish_file, remove
+from ..publish import publish as publish_file, remove, up_to_date
 from .base import Context, Item, StageRun
 from . import runtime
+from .spec import MODEL, Inputs, Stage
 
 STAGE = "sample"
 VERSION = 3
@@ -351,3 +352,13 @@ def run(ctx: Context) -> dict:
                             for r, row in zip(grid_rows, grid_items)], out_dir / "index.html", f"{name} samples")
         sr.notes.append(f"grid {size[0]}x{size[1]}: {len(grid_rows)} rows × {len(settings)} prompts")
     return sr.finish([{"id": it.id, "hash": it.hash, "prompt": it.data["settings"]["prompt"]} for it in items])
+
+
+def _deps(t: Inputs) -> list[str]:
+    return [t.lora(), t.manifest("train")] + t.weights("unet", "vae", "text_encoder") + t.resolved("sample.prompt_file")
+
+
+TASK = Stage(STAGE, VERSION, "the LoRA + sample.prompts → images and a grid in output/<name>/samples/",
+             params=("sample", "network", "device", "textemb.clip_skip", "textemb.max_token_length") + MODEL,
+             deps=_deps, run=lambda ctx, dataset: run(ctx),
+             waits=lambda t: [(up_to_date, (str(t.out_dir / "samples"),))])

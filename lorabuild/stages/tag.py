@@ -19,6 +19,7 @@ from pathlib import Path
 from ..captions import CaptionError, read_caption, split_tags
 from ..tagger import MODEL_FILE, TAGS_FILE, TaggerError, combine, folder_problem
 from .base import Context, Item, StageError, StageRun
+from .spec import Inputs, Stage
 
 STAGE = "tag"
 VERSION = 1
@@ -200,3 +201,11 @@ def suggestions(cache_root: Path, manifest: dict) -> dict[str, list[list]]:
         else:
             out[e["id"]] = [[t, None] for t in names]
     return out
+
+
+def _deps(t: Inputs) -> list[str]:
+    return t.images() + t.captions() + [str(f) for f in model_files(t.project)]
+
+
+TASK = Stage(STAGE, VERSION, "images → WD14 tags from the project's tagger (only projects with a tagger section)",
+             params=("tagger", "dataset", "device"), deps=_deps, run=run, enabled=enabled)

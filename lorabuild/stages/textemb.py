@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..captions import CaptionError, dataset_captions, is_randomised
 from .base import Context, Item, StageError, StageRun
 from . import runtime
+from .spec import MODEL, Inputs, Stage, params_of
 
 STAGE = "textemb"
 VERSION = 2  # 2: encoded one at a time by default (1: in batches of 32)
@@ -133,3 +134,12 @@ def run(ctx: Context, dataset, params: dict) -> dict:
     sr.compute(missing, store, lambda: _encode_missing(ctx, missing, params))
     entries = [{"id": it.id, "hash": it.hash} for it in items]
     return sr.finish(entries, enabled=True)
+
+
+def _deps(t: Inputs) -> list[str]:
+    return [t.manifest("resize"), *t.tagged] + t.captions() + t.weights("text_encoder")
+
+
+TASK = Stage(STAGE, VERSION, "distinct captions → text-encoder embeddings (when they can be cached)",
+             params=PARAMS + MODEL + ("captions", "network.train_text_encoder", "dataset"), deps=_deps,
+             run=lambda ctx, dataset: run(ctx, dataset, params_of(ctx.project, PARAMS)))

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..cache import atomic_write, checked_read, key_hash
 from ..captions import concept_options
 from ..config import thaw, without_newer
-from ..publish import pending, publish, remove
+from ..publish import pending, publish, remove, up_to_date
 from ..progress import LiveLog, live_path
 from ..trainplan import Sample, make_plan, project_samples
 from .. import blocks, dist, models, multires
@@ -28,6 +28,7 @@ from ..workspace import build_id
 from . import runtime, textemb
 from . import sample as sample_stage
 from .base import Context, StageError, StageRun
+from .spec import MODEL, Inputs, Stage
 
 STAGE = "train"
 VERSION = 2
@@ -666,3 +667,23 @@ def run(ctx: Context, dataset) -> dict:
     ema_rows = {"ema": emas, "ema_save": p.get("train.ema.save")} if emas else {}
     return sr.finish([{"id": name, "hash": h, "epochs": entry["epochs"], "snapshots": snaps, "steps": steps, **ema_rows,
                        "states": kept, "full": full}])
+
+
+def _deps(t: Inputs) -> list[str]:
+    return ([t.manifest("latents"), t.manifest("textemb"), *t.tagged] + t.captions() + t.weights("unet", "text_encoder")
+            + t.resolved("network.weights"))
+
+
+def _extra(project, cfg: dict) -> dict:
+    out = {"network": blocks.keyed(cfg["network"])}  # unset new options leave an existing build up to date
+    world = dist.launch_options(project).world
+    if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA it trains
+        out["world"] = world
+    return out
+
+
+TASK = Stage(STAGE, VERSION, "latents + captions → the LoRA: output/<name>/<name>.safetensors",
+             params=EXTRA_PARAMS + MODEL + SAMPLE_PARAMS + ("device",), sections=SECTIONS, deps=_deps, run=run,
+             extra=_extra, outputs=lambda t: [t.lora()],
+             # a publish that found its output locked (publish.py) leaves the task out of date until redone
+             waits=lambda t: [(up_to_date, (str(t.out_dir), f"{t.project.output_name}*"))])

@@ -1,0 +1,7 @@
+"""Errors that more than one layer raises or names, in a module that imports nothing, so a
+low module (dist.py) can raise what a stage reports without importing the stages."""
+from __future__ import annotations
+
+
+class StageError(Exception):
+    """A stage cannot go on; the message names the file or field at fault."""
