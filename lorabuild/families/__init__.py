@@ -9,15 +9,21 @@ model is made (and, for SD 1.x, the shipped pretrained one), how a single file i
 "!"), how a folder is recognised (``claims``) and a single file (``checkpoint_prefix``,
 ``cross_attention_width``), its text conditioning (``condition``: encoders, clip_skip,
 pooled output; ``added_inputs``: SDXL's ``text_embeds``/``time_ids``), kohya's LoRA names
-(``te_prefixes``, ``unet_rename`` to the SGM layout), its noise objective's defaults (the
-prediction type in its shipped scheduler config, SD 2.x's 768-v), its ``ss_*`` and
-``modelspec.*`` architecture metadata and its sampling pipeline (``make_pipeline``,
-``from_pretrained``, ``prompt_arguments``).
+(``te_prefixes``, ``sgm_names``/``unet_rename`` to the SGM layout, ``block_layout`` for the
+block-wise options), the checks that need no model (``bucket_step``), its noise objective's
+defaults (the prediction type in its shipped scheduler config, SD 2.x's 768-v), its ``ss_*``
+and ``modelspec.*`` architecture metadata and its sampling pipeline (``make_pipeline``,
+``from_pretrained``, ``prompt_arguments``, ``sample_size``).
 
-Who asks: ``models.py`` (built-ins, conversion, ``model_info``, loaders), ``textenc``'s
-callers (textemb stage, trainer, sample stage) through ``condition``, ``network.py`` for
-names, ``metadata.py`` for the architecture keys, ``stages/runtime.family(ctx)`` for the
-family of a stage's base model. Nothing else branches on an arch string.
+Who asks: ``models.py`` (built-ins, conversion, ``model_info``, loaders), the textemb stage,
+the trainer and the sample stage through ``condition`` (``textenc`` holds the CLIP encoding
+they share), ``network.py`` and ``blocks.py`` for names and block layouts, ``metadata.py``
+for the architecture keys, ``config.py`` for ``bucket.step``, ``prompts.native_size``, and
+``stages/runtime.family(ctx)`` for the family of a stage's base model. Nothing else branches
+on an arch string.
+
+Layering: at import time this package reads only ``resources``; ``textenc``, ``layout`` and
+``models.to_device`` are imported inside the methods that need them.
 
 Adding a family (FLUX.1, SD 3.5): a new module with its Family subclass and configs under
 ``lorabuild/data/configs/<name>``, one line in ``FAMILIES`` below, and its tests. The

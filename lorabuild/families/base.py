@@ -49,6 +49,12 @@ class Family:
     modelspec_arch = ""  # modelspec.architecture, before "/lora"
     modelspec_implementation = "diffusers"
     ss_v2 = False
+    # --- the UNet as kohya's block-wise options see it (blocks.py): (blocks, down/up lr-weight
+    # entries, mid entries); whether kohya names its modules in the original SGM layout; bucket step
+    block_layout = (25, 12, 1)
+    sgm_names = False
+    unet_title = "SD 1.x/2.x"  # in messages about the UNet's layout, which SD 1.x and 2.x share
+    bucket_step = 64  # latents are 1/8 of the pixels and the UNet halves them 3 times
     native_size = 512  # the side the model was trained at: default sample size
     pipeline_class = "StableDiffusionPipeline"
 
@@ -160,4 +166,9 @@ class Family:
 
     def unet_rename(self, unet):
         """A map from a diffusers module path to the path kohya names it by, or None (the same)."""
-        return None
+        if not self.sgm_names:
+            return None
+        from ..layout import to_original, unet_block_map
+
+        block_map = unet_block_map(dict(unet.config))
+        return lambda path: to_original(path, block_map)

@@ -21,6 +21,10 @@ class SDXL(Family):
     modelspec_arch = "stable-diffusion-xl-v1-base"
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     native_size = 1024
+    block_layout = (23, 9, 3)  # 1 base, 9 input, 3 middle, 9 output, 1 out
+    sgm_names = True
+    unet_title = "SDXL"
+    bucket_step = 32  # its UNet halves the latents twice
     pipeline_class = "StableDiffusionXLPipeline"
 
     def claims(self, parts: set[str], te_config: dict) -> bool:
@@ -80,12 +84,6 @@ class SDXL(Family):
 
     def encodes_empty_negative(self, pipe) -> bool:
         return not pipe.config.force_zeros_for_empty_prompt  # the pipeline makes an empty negative zeros
-
-    def unet_rename(self, unet):
-        from ..layout import to_original, unet_block_map
-
-        block_map = unet_block_map(dict(unet.config))
-        return lambda path: to_original(path, block_map)
 
     def tiny_pipeline(self):
         """SDXL's architecture in miniature (as diffusers' own SDXL tests build it): two text
