@@ -53,19 +53,20 @@ def vae_rates(vae, size: int, n: int, rounds: int, channels_last: bool = False) 
 def text_rates(tok, te, n: int, rounds: int) -> tuple[float, float]:
     import torch
 
-    from lorabuild.textenc import condition
+    from lorabuild.families import family
 
+    condition = family("sd1").condition
     captions = [f"blob, color {i % 7}, shape {i % 5}, photo number {i}" for i in range(n)]
     batched, single = [], []
     with torch.inference_mode():
-        condition("sd1", [tok], [te], captions[:1])
+        condition([tok], [te], captions[:1])
         for _ in range(rounds):
             t = time.perf_counter()
-            condition("sd1", [tok], [te], captions)
+            condition([tok], [te], captions)
             batched.append(n / (time.perf_counter() - t))
             t = time.perf_counter()
             for c in captions:
-                condition("sd1", [tok], [te], [c])
+                condition([tok], [te], [c])
             single.append(n / (time.perf_counter() - t))
     return median(batched), median(single)
 

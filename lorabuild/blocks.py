@@ -20,9 +20,10 @@ import re
 from collections.abc import Mapping
 
 from .cache import without_newer
+from .families import FAMILIES, family
 
-# per architecture: (blocks, down/up lr-weight entries, mid lr-weight entries)
-LAYOUT = {"sd1": (25, 12, 1), "sd2": (25, 12, 1), "sdxl": (23, 9, 3)}
+# per architecture: (blocks, down/up lr-weight entries, mid lr-weight entries), each family's
+LAYOUT = {name: f.block_layout for name, f in FAMILIES.items()}
 BLOCK_FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 LR_FIELDS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
@@ -48,7 +49,7 @@ def keyed(net: Mapping) -> dict:
 
 def block_index(name: str, arch: str) -> int:
     """kohya's ``get_block_index`` for a ``lora_unet_…`` module name (-1: no block)."""
-    if arch != "sdxl":
+    if not family(arch).sgm_names:
         m = _UPDOWN.search(name)
         if m:
             updown, i, kind, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
@@ -82,7 +83,10 @@ def preset(spec: str, n: int) -> list[float]:
 def length_problems(net: Mapping, arch: str | None) -> list[tuple[str, str]]:
     """(field, message) for every block list whose length does not fit ``arch`` (``None``:
     either architecture, but all lists the same one)."""
-    archs = [arch] if arch else ["sd1", "sdxl"]
+    one_per_layout: dict = {}
+    for name, f in FAMILIES.items():
+        one_per_layout.setdefault(f.block_layout, name)
+    archs = [arch] if arch else list(one_per_layout.values())  # sd1, sdxl
     wanted = {}
     for f in BLOCK_FIELDS:
         wanted[f] = {a: LAYOUT[a][0] for a in archs}
@@ -96,8 +100,7 @@ def length_problems(net: Mapping, arch: str | None) -> list[tuple[str, str]]:
             continue
         ok = {a for a, n in by_arch.items() if len(v) == n}
         if not ok:
-            names = {"sd1": "SD 1.x/2.x", "sd2": "SD 1.x/2.x", "sdxl": "SDXL"}
-            need = " or ".join(f"{n} for {names[a]}" for a, n in by_arch.items())
+            need = " or ".join(f"{n} for {family(a).unet_title}" for a, n in by_arch.items())
             out.append((f, f"has {len(v)} entries; it needs {need}"))
         fits[f] = ok
     if not out and fits and not set.intersection(*fits.values()):
@@ -110,7 +113,7 @@ def lr_weights(net: Mapping, arch: str) -> list[float] | None:
     """One learning-rate weight per block, or ``None`` when no lr weight is set."""
     if all(net.get(f) is None for f in LR_FIELDS):
         return None
-    _, n_side, n_mid = LAYOUT[arch]
+    n, n_side, n_mid = LAYOUT[arch]
     zero = net.get("block_lr_zero_threshold") or 0.0
 
     def side(f: str, n: int) -> list[float]:
@@ -119,7 +122,8 @@ def lr_weights(net: Mapping, arch: str) -> list[float] | None:
         return [w if w > zero else 0.0 for w in v] if net.get(f) is not None else v
 
     w = side("down_lr_weight", n_side) + side("mid_lr_weight", n_mid) + side("up_lr_weight", n_side)
-    return [1.0] + w + [1.0] if arch == "sdxl" else w
+    ends = [1.0] * ((n - len(w)) // 2)  # SDXL's base and out blocks, outside down/mid/up
+    return ends + w + ends
 
 
 def block_settings(net: Mapping, arch: str) -> dict | None:

@@ -307,11 +307,10 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
                                     lambda *k, i=i, key=key: pos("dataset", key, i, "bucket", *k), doc.problem)
     # Latents are 1/8 of the pixels; the SD 1.x/2.x UNet halves them 3 times (sides divide by 64),
     # SDXL's twice (by 32). Checked where the architecture is known here (built-in model, model_type).
-    arch = _known_arch(data)
-    need = {"sd1": 64, "sd2": 64, "sdxl": 32}.get(arch)
-    if need and b["step"] % need:
+    fam = _known_family(data)
+    if fam and b["step"] % fam.bucket_step:
         doc.problem(pos("bucket", "step"), "bucket.step",
-                    f"{b['step']} is not a multiple of {need}, which {'SDXL' if arch == 'sdxl' else 'SD 1.x/2.x'} needs")
+                    f"{b['step']} is not a multiple of {fam.bucket_step}, which {fam.unet_title} needs")
     net = data["network"]
     if not net["train_unet"] and not net["train_text_encoder"]:
         doc.problem(pos("network"), "network", "train_unet and train_text_encoder are both false: nothing would train")
@@ -339,12 +338,15 @@ def _noise_problems(tr: dict, doc: _Doc, pos) -> None:
             doc.problem(pos("train", key), f"train.{key}", f"is set but train.{base} is not, so it would do nothing")
 
 
-def _known_arch(data: dict) -> str | None:
-    """The architecture, where it is known before loading the model (a built-in model or a set
-    model_type); otherwise it is found at train time."""
-    arch = {"builtin:tiny-sd1": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-sdxl": "sdxl",
-            "builtin:world-sd1": "sd1"}.get(data["base_model"])
-    return data.get("model_type") if data.get("model_type") in ("sd1", "sd2", "sdxl") else arch
+def _known_family(data: dict):
+    """The model family, where it is known before loading the model (a set model_type or a
+    built-in model); otherwise it is found at train time."""
+    from .families import FAMILIES, builtin_family
+
+    if data.get("model_type") in FAMILIES:
+        return FAMILIES[data["model_type"]]
+    spec = data["base_model"]
+    return builtin_family(spec.split(":", 1)[1]) if spec.startswith("builtin:") else None
 
 
 def _network_problems(data: dict, doc: _Doc, pos) -> None:
@@ -361,7 +363,8 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
                 re.compile(p)
             except re.error as exc:
                 doc.problem(pos("network", key, i), f"network.{key}.{i}", f"{p!r} is not a regular expression ({exc})")
-    for key, msg in length_problems(net, _known_arch(data)):
+    fam = _known_family(data)
+    for key, msg in length_problems(net, fam.name if fam else None):
         doc.problem(pos("network", key), f"network.{key}", msg)
     from .lyco_options import option_problems
 

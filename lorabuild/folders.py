@@ -1,5 +1,7 @@
 """Folder installs and links that work on Windows without privileges.
 
+- :func:`atomic_dir` gives a temp folder to write a model into and installs it when the block
+  ends (one home for the pattern that a killed or concurrent run never sees a partial folder).
 - :func:`install_dir` renames a finished temp folder into place. Windows refuses to rename a
   folder while any file in it is open, and Defender or the search indexer open every new file
   to scan it (a multi-GB checkpoint takes seconds), so it backs off and retries for about 15 s,
@@ -9,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -18,6 +21,20 @@ from pathlib import Path
 
 ATTEMPTS = 30
 DELAY = 0.5  # seconds, the longest wait between two attempts
+
+
+@contextlib.contextmanager
+def atomic_dir(folder: Path, ok, what: str):
+    """``with atomic_dir(folder, ok, what) as tmp:`` write into ``tmp`` (not created: the writer
+    makes it); when the block ends without an error ``tmp`` is installed at ``folder``
+    (:func:`install_dir`); whatever is left of ``tmp`` is removed in any case."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(folder)
+    try:
+        yield tmp
+        install_dir(tmp, folder, ok, what)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def install_dir(tmp: Path, folder: Path, ok, what: str) -> None:

@@ -11,12 +11,11 @@ from collections import Counter
 from collections.abc import Mapping
 
 from .captions import split_tags
+from .families import family
 from .trainplan import TrainPlan
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
-# Stability AI's ModelSpec architecture ids (kohya library/sai_model_spec.py)
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-                  "sdxl": "stable-diffusion-xl-v1-base"}
+# ss_base_model_version, ss_v2 and Stability AI's ModelSpec architecture ids (kohya
+# library/sai_model_spec.py) are each model family's (lorabuild/families/)
 # what kohya keeps with --no_metadata (train_network.py minimum_keys), plus the ModelSpec keys
 MINIMAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
@@ -60,7 +59,7 @@ def kohya_metadata(
     net, train, cap, bucket = cfg["network"], cfg["train"], cfg["captions"], cfg["bucket"]
     if datasets:  # ss_resolution and modelspec name the largest; ss_datasets has each (as kohya's dataset configs)
         bucket = {**bucket, "resolution": max(d["resolution"][0] for d in datasets)}
-    version_key = "sd2-v" if arch == "sd2" and prediction_type == "v_prediction" else arch
+    fam = family(arch)
     md = {
         "ss_session_id": session_id,
         "ss_training_started_at": started,
@@ -94,8 +93,8 @@ def kohya_metadata(
         "ss_mixed_precision": train["mixed_precision"],
         "ss_full_fp16": False,
         **({"ss_fp8_base": True} if train.get("base_precision") == "fp8" else {}),
-        "ss_v2": arch == "sd2",
-        "ss_base_model_version": BASE_MODEL_VERSION[version_key],
+        "ss_v2": fam.ss_v2,
+        "ss_base_model_version": fam.metadata_version(prediction_type),
         "ss_clip_skip": cfg["textemb"]["clip_skip"],
         "ss_max_token_length": None if cfg["textemb"]["max_token_length"] == 75 else cfg["textemb"]["max_token_length"],
         "ss_cache_latents": not cfg["latents"]["random_crop"],
@@ -144,8 +143,8 @@ def kohya_metadata(
     resolution = bucket["resolution"]
     md.update({
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCH[version_key] + "/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers",
+        "modelspec.architecture": fam.modelspec_architecture(prediction_type) + "/lora",
+        "modelspec.implementation": fam.modelspec_implementation,
         "modelspec.title": output_name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(finished)).isoformat(),

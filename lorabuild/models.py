@@ -1,5 +1,7 @@
 """Base models: the built-in tiny models, diffusers folders, single-file checkpoints,
-identities and loaders.
+identities and loaders: what is the same for every model family. What differs (configs,
+how a tiny model is built, which pipeline class converts a single file, text encoder
+classes) each family answers (``lorabuild/families/``).
 
 Offline by design: every loader passes ``local_files_only=True``, and a built-in model
 is written once as a real diffusers folder and then loaded through the same code path
@@ -18,35 +20,24 @@ import os
 import shutil
 from pathlib import Path
 
-from .folders import install_dir, link_tree, temp_sibling
+from .families import FAMILIES, builtin_family, builtin_models, detect, detect_checkpoint, family, family_of
+from .precision import to_device  # noqa: F401 - the trainer and benches read it here
+from .families.base import CONFIGS_DIR, TOKENIZER_DIR  # noqa: F401 - CONFIGS_DIR: scripts and tests read it here
+from .folders import atomic_dir, link_tree
 from .resources import DATA_DIR
 
-BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl", "world-sd1")
+BUILTIN_MODELS = builtin_models()  # tiny-sd1, tiny-sd2, tiny-sdxl, world-sd1: each family's
 SHIPPED_DIR = DATA_DIR / "models"  # pretrained built-ins (fp16), each with the record of the run that made it
 SHIPPED_RECORD = "pretrain.json"  # recipe, figures and sha256 of every file, written by scripts/pretrain_world.py
 BUILTIN_VERSION = 1  # bump when a builtin model's configs or init change: stale folders are rebuilt
 BUILTIN_MARKER = "lorabuild_builtin.json"  # {"name", "version"} inside a built-in model's folder
 COMPONENTS = ("unet", "vae", "text_encoder")
-TOKENIZER_DIR = DATA_DIR / "clip_tokenizer"
-CONFIGS_DIR = DATA_DIR / "configs"  # sd1 / sd2 (768-v) / sdxl: model_index.json and every component's config
-ARCHS = ("sd1", "sd2", "sdxl")
+ARCHS = tuple(FAMILIES)  # sd1, sd2, sdxl: the model families (lorabuild/families/)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONVERT_VERSION = 1  # bump when the conversion of single files changes: they are converted again
 # project keys beside base_model that decide which model a project trains on
 MODEL_OPTIONS = ("model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-# SD1's noise schedule (CompVis v1-inference.yaml; diffusers' SD 1.5 scheduler config).
-SD1_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "steps_offset": 1,
-}
-
 
 class ModelError(Exception):
     """A base model that cannot be found or read; the message names the path and what is missing."""
@@ -67,159 +58,9 @@ def _offline() -> None:
     tlog.set_verbosity_error()
 
 
-def _tiny_sd1_pipeline():
-    """A randomly initialised SD1-architecture pipeline, small enough for CPU tests.
-
-    Real classes, real geometry: the VAE has 4 blocks (downsampling ×8, like SD's), the
-    UNet has cross-attention in Transformer2D blocks with 1×1-conv proj_in/out (SD1),
-    and the text encoder is a CLIP text model with the full 49408-token vocabulary.
-    ``attention_head_dim=8`` means 8 heads, as in SD 1.5's own unet/config.json
-    (diffusers' historical naming). Each module is seeded on its own, so changing one
-    leaves the others' weights as they were.
-    """
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=0.18215,
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=5,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-        )
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)),
-        unet=unet,
-        scheduler=DDPMScheduler(**SD1_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def _tiny_sd2_pipeline():
-    """SD 2.x's architecture in miniature: an OpenCLIP-style text encoder (gelu, the layer
-    that SD2 drops already gone), linear projections in the UNet's transformers, heads of a
-    fixed width (SD2's attention_head_dim is a per-block list), v-prediction, and the
-    tokenizer SD2 ships (padding with "!", id 0)."""
-    import torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    pipe = _tiny_sd1_pipeline()
-    torch.manual_seed(1)
-    pipe.unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
-    )
-    torch.manual_seed(1)
-    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
-        projection_dim=32,
-    ))
-    pipe.tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token="!")
-    sched = dict(SD1_SCHEDULER, prediction_type="v_prediction", set_alpha_to_one=False)
-    pipe.scheduler = DDIMScheduler(**sched)
-    pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                          scheduler=pipe.scheduler)
-    return pipe
-
-
-def _tiny_sdxl_pipeline():
-    """SDXL's architecture in miniature (as diffusers' own SDXL tests build it): two text
-    encoders (CLIP-L-like; OpenCLIP-bigG-like with a projection, whose pooled output joins
-    the size/crop ``time_ids`` in the UNet's ``text_time`` embedding), a UNet whose first
-    level has no attention and whose deeper levels stack transformer blocks, SDXL's VAE
-    scale and the Euler scheduler it ships with."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    torch.manual_seed(2)
-    unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-        cross_attention_dim=72, norm_num_groups=32,
-    )
-    torch.manual_seed(2)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        sample_size=128, scaling_factor=0.13025, force_upcast=True,
-    )
-    te_cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
-                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, projection_dim=32)
-    torch.manual_seed(2)
-    te1 = CLIPTextModel(CLIPTextConfig(**te_cfg, pad_token_id=49407))
-    torch.manual_seed(3)
-    # wider than the first, as in SDXL (1280 vs 768): single-file readers tell them apart by width
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**te_cfg, "hidden_size": 40, "intermediate_size": 48},
-                                                     pad_token_id=0, hidden_act="gelu"))
-    sched = {k: v for k, v in SD1_SCHEDULER.items() if k != "clip_sample"}
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, unet=unet,
-        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)),
-        tokenizer_2=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token="!"),
-        scheduler=EulerDiscreteScheduler(**sched, timestep_spacing="leading"),
-    )
-
-
 def world_pipeline(src: Path):
-    """A pretrained built-in (``lorabuild/data/models/<name>``, see scripts/pretrain_world.py) as
-    an SD1 pipeline in fp32: its shipped fp16 weights, lorabuild's CLIP tokenizer, SD 1.5's scheduler."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    load = dict(torch_dtype=torch.float32, local_files_only=True)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(str(src / "vae"), **load),
-        text_encoder=CLIPTextModel.from_pretrained(str(src / "text_encoder"), **load),
-        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)),
-        unet=UNet2DConditionModel.from_pretrained(str(src / "unet"), **load),
-        scheduler=PNDMScheduler.from_pretrained(str(src / "scheduler"), local_files_only=True),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """A pretrained built-in (``lorabuild/data/models/<name>``) as an SD1 pipeline in fp32 (scripts/ and bench/ use it)."""
+    return family("sd1").load_shipped(src)
 
 
 def _shipped_digest(name: str) -> str | None:
@@ -244,11 +85,11 @@ def _write_builtin(name: str, folder: Path) -> None:
     _offline()
     # fork_rng: a fixed seed for a reproducible init without moving the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
-        tiny = {"tiny-sd1": _tiny_sd1_pipeline, "tiny-sd2": _tiny_sd2_pipeline, "tiny-sdxl": _tiny_sdxl_pipeline}
-        if name in tiny:
-            pipe = tiny[name]()
+        fam = builtin_family(name)
+        if name in fam.tiny_models:
+            pipe = fam.build_tiny(name)
         elif _shipped_digest(name):
-            pipe = world_pipeline(SHIPPED_DIR / name)
+            pipe = fam.load_shipped(SHIPPED_DIR / name)
         else:
             raise ModelError(f"built-in model 'builtin:{name}': its weights are missing from {SHIPPED_DIR / name} "
                              "(scripts/pretrain_world.py writes them)")
@@ -282,13 +123,8 @@ def ensure_builtin(name: str, cache_root: Path) -> Path:
     folder = Path(cache_root) / "models" / name
     if _builtin_ok(folder):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(folder)
-    try:
+    with atomic_dir(folder, _builtin_ok, f"the built-in model builtin:{name}") as tmp:
         _write_builtin(name, tmp)
-        install_dir(tmp, folder, _builtin_ok, f"the built-in model builtin:{name}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -395,17 +231,8 @@ def _pickle_state_dict(path: Path) -> dict:
 
 def checkpoint_arch(tensors: dict) -> str | None:
     """sd1 / sd2 / sdxl from a single file's keys: which text encoder it carries (CLIP ViT-L,
-    OpenCLIP, or SDXL's conditioner), else the UNet's cross-attention width."""
-    keys = tensors.keys()
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    widths = {shape[1] for k, (shape, _) in tensors.items()
-              if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")}
-    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(min(widths)) if widths else None
+    OpenCLIP, or SDXL's conditioner), else the UNet's cross-attention width (each family's facts)."""
+    return detect_checkpoint(tensors)
 
 
 # Marker tensors a checkpoint carries to say how it was trained (NoobAI-XL V-pred and other
@@ -419,7 +246,7 @@ def checkpoint_markers(tensors: dict, arch: str | None, opts: dict) -> dict:
     {"prediction_type": ... (only when ``prediction_type: auto``), "zero_terminal_snr": bool,
     "why": [a line per decision, for ``plan``]}. SDXL only, as ComfyUI reads them."""
     out: dict = {"zero_terminal_snr": False, "why": []}
-    if arch != "sdxl" or "v_pred" not in tensors:
+    if arch not in FAMILIES or not family(arch).reads_checkpoint_markers or "v_pred" not in tensors:
         return out
     if opts.get("prediction_type", "auto") == "auto":
         out["prediction_type"] = "v_prediction"
@@ -460,7 +287,7 @@ def _config_dir(opts: dict, arch: str, project_root: Path) -> Path:
         if not (cfg / "model_index.json").is_file():
             raise ModelError(f"base_model_config: {cfg} is not a diffusers model folder (no model_index.json)")
         return cfg
-    return CONFIGS_DIR / arch
+    return family(arch).configs
 
 
 def _tree_digest(folder: Path) -> str:
@@ -483,8 +310,9 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     detected = checkpoint_arch(tensors)
     arch = opts.get("model_type") if opts.get("model_type", "auto") != "auto" else detected
     if arch is None:
-        raise ModelError(f"{path}: cannot tell SD1 / SD2 / SDXL from its keys (no known text encoder or UNet "
-                         "layout); set model_type: sd1, sd2 or sdxl")
+        names = list(FAMILIES)
+        raise ModelError(f"{path}: cannot tell {' / '.join(n.upper() for n in names)} from its keys (no known text "
+                         f"encoder or UNet layout); set model_type: {', '.join(names[:-1])} or {names[-1]}")
     cfg_dir = _config_dir(opts, arch, project_root)
     marked = checkpoint_markers(tensors, arch, opts)
     pred = marked.get("prediction_type", opts.get("prediction_type", "auto"))
@@ -500,26 +328,21 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     folder = cache_root / "models" / "single-file" / f"{path.stem[:40]}-{digest}"
     if _marker_ok(folder):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(folder)
-    try:
+    with atomic_dir(folder, _marker_ok, f"the diffusers conversion of {path.name}") as tmp:
         _convert(path, cfg_dir, arch, pred, dtype, tmp, bool(opts.get("allow_pickle")), ztsnr)
         _still(path, sha)
         marker = {"name": "single-file", "source": str(path), "sha256": sha, "legacy_hash": legacy_hash(path),
                   "arch": arch, "prediction_type": pred, "detected": detected, "v": CONVERT_VERSION}
         (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        install_dir(tmp, folder, _marker_ok, f"the diffusers conversion of {path.name}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
 def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: Path, allow_pickle: bool,
              ztsnr: bool = False) -> None:
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     _offline()
+    fam = family(arch)
     work = out.with_name(out.name + "-config")
     try:
         # the configs diffusers reads: the chosen ones, our tokenizer files, the prediction type
@@ -527,7 +350,7 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
         for tok in ("tokenizer", "tokenizer_2"):
             if _listed(_read_json(work / "model_index.json"), tok) and not (work / tok / "vocab.json").is_file():
                 shutil.copytree(TOKENIZER_DIR, work / tok, dirs_exist_ok=True)
-                if arch == "sd2" or tok == "tokenizer_2":  # OpenCLIP's tokenizer pads with "!"
+                if fam.pads_with_bang(tok):  # OpenCLIP's tokenizer pads with "!"
                     tc = _read_json(work / tok / "tokenizer_config.json", {})
                     (work / tok / "tokenizer_config.json").write_text(json.dumps({**tc, "pad_token": "!"}, indent=2))
         sched = _read_json(work / "scheduler" / "scheduler_config.json")
@@ -544,13 +367,7 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
         torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "float16": torch.float16,
                        "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16}.get(dtype, torch.float32)
         try:
-            if arch == "sdxl":
-                pipe = StableDiffusionXLPipeline.from_single_file(
-                    str(src), config=str(work), local_files_only=True, torch_dtype=torch_dtype)
-            else:
-                pipe = StableDiffusionPipeline.from_single_file(
-                    str(src), config=str(work), local_files_only=True, torch_dtype=torch_dtype,
-                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            pipe = fam.from_single_file(str(src), str(work), torch_dtype)
         except Exception as exc:  # diffusers raises ValueError/KeyError/RuntimeError on a mismatched layout
             raise ModelError(f"{path} cannot be read as an {arch.upper()} checkpoint with the configs in "
                              f"{cfg_dir} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); if it is a "
@@ -591,9 +408,8 @@ def _compose(folder: Path, project_root: Path, cache_root: Path, opts: dict, has
     out = cache_root / "models" / "composed" / digest
     if _marker_ok(out):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
-    try:
+    what = f"{folder.name} with {'vae: ' + str(vae_path) if vae_path else 'prediction_type: ' + pred}"
+    with atomic_dir(out, _marker_ok, what) as tmp:
         tmp.mkdir()
         shutil.copyfile(folder / "model_index.json", tmp / "model_index.json")
         for part in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -621,9 +437,6 @@ def _compose(folder: Path, project_root: Path, cache_root: Path, opts: dict, has
             marker.update(source=base_marker["source"], sha256=base_marker["sha256"],
                           legacy_hash=base_marker["legacy_hash"])
         (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        install_dir(tmp, out, _marker_ok, f"{folder.name} with {'vae: ' + str(vae_path) if vae_path else 'prediction_type: ' + pred}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -715,12 +528,7 @@ def model_info(model_dir: Path) -> dict:
     if not isinstance(index, dict):
         raise ModelError(f"{model_dir}: model_index.json is missing or unreadable")
     vae, te, sched = _config(model_dir, "vae"), _config(model_dir, "text_encoder"), _config(model_dir, "scheduler")
-    if _listed(index, "text_encoder_2"):
-        arch = "sdxl"
-    elif te.get("hidden_size") == 1024 or te.get("hidden_act") == "gelu":  # OpenCLIP (SD2) vs CLIP ViT-L's quick_gelu
-        arch = "sd2"
-    else:
-        arch = "sd1"
+    arch = detect({c for c in index if _listed(index, c)}, te).name
     return {
         "arch": arch,
         "prediction_type": sched.get("prediction_type", "epsilon"),
@@ -748,16 +556,6 @@ def pick_device(name: str):
     if name == "mps" and not has_mps():
         raise ModelError("device: mps was asked for but this torch has no Apple MPS backend")
     return torch.device(name)
-
-
-def to_device(tensor, device):
-    """``tensor`` (on the CPU) on ``device``. To a CUDA GPU through pinned memory without waiting:
-    a plain ``.to("cuda")`` from pageable memory waits for every kernel already queued, so each
-    batch's inputs would stall the GPU between steps (PyTorch's "pin_memory and non_blocking"
-    advice). The values are the same either way."""
-    if getattr(device, "type", device) == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _frozen(model, device, dtype):
@@ -789,11 +587,11 @@ def load_unet(model_dir: Path, device="cpu", dtype=None):
 
 
 def load_text_encoder(model_dir: Path, device="cpu", dtype=None, which: str = "text_encoder"):
-    """A text encoder: ``text_encoder`` (CLIP), or SDXL's ``text_encoder_2`` (with its projection)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    """A text encoder of the model's family: ``text_encoder`` (CLIP), or SDXL's ``text_encoder_2`` (with its projection)."""
+    import transformers
 
     _offline()
-    cls = CLIPTextModelWithProjection if which == "text_encoder_2" else CLIPTextModel
+    cls = getattr(transformers, family_of(model_info(model_dir)).text_encoder_class(which))
     te = cls.from_pretrained(str(model_dir), subfolder=which, local_files_only=True)
     return _frozen(te, device, dtype)
 
@@ -842,17 +640,10 @@ def load_sampling_scheduler(model_dir: Path):
 
 
 def load_pipeline(model_dir: Path, device="cpu", dtype=None):
-    """The sampling pipeline the folder names (SD or SDXL), safety checker off, every model frozen."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    """The sampling pipeline of the folder's family (SD or SDXL), safety checker off, every model frozen."""
     _offline()
-    if len(text_parts(model_dir)) == 2:
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), local_files_only=True)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(model_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False
-        )
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if part is not None:
-            _frozen(part, device, dtype)
+    fam = family_of(model_info(model_dir))
+    pipe = fam.from_pretrained(model_dir)
+    for part in (pipe.unet, pipe.vae, *fam.encoders_of(pipe)):
+        _frozen(part, device, dtype)
     return pipe.to(device)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .blocks import block_index, block_settings
+from .families import family
 
 UNET_TARGETS = ("Transformer2DModel",)  # kohya UNET_TARGET_REPLACE_MODULE
 # LoCon (kohya: conv_dim): the ResNet blocks and resamplers too; their 3×3 convs get
@@ -184,12 +185,8 @@ def _filter(found: list, exclude, include) -> list:
 def _candidates(unet, text_encoders: list, arch: str, train_unet: bool, conv: bool, unet_targets, te_targets) -> list:
     """(kohya name, module, is 3×3, part: 0 UNet, 1/2 text encoders) for every module the targets
     hold, UNet first; LoCon (``conv``) adds kohya's ResNet and resampler classes."""
-    rename = None
-    if arch == "sdxl":
-        from .layout import to_original, unet_block_map
-
-        block_map = unet_block_map(dict(unet.config))
-        rename = lambda path: to_original(path, block_map)  # noqa: E731
+    fam = family(arch)
+    rename = fam.unet_rename(unet)  # SDXL: kohya names follow the original SGM layout
     found: list[tuple[str, nn.Module, bool, int]] = []
     if train_unet:
         classes = _classes([unet], unet_targets, "unet_target_modules")
@@ -199,7 +196,7 @@ def _candidates(unet, text_encoders: list, arch: str, train_unet: bool, conv: bo
             found += [(*t, 0) for t in _targets(unet, "lora_unet", extra, conv=True, rename=rename)]
     if text_encoders:
         classes = _classes(text_encoders, te_targets, "text_encoder_target_modules", TE_ALIASES)
-        prefixes = ["lora_te1", "lora_te2"] if len(text_encoders) == 2 else ["lora_te"]
+        prefixes = fam.te_prefixes(len(text_encoders))
         for part, (te, prefix) in enumerate(zip(text_encoders, prefixes), 1):
             found += [(*t, part) for t in _targets(te, prefix, classes, _te_path_prefix(te))]
     seen: set[str] = set()
@@ -215,8 +212,7 @@ class LoRANetwork(nn.Module):
         """``blocks``: per-block settings from ``blocks.block_settings`` (kohya block_dims & co.);
         ``make(name, module, dim, alpha)``: the module to train there (default: kohya's LoRA)."""
         super().__init__()
-        if arch not in ("sd1", "sd2", "sdxl"):
-            raise ValueError(f"unknown model architecture {arch!r}")
+        family(arch)  # an unknown architecture: ValueError before any module is looked at
         conv = bool(conv_dim) or bool(blocks and blocks["conv_dims"])
         found = _candidates(unet, text_encoders if train_text_encoder else [], arch, train_unet, conv,
                             unet_targets, te_targets)

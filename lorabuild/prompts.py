@@ -59,15 +59,6 @@ def read_prompt_file(path: Path, warnings: list[str] | None = None) -> list[dict
     return [d for d in (parse_line(ln, warnings) for ln in text.splitlines()) if d is not None]
 
 
-NATIVE_SIZE = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
-
-
-def native_size(info: dict) -> int:
-    """The size a model was trained at, from ``models.model_info``: the default sample size."""
-    v = info["arch"] == "sd2" and info["prediction_type"] == "v_prediction"
-    return NATIVE_SIZE["sd2-v" if v else info["arch"]]
-
-
 def resolve(sample_cfg: dict, project_root: Path, warnings: list[str] | None = None, native: int = 512) -> list[dict]:
     """Every prompt (YAML list, then the prompt file) with the project-wide defaults filled in
     (``native``: the model's own size, where the project sets none)."""

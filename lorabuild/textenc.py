@@ -1,8 +1,10 @@
-"""Text conditioning: tokenize to CLIP's 77 tokens, encode; SD 1.x/2.x apply clip_skip, SDXL
-joins its two encoders' penultimate layers and adds the second one's pooled projection.
+"""CLIP text encoding: tokenize to CLIP's 77 tokens in chunks, encode with clip_skip, join the chunks.
 
-One function serves the text-embedding cache, training with a trained text encoder
-and sampling, so a cached embedding equals what training would compute on the fly.
+The model families (``lorabuild/families/``) build their conditioning from these: SD 1.x/2.x
+encode with clip_skip, SDXL joins its two encoders' penultimate layers and adds the second
+one's pooled projection. One function per family (``Family.condition``) serves the
+text-embedding cache, training with a trained text encoder and sampling, so a cached
+embedding equals what training would compute on the fly.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def encode(tokenizer, text_encoder, captions: list[str], clip_skip: int = 1, max
     are encoded separately and joined as kohya does: the first BOS, each chunk's 75
     inner states, the last EOS.
     """
-    from .models import to_device
+    from .precision import to_device
 
     ids = to_device(tokenize(tokenizer, captions, max_token_length), text_encoder.device)
     b, n, width = ids.shape
@@ -45,10 +47,10 @@ def encode(tokenizer, text_encoder, captions: list[str], clip_skip: int = 1, max
         out = text_encoder(flat, output_hidden_states=True)
         # transformers 5's CLIPTextModel has no `.text_model` level any more; 4's has.
         hidden = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(out.hidden_states[-clip_skip])
-    return _join(hidden.reshape(b, n, width, -1))
+    return join_chunks(hidden.reshape(b, n, width, -1))
 
 
-def _join(hidden):
+def join_chunks(hidden):
     """``[B, n, 77, D]`` chunk outputs → ``[B, n·75 + 2, D]``: the first BOS, each chunk's 75 inner states, the last EOS."""
     import torch
 
@@ -57,31 +59,3 @@ def _join(hidden):
         return hidden[:, 0]
     parts = [hidden[:, 0, :1]] + [hidden[:, i, 1:-1] for i in range(n)] + [hidden[:, -1, -1:]]
     return torch.cat(parts, dim=1)
-
-
-def encode_sdxl(tokenizers: list, text_encoders: list, captions: list[str], max_token_length: int = 75):
-    """SDXL's conditioning (kohya ``get_hidden_states_sdxl``, diffusers' SDXL pipeline): both
-    encoders' penultimate hidden states, without the final layer norm, joined along the
-    feature axis (768 + 1280 = 2048 for the real models); and the second encoder's projected
-    pooled output of the first chunk, ``[B, P]``, which the UNet's ``text_embeds`` takes."""
-    import torch
-
-    from .models import to_device
-
-    states, pooled = [], None
-    for i, (tok, te) in enumerate(zip(tokenizers, text_encoders)):
-        ids = to_device(tokenize(tok, captions, max_token_length), te.device)
-        b, n, width = ids.shape
-        out = te(ids.reshape(b * n, width), output_hidden_states=True)
-        states.append(_join(out.hidden_states[-2].reshape(b, n, width, -1)))
-        if i == 1:
-            pooled = out.text_embeds.reshape(b, n, -1)[:, 0]
-    return torch.cat(states, dim=-1), pooled
-
-
-def condition(arch: str, tokenizers: list, text_encoders: list, captions: list[str], clip_skip: int = 1,
-              max_token_length: int = 75):
-    """(hidden states, pooled or None) for ``captions``: what the UNet is conditioned on."""
-    if arch == "sdxl":  # clip_skip does not apply: SDXL is trained on the penultimate layers (kohya ignores it)
-        return encode_sdxl(tokenizers, text_encoders, captions, max_token_length)
-    return encode(tokenizers[0], text_encoders[0], captions, clip_skip, max_token_length), None

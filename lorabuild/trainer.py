@@ -233,26 +233,23 @@ def _conditioning(inp: TrainInputs, captions: list[str], toks, tes):
     import torch
     from safetensors.torch import load_file
 
-    from .textenc import condition
+    from .families import family
 
+    fam = family(inp.arch)
     if inp.embedding_path is None:
-        return condition(inp.arch, toks, tes, captions, inp.cfg["textemb"]["clip_skip"],
-                         inp.cfg["textemb"]["max_token_length"])
+        return fam.condition(toks, tes, captions, inp.cfg["textemb"]["clip_skip"], inp.cfg["textemb"]["max_token_length"])
     stored = [checked_read("textemb", inp.embedding_path[c], lambda f: load_file(str(f))) for c in captions]
-    pooled = torch.stack([s["pooled"] for s in stored]) if inp.arch == "sdxl" else None
+    pooled = torch.stack([s["pooled"] for s in stored]) if fam.pooled else None
     return torch.stack([s["hidden"] for s in stored]), pooled
 
 
 def _added(inp: TrainInputs, pooled, time_ids: list) -> dict | None:
-    """The UNet's extra inputs: SDXL's pooled text and size/crop ids; nothing for SD 1.x/2.x."""
-    import torch
+    """The UNet's extra inputs, the family's (SDXL's pooled text and size/crop ids; nothing for SD 1.x/2.x)."""
+    from .families import family
+    from .precision import to_device
 
-    if inp.arch != "sdxl":
-        return None
-    from .models import to_device
-
-    return {"text_embeds": to_device(pooled, inp.device),
-            "time_ids": to_device(torch.tensor(time_ids, dtype=torch.float32), inp.device)}
+    added = family(inp.arch).added_inputs(pooled, time_ids)
+    return None if added is None else {k: to_device(v, inp.device) for k, v in added.items()}
 
 
 def _stored_latent(inp: TrainInputs, image_id: str, flipped: bool):
@@ -272,7 +269,7 @@ def _mask_batch(masks: list, latents: list, device):
     image of the batch has one."""
     import torch
 
-    from .models import to_device
+    from .precision import to_device
 
     if all(m is None for m in masks):
         return None
@@ -286,7 +283,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, t
     noisy input is made from comes last (the noise itself unless ip_noise_gamma perturbs it)."""
     import torch
 
-    from .models import to_device
+    from .precision import to_device
 
     seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
     tr = inp.cfg["train"]

@@ -19,8 +19,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "progress", "publish", "faults", "images", "buckets", "multires", "captions", "dataset", "prompts",
                     "extras", "hints", "optimizers", "tagger", "trainplan", "losses", "ema", "lyco_options",
                     "gallery", "leftovers", "world", "dist", "kohya_scripts")),
-    ("model", ("models", "folders", "layout", "textenc", "blocks", "network", "lyco", "metadata", "detector")),
-    ("families", ("families.",)),  # one module per model family (SD1, SD2, SDXL, …): issue 21
+    ("text and layout", ("textenc", "layout")),  # what the families build their conditioning and names from
+    ("families", ("families", "families.")),  # one module per model family (SD1, SD2, SDXL, …): issue 21
+    ("model", ("models", "folders", "blocks", "network", "lyco", "metadata", "detector")),
     ("config", ("config", "limits")),
     ("training", ("trainer",)),
     ("stages", ("stages.",)),

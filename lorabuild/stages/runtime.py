@@ -45,8 +45,16 @@ def arch(ctx: Context) -> str:
     return models.model_info(model_dir(ctx))["arch"]
 
 
+def family(ctx: Context):
+    """The model family of the stage's base model (:mod:`lorabuild.families`): what stages ask
+    instead of comparing arch names."""
+    from ..families import family_of
+
+    return family_of(models.model_info(model_dir(ctx)))
+
+
 def text_identity(ctx: Context) -> str:
-    """The text conditioning's identity: the text encoder's, or for SDXL both encoders' together."""
+    """The text conditioning's identity: the text encoder's, or for several (SDXL) all of them together."""
     parts = models.text_parts(model_dir(ctx))
     if len(parts) == 1:
         return identity(ctx, parts[0])
@@ -56,7 +64,7 @@ def text_identity(ctx: Context) -> str:
 
 
 def text_models(ctx: Context) -> tuple[list, list]:
-    """(tokenizers, text encoders), frozen and shared: one of each, two for SDXL."""
+    """(tokenizers, text encoders), frozen and shared: one of each per text encoder (two for SDXL)."""
     parts = models.text_parts(model_dir(ctx))
     return [frozen(ctx, p.replace("text_encoder", "tokenizer")) for p in parts], [frozen(ctx, p) for p in parts]
 

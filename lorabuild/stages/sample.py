@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import families
 from ..publish import publish as publish_file, remove, up_to_date
 from .base import Context, Item, StageRun
 from . import runtime
@@ -67,8 +68,10 @@ TEXT_DEFAULTS = {"clip_skip": 1, "max_token_length": 75}
 
 def text_settings(project, arch: str) -> dict:
     """The text-encoding settings a sample is rendered with (training's); SDXL knows no clip_skip."""
+    from ..families import family
+
     text = {k: project.get(f"textemb.{k}") for k in TEXT_DEFAULTS}
-    return {k: v for k, v in text.items() if not (k == "clip_skip" and arch == "sdxl")}
+    return {k: v for k, v in text.items() if not (k == "clip_skip" and not family(arch).clip_skip)}
 
 
 def row_items(row: Row, settings: list[dict], base: dict, precision: str, text: dict) -> list[Item]:
@@ -86,49 +89,31 @@ def row_items(row: Row, settings: list[dict], base: dict, precision: str, text: 
 
 
 def conditioning(pipe, prompt: str, negative: str, text: dict, notes: list | None = None) -> dict:
-    """The pipeline's prompt arguments, as embeddings made by :func:`lorabuild.textenc.condition`,
-    the function the textemb stage and training encode captions with: clip_skip and captions of
+    """The pipeline's prompt arguments, as embeddings made by the family's ``condition``, the
+    function the textemb stage and training encode captions with: clip_skip and captions of
     150/225 tokens are seen as in training. The prompt and the negative are encoded one at a
     time, as captions are. An empty negative is left to the SDXL pipeline, which makes it zeros
     (``force_zeros_for_empty_prompt``); SD 1/2's is encoded, as the pipeline itself would."""
-    from ..textenc import condition
+    from ..families import family_of
 
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
-    arch, clip_skip, max_tokens = ("sdxl" if sdxl else "sd1"), text.get("clip_skip", 1), text["max_token_length"]
+    fam = family_of(pipe)
+    tokenizers, encoders = fam.tokenizers_of(pipe), fam.encoders_of(pipe)
+    clip_skip, max_tokens = text.get("clip_skip", 1), text["max_token_length"]
     n = len(pipe.tokenizer(prompt, verbose=False).input_ids) - 2
     note = (f"prompt {prompt[:40]!r}… is {n} tokens: like captions in training, it is cut at "
             f"textemb.max_token_length ({max_tokens})")
     if notes is not None and n > max_tokens and note not in notes:  # once, not once per row
         notes.append(note)
-    hidden, pooled = condition(arch, tokenizers, encoders, [prompt], clip_skip, max_tokens)
-    out = {"prompt_embeds": hidden} | ({"pooled_prompt_embeds": pooled} if sdxl else {})
-    if negative or not (sdxl and pipe.config.force_zeros_for_empty_prompt):
-        neg, neg_pooled = condition(arch, tokenizers, encoders, [negative or ""], clip_skip, max_tokens)
-        out |= {"negative_prompt_embeds": neg} | ({"negative_pooled_prompt_embeds": neg_pooled} if sdxl else {})
-    return out
+    hidden, pooled = fam.condition(tokenizers, encoders, [prompt], clip_skip, max_tokens)
+    neg = None
+    if negative or fam.encodes_empty_negative(pipe):
+        neg = fam.condition(tokenizers, encoders, [negative or ""], clip_skip, max_tokens)
+    return fam.prompt_arguments(pipe, hidden, pooled, neg)
 
 
 def precision_of(unet) -> str:
     return str(unet.dtype).removeprefix("torch.").replace("float32", "fp32").replace("float16", "fp16").replace(
         "bfloat16", "bf16")
-
-
-def make_pipeline(unet, vae, text_encoders: list, tokenizers: list, scheduler):
-    """A sampling pipeline around already loaded models (the training UNet, for one): SD, or SDXL with two encoders."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if len(text_encoders) == 2:
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
-                                         scheduler=scheduler)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def check_samplers(ctx: Context, settings: list[dict]) -> None:
@@ -172,9 +157,9 @@ def render(pipe, network, items: list[Item], store, notes: list | None = None) -
 def lora_network(ctx: Context, pipe):
     from ..network import from_config
 
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+    fam = runtime.family(ctx)
     # eval: no dropout of any kind (network, rank, module) while rendering
-    return from_config(ctx.project.section("network"), pipe.unet, encoders, runtime.arch(ctx)).eval()
+    return from_config(ctx.project.section("network"), pipe.unet, fam.encoders_of(pipe), fam.name).eval()
 
 
 def _render_missing(ctx: Context, missing: list[Item], store, notes: list) -> None:
@@ -240,8 +225,9 @@ class TrainingSampler:
         if self.pipe is None:
             toks, tes = (parts["tokenizers"], parts["text_encoders"]) if parts["text_encoders"] else \
                 runtime.text_models(self.ctx)
-            self.pipe = make_pipeline(parts["unet"], parts["vae"] or runtime.frozen(self.ctx, "vae"), tes, toks,
-                                      models.load_sampling_scheduler(runtime.model_dir(self.ctx)))
+            self.pipe = runtime.family(self.ctx).make_pipeline(
+                parts["unet"], parts["vae"] or runtime.frozen(self.ctx, "vae"), tes, toks,
+                models.load_sampling_scheduler(runtime.model_dir(self.ctx)))
         items = row_items(row, self.settings, self.base, precision_of(parts["unet"]), self.text)
         missing = [it for it in items if not self.store.has(it.hash)]
         self.reused += len(items) - len(missing)
@@ -319,7 +305,7 @@ def run(ctx: Context) -> dict:
     sr = StageRun(ctx, STAGE)
     name = ctx.project.output_name
     info = models.model_info(runtime.model_dir(ctx))
-    settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes, prompts.native_size(info))
+    settings = prompts.resolve(ctx.project.section("sample"), ctx.project.root, sr.notes, families.native_size(info))
     check_samplers(ctx, settings)
     blind = sorted({s["sampler"] for s in settings if s["sampler"] in NO_ZERO_SNR}) if info["zero_terminal_snr"] else []
     if blind:  # diffusers' schedulers without rescale_betas_zero_snr sample a ztsnr model on the plain schedule

@@ -68,9 +68,7 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ..textenc import condition
-
-    store, arch = ctx.store(STAGE, ".safetensors"), runtime.arch(ctx)
+    store, condition = ctx.store(STAGE, ".safetensors"), runtime.family(ctx).condition
     tokenizers, encoders = runtime.text_models(ctx)
     bs, computed = params["batch_size"], 0
     for i in range(0, len(missing), bs):
@@ -79,12 +77,12 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict) -> int:
             if not chunk:
                 continue
             with torch.inference_mode():
-                hidden, pooled = condition(arch, tokenizers, encoders, [it.id for it in chunk], params["clip_skip"],
+                hidden, pooled = condition(tokenizers, encoders, [it.id for it in chunk], params["clip_skip"],
                                            params["max_token_length"])
             ctx.check_inputs()  # the text encoder loaded is the one its identity names
             for j, it in enumerate(chunk):
                 tensors = {"hidden": hidden[j].float().cpu().contiguous()}
-                if pooled is not None:  # SDXL: the second encoder's pooled projection too
+                if pooled is not None:  # a family with a pooled text embedding (SDXL's second encoder's projection)
                     tensors["pooled"] = pooled[j].float().cpu().contiguous()
                 with store.put(it.hash, it.key, {"shape": list(hidden[j].shape)}) as tmp:
                     save_file(tensors, str(tmp))

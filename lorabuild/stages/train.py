@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import families
 from ..cache import atomic_write, checked_read, key_hash
 from ..captions import concept_options
 from ..config import thaw, without_newer
@@ -394,7 +395,7 @@ def _train(r: Run, resume: dict | None) -> list:
         from .. import prompts
 
         r.sampler = sample_stage.TrainingSampler(ctx, prompts.resolve(p.section("sample"), p.root, None,
-                                                                 prompts.native_size(r.info)),
+                                                                 families.native_size(r.info)),
                                                  ctx.ws.output_dir(name) / "samples")
 
     def at_point(network, parts: dict, row_id: str, epoch: int, step: int) -> None:
