@@ -98,11 +98,14 @@ def test_publishing_a_run_removes_its_files_no_longer_wanted(tmp_path):
     for h in ("final", "e1"):
         with store.put(h * 8, {"h": h}) as tmp:
             tmp.write_bytes(h.encode())
-    for stale in ("demo-000002.safetensors", "demo-step00000010.safetensors", "demo.new.safetensors", "other-000002.safetensors"):
+    names = ("demo-000002.safetensors", "demo-step00000010.safetensors", "demo.new.safetensors", "other-000002.safetensors")
+    for stale in names:
         (out / stale).write_bytes(b"old")
     (out / "demo-000003.new.safetensors").write_bytes(b"locked once")  # a side file of a file no longer wanted
     notes = []
     publish.publish_run(store, "final" * 8, {"demo-000001.safetensors": "e1" * 8}, out, "demo", None, notes)
-    assert sorted(p.name for p in out.iterdir()) == ["demo-000001.safetensors", "demo.safetensors", "other-000002.safetensors"]
-    assert (out / "demo.safetensors").read_bytes() == b"final" and (out / "demo-000001.safetensors").read_bytes() == b"e1"
+    assert sorted(p.name for p in out.iterdir()) == ["demo-000001.safetensors", "demo.safetensors",
+                                                     "other-000002.safetensors"]
+    assert (out / "demo.safetensors").read_bytes() == b"final"
+    assert (out / "demo-000001.safetensors").read_bytes() == b"e1"
     assert notes == []

@@ -119,9 +119,9 @@ def gather(ctx: Context, dataset) -> RunInputs:
     every = [Sample(i, tuple(latents[i]["bucket"]), concept_of[i].repeats, concept_of[i].is_reg, concept_of[i].is_val)
              for i in sorted(latents)]
     samples, held_out = project_samples(every, p.section("train"))
-    return RunInputs(dataset=dataset, captions=captions, latents=latents, lat_manifest=lat_manifest, cached=cached,
-                     te_id=te_id, unet_id=unet_id, mdir=mdir, info=info, samples=samples, val_samples=held_out,
-                     init_weights=init_weights(ctx))
+    return RunInputs(dataset=dataset, concept_of=concept_of, captions=captions, latents=latents,
+                     lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, mdir=mdir, info=info,
+                     samples=samples, val_samples=held_out, init_weights=init_weights(ctx))
 
 
 def project_run_plan(ctx: Context, key: dict, samples: list, world: int) -> RunPlan:

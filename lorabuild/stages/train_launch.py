@@ -28,6 +28,7 @@ class RunInputs:
     """What one training run reads: the images' captions and latents, and the base model."""
 
     dataset: object
+    concept_of: dict  # {image id: its concept}
     captions: dict  # {image id: caption} of the images the latents hold
     latents: dict  # {image id: latents manifest item}
     lat_manifest: dict
@@ -137,9 +138,9 @@ def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | Non
     emb_paths = None
     if inp.cached:
         emb_store = ctx.store("textemb", ".safetensors")
-        ck = lambda c: textemb.item_key(c, p.get("textemb.clip_skip"), p.get("textemb.max_token_length"), inp.te_id)  # noqa: E731
-        emb_paths = {c: emb_store.path(key_hash(ck(c))) for c in set(inp.captions.values())}
-    concept_of = {im.id: im.concept for im in inp.dataset.images}
+        clip_skip, max_tokens = p.get("textemb.clip_skip"), p.get("textemb.max_token_length")
+        emb_paths = {c: emb_store.path(key_hash(textemb.item_key(c, clip_skip, max_tokens, inp.te_id)))
+                     for c in set(inp.captions.values())}
     pixels = not inp.lat_manifest.get("cached", True)
     tin = TrainInputs(
         model_dir=inp.mdir, arch=inp.info["arch"], device=runtime.device(ctx), samples=inp.samples,
@@ -148,7 +149,7 @@ def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | Non
         pixels={i: (ctx.store("resize", ".png").path(e["src"]), e["resized"]) for i, e in inp.latents.items()}
         if pixels else None,
         caption=inp.captions,
-        caption_opts={i: concept_options(p.section("captions"), concept_of[i]) for i in inp.latents},
+        caption_opts={i: concept_options(p.section("captions"), inp.concept_of[i]) for i in inp.latents},
         embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
         plan=rp.plan, sample_points=frozenset(rp.points) | frozenset(rp.snapshot_points),
         sample=saver.point if rank.main and (saver.sampler or rp.snapshot_points) else None,  # rank 0 alone writes
