@@ -1,15 +1,19 @@
-"""Derived training numbers and the per-epoch batch order, from numbers only (no config, no torch).
+"""Derived training numbers, the per-epoch batch order and the run plan, from numbers, keys and
+the cache's entries only (no config, no torch).
 
 kohya's arithmetic (``train_util.BaseDataset``): every image is seen ``repeats`` times
 per epoch; batches hold images of one bucket; an optimizer step happens every
-``gradient_accumulation_steps`` batches.
+``gradient_accumulation_steps`` batches. The run plan (:class:`RunPlan`, :func:`decide`) says
+which files a run saves under which keys, and what the train stage restores or continues from.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from .cache import key_hash
 
 
 @dataclass(frozen=True)
@@ -161,3 +165,185 @@ def make_plan(samples: list[Sample], batch_size: int, grad_accum: int, epochs: i
         total_steps=total,
         processes=processes,
     )
+
+
+# --- the run plan: what one train run saves, under which keys, and what it starts from ---
+
+# Learning-rate schedules whose value at step s does not depend on the run's length: with
+# these, epoch e of a 10-epoch run equals epoch e of a 6-epoch run, so epochs, states and
+# snapshots are keyed without the length and a longer run continues a shorter one.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+# what only decides how long a run goes and what it keeps, never the weights at a given epoch
+LENGTH_PARAMS = ("epochs", "max_steps", "save_every_n_epochs", "save_every_n_steps")
+# output settings: they shape the saved files, never the weights
+OUTPUT_PARAMS = ("save_precision", "metadata", "bucket")
+
+
+def weights_key(key: dict, total_steps: int) -> dict:
+    """The run key without its length: what determines the weights after any given epoch."""
+    train = {k: v for k, v in key["params"]["train"].items() if k not in LENGTH_PARAMS}
+    wkey = {**key, "params": {**key["params"], "train": train}, "kind": "epoch-weights"}
+    if train["lr_scheduler"] not in LENGTH_FREE_SCHEDULES or train.get("lr_warmup_ratio") is not None:
+        wkey["total_steps"] = total_steps
+    return wkey
+
+
+def training_key(wkey: dict) -> dict:
+    """The weights key without the output settings: the key of the training states and of the
+    snapshots' full-precision weights, which every save precision and metadata share. A change of
+    output settings finds them and writes the saved files again from them, training nothing."""
+    return {**wkey, "params": {k: v for k, v in wkey["params"].items() if k not in OUTPUT_PARAMS}}
+
+
+def entry_key(wkey: dict, plan: TrainPlan, kind: str, epoch: int) -> dict:
+    """The key of the LoRA (``kind`` "epoch") or training state ("state") after ``epoch``. An
+    epoch that max_steps cuts short is a different thing from the whole epoch: its key says
+    where it stopped, so a longer run never takes it for a whole one."""
+    key = {**wkey, kind: epoch}
+    if plan.cut_short and epoch == plan.epochs:
+        key["until_step"] = plan.total_steps
+    return key
+
+
+def ema_key(wkey: dict, plan: TrainPlan, epoch: int) -> dict:
+    """The key of the EMA file of ``epoch`` (train.ema): the epoch's key, marked."""
+    return {**entry_key(wkey, plan, "epoch", epoch), "weights": "ema"}
+
+
+def step_save_points(every: int | None, plan: TrainPlan) -> dict[str, tuple[str, int]]:
+    """{row id: (label, step)} of the steps ``train.save_every_n_steps`` saves at (kohya
+    save_every_n_steps; the final step is the final file). Row ids are the sample stage's, so a
+    step that is also sampled uses the same file."""
+    if not every:
+        return {}
+    return {f"s{s:06d}": (f"step {s}", s) for s in range(every, plan.total_steps, every)}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Which files one run saves and the keys of each: saved epochs, in-training sample points
+    and the snapshots they need, step saves, training states."""
+
+    plan: TrainPlan
+    wkey: dict  # weights_key: the saved files' key
+    saved: frozenset  # the epochs saved as files (the last one always)
+    points: dict  # in-training sample points: {row id: (label, step)}
+    snapshot_points: dict  # points that need a LoRA file of their own (step saves included)
+    step_saves: dict  # train.save_every_n_steps: {row id: (label, step)}
+    with_ema: bool  # train.ema: each saved epoch has an EMA file too
+
+    @property
+    def tkey(self) -> dict:
+        """training_key(wkey): the key of training states and full-precision snapshots."""
+        return training_key(self.wkey)
+
+    def epoch_hash(self, epoch: int) -> str:
+        return key_hash(entry_key(self.wkey, self.plan, "epoch", epoch))
+
+    def state_hash(self, epoch: int) -> str:
+        return key_hash(entry_key(self.tkey, self.plan, "state", epoch))
+
+    def ema_hash(self, epoch: int) -> str:
+        return key_hash(ema_key(self.wkey, self.plan, epoch))
+
+    def snap_hash(self, row_id: str) -> str:
+        return key_hash({**self.wkey, "snapshot": row_id})
+
+    def full_hash(self, row_id: str) -> str:
+        """A snapshot's full-precision weights (LoRANetwork.full_weights), kept to write it again."""
+        return key_hash({**self.tkey, "snapshot": row_id})
+
+    def snapshots_until(self, epoch: int) -> list[tuple[str, str, int]]:
+        """(row id, label, step) of the snapshots taken up to the end of ``epoch``, by step."""
+        rows = sorted(self.snapshot_points.items(), key=lambda kv: kv[1][1])
+        return [(r, label, step) for r, (label, step) in rows if step <= self.plan.epoch_end_step(epoch)]
+
+
+def run_plan(key: dict, plan: TrainPlan, save_every: int | None, step_every: int | None, points: dict,
+             with_ema: bool) -> RunPlan:
+    """The run plan of the run ``key`` (train.save_every_n_epochs ``save_every``,
+    save_every_n_steps ``step_every``; ``points``: the sample stage's in-training points)."""
+    saved = frozenset(e for e in range(1, plan.epochs + 1) if e == plan.epochs or (save_every and e % save_every == 0))
+    # in-training sample points that need a LoRA file of their own (saved epochs have theirs)
+    snapshot_points = {r: v for r, v in points.items() if r != "base" and not (r[0] == "e" and int(r[1:]) in saved)}
+    step_saves = step_save_points(step_every, plan)
+    return RunPlan(plan=plan, wkey=weights_key(key, plan.total_steps), saved=saved, points=points,
+                   snapshot_points={**step_saves, **snapshot_points}, step_saves=step_saves, with_ema=with_ema)
+
+
+class Whole:
+    """Present and undamaged (each entry checked once per run): a damaged LoRA or state is
+    reported, removed and made again, never published, sampled or continued from."""
+
+    def __init__(self):
+        self.checked: dict[tuple[str, str], bool] = {}
+
+    def __call__(self, st, h: str) -> bool:
+        if (st.stage + st.ext, h) not in self.checked:
+            self.checked[(st.stage + st.ext, h)] = st.verified(h)
+        return self.checked[(st.stage + st.ext, h)]
+
+    def seen(self, st, h: str) -> None:
+        """``h`` was just written whole."""
+        self.checked[(st.stage + st.ext, h)] = True
+
+
+@dataclass
+class Start:
+    """Where a run starts (:func:`decide`): restored whole, or trained on after ``epoch`` (0: from
+    the start) with the saved epochs, snapshots and EMA files the store holds up to there."""
+
+    restore: bool = False  # the run's entry and all its files are in the store: nothing to train
+    epoch: int = 0
+    epochs: list = field(default_factory=list)  # [epoch, hash, step] of each saved epoch
+    snapshots: list = field(default_factory=list)  # [row id, label, step, hash]
+    emas: list = field(default_factory=list)  # [epoch, hash, step] of each EMA file (train.ema)
+
+
+def complete(rp: RunPlan, entry: dict | None, store, whole: Whole) -> bool:
+    """The run's entry (its store info) and every file it names, or the plan asks for, are whole."""
+    if entry is None or not all(whole(store, eh) for _, eh, *_ in entry.get("epochs", [])):
+        return False
+    have = {row_id: sh for row_id, _, _, sh in entry.get("snapshots", [])}
+    if rp.with_ema and not all(whole(store, eh) for _, eh, *_ in entry.get("ema", [])):
+        return False
+    return all(r in have and whole(store, have[r]) for r in rp.snapshot_points)
+
+
+def resume_point(rp: RunPlan, store, states, whole: Whole) -> int:
+    """The last epoch whose training state, saved epochs (and their EMA files) and snapshots are
+    all in the store, each saved file either as it is or as the full-precision weights to write it from."""
+    for e0 in range(rp.plan.epochs, 0, -1):
+        files = [(store, rp.epoch_hash(e), states, rp.state_hash(e)) for e in rp.saved if e <= e0]
+        files += [(store, rp.ema_hash(e), states, rp.state_hash(e)) for e in rp.saved if e <= e0 and rp.with_ema]
+        files += [(store, rp.snap_hash(r), states, rp.full_hash(r)) for r, (_, step) in rp.snapshot_points.items()
+                  if step <= rp.plan.epoch_end_step(e0)]
+        if (states.has(rp.state_hash(e0)) and all(a.has(ah) or b.has(bh) for a, ah, b, bh in files)
+                and whole(states, rp.state_hash(e0)) and all(whole(a, ah) or whole(b, bh) for a, ah, b, bh in files)):
+            return e0
+    return 0
+
+
+def decide(rp: RunPlan, entry: dict | None, store, states, whole: Whole) -> Start:
+    """Restore the run (``entry``, its store info, complete), or continue after the last epoch the
+    store holds (:func:`resume_point`), or train from the start. ``store``: the LoRA files,
+    ``states``: training states and full-precision snapshots; nothing is read but their entries."""
+    if complete(rp, entry, store, whole):
+        return Start(restore=True)
+    e0 = resume_point(rp, store, states, whole)
+    end = rp.plan.epoch_end_step
+    return Start(epoch=e0,
+                 epochs=[[e, rp.epoch_hash(e), end(e)] for e in sorted(rp.saved) if e <= e0],
+                 snapshots=[[r, label, step, rp.snap_hash(r)] for r, label, step in rp.snapshots_until(e0)],
+                 emas=[[e, rp.ema_hash(e), end(e)] for e in sorted(rp.saved) if e <= e0] if rp.with_ema else [])
+
+
+def start_note(rp: RunPlan, epoch: int, step: int | None, lr_scheduler: str) -> str | None:
+    """What the stage reports about where a run started (``step``: the resumed state's)."""
+    if epoch:
+        return (f"continued from the training state after epoch {epoch} (step {step})" if epoch < rp.plan.epochs
+                else f"assembled from epochs trained before (up to epoch {epoch})")
+    if "total_steps" in rp.wkey:
+        what = "warm-up ratio" if lr_scheduler in LENGTH_FREE_SCHEDULES else f"{lr_scheduler} schedule"
+        return f"trained from the start: the {what} depends on the run's length, so no earlier run can be continued"
+    return None

@@ -16,14 +16,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lorabuild"
 # low → high; a name ending in "." is a package prefix (every module under it)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("lorabuild", "errors", "cache", "workspace", "resources", "yamlio", "winenv", "precision",
-                    "progress", "publish", "faults", "images", "buckets", "multires", "captions", "dataset", "prompts",
+                    "progress", "faults", "images", "buckets", "multires", "captions", "dataset", "prompts",
                     "extras", "hints", "optimizers", "tagger", "trainplan", "losses", "ema", "lyco_options",
                     "gallery", "leftovers", "world", "dist", "kohya_scripts")),
     ("text and layout", ("textenc", "layout")),  # what the families build their conditioning and names from
     ("families", ("families", "families.")),  # one module per model family (SD1, SD2, SDXL, …): issue 21
     ("model", ("models", "folders", "blocks", "network", "lyco", "metadata", "detector")),
     ("config", ("config", "limits")),
-    ("training", ("trainer",)),
+    ("training", ("trainer", "publish")),  # publish: the run's saved files (kohya metadata) and their publishing
     ("stages", ("stages.",)),
     ("build", ("tasks",)),
     ("commands", ("status", "plan", "report", "watch", "tagcmd", "doctor", "worker", "serve", "serve.",
@@ -35,8 +35,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # imports of a higher layer that exist today, each to be removed by the named work
 KNOWN_UPWARD = {
     ("trainer", "stages.latents"),  # trainer reads latents from the store: trainsplit / families
-    ("stages.train", "plan"),  # the run plan's table printed from the command's module: trainsplit
-    ("stages.train", "report"),  # the loss plot: trainsplit
+    ("stages.train_launch", "plan"),  # the step plan's table printed from the command's module: a plan/report split
+    ("publish", "report"),  # the loss plot drawn by the report command's module: a plan/report split
 }
 # circles that exist today (as the sorted modules of each), each to be broken by the named work
 KNOWN_CIRCLES = {

@@ -64,3 +64,48 @@ def test_a_written_output_held_open(tmp_path, monkeypatch):
     winsim.install(held=[dst], monkeypatch=monkeypatch)
     got = publish.publish(None, dst, write=lambda tmp: tmp.write_bytes(b"new grid"))
     assert got == tmp_path / "grid.new.png" and got.read_bytes() == b"new grid" and dst.read_bytes() == b"old grid"
+
+
+def _run_entry():
+    # a 4-epoch run saving every epoch, step saves at 10 and 30, a sample snapshot at step 5, EMA files
+    return {"epochs": [[e, f"e{e}", 10 * e] for e in range(1, 5)],
+            "snapshots": [["s000005", "step 5", 5, "snap5"], ["s000010", "step 10", 10, "st10"],
+                          ["s000030", "step 30", 30, "st30"]],
+            "ema": [[e, f"m{e}", 10 * e] for e in range(1, 5)]}
+
+
+def test_a_runs_files_by_kohyas_names_with_keep_last_and_ema():
+    entry, steps = _run_entry(), {"s000010": ("step 10", 10), "s000030": ("step 30", 30)}
+    wanted, rows = publish.run_files(entry, "demo", [], False, steps, None)
+    assert wanted == {"demo-000001.safetensors": "e1", "demo-000002.safetensors": "e2", "demo-000003.safetensors": "e3",
+                      "demo-step00000010.safetensors": "st10", "demo-step00000030.safetensors": "st30"}
+    assert rows == [[10, "st10"], [30, "st30"]]  # the sample snapshot is no step save
+    # keep_last 2: the final file counts as one of the epochs, and the last 2 step saves stay
+    wanted, _ = publish.run_files(entry, "demo", [], False, steps, 2)
+    assert sorted(wanted) == ["demo-000003.safetensors", "demo-step00000010.safetensors", "demo-step00000030.safetensors"]
+    # EMA files beside the epochs, or in their place
+    wanted, _ = publish.run_files(entry, "demo", entry["ema"], False, {}, 2)
+    assert wanted == {"demo-000003.safetensors": "e3", "demo-ema.safetensors": "m4", "demo-ema-000003.safetensors": "m3"}
+    wanted, _ = publish.run_files(entry, "demo", entry["ema"], True, {}, 2)
+    assert wanted == {"demo-000003.safetensors": "m3"}
+
+
+def test_publishing_a_run_removes_its_files_no_longer_wanted(tmp_path):
+    from lorabuild.cache import Store
+
+    store, out = Store(tmp_path / "cache", "train", ".safetensors"), tmp_path / "out"
+    out.mkdir()
+    for h in ("final", "e1"):
+        with store.put(h * 8, {"h": h}) as tmp:
+            tmp.write_bytes(h.encode())
+    names = ("demo-000002.safetensors", "demo-step00000010.safetensors", "demo.new.safetensors", "other-000002.safetensors")
+    for stale in names:
+        (out / stale).write_bytes(b"old")
+    (out / "demo-000003.new.safetensors").write_bytes(b"locked once")  # a side file of a file no longer wanted
+    notes = []
+    publish.publish_run(store, "final" * 8, {"demo-000001.safetensors": "e1" * 8}, out, "demo", None, notes)
+    assert sorted(p.name for p in out.iterdir()) == ["demo-000001.safetensors", "demo.safetensors",
+                                                     "other-000002.safetensors"]
+    assert (out / "demo.safetensors").read_bytes() == b"final"
+    assert (out / "demo-000001.safetensors").read_bytes() == b"e1"
+    assert notes == []
