@@ -192,7 +192,7 @@ def _make(ctx: Context, inp: RunInputs, rp: RunPlan, start: Start, stores: tuple
 def run(ctx: Context, dataset) -> dict:
     sr = StageRun(ctx, STAGE)
     inp = gather(ctx, dataset)
-    key = run_key(ctx, dataset, inp.captions, inp.latents, inp.te_id, inp.unet_id, inp.cached)
+    key = run_key(ctx, inp.dataset, inp.captions, inp.latents, inp.te_id, inp.unet_id, inp.cached)  # multi-res: its samples
     h = key_hash(key)
     store = ctx.store(STAGE, ".safetensors")
     rp = project_run_plan(ctx, key, inp.samples, dist.launch_options(ctx.project).world)
