@@ -42,6 +42,11 @@ KEY_DEFAULTS = {"unet_target_modules": ["Transformer2DModel"], "text_encoder_tar
                 "constraint": 0, "rescaled": False, "train_on_input": False, "train_norm": False}
 
 
+# network fields added after sample tasks were first recorded: the sample task's record holds
+# them only when set, so an existing build is not re-run (it would compute nothing) for them
+SAMPLE_NEWER = {k: KEY_DEFAULTS[k] for k in ("constraint", "rescaled", "train_on_input", "train_norm")}
+
+
 def keyed(net: Mapping) -> dict:
     """The ``network`` section as the training key holds it: new fields only when they are set."""
     return without_newer({**net, "type": "lora"} if net.get("type") == "locon" else net, KEY_DEFAULTS)

@@ -123,8 +123,7 @@ def _project_status(root: Path, name: str) -> dict:
             added, removed = r.get("added_file_dep", []), r.get("removed_file_dep", [])
             changed = [x for x in r.get("changed_file_dep", []) if x not in added]
             why += _describe(added, "added") + _describe(removed, "removed") + _describe(changed, "changed")
-            for t in r.get("missing_target", []):
-                why.append(f"output {t} is missing")
+            why += [f"output {target} is missing" for target in r.get("missing_target", [])]
             if st.status == "error":
                 why.append(st.error_reason or "a dependency is missing")
         stale_up = [u for u in upstream(decl, t) if u in stages and stages[u]["state"] != "up to date"]

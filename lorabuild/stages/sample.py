@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import families
+from .. import blocks, families
+from ..cache import without_newer
 from ..publish import publish as publish_file, remove, up_to_date
 from .base import Context, Item, StageRun
 from . import runtime
@@ -347,4 +348,5 @@ def _deps(t: Inputs) -> list[str]:
 TASK = Stage(STAGE, VERSION, "the LoRA + sample.prompts → images and a grid in output/<name>/samples/",
              params=("sample", "network", "device", "textemb.clip_skip", "textemb.max_token_length") + MODEL,
              deps=_deps, run=lambda ctx, dataset: run(ctx),
+             extra=lambda p, cfg: {"network": without_newer(cfg["network"], blocks.SAMPLE_NEWER)},
              waits=lambda t: [(up_to_date, (str(t.out_dir / "samples"),))])
