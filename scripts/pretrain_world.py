@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--unet-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the UNet and the text encoder")
     p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR loss weighting gamma (0: plain MSE)")
+    p.add_argument("--noise-offset", type=float, default=0.0,
+                   help="offset noise (a random per-channel constant added to the noise): without it SD 1.5's "
+                        "schedule leaks each picture's mean colour into the last step, and samples from pure "
+                        "noise take their background from the seed, not the prompt")
     p.add_argument("--frozen-te", action="store_true", help="leave the text encoder at its random init")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-seeds", type=int, default=32, help="samples per prompt for the prompt accuracy")
@@ -204,7 +208,10 @@ def train_unet(args, latents, captions, te, tok, device, torch, init=None, done=
         with torch.set_grad_enabled(te.training):
             cond = te(ids).last_hidden_state
         t = torch.randint(0, 1000, (len(idx),), generator=g).to(device)
-        noise = torch.randn(z0.shape, generator=g).to(device)
+        noise = torch.randn(z0.shape, generator=g)
+        if args.noise_offset:
+            noise = noise + args.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=g)
+        noise = noise.to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         loss = _loss(unet(zt, t, cond).sample, noise, a, args.min_snr)
@@ -221,7 +228,8 @@ def train_unet(args, latents, captions, te, tok, device, torch, init=None, done=
         step += 1
         if step % 100 == 0:
             log(f"unet step {step} loss {loss.item():.4f}")
-    return ema.eval(), {"steps": step, "seconds": round(time.time() - start, 1)}
+    return ema.eval(), {"steps": step, "seconds": round(time.time() - start, 1), "lr": args.lr,
+                        "noise_offset": args.noise_offset, "min_snr": args.min_snr}
 
 
 def save(out: Path, vae, unet, te) -> None:
