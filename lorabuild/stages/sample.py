@@ -69,10 +69,8 @@ TEXT_DEFAULTS = {"clip_skip": 1, "max_token_length": 75}
 
 def text_settings(project, arch: str) -> dict:
     """The text-encoding settings a sample is rendered with (training's); SDXL knows no clip_skip."""
-    from ..families import family
-
     text = {k: project.get(f"textemb.{k}") for k in TEXT_DEFAULTS}
-    return {k: v for k, v in text.items() if not (k == "clip_skip" and not family(arch).clip_skip)}
+    return {k: v for k, v in text.items() if not (k == "clip_skip" and not families.family(arch).clip_skip)}
 
 
 def row_items(row: Row, settings: list[dict], base: dict, precision: str, text: dict) -> list[Item]:
@@ -95,9 +93,7 @@ def conditioning(pipe, prompt: str, negative: str, text: dict, notes: list | Non
     150/225 tokens are seen as in training. The prompt and the negative are encoded one at a
     time, as captions are. An empty negative is left to the SDXL pipeline, which makes it zeros
     (``force_zeros_for_empty_prompt``); SD 1/2's is encoded, as the pipeline itself would."""
-    from ..families import family_of
-
-    fam = family_of(pipe)
+    fam = families.family_of(pipe)
     tokenizers, encoders = fam.tokenizers_of(pipe), fam.encoders_of(pipe)
     clip_skip, max_tokens = text.get("clip_skip", 1), text["max_token_length"]
     n = len(pipe.tokenizer(prompt, verbose=False).input_ids) - 2
