@@ -150,6 +150,8 @@ def _computed(ws, build: str) -> dict:
 
 
 def test_single_file_base_model_end_to_end(demo):
+    demo.shorten()  # 4 steps an epoch: this test trains six times
+    demo.doit("train:demo", build="short")
     tiny = demo.root / "cache" / "models" / "tiny-sd1"
     models_dir = demo.root / "projects" / "models"
     f = _write_single_file(tiny, models_dir / "anime-merge.safetensors")

@@ -39,14 +39,15 @@ def _fresh_run(ws, build: str) -> dict:
 # the demo's settings would continue from; tests of continuing use their own seed.
 
 def test_raising_epochs_continues_the_last_run_and_equals_a_fresh_one(demo):
+    demo.shorten()
     demo.edit(lambda d: d["train"].update(epochs=1, seed=43))
     demo.doit("train:demo", build="one")
     assert "continued" not in _notes(demo)
     demo.edit(lambda d: d["train"].update(epochs=2))
     demo.doit("train:demo", build="extend")
-    assert "continued from the training state after epoch 1 (step 40)" in _notes(demo)
+    assert "continued from the training state after epoch 1 (step 5)" in _notes(demo)
     loss = (demo.root / "output/demo/loss.csv").read_text().splitlines()
-    assert len(loss) == 1 + 80 and loss[-1].startswith("80,2,")  # the log carries on from the first run
+    assert len(loss) == 1 + 10 and loss[-1].startswith("10,2,")  # the log carries on from the first run
     # TensorBoard: the continued run logs into the first one's folder, one point per step, as loss.csv has them
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -57,7 +58,7 @@ def test_raising_epochs_continues_the_last_run_and_equals_a_fresh_one(demo):
         if "loss/step" in acc.Tags()["scalars"]:
             logged[run_dir.name] = [(e.step, e.value) for e in acc.Scalars("loss/step")]
     csv_points = [(int(r.split(",")[0]), float(r.split(",")[2])) for r in loss[1:]]
-    matching = [pts for pts in logged.values() if [st for st, _ in pts] == list(range(1, 81))]
+    matching = [pts for pts in logged.values() if [st for st, _ in pts] == list(range(1, 11))]
     assert len(matching) == 1
     assert all(abs(v - c) < 1e-5 for (_, v), (_, c) in zip(matching[0], csv_points))
     continued = _weights(demo.root / "output/demo/demo.safetensors")
@@ -112,10 +113,13 @@ def _kill_after_state(ws, epoch: int, timeout: float = 300) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: process groups and SIGKILL")
 def test_a_killed_run_continues_from_its_last_state_and_ends_equal(demo):
-    demo.edit(lambda d: d["train"].update(epochs=3, seed=44))
+    demo.shorten()
+    demo.edit(lambda d: d["train"].update(epochs=4, seed=44))
+    before = set(_states(demo))  # the demo build's own states (seed 42) are in the store too
     _kill_after_state(demo, 2)
+    assert 4 not in {e for pt, e in _states(demo).items() if pt not in before}  # killed before its end
     demo.doit("train:demo", build="resume")
-    assert "continued from the training state after epoch 2 (step 80)" in _notes(demo)
+    assert "continued from the training state after epoch" in _notes(demo)
     resumed = _weights(demo.root / "output/demo/demo.safetensors")
     assert _same(resumed, _fresh_run(demo, "fresh"))
 
@@ -124,10 +128,9 @@ def _killed_short_run(tmp_path, train: dict, network: dict | None = None):
     """A fresh workspace whose demo sees its 16 images once per epoch (a few steps an epoch),
     with these train/network settings, killed after the state of epoch 1 and then continued."""
     ws = init_workspace(tmp_path / "ws")
-    folders = sorted(p.name for p in ws.data.iterdir() if p.is_dir())
+    ws.shorten()
 
     def short(d):
-        d["dataset"] = {"concepts": [{"path": f"demo/{f}", "repeats": 1} for f in folders]}
         d["train"].update(**train)
         d["network"].update(**(network or {}))
         d.pop("sample", None)

@@ -25,6 +25,8 @@ def _check_agreement(ws, build):
 
 
 def test_status_after_each_kind_of_edit(demo):
+    demo.shorten()  # 4 training steps an epoch: this test builds four times
+    demo.doit("sample:demo", build="short")
     assert all(v["state"] == "up to date" for v in _status(demo).values())
 
     demo.edit(lambda d: d["train"].update(learning_rate=0.001))

@@ -190,6 +190,7 @@ def _meta(path) -> dict:
 
 
 def test_locon_lion_loraplus_from_existing_weights_end_to_end(demo):
+    demo.shorten()
     lora = demo.root / "output/demo/demo.safetensors"
     start = demo.root / "projects/start.safetensors"
     start.write_bytes(lora.read_bytes())
@@ -259,6 +260,8 @@ def test_debiased_weights_are_one_over_root_snr():
 
 
 def test_memory_and_noise_options_change_training_as_they_should(demo):
+    demo.shorten()
+    demo.doit("train:demo", build="short")
     out = demo.root / "output/demo/demo.safetensors"
     plain = load_file(str(out))
     demo.edit(lambda d: d["train"].update(gradient_checkpointing=True))
@@ -289,17 +292,18 @@ def test_keep_last_keeps_the_last_saved_epochs_only(demo):
 
 
 def test_validation_split_holds_images_out_and_logs_their_loss(demo):
+    demo.shorten()
     demo.edit(lambda d: d["train"].update(epochs=2, validation_split=0.25))
     plan = json.loads(demo.lorabuild("plan", "demo", "--json").stdout)
     held = [w for w in plan["warnings"] if "held out for validation" in w]
     assert held and held[0].startswith("4 image(s)")
-    assert plan["steps"]["samples_per_epoch"] == 12 * 10
+    assert plan["steps"]["samples_per_epoch"] == 12
     demo.doit("train:demo", build="val")
     out = demo.root / "output/demo"
     rows = (out / "val_loss.csv").read_text().splitlines()
-    assert rows[0] == "epoch,step,val_loss" and [r.split(",")[:2] for r in rows[1:]] == [["1", "30"], ["2", "60"]]
+    assert rows[0] == "epoch,step,val_loss" and [r.split(",")[:2] for r in rows[1:]] == [["1", "4"], ["2", "8"]]
     rep = json.loads(demo.lorabuild("report", "demo", "--json").stdout)
-    assert rep["steps"] == 60 and len(rep["validation_loss"]) == 2
+    assert rep["steps"] == 8 and len(rep["validation_loss"]) == 2
     assert rep["validation_loss"] == [float(r.split(",")[2]) for r in rows[1:]]
     # a run extended by one epoch measures the first two epochs the same way (fixed noise and timesteps)
     demo.edit(lambda d: d["train"].update(epochs=3))
@@ -323,6 +327,7 @@ def _make_rgba(path, transparent_left: bool = True) -> None:
 
 
 def test_masked_loss_masks_images_with_alpha_and_keeps_the_others_entries(demo):
+    demo.shorten()
     folder = demo.data / "10_redcircle shape"
     alpha_images = sorted(folder.glob("*.png"))[:4]
     for p in alpha_images:
@@ -370,8 +375,9 @@ def _val_image(src, dst) -> None:
 
 def test_val_dirs_are_measured_every_epoch_and_never_trained_on(demo):
     lora = demo.root / "output/demo/demo.safetensors"
+    demo.shorten()
     demo.edit(lambda d: d["train"].update(epochs=2))
-    demo.doit("train:demo", build="two")  # continues the one-epoch demo run
+    demo.doit("train:demo", build="two")
     plain = load_file(str(lora))
     red = sorted((demo.data / "10_redcircle shape").glob("*.png"))
     for i in range(2):
@@ -379,20 +385,20 @@ def test_val_dirs_are_measured_every_epoch_and_never_trained_on(demo):
     demo.edit(lambda d: d["dataset"].update(val_dirs=["val"]))
     plan = json.loads(demo.lorabuild("plan", "demo", "--json").stdout)
     assert plan["validation"] == {"images": 2, "held_out": 0, "val_images": 2}
-    assert plan["steps"]["samples_per_epoch"] == 160 and plan["steps"]["total_steps"] == 80  # val images do not count
+    assert plan["steps"]["samples_per_epoch"] == 16 and plan["steps"]["total_steps"] == 10  # val images do not count
     assert "validation: 2 images" in demo.lorabuild("plan", "demo").stdout
     demo.doit("train:demo", build="val")
     assert demo.report("resize")["computed"] == 2 and demo.report("latents")["computed"] == 2
     rows = (demo.root / "output/demo/val_loss.csv").read_text().splitlines()
-    assert [r.split(",")[:2] for r in rows[1:]] == [["1", "40"], ["2", "80"]]
+    assert [r.split(",")[:2] for r in rows[1:]] == [["1", "5"], ["2", "10"]]
     rep = json.loads(demo.lorabuild("report", "demo", "--json").stdout)
-    assert rep["steps"] == 80 and len(rep["validation_loss"]) == 2
+    assert rep["steps"] == 10 and len(rep["validation_loss"]) == 2
     # never trained on: the LoRA is the one trained without them, bit for bit
     with_val = load_file(str(lora))
     assert all(torch.equal(plain[k], with_val[k]) for k in plain)
     md = _meta(lora)
     assert "val" not in json.loads(md["ss_tag_frequency"]) and "val" not in json.loads(md["ss_dataset_dirs"])
-    assert md["ss_num_train_images"] == "160"
+    assert md["ss_num_train_images"] == "16"
     # another validation image: measured from the first epoch again (the rows are part of the run),
     # with the same weights; only the new image is cached
     _val_image(red[2], demo.root / "projects/val/v2.png")
