@@ -57,6 +57,11 @@ class Family:
     bucket_step = 64  # latents are 1/8 of the pixels and the UNet halves them 3 times
     native_size = 512  # the side the model was trained at: default sample size
     pipeline_class = "StableDiffusionPipeline"
+    # --- the denoiser: its component folder and diffusers class (a UNet, or a flow model's transformer)
+    denoiser_part = "unet"
+    denoiser_class = "UNet2DConditionModel"
+    # --- the objective's settings a flow family fills in where train leaves them null (flow.FlowSettings)
+    flow_defaults: dict = {}
 
     # --- detection ------------------------------------------------------------------------------
     def claims(self, parts: set[str], te_config: dict) -> bool:
@@ -80,6 +85,21 @@ class Family:
     def text_encoder_class(self, which: str) -> str:
         """The transformers class of text encoder ``which``."""
         return "CLIPTextModel"
+
+    def tokenizer_class(self, which: str) -> str:
+        """The transformers class of tokenizer ``which`` (tokenizer, tokenizer_2, …)."""
+        return "CLIPTokenizer"
+
+    # --- the training objective ------------------------------------------------------------------
+    def objective(self, scheduler_config: dict) -> str:
+        """What the denoiser predicts: "eps" or "v" (DDPM, from the scheduler's prediction type), or
+        "flow" (rectified flow's velocity, lorabuild/flow.py). The trainer asks this (objective.make)."""
+        return "v" if scheduler_config.get("prediction_type") == "v_prediction" else "eps"
+
+    def predict(self, denoiser, noisy, t, hidden, added):
+        """The denoiser's prediction for ``noisy`` latents ``[B, C, h, w]`` at ``t`` (DDPM steps, or
+        σ for a flow family), in the latents' shape: one call for training and validation."""
+        return denoiser(noisy, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
     def metadata_version(self, prediction_type: str) -> str:
         return self.base_model_version
@@ -136,10 +156,17 @@ class Family:
                 if getattr(pipe, p, None) is not None]
 
     # --- text conditioning -----------------------------------------------------------------------
+    def text_options(self, textemb: dict, model_dir) -> dict:
+        """The family's own text-encoding settings from the ``textemb`` section, passed to
+        :meth:`condition` as keywords and keyed where embeddings are (FLUX's T5 length and mask);
+        none for the CLIP-only families, whose keys stay as they were."""
+        return {}
+
     def condition(self, tokenizers: list, text_encoders: list, captions: list[str], clip_skip: int = 1,
-                  max_token_length: int = 75):
+                  max_token_length: int = 75, **options):
         """(hidden states, pooled or None) for ``captions``: what the denoiser is conditioned on.
-        One function for the textemb cache, training and sampling, so they agree."""
+        One function for the textemb cache, training and sampling, so they agree; ``options``:
+        :meth:`text_options`."""
         from ..textenc import encode
 
         return encode(tokenizers[0], text_encoders[0], captions, clip_skip, max_token_length), None
@@ -154,6 +181,10 @@ class Family:
         if negative is not None:
             out["negative_prompt_embeds"] = negative[0]
         return out
+
+    def guidance_arguments(self, settings: dict) -> dict:
+        """The pipeline's guidance keywords for a sample's settings (``prompts.resolve``): CFG's scale."""
+        return {"guidance_scale": settings["cfg"]}
 
     def encodes_empty_negative(self, pipe) -> bool:
         """Whether an empty negative prompt is encoded (SD 1/2) or left to the pipeline (SDXL: zeros)."""
