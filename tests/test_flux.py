@@ -107,20 +107,25 @@ def test_schnell_builds_end_to_end_without_guidance(tmp_path):
 # ------------------------------------------------------------------ the file in diffusers
 
 
+def _at_tiny_width(fn, real: str, tiny: str):
+    """diffusers' function ``fn`` with the tiny model's width in place of the real FLUX.1's, which
+    its FLUX converters hard-code (3072 wide, single blocks' MLP 12288); nothing else changed."""
+    src = inspect.getsource(fn)
+    assert src.count(real) == 1
+    ns: dict = {}
+    exec(compile(src.replace(real, tiny), inspect.getsourcefile(fn), "exec"), fn.__globals__, ns)
+    return ns[fn.__name__]
+
+
 def _tiny_width_converter(monkeypatch, inner: int):
-    """diffusers' kohya-FLUX converter with the tiny model's single-block widths: it hard-codes the
-    real FLUX.1's (3072 × 3 + 12288) for ``linear1``; nothing else about it is changed."""
+    """diffusers' kohya-FLUX LoRA converter, as load_lora_weights calls it, at the tiny width."""
     from diffusers.loaders import lora_conversion_utils as lcu
     from diffusers.loaders import lora_pipeline
 
-    src = inspect.getsource(lcu._convert_kohya_flux_lora_to_diffusers)
-    real = "dims=[3072, 3072, 3072, 12288]"
-    assert src.count(real) == 1
-    ns: dict = {}
-    exec(compile(src.replace(real, f"dims=[{inner}, {inner}, {inner}, {4 * inner}]"), lcu.__file__, "exec"),
-         lcu.__dict__, ns)
-    monkeypatch.setattr(lora_pipeline, "_convert_kohya_flux_lora_to_diffusers", ns["_convert_kohya_flux_lora_to_diffusers"])
-    return ns["_convert_kohya_flux_lora_to_diffusers"]
+    fn = _at_tiny_width(lcu._convert_kohya_flux_lora_to_diffusers, "dims=[3072, 3072, 3072, 12288]",
+                        f"dims=[{inner}, {inner}, {inner}, {4 * inner}]")
+    monkeypatch.setattr(lora_pipeline, "_convert_kohya_flux_lora_to_diffusers", fn)
+    return fn
 
 
 def _inputs(transformer):
@@ -194,3 +199,31 @@ def test_the_lora_file_has_kohya_names_and_loads_into_diffusers_with_the_same_ou
     assert not torch.allclose(ours, _theirs(folder, bad), atol=1e-5)
     with pytest.raises(ValueError, match="not block-diagonal"):
         _ours(folder, bad, project)
+
+
+def test_a_bfl_single_file_written_from_the_tiny_transformer_loads_to_identical_weights(dev, monkeypatch, tmp_path):
+    """BFL's layout (flux1-dev.safetensors: fused qkv, linear1, (shift, scale) final modulation),
+    read back by diffusers' from_single_file."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import single_file_model, single_file_utils
+
+    from lorabuild.families.flux_checkpoint import bfl_state_dict
+
+    folder = dev.root / "cache" / "models" / "tiny-flux"
+    transformer = models.load_unet(folder)
+    sd = bfl_state_dict(transformer)
+    assert sd["double_blocks.0.img_attn.qkv.weight"].shape == (96, 32)
+    assert sd["single_blocks.0.linear1.weight"].shape == (224, 32) and "guidance_in.in_layer.weight" in sd
+    path = tmp_path / "flux1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    fn = _at_tiny_width(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers, "inner_dim = 3072",
+                        "inner_dim = 32")
+    monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"],
+                        "checkpoint_mapping_fn", fn)
+    loaded = FluxTransformer2DModel.from_single_file(str(path), config=str(folder), subfolder="transformer",
+                                                     local_files_only=True, torch_dtype=torch.float32)
+    ours, theirs = transformer.state_dict(), loaded.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # as a project's base_model it is refused with the reason, not converted half-way
+    with pytest.raises(models.ModelError, match="FLUX.1 single file cannot be a base_model yet"):
+        models.resolve_base_model(str(path), tmp_path, tmp_path / "cache", {})
