@@ -2,7 +2,8 @@
 caches and retrains incrementally like the SD demo, and the trained file, in kohya/BFL names,
 loads into diffusers' FluxPipeline with every key consumed and the same transformer output.
 
-One build per variant, shared by the module's tests (a small dataset, 2 optimizer steps)."""
+One cold dev build (a small dataset, 2 optimizer steps) shared by the module's tests; the others
+work on copies of it."""
 from __future__ import annotations
 
 import inspect
@@ -34,7 +35,7 @@ def _flux_workspace(root, model: str):
     doc["bucket"] = {"resolution": 64, "min_reso": 64, "max_reso": 128, "step": 16}
     doc["textemb"] = {"cache": "auto", "t5_max_length": 16}
     doc["train"].update(epochs=1, max_steps=2, save_every_n_epochs=1)
-    doc["sample"] = {"baseline": False, "width": 64, "height": 64, "steps": 4 if "schnell" in model else 2,
+    doc["sample"] = {"baseline": False, "width": 64, "height": 64, "steps": 2,
                      "prompts": ["redcircle, shape --g 3.0"]}
     ws.yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     ws.cold = ws.doit("sample:demo", build="cold")
@@ -83,19 +84,24 @@ def test_adding_an_image_encodes_one_latent_and_one_caption_and_a_train_change_n
     src = ws.data / "10_redcircle shape"
     shutil.copy2(TINY_DEMO / "demo" / "10_redcircle shape" / "redcircle_02.png", src / "redcircle_02.png")
     (src / "redcircle_02.txt").write_text("redcircle, shape, a new caption", encoding="utf-8")
-    ws.doit("train:demo", build="add")
-    assert (_computed(ws, "latents"), _computed(ws, "textemb"), _computed(ws, "train")) == (1, 1, 1)
+    ws.doit("latents:demo", "textemb:demo", build="add")
+    assert (_computed(ws, "latents"), _computed(ws, "textemb")) == (1, 1)
     ws.edit(lambda d: d["train"].update(learning_rate=0.0005))
-    ws.doit("train:demo", build="lr")
+    ws.doit("train:demo", build="lr")  # trains on the five images
     ran = ws.ran("lr")
-    assert "train" in ran and _computed(ws, "train") == 1
+    assert "train" in ran and _computed(ws, "train") == 1 and len(ws.manifest("latents")["items"]) == 5
     for stage in ("latents", "textemb"):  # up to date, or run and computed nothing
         assert stage not in ran or _computed(ws, stage) == 0
 
 
-def test_schnell_builds_end_to_end_without_guidance(tmp_path):
-    ws = _flux_workspace(tmp_path / "ws", "tiny-flux-schnell")
-    assert _computed(ws, "train") == 1 and _computed(ws, "sample") == 1
+def test_schnell_builds_end_to_end_without_guidance_on_devs_cached_latents_and_embeddings(dev, tmp_path):
+    """schnell shares dev's VAE and text encoders (the tiny ones are made alike, as the real ones
+    are the same files): switching the project to it trains and samples anew and encodes nothing."""
+    ws = copy_workspace(dev, tmp_path / "ws")
+    ws.edit(lambda d: (d.update(base_model="builtin:tiny-flux-schnell"), d["sample"].update(steps=4)))
+    ws.doit("sample:demo", build="schnell")
+    assert {s: _computed(ws, s) for s in ("latents", "textemb", "train", "sample")} == \
+        {"latents": 0, "textemb": 0, "train": 1, "sample": 1}
     cfg = json.loads((ws.root / "cache" / "models" / "tiny-flux-schnell" / "transformer" / "config.json").read_text())
     sched = json.loads((ws.root / "cache" / "models" / "tiny-flux-schnell" / "scheduler" / "scheduler_config.json")
                        .read_text())
@@ -227,3 +233,17 @@ def test_a_bfl_single_file_written_from_the_tiny_transformer_loads_to_identical_
     # as a project's base_model it is refused with the reason, not converted half-way
     with pytest.raises(models.ModelError, match="FLUX.1 single file cannot be a base_model yet"):
         models.resolve_base_model(str(path), tmp_path, tmp_path / "cache", {})
+
+
+def test_the_g_prompt_flag_is_devs_embedded_guidance_and_only_set_prompts_carry_it(tmp_path):
+    from lorabuild import prompts
+
+    assert prompts.parse_line("a cat --g 2.5 --s 4") == {"prompt": "a cat", "guidance": 2.5, "steps": 4}
+    cfg = {"prompts": ["a cat --g 2.5", "a dog"], "negative": "", "width": 64, "height": 64, "steps": 4, "cfg": 7.0,
+           "seed": 1, "sampler": "euler", "lora_weight": 1.0}
+    with_g, without = prompts.resolve(cfg, tmp_path)
+    assert with_g["guidance"] == 2.5 and "guidance" not in without  # SD prompts' settings (their keys) unchanged
+    flux, sd1 = family("flux"), family("sd1")
+    assert flux.guidance_arguments(with_g) == {"guidance_scale": 2.5}
+    assert flux.guidance_arguments(without) == {"guidance_scale": 3.5}  # FluxPipeline's own default
+    assert sd1.guidance_arguments(with_g) == {"guidance_scale": 7.0}  # CFG, as before
