@@ -247,3 +247,35 @@ def test_the_g_prompt_flag_is_devs_embedded_guidance_and_only_set_prompts_carry_
     assert flux.guidance_arguments(with_g) == {"guidance_scale": 2.5}
     assert flux.guidance_arguments(without) == {"guidance_scale": 3.5}  # FluxPipeline's own default
     assert sd1.guidance_arguments(with_g) == {"guidance_scale": 7.0}  # CFG, as before
+
+
+def test_fused_names_round_trip_with_a_part_left_out_and_refuse_unequal_ranks():
+    """q and v trained, k excluded: the fused layer's k rows and columns are zeros, and reading the
+    file back gives q and v exactly; parts of another rank cannot share one fused layer."""
+    from lorabuild.families.flux_names import from_bfl, fused_widths, to_bfl
+
+    g = torch.Generator().manual_seed(0)
+    cfg = {"num_attention_heads": 2, "attention_head_dim": 4, "num_layers": 1, "num_single_layers": 0}
+    widths = fused_widths(cfg)
+
+    def lora(name, r=2, alpha=1.0):
+        return {f"{name}.lora_down.weight": torch.randn(r, 8, generator=g),
+                f"{name}.lora_up.weight": torch.randn(8, r, generator=g), f"{name}.alpha": torch.tensor(alpha)}
+
+    ours = {**lora("lora_unet_transformer_blocks_0_attn_to_q"), **lora("lora_unet_transformer_blocks_0_attn_to_v"),
+            **lora("lora_unet_transformer_blocks_0_ff_net_2")}
+    saved = to_bfl(ours, widths)
+    assert set(saved) == {f"lora_unet_double_blocks_0_{m}.{p}" for m in ("img_attn_qkv", "img_mlp_2")
+                          for p in ("lora_down.weight", "lora_up.weight", "alpha")}
+    up, down = saved["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], \
+        saved["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert up.shape == (24, 6) and down.shape == (6, 8) and float(saved["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3
+    assert not up[8:16].any() and not down[2:4].any()  # k: nothing
+    # the fused LoRA is the parts' sum: q's rows get q's update, v's rows v's (alpha/rank equal)
+    fused = up @ down * (3 / 6)
+    q = ours["lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight"] @ ours["lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"] / 2
+    assert torch.allclose(fused[:8], q)
+    back = from_bfl(saved, widths, {n.split(".")[0] for n in ours})
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    with pytest.raises(ValueError, match="differ in rank or alpha"):
+        to_bfl({**ours, **lora("lora_unet_transformer_blocks_0_attn_to_k", r=4)}, widths)
