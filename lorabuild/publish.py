@@ -180,9 +180,11 @@ class Exporter:
     def _layout(self, tensors: dict) -> dict:
         """The family's file layout of the trained tensors (FLUX: BFL's names, q/k/v fused)."""
         from . import models
-        from .families import family
+        from .families import Family, family
 
         fam = family(self.inp.info["arch"])
+        if type(fam).saved_layout is Family.saved_layout:  # SD: the trained names are the file's
+            return tensors
         return fam.saved_layout(tensors, models.read_config(self.inp.mdir, fam.denoiser_part))
 
     def export(self, tensors: dict, ekey: dict, epoch: int, step: int, stamp: dict, ema: bool = False) -> str:
