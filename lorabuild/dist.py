@@ -171,13 +171,14 @@ def _denoiser_class():
         is held in a list, so DDP neither broadcasts nor reduces it): DDP needs the forward
         to pass through the module it wraps."""
 
-        def __init__(self, unet, network):
+        def __init__(self, unet, network, predict):
             super().__init__()
             self.network = network
             self._unet = [unet]
+            self._predict = predict  # the family's call of its denoiser (Family.predict)
 
         def forward(self, noisy, t, hidden, added):
-            return self._unet[0](noisy, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+            return self._predict(self._unet[0], noisy, t, hidden, added)
 
     return Denoiser
 
@@ -186,9 +187,9 @@ class Denoise:
     """``denoise(noisy, t, hidden, added)`` → the UNet's prediction; with several ranks through
     DDP, whose gradient all-reduce runs only on a step's last micro-batch."""
 
-    def __init__(self, unet, network, rank: Rank, device):
+    def __init__(self, unet, network, rank: Rank, device, predict):
         self.rank = rank
-        self.module = _denoiser_class()(unet, network)
+        self.module = _denoiser_class()(unet, network, predict)
         self.ddp = None
         if rank.world > 1:
             from torch.nn.parallel import DistributedDataParallel

@@ -72,8 +72,9 @@ def _shipped_digest(name: str) -> str | None:
 def _add_slow_tokenizer_files(folder: Path) -> None:
     # transformers 5 saves only tokenizer.json; transformers 4's slow CLIPTokenizer (the
     # class model_index.json names) needs vocab.json + merges.txt, as in SD 1.5's folder.
+    index = _read_json(folder / "model_index.json", {})
     for tok in ("tokenizer", "tokenizer_2"):
-        if (folder / tok).is_dir():
+        if (folder / tok).is_dir() and index.get(tok, [None, "CLIPTokenizer"])[1] == "CLIPTokenizer":
             for fname in ("vocab.json", "merges.txt"):
                 if not (folder / tok / fname).is_file():
                     shutil.copyfile(TOKENIZER_DIR / fname, folder / tok / fname)
@@ -156,7 +157,7 @@ def _diffusers_folder(path: Path) -> Path:
     if not isinstance(index, dict):
         raise ModelError(f"{path} is not a diffusers model folder: model_index.json is missing or unreadable")
     # Only the parts lorabuild loads: a folder whose safety_checker/ was deleted is fine.
-    needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    needed = ("unet", "transformer", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
     missing = [c for c in needed if _listed(index, c) and not (path / c).is_dir()]
     if missing:
         folders = ", ".join(c + "/" for c in missing)
@@ -313,6 +314,9 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
         names = list(FAMILIES)
         raise ModelError(f"{path}: cannot tell {' / '.join(n.upper() for n in names)} from its keys (no known text "
                          f"encoder or UNet layout); set model_type: {', '.join(names[:-1])} or {names[-1]}")
+    if not family(arch).single_file:
+        raise ModelError(f"{path}: a {family(arch).title} single file cannot be a base_model yet (its text encoders and "
+                         "VAE are separate files); use the model's diffusers folder")
     cfg_dir = _config_dir(opts, arch, project_root)
     marked = checkpoint_markers(tensors, arch, opts)
     pred = marked.get("prediction_type", opts.get("prediction_type", "auto"))
@@ -484,6 +488,8 @@ def component_identity(model_dir: Path, component: str, hashes) -> str:
     path+size+mtime, so a multi-GB UNet is read once, not on every build. File names
     are hashed with their content, not their folder, so a moved model keeps its identity.
     """
+    if component == "unet":  # the denoiser, whatever its folder (a flow model's transformer/)
+        component = family_of(model_info(model_dir)).denoiser_part
     folder = Path(model_dir) / component
     files = weight_files(model_dir, component)
     if not files:
@@ -507,6 +513,11 @@ def _read_json(path: Path, default=None):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return default
+
+
+def read_config(model_dir: Path, component: str) -> dict:
+    """A component's JSON config (``unet``, ``transformer``, ``vae``, …, ``scheduler``)."""
+    return _config(model_dir, component)
 
 
 def _config(model_dir: Path, component: str) -> dict:
@@ -534,6 +545,7 @@ def model_info(model_dir: Path) -> dict:
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "zero_terminal_snr": bool(sched.get("rescale_betas_zero_snr")),  # a ztsnr checkpoint's schedule
         "latent_scale": vae.get("scaling_factor", 0.18215),
+        "latent_shift": vae.get("shift_factor"),  # FLUX.1's VAE: latents are (x − shift)·scale
         "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
         "latent_channels": vae.get("latent_channels", 4),
         "te_max_length": te.get("max_position_embeddings", 77),
@@ -579,10 +591,13 @@ def load_vae(model_dir: Path, device="cpu", dtype=None):
 
 
 def load_unet(model_dir: Path, device="cpu", dtype=None):
-    from diffusers import UNet2DConditionModel
+    """The denoiser: the UNet, or a flow family's transformer (``Family.denoiser_part``/``denoiser_class``)."""
+    import diffusers
 
     _offline()
-    unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet", local_files_only=True)
+    fam = family_of(model_info(model_dir))
+    unet = getattr(diffusers, fam.denoiser_class).from_pretrained(str(model_dir), subfolder=fam.denoiser_part,
+                                                                  local_files_only=True)
     return _frozen(unet, device, dtype)
 
 
@@ -597,17 +612,19 @@ def load_text_encoder(model_dir: Path, device="cpu", dtype=None, which: str = "t
 
 
 def load_tokenizer(model_dir: Path, device=None, dtype=None, which: str = "tokenizer"):
-    """The CLIP tokenizer, or SDXL's ``tokenizer_2`` (``device``/``dtype``: a uniform loader signature, unused)."""
-    from transformers import CLIPTokenizer
+    """The CLIP tokenizer, SDXL's ``tokenizer_2``, FLUX's T5 one: the family's class (``device``/``dtype``:
+    a uniform loader signature, unused)."""
+    import transformers
 
     _offline()
-    return CLIPTokenizer.from_pretrained(str(model_dir), subfolder=which, local_files_only=True)
+    cls = getattr(transformers, family_of(model_info(model_dir)).tokenizer_class(which))
+    return cls.from_pretrained(str(model_dir), subfolder=which, local_files_only=True)
 
 
 def text_parts(model_dir: Path) -> tuple[str, ...]:
     """The text encoders a model has: ("text_encoder",) or SDXL's ("text_encoder", "text_encoder_2")."""
     index = _read_json(Path(model_dir) / "model_index.json", {})
-    return ("text_encoder", "text_encoder_2") if _listed(index, "text_encoder_2") else ("text_encoder",)
+    return tuple(p for p in family_of(model_info(model_dir)).text_parts if _listed(index, p)) or ("text_encoder",)
 
 
 NOISE_KEYS = ("prediction_type", "beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "trained_betas",
@@ -644,6 +661,6 @@ def load_pipeline(model_dir: Path, device="cpu", dtype=None):
     _offline()
     fam = family_of(model_info(model_dir))
     pipe = fam.from_pretrained(model_dir)
-    for part in (pipe.unet, pipe.vae, *fam.encoders_of(pipe)):
+    for part in (getattr(pipe, fam.denoiser_part), pipe.vae, *fam.encoders_of(pipe)):
         _frozen(part, device, dtype)
     return pipe.to(device)

@@ -213,6 +213,8 @@ class LoRANetwork(nn.Module):
         ``make(name, module, dim, alpha)``: the module to train there (default: kohya's LoRA)."""
         super().__init__()
         family(arch)  # an unknown architecture: ValueError before any module is looked at
+        if tuple(unet_targets) == UNET_TARGETS:  # the default (SD's Transformer2DModel): the family's own targets
+            unet_targets = family(arch).unet_targets
         conv = bool(conv_dim) or bool(blocks and blocks["conv_dims"])
         found = _candidates(unet, text_encoders if train_text_encoder else [], arch, train_unet, conv,
                             unet_targets, te_targets)
@@ -242,6 +244,7 @@ class LoRANetwork(nn.Module):
         self.te_counts = [sum(1 for p, _ in made if p == k) for k in range(1, len(text_encoders) + 1)] \
             if train_text_encoder and text_encoders else []
         self.arch = arch
+        self.denoiser_config = dict(getattr(unet, "config", {}) or {})  # the saved layout's widths (FLUX's fused qkv)
         self.block_lr_weight = blocks["lr_weights"] if blocks else None
 
     def apply(self) -> None:
@@ -319,7 +322,7 @@ class LoRANetwork(nn.Module):
         return sd
 
     def save(self, path: str | Path, dtype=torch.float16, metadata: dict[str, str] | None = None) -> None:
-        write_kohya(self.state_dict_kohya(), path, dtype, metadata)
+        write_kohya(family(self.arch).saved_layout(self.state_dict_kohya(), self.denoiser_config), path, dtype, metadata)
 
     def full_weights(self) -> dict:
         """The weights at full precision with the modules' names: what a training state or a
@@ -334,8 +337,12 @@ class LoRANetwork(nn.Module):
         returned). Extra modules or other shapes are an error either way."""
         from safetensors.torch import load_file
 
-        loaded = load_file(str(path))
         mine = self.state_dict_kohya()
+        try:  # the family's file layout (FLUX: BFL's fused names) back to the modules trained
+            loaded = family(self.arch).trained_layout(load_file(str(path)), self.denoiser_config,
+                                                     {m.lora_name for m in self.loras})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         missing = check_layout(path, mine, loaded, strict)
         with torch.no_grad():
             for k, v in mine.items():
@@ -408,6 +415,9 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         raise NetworkConfigError(str(exc)) from None
     cls, extra = LoRANetwork, {}
     if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA…: LyCORIS' modules (optional package)
+        if family(arch).network_module != "networks.lora":
+            raise NetworkConfigError(f"network.type: {net['type']} is not available for {family(arch).title} yet "
+                                     "(its files' layout is LoRA's); use lora")
         from .lyco import LycoNetwork, module_maker
 
         cls, extra = LycoNetwork, {"make": module_maker(net), "train_norm": bool(net.get("train_norm"))}

@@ -3,7 +3,7 @@
 kohya's syntax (sd-scripts ``train_util.line_to_prompt_dict``): one prompt per line,
 ``#`` lines and blank lines skipped, options after `` --`` (case-insensitive): ``--n``
 negative, ``--w``/``--h`` size, ``--s`` steps, ``--l`` CFG scale, ``--d`` seed, ``--ss``
-sampler, plus ``--m`` LoRA weight (ai-toolkit's name). A bad value is reported and
+sampler, plus ``--m`` LoRA weight (ai-toolkit's name) and ``--g``, FLUX.1 dev's embedded guidance (kohya's). A bad value is reported and
 skipped, not fatal, as in kohya; sizes are floored to a multiple of 8 (at least 64) and
 steps clamped to 1–1000.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 SETTINGS = ("negative", "width", "height", "steps", "cfg", "seed", "sampler", "lora_weight")
 OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
-           "l": ("cfg", float), "d": ("seed", int), "ss": ("sampler", str), "m": ("lora_weight", float)}
+           "l": ("cfg", float), "d": ("seed", int), "ss": ("sampler", str), "m": ("lora_weight", float),
+           "g": ("guidance", float)}  # FLUX.1 dev's embedded guidance (kohya's --g); in the settings only when given
 # kohya/A1111 sampler names → ours
 SAMPLER_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "euler_ancestral": "euler_a", "k_lms": "lms",
                    "k_heun": "heun", "dpmsolver++": "dpm++_2m", "k_dpm_2m": "dpm++_2m",
@@ -70,6 +71,8 @@ def resolve(sample_cfg: dict, project_root: Path, warnings: list[str] | None = N
     out = []
     for e in entries:
         s = {"prompt": e["prompt"], **{k: e.get(k, sample_cfg[k]) for k in SETTINGS}}
+        if e.get("guidance") is not None:
+            s["guidance"] = float(e["guidance"])
         s["width"], s["height"] = (native if v is None else v for v in (s["width"], s["height"]))
         s["width"], s["height"] = (max(64, int(v) // 8 * 8) for v in (s["width"], s["height"]))
         s["steps"] = min(1000, max(1, int(s["steps"])))

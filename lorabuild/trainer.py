@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dist
+from . import objective as objectives
 from .cache import checked_read
 from .captions import random_caption
-from .losses import (debiased_weights, min_snr_weights, multires_noise, offset_noise, per_sample_loss, perturbed_noise,
-                     timestep_range)
+from .losses import multires_noise, offset_noise, per_sample_loss, perturbed_noise
 from .trainplan import Sample, TrainPlan, derive_seed, epoch_batches
 
 
@@ -237,18 +237,21 @@ def _conditioning(inp: TrainInputs, captions: list[str], toks, tes):
 
     fam = family(inp.arch)
     if inp.embedding_path is None:
-        return fam.condition(toks, tes, captions, inp.cfg["textemb"]["clip_skip"], inp.cfg["textemb"]["max_token_length"])
+        text = inp.cfg["textemb"]
+        return fam.condition(toks, tes, captions, text["clip_skip"], text["max_token_length"],
+                             **fam.text_options(text, inp.model_dir))
     stored = [checked_read("textemb", inp.embedding_path[c], lambda f: load_file(str(f))) for c in captions]
     pooled = torch.stack([s["pooled"] for s in stored]) if fam.pooled else None
     return torch.stack([s["hidden"] for s in stored]), pooled
 
 
-def _added(inp: TrainInputs, pooled, time_ids: list) -> dict | None:
-    """The UNet's extra inputs, the family's (SDXL's pooled text and size/crop ids; nothing for SD 1.x/2.x)."""
+def _added(inp: TrainInputs, pooled, time_ids: list, obj) -> dict | None:
+    """The denoiser's extra inputs, the family's (SDXL's pooled text and size/crop ids; nothing for
+    SD 1.x/2.x) and the objective's (a flow model's embedded guidance)."""
     from .families import family
     from .precision import to_device
 
-    added = family(inp.arch).added_inputs(pooled, time_ids)
+    added = obj.added(family(inp.arch).added_inputs(pooled, time_ids), len(time_ids))
     return None if added is None else {k: to_device(v, inp.device) for k, v in added.items()}
 
 
@@ -277,7 +280,7 @@ def _mask_batch(masks: list, latents: list, device):
     return to_device(stacked, device)
 
 
-def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, tes, vae):
+def _batch_inputs(inp: TrainInputs, batch, epoch: int, obj, toks, tes, vae):
     """Latents, noise, timesteps and conditioning of one batch, each drawn per sample (on the
     CPU, from per-sample generators, so a run is the same on every device), then moved; the noise the
     noisy input is made from comes last (the noise itself unless ip_noise_gamma perturbs it)."""
@@ -287,7 +290,6 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, t
 
     seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
     tr = inp.cfg["train"]
-    low, high = timestep_range(tr.get("min_timestep"), tr.get("max_timestep"), n_timesteps)
     latents, noises, steps, captions, weights, time_ids, masks, inputs = [], [], [], [], [], [], [], []
     for sample, rep in batch:
         g = torch.Generator().manual_seed(derive_seed(seed, epoch, sample.id, rep))
@@ -306,7 +308,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, t
         elif tr["multires_noise_iterations"]:
             noise = multires_noise(noise, tr["multires_noise_iterations"], tr["multires_noise_discount"], g)
         noises.append(noise)
-        steps.append(torch.randint(low, high, (1,), generator=g))
+        steps.append(obj.draw(g, lat))  # a DDPM step, or a flow model's σ
         # drawn after the timestep, as kohya does; nothing is drawn when it is off
         inputs.append(perturbed_noise(noise, tr.get("ip_noise_gamma"), g, tr.get("ip_noise_gamma_random_strength", False)))
         rng = random.Random(derive_seed("caption", seed, epoch, sample.id, rep))
@@ -317,7 +319,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, n_timesteps: int, toks, t
     noise = to_device(torch.stack(noises), dev)
     noise_in = noise if all(a is b for a, b in zip(inputs, noises)) else to_device(torch.stack(inputs), dev)
     return (to_device(torch.stack(latents), dev), noise, to_device(torch.cat(steps), dev),
-            to_device(hidden, dev), to_device(torch.tensor(weights), dev), _added(inp, pooled, time_ids),
+            to_device(hidden, dev), to_device(torch.tensor(weights), dev), _added(inp, pooled, time_ids, obj),
             _mask_batch(masks, latents, dev), noise_in)
 
 
@@ -336,19 +338,17 @@ def _device_rng(device, state: dict | None = None) -> dict:
 
 
 MAX_NORM_LOGS = ("keys_scaled", "average_key_norm", "max_key_norm")  # kohya's names, after scale_weight_norms
-VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, spread over the schedule
-
-
-def validation_loss(inp: TrainInputs, unet, sched, toks, tes, vae, autocast) -> float:
+def validation_loss(inp: TrainInputs, unet, obj, toks, tes, vae, autocast) -> float:
     """Mean loss over the held-out images at fixed timesteps and fixed noise (seeded per image),
     with each image's fixed caption: the same measurement every epoch, so its curve compares.
     With ``train.masked_loss`` an image's mask weighs its loss as in training (kohya measures
     validation unmasked; here the curve then measures what training optimises)."""
     import torch
 
-    seed, v_pred = inp.cfg["train"]["seed"], sched.config.prediction_type == "v_prediction"
-    n = sched.config.num_train_timesteps
-    ts = torch.tensor([t * n // 1000 for t in VAL_TIMESTEPS], device=inp.device)
+    from .families import family
+
+    seed, predict = inp.cfg["train"]["seed"], family(inp.arch).predict
+    ts = obj.fixed_steps(inp.device)
     losses = []
     with torch.no_grad():
         for sample in inp.val_samples:
@@ -363,13 +363,11 @@ def validation_loss(inp: TrainInputs, unet, sched, toks, tes, vae, autocast) -> 
             k = len(ts)
             lat = lat[None].expand(k, *lat.shape).to(inp.device)
             noise = torch.randn(lat.shape, generator=g).to(inp.device)
-            noisy = sched.add_noise(lat, noise, ts)
-            target = sched.get_velocity(lat, noise, ts) if v_pred else noise
+            noisy, target = obj.noisy_target(lat, noise, noise, ts)
             added = _added(inp, None if pooled is None else pooled.expand(k, -1),
-                           [_time_ids(inp, sample, crop_lt)] * k)
+                           [_time_ids(inp, sample, crop_lt)] * k, obj)
             with autocast:
-                pred = unet(noisy, ts, encoder_hidden_states=hidden.to(inp.device).expand(k, -1, -1),
-                            added_cond_kwargs=added).sample
+                pred = predict(unet, noisy, ts, hidden.to(inp.device).expand(k, -1, -1), added)
             mask = None if mask is None else mask[None].expand(k, *mask.shape)
             losses.append(float(per_sample_loss(pred, target, "l2", 0.0, mask).mean()))
     return sum(losses) / len(losses)
@@ -438,6 +436,7 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
     from tqdm import tqdm
 
     from . import optimizers
+    from .families import family
     from .network import NetworkConfigError, from_config
 
     torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
@@ -495,13 +494,11 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
         inp.log_rows[:] = [tuple(row) for row in st["log"]]
         inp.val_rows[:] = [tuple(row) for row in st.get("val", [])]
         t0 -= inp.log_rows[-1][4] if inp.log_rows else 0.0
-    n_timesteps = sched.config.num_train_timesteps
-    try:
-        timestep_range(tr.get("min_timestep"), tr.get("max_timestep"), n_timesteps)
+    try:  # DDPM (ε, v) or rectified flow, by the family; its settings checked before the first step
+        obj = objectives.make(family(inp.arch), sched, tr)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
-    v_pred = sched.config.prediction_type == "v_prediction"
-    denoise = dist.Denoise(forward, network, inp.rank, inp.device)  # DDP when there are several ranks
+    denoise = dist.Denoise(forward, network, inp.rank, inp.device, family(inp.arch).predict)  # DDP with several ranks
     heap = LeanHeap(tr.get("lean_cpu_memory", False), inp.device)
     main = inp.rank.main
 
@@ -542,20 +539,15 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
             heap.forward()
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(train_te), autocast:
-                latents, noise, t, hidden, weight, added, mask, noise_in = _batch_inputs(inp, batch, epoch, n_timesteps,
+                latents, noise, t, hidden, weight, added, mask, noise_in = _batch_inputs(inp, batch, epoch, obj,
                                                                                          toks, tes, vae)
-            noisy = sched.add_noise(latents, noise_in, t)
-            target = sched.get_velocity(latents, noise, t) if v_pred else noise
+            noisy, target = obj.noisy_target(latents, noise_in, noise, t)
             # 2. loss
             with autocast:
                 pred = _guarded(denoise, noisy, t, hidden, added, ends_step)
-            # per-sample loss (masked by alpha with masked_loss); min-SNR weighting; regularization
-            # images weighted by prior_loss_weight (kohya)
-            per_sample = per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"], mask)
-            if tr["min_snr_gamma"]:
-                per_sample = per_sample * min_snr_weights(sched.alphas_cumprod, t, tr["min_snr_gamma"], v_pred)
-            if tr["debiased_estimation"]:
-                per_sample = per_sample * debiased_weights(sched.alphas_cumprod, t, v_pred)
+            # per-sample loss (masked by alpha with masked_loss); the objective's weighting (min-SNR,
+            # debiased; a flow weighting scheme); regularization images weighted by prior_loss_weight (kohya)
+            per_sample = obj.weighted(per_sample_loss(pred, target, tr["loss_type"], tr["huber_c"], mask), t)
             loss = (per_sample * weight).mean() * (1.0 if live else 0.0)  # a rank's filler joins the all-reduce only
             heap.backward()
             scaler.scale(loss / accum).backward()
@@ -591,7 +583,7 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
         bar.refresh()
         if inp.val_samples and main:
             network.eval()  # no dropout of any kind while measuring
-            val = validation_loss(inp, unet, sched, toks, tes, vae, autocast)
+            val = validation_loss(inp, unet, obj, toks, tes, vae, autocast)
             network.train()
             inp.val_rows.append((epoch, step, val))
             if inp.scalar is not None:

@@ -114,7 +114,9 @@ def _batch_inputs_of(tmp_path, train: dict, n: int = 300):
 
     from safetensors.torch import save_file
 
-    from lorabuild import trainer
+    import types
+
+    from lorabuild import objective, trainer
     from lorabuild.trainplan import Sample
 
     save_file({"latent": torch.randn(4, 4, 4), "latent_flip": torch.randn(4, 4, 4)}, str(tmp_path / "lat.safetensors"))
@@ -126,7 +128,9 @@ def _batch_inputs_of(tmp_path, train: dict, n: int = 300):
         embedding_path={"x": tmp_path / "emb.safetensors"}, cfg={"train": tr, "latents": {"flip": False}},
         plan=None)
     random.seed(0)
-    return trainer._batch_inputs(inp, [(Sample("a", (32, 32), 1), rep) for rep in range(n)], 1, 1000, [], [], None)
+    sched = types.SimpleNamespace(config=types.SimpleNamespace(prediction_type="epsilon", num_train_timesteps=1000))
+    obj = objective.DDPM(sched, tr)
+    return trainer._batch_inputs(inp, [(Sample("a", (32, 32), 1), rep) for rep in range(n)], 1, obj, [], [], None)
 
 
 def test_training_draws_timesteps_within_min_and_max(tmp_path):

@@ -35,13 +35,15 @@ loads the task graph.
 from __future__ import annotations
 
 from .base import Family
+from .flux import FAMILY as FLUX
 from .sd1 import FAMILY as SD1
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
-# most specific first: SD 1.x claims any SD-shaped model, so it is asked last
-DETECT_ORDER = (SDXL, SD2, SD1)
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX)}
+# most specific first: SD 1.x claims any SD-shaped model, so it is asked last; FLUX (a transformer,
+# two text encoders) before SDXL, which claims any model with a second text encoder
+DETECT_ORDER = (FLUX, SDXL, SD2, SD1)
 
 
 def family(arch: str) -> Family:

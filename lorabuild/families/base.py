@@ -44,6 +44,7 @@ class Family:
     checkpoint_prefix = ""
     cross_attention_width = 0
     reads_checkpoint_markers = False  # the v_pred / ztsnr marker keys (models.checkpoint_markers)
+    single_file = True  # whether a single-file checkpoint of the family converts (models._single_file)
     # --- kohya / ModelSpec metadata
     base_model_version = ""  # ss_base_model_version
     modelspec_arch = ""  # modelspec.architecture, before "/lora"
@@ -57,6 +58,15 @@ class Family:
     bucket_step = 64  # latents are 1/8 of the pixels and the UNet halves them 3 times
     native_size = 512  # the side the model was trained at: default sample size
     pipeline_class = "StableDiffusionPipeline"
+    # --- the denoiser: its component folder and diffusers class (a UNet, or a flow model's transformer)
+    denoiser_part = "unet"
+    denoiser_class = "UNet2DConditionModel"
+    # --- the objective's settings a flow family fills in where train leaves them null (flow.FlowSettings)
+    flow_defaults: dict = {}
+    # --- LoRA: the denoiser's container classes whose Linears are trained by default (kohya's
+    # UNET_TARGET_REPLACE_MODULE; network.unet_target_modules at its default means these), ss_network_module
+    unet_targets: tuple[str, ...] = ("Transformer2DModel",)
+    network_module = "networks.lora"
 
     # --- detection ------------------------------------------------------------------------------
     def claims(self, parts: set[str], te_config: dict) -> bool:
@@ -80,6 +90,21 @@ class Family:
     def text_encoder_class(self, which: str) -> str:
         """The transformers class of text encoder ``which``."""
         return "CLIPTextModel"
+
+    def tokenizer_class(self, which: str) -> str:
+        """The transformers class of tokenizer ``which`` (tokenizer, tokenizer_2, …)."""
+        return "CLIPTokenizer"
+
+    # --- the training objective ------------------------------------------------------------------
+    def objective(self, scheduler_config: dict) -> str:
+        """What the denoiser predicts: "eps" or "v" (DDPM, from the scheduler's prediction type), or
+        "flow" (rectified flow's velocity, lorabuild/flow.py). The trainer asks this (objective.make)."""
+        return "v" if scheduler_config.get("prediction_type") == "v_prediction" else "eps"
+
+    def predict(self, denoiser, noisy, t, hidden, added):
+        """The denoiser's prediction for ``noisy`` latents ``[B, C, h, w]`` at ``t`` (DDPM steps, or
+        σ for a flow family), in the latents' shape: one call for training and validation."""
+        return denoiser(noisy, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
     def metadata_version(self, prediction_type: str) -> str:
         return self.base_model_version
@@ -136,10 +161,17 @@ class Family:
                 if getattr(pipe, p, None) is not None]
 
     # --- text conditioning -----------------------------------------------------------------------
+    def text_options(self, textemb: dict, model_dir) -> dict:
+        """The family's own text-encoding settings from the ``textemb`` section, passed to
+        :meth:`condition` as keywords and keyed where embeddings are (FLUX's T5 length and mask);
+        none for the CLIP-only families, whose keys stay as they were."""
+        return {}
+
     def condition(self, tokenizers: list, text_encoders: list, captions: list[str], clip_skip: int = 1,
-                  max_token_length: int = 75):
+                  max_token_length: int = 75, **options):
         """(hidden states, pooled or None) for ``captions``: what the denoiser is conditioned on.
-        One function for the textemb cache, training and sampling, so they agree."""
+        One function for the textemb cache, training and sampling, so they agree; ``options``:
+        :meth:`text_options`."""
         from ..textenc import encode
 
         return encode(tokenizers[0], text_encoders[0], captions, clip_skip, max_token_length), None
@@ -155,6 +187,10 @@ class Family:
             out["negative_prompt_embeds"] = negative[0]
         return out
 
+    def guidance_arguments(self, settings: dict) -> dict:
+        """The pipeline's guidance keywords for a sample's settings (``prompts.resolve``): CFG's scale."""
+        return {"guidance_scale": settings["cfg"]}
+
     def encodes_empty_negative(self, pipe) -> bool:
         """Whether an empty negative prompt is encoded (SD 1/2) or left to the pipeline (SDXL: zeros)."""
         return True
@@ -163,6 +199,19 @@ class Family:
     def te_prefixes(self, n: int) -> list[str]:
         """kohya's text-encoder prefixes for ``n`` trained encoders: lora_te alone, lora_te1, lora_te2 … with several."""
         return ["lora_te"] if n == 1 else [f"lora_te{i}" for i in range(1, n + 1)]
+
+    def saved_layout(self, tensors: dict, denoiser_config: dict) -> dict:
+        """The trained tensors (named by the denoiser's module paths) as the family's files name them."""
+        return tensors
+
+    def trained_layout(self, tensors: dict, denoiser_config: dict, wanted: set[str]) -> dict:
+        """A file's tensors back in the names training uses (the inverse of :meth:`saved_layout`);
+        ``wanted``: the network's module names."""
+        return tensors
+
+    def metadata_extra(self, cfg: dict) -> dict:
+        """The family's own ``ss_*`` metadata from the project's sections (a flow model's objective)."""
+        return {}
 
     def unet_rename(self, unet):
         """A map from a diffusers module path to the path kohya names it by, or None (the same)."""

@@ -49,7 +49,7 @@ class SDXL(Family):
         return pipe
 
     def condition(self, tokenizers: list, text_encoders: list, captions: list[str], clip_skip: int = 1,
-                  max_token_length: int = 75):
+                  max_token_length: int = 75, **options):
         """SDXL's conditioning (kohya ``get_hidden_states_sdxl``, diffusers' SDXL pipeline): both
         encoders' penultimate hidden states, without the final layer norm, joined along the
         feature axis (768 + 1280 = 2048 for the real models); and the second encoder's projected

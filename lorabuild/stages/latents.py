@@ -7,7 +7,9 @@ an image encoded in a batch differs (up to 1.4e-7) from the same image encoded a
 entry's bytes would depend on which other images happened to be missing with it; one at a time
 they depend on its key alone, and a rebuild after a kill or a lost entry is bit-exact.
 Latents are stored already multiplied by the VAE's ``scaling_factor`` (read from
-its config: 0.18215 for SD1/2, 0.13025 for SDXL).
+its config: 0.18215 for SD1/2, 0.13025 for SDXL); a VAE with a ``shift_factor`` (FLUX.1's 16-channel
+one: 0.1159, scale 0.3611) has it subtracted first, ``(x − shift)·scale``, and both join the key as
+``norm`` (absent for the SD VAEs, whose keys stay as they were).
 
 With ``train.masked_loss`` an image that has an alpha channel also gets its mask (kohya
 ``alpha_mask``), and ``"mask"`` joins its key; images without alpha keep the key and entry
@@ -30,9 +32,10 @@ KEY_PARAMS = ("flip", "interpolation")  # batch_size: see batch_size()
 
 
 def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | None = None,
-         mask_filter: str = "") -> list[Item]:
+         mask_filter: str = "", norm: dict | None = None) -> list[Item]:
     """``alpha``: {image id: source path} of the images whose alpha channel is their mask;
-    ``mask_filter``: resize.interpolation, which shrank those masks with their working copies."""
+    ``mask_filter``: resize.interpolation, which shrank those masks with their working copies;
+    ``norm``: :func:`latent_norm`."""
     items = []
     alpha = alpha or {}
     for e in bucket_entries:
@@ -47,6 +50,8 @@ def plan(bucket_entries: list[dict], params: dict, vae_id: str, alpha: dict | No
             "dtype": "fp32",
             "vae": vae_id,
         }
+        if norm is not None:
+            key["norm"] = norm
         data = e
         image = e.get("image", e["id"])  # a multi-resolution sample names its image (lorabuild.multires)
         if image in alpha:
@@ -143,8 +148,18 @@ def to_tensor(images):
 
 
 def encode(vae, x):
-    """Latents already multiplied by the VAE's scaling factor (the distribution's mean)."""
-    return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    """Latents already normalised as the denoiser takes them (the distribution's mean): multiplied
+    by the VAE's scaling factor, its shift factor subtracted first where it has one (FLUX.1)."""
+    mean = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None)
+    return (mean if shift is None else mean - shift) * vae.config.scaling_factor
+
+
+def latent_norm(info: dict) -> dict | None:
+    """The shift and scale of a VAE with a shift factor (``models.model_info``), None for the SD VAEs."""
+    if info.get("latent_shift") is None:
+        return None
+    return {"shift": info["latent_shift"], "scale": info["latent_scale"]}
 
 
 def _encode_group(ctx: Context, group: list[Item], params: dict, stores) -> None:
@@ -214,8 +229,10 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict, show: bool 
 
 
 def _items(ctx: Context, params: dict) -> list[Item]:
+    from .. import models
+
     return plan(ctx.read_manifest("bucket")["items"], params, runtime.identity(ctx, "vae"), alpha_sources(ctx, params),
-                ctx.project.get("resize.interpolation"))
+                ctx.project.get("resize.interpolation"), latent_norm(models.model_info(runtime.model_dir(ctx))))
 
 
 def project_params(project) -> dict:

@@ -20,7 +20,7 @@ from .. import blocks, families
 from ..cache import without_newer
 from ..publish import publish as publish_file, remove, up_to_date
 from .base import Context, Item, StageRun
-from . import runtime
+from . import runtime, textemb
 from .spec import MODEL, Inputs, Stage
 
 STAGE = "sample"
@@ -67,17 +67,19 @@ def base_identity(ctx: Context) -> dict:
 TEXT_DEFAULTS = {"clip_skip": 1, "max_token_length": 75}
 
 
-def text_settings(project, arch: str) -> dict:
-    """The text-encoding settings a sample is rendered with (training's); SDXL knows no clip_skip."""
+def text_settings(project, arch: str, options: dict | None = None) -> dict:
+    """The text-encoding settings a sample is rendered with (training's); SDXL knows no clip_skip.
+    ``options``: the family's own (FLUX's T5 length and mask, ``textemb.text_options``), keyed as ``options``."""
     text = {k: project.get(f"textemb.{k}") for k in TEXT_DEFAULTS}
-    return {k: v for k, v in text.items() if not (k == "clip_skip" and not families.family(arch).clip_skip)}
+    text = {k: v for k, v in text.items() if not (k == "clip_skip" and not families.family(arch).clip_skip)}
+    return text | ({"options": options} if options else {})
 
 
 def row_items(row: Row, settings: list[dict], base: dict, precision: str, text: dict) -> list[Item]:
     """The images of one row, content-addressed. ``text``: :func:`text_settings`; keyed only where
     not the default, so images rendered before prompts were encoded as training does stay valid."""
     out = []
-    keyed_text = {k: v for k, v in text.items() if v != TEXT_DEFAULTS[k]}
+    keyed_text = {k: v for k, v in text.items() if k == "options" or v != TEXT_DEFAULTS[k]}
     for i, s in enumerate(settings):
         key = {"stage": STAGE, "v": VERSION, "lora": row.lora_hash, "settings": s, "base": base, "precision": precision}
         if keyed_text:
@@ -101,10 +103,11 @@ def conditioning(pipe, prompt: str, negative: str, text: dict, notes: list | Non
             f"textemb.max_token_length ({max_tokens})")
     if notes is not None and n > max_tokens and note not in notes:  # once, not once per row
         notes.append(note)
-    hidden, pooled = fam.condition(tokenizers, encoders, [prompt], clip_skip, max_tokens)
+    options = text.get("options", {})
+    hidden, pooled = fam.condition(tokenizers, encoders, [prompt], clip_skip, max_tokens, **options)
     neg = None
-    if negative or fam.encodes_empty_negative(pipe):
-        neg = fam.condition(tokenizers, encoders, [negative or ""], clip_skip, max_tokens)
+    if fam.encodes_empty_negative(pipe) or (negative and fam.objective(dict(pipe.scheduler.config)) != "flow"):
+        neg = fam.condition(tokenizers, encoders, [negative or ""], clip_skip, max_tokens, **options)
     return fam.prompt_arguments(pipe, hidden, pooled, neg)
 
 
@@ -129,19 +132,22 @@ def render(pipe, network, items: list[Item], store, notes: list | None = None) -
     import torch
 
     base_config = pipe.scheduler.config
-    dtype = pipe.unet.dtype
+    fam = families.family_of(pipe)
+    flow = fam.objective(dict(base_config)) == "flow"  # sampled with the model's own flow-matching scheduler
+    dtype = getattr(pipe, fam.denoiser_part).dtype
     autocast = torch.autocast(pipe.device.type, dtype=dtype, enabled=dtype != torch.float32)
     for it in items:
         s = it.data["settings"]
-        cls_name, extra = SAMPLERS[s["sampler"]]
-        pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
+        if not flow:
+            cls_name, extra = SAMPLERS[s["sampler"]]
+            pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
         if network is not None:
             network.set_multiplier(s["lora_weight"])
         # A CPU generator makes the starting noise the same on every device (as A1111 does).
         with torch.no_grad(), autocast:
             image = pipe(
                 **conditioning(pipe, s["prompt"], s["negative"], it.data["text"], notes), width=s["width"],
-                height=s["height"], num_inference_steps=s["steps"], guidance_scale=s["cfg"],
+                height=s["height"], num_inference_steps=s["steps"], **fam.guidance_arguments(s),
                 generator=torch.Generator("cpu").manual_seed(s["seed"]),
             ).images[0]
         with store.put(it.hash, it.key, {"prompt": s["prompt"]}) as tmp:
@@ -156,7 +162,8 @@ def lora_network(ctx: Context, pipe):
 
     fam = runtime.family(ctx)
     # eval: no dropout of any kind (network, rank, module) while rendering
-    return from_config(ctx.project.section("network"), pipe.unet, fam.encoders_of(pipe), fam.name).eval()
+    return from_config(ctx.project.section("network"), getattr(pipe, fam.denoiser_part), fam.encoders_of(pipe),
+                       fam.name).eval()
 
 
 def _render_missing(ctx: Context, missing: list[Item], store, notes: list) -> None:
@@ -210,7 +217,7 @@ class TrainingSampler:
         self.ctx, self.settings, self.publish_dir = ctx, settings, publish_dir
         self.store = ctx.store(STAGE, ".png")
         self.base = base_identity(ctx)
-        self.text = text_settings(ctx.project, runtime.arch(ctx))
+        self.text = text_settings(ctx.project, runtime.arch(ctx), textemb.text_options(ctx))
         self.pipe = None
         self.rendered = self.reused = 0
 
@@ -310,7 +317,7 @@ def run(ctx: Context) -> dict:
                         "use euler, euler_a, ddim or dpm++_2m for samples that match the model")
     grid_rows = rows(ctx)
     base = base_identity(ctx)
-    text = text_settings(ctx.project, runtime.arch(ctx))
+    text = text_settings(ctx.project, runtime.arch(ctx), textemb.text_options(ctx))
     grid_items = [row_items(r, settings, base, "fp32", text) for r in grid_rows]
     items = [it for row in grid_items for it in row]
     store = ctx.store(STAGE, ".png")
@@ -344,5 +351,6 @@ def _deps(t: Inputs) -> list[str]:
 TASK = Stage(STAGE, VERSION, "the LoRA + sample.prompts → images and a grid in output/<name>/samples/",
              params=("sample", "network", "device", "textemb.clip_skip", "textemb.max_token_length") + MODEL,
              deps=_deps, run=lambda ctx, dataset: run(ctx),
-             extra=lambda p, cfg: {"network": without_newer(cfg["network"], blocks.SAMPLE_NEWER)},
+             extra=lambda p, cfg: {"network": without_newer(cfg["network"], blocks.SAMPLE_NEWER),
+                                   **textemb.family_record(p, cfg)},
              waits=lambda t: [(up_to_date, (str(t.out_dir / "samples"),))])

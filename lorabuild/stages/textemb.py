@@ -12,11 +12,14 @@ from __future__ import annotations
 from ..captions import CaptionError, dataset_captions, is_randomised
 from .base import Context, Item, StageError, StageRun
 from . import runtime
-from .spec import MODEL, Inputs, Stage, params_of
+from .spec import MODEL, Inputs, Stage, params_of, plain, short
 
 STAGE = "textemb"
 VERSION = 2  # 2: encoded one at a time by default (1: in batches of 32)
 PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.batch_size", "textemb.max_token_length")
+# a family's own text settings (FLUX's T5 length and mask: Family.text_options): in the task's record
+# only when set, so builds made before they existed stay up to date
+FAMILY_PARAMS = ("textemb.t5_max_length", "textemb.apply_t5_attn_mask")
 
 
 def mode(cache: object, train_text_encoder: bool, randomised: bool) -> tuple[bool, str]:
@@ -40,11 +43,19 @@ def project_mode(project) -> tuple[bool, str]:
     )
 
 
-def item_key(caption: str, clip_skip: int, max_token_length: int, te_id: str) -> dict:
+def item_key(caption: str, clip_skip: int, max_token_length: int, te_id: str, options: dict | None = None) -> dict:
+    """``options``: the family's :meth:`~lorabuild.families.base.Family.text_options` (none for SD)."""
     key = {"stage": STAGE, "v": VERSION, "caption": caption, "clip_skip": clip_skip, "te": te_id}
     if max_token_length != 75:  # absent at the default, so entries made before the option existed stay valid
         key["max_token_length"] = max_token_length
+    if options:
+        key["text"] = options
     return key
+
+
+def text_options(ctx: Context) -> dict:
+    """The base model family's own text settings from the project (FLUX: T5 length and mask)."""
+    return runtime.family(ctx).text_options(ctx.project.section("textemb"), runtime.model_dir(ctx))
 
 
 def captions_for(ctx: Context, dataset) -> dict[str, str]:
@@ -78,7 +89,7 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict) -> int:
                 continue
             with torch.inference_mode():
                 hidden, pooled = condition(tokenizers, encoders, [it.id for it in chunk], params["clip_skip"],
-                                           params["max_token_length"])
+                                           params["max_token_length"], **text_options(ctx))
             ctx.check_inputs()  # the text encoder loaded is the one its identity names
             for j, it in enumerate(chunk):
                 tensors = {"hidden": hidden[j].float().cpu().contiguous()}
@@ -92,8 +103,8 @@ def _encode_missing(ctx: Context, missing: list[Item], params: dict) -> int:
 
 def _items(ctx: Context, dataset, params: dict) -> list[Item]:
     captions = captions_for(ctx, dataset)
-    te_id = runtime.text_identity(ctx)
-    return [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id))
+    te_id, options = runtime.text_identity(ctx), text_options(ctx)
+    return [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id, options))
             for c in sorted(set(captions.values()))]
 
 
@@ -102,8 +113,9 @@ def repair(ctx: Context, dataset, captions: list[str]) -> int:
     about to read them; returns how many."""
     params = {k.rsplit(".", 1)[-1]: ctx.project.get(k) for k in PARAMS}
     store = ctx.store(STAGE, ".safetensors")
-    te_id = runtime.text_identity(ctx)
-    items = [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id)) for c in sorted(set(captions))]
+    te_id, options = runtime.text_identity(ctx), text_options(ctx)
+    items = [Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id, options))
+             for c in sorted(set(captions))]
     missing = [it for it in items if not store.verified(it.hash)]
     if not missing:
         return 0
@@ -138,6 +150,11 @@ def _deps(t: Inputs) -> list[str]:
     return [t.manifest("resize"), *t.tagged] + t.captions() + t.weights("text_encoder")
 
 
+def family_record(project, cfg: dict) -> dict:
+    """The family text settings that are set, for a task's record (Stage.extra)."""
+    return {short(k): plain(project.get(k)) for k in FAMILY_PARAMS if project.get(k) is not None}
+
+
 TASK = Stage(STAGE, VERSION, "distinct captions → text-encoder embeddings (when they can be cached)",
              params=PARAMS + MODEL + ("captions", "network.train_text_encoder", "dataset"), deps=_deps,
-             run=lambda ctx, dataset: run(ctx, dataset, params_of(ctx.project, PARAMS)))
+             run=lambda ctx, dataset: run(ctx, dataset, params_of(ctx.project, PARAMS)), extra=family_record)

@@ -40,6 +40,11 @@ EXTRA_PARAMS = ("textemb.cache", "textemb.clip_skip", "textemb.max_token_length"
 NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None, "max_timestep": None,
              "ip_noise_gamma": None, "ip_noise_gamma_random_strength": False, "noise_offset_random_strength": False,
              "adaptive_noise_scale": None, "scale_weight_norms": None, "base_precision": "auto", "ema": None}
+# flow models' objective (lorabuild/flow.py), null = the family's default: in the key and the task's
+# record only when set, so SD builds made before they existed stay up to date
+FLOW_OFF = {k: None for k in ("timestep_sampling", "sigmoid_scale", "logit_mean", "logit_std", "mode_scale",
+                              "discrete_flow_shift", "weighting_scheme", "guidance_scale")}
+NEWER_OFF |= FLOW_OFF
 # train options that change how memory is managed, never a weight
 UNKEYED = ("lean_cpu_memory",)
 # bucket settings kohya's metadata records (ss_resolution, ss_min/max_bucket_reso, ss_bucket_no_upscale)
@@ -75,7 +80,7 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
         # everything per image that shapes training: latent, caption, repeats, reg, caption options
         images.append([i, latents[i]["hash"], captions[i], c.repeats] + ([True] if c.is_reg else [])
                       + ([c.captions] if c.captions else []) + (["val"] if c.is_val else []))
-    return {
+    key = {
         "stage": STAGE,
         "v": VERSION,
         "images": images,
@@ -88,6 +93,24 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
         "te": te_id,
         "noise": models.noise_schedule(runtime.model_dir(ctx)),  # e.g. v-prediction set on the same weights
     }
+    return key | flow_key(ctx)
+
+
+def flow_key(ctx: Context) -> dict:
+    """A flow model's objective as trained (its family's defaults filled in) and the family's text
+    settings (FLUX's T5 length and mask); nothing for the SD families, whose keys stay as they were."""
+    from ..flow import FlowSettings
+
+    fam, out = runtime.family(ctx), {}
+    if fam.objective(models.noise_schedule(runtime.model_dir(ctx))) == "flow":
+        try:
+            out["objective"] = FlowSettings.of(ctx.project.section("train"), fam.flow_defaults).keyed()
+        except ValueError as exc:
+            raise StageError(f"{ctx.project.file}: {exc}") from None
+    options = textemb.text_options(ctx)
+    if options:
+        out["text"] = options
+    return out
 
 
 def _repair_inputs(ctx: Context, dataset, lat_manifest: dict, captions: dict, cached: bool) -> None:
@@ -246,7 +269,8 @@ def _deps(t: Inputs) -> list[str]:
 
 
 def _extra(project, cfg: dict) -> dict:
-    out = {"network": blocks.keyed(cfg["network"])}  # unset new options leave an existing build up to date
+    out = {"network": blocks.keyed(cfg["network"]),  # unset new options leave an existing build up to date
+           "train": without_newer(cfg["train"], FLOW_OFF), **textemb.family_record(project, cfg)}
     world = dist.launch_options(project).world
     if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA it trains
         out["world"] = world
