@@ -1,4 +1,4 @@
-"""Model families: one module per family of base models (``sd1``, ``sd2``, ``sdxl``).
+"""Model families: one module per family of base models (``sd1``, ``sd2``, ``sdxl``, ``sd3``).
 
 Where a family's facts live
 ---------------------------
@@ -38,10 +38,12 @@ from .base import Family
 from .sd1 import FAMILY as SD1
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
+from .sd3 import FAMILY as SD3
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
-# most specific first: SD 1.x claims any SD-shaped model, so it is asked last
-DETECT_ORDER = (SDXL, SD2, SD1)
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3)}
+# most specific first: SD 1.x claims any SD-shaped model, so it is asked last; SD 3.5 (a second
+# CLIP with a projection, as SDXL has, beside T5) before SDXL
+DETECT_ORDER = (SD3, SDXL, SD2, SD1)
 
 
 def family(arch: str) -> Family:

@@ -78,6 +78,14 @@ class Family:
         """The shipped diffusers configs a single file of this family is converted with."""
         return CONFIGS_DIR / self.name
 
+    def checkpoint_configs(self, keys) -> Path:
+        """The shipped configs a single file with these keys is converted with (SD 3.5: Large or Medium)."""
+        return self.configs
+
+    def tokenizer_source(self, which: str) -> Path:
+        """The shipped tokenizer files a single file's conversion copies into ``which`` (tokenizer, …)."""
+        return TOKENIZER_DIR
+
     def pads_with_bang(self, tokenizer: str) -> bool:
         """Whether ``tokenizer`` (tokenizer, tokenizer_2) is OpenCLIP's, which pads with "!"."""
         return False
