@@ -83,7 +83,7 @@ def kohya_metadata(
         "ss_lr_scheduler": train["lr_scheduler"],
         "ss_optimizer": _optimizer_text(train),
         "ss_max_grad_norm": train["max_grad_norm"],
-        "ss_network_module": "lycoris.kohya" if _lycoris(net) else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if _lycoris(net) else fam.network_module,
         "ss_network_dim": net["dim"],
         "ss_network_alpha": net["alpha"],
         "ss_network_dropout": net["dropout"] or None,
@@ -132,6 +132,7 @@ def kohya_metadata(
         "ss_new_sd_model_hash": model_hash,
         "ss_training_tool": "lorabuild",
         **({"ss_datasets": json.dumps(datasets)} if datasets else {}),
+        **fam.metadata_extra(cfg),  # a flow model's objective (kohya's names)
     }
     src = model_source or {}
     if src.get("sha256"):  # a single file: A1111's hashes of it, as kohya writes them

@@ -514,6 +514,11 @@ def _read_json(path: Path, default=None):
         return default
 
 
+def read_config(model_dir: Path, component: str) -> dict:
+    """A component's JSON config (``unet``, ``transformer``, ``vae``, …, ``scheduler``)."""
+    return _config(model_dir, component)
+
+
 def _config(model_dir: Path, component: str) -> dict:
     path = Path(model_dir) / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
     cfg = _read_json(path)

@@ -242,6 +242,7 @@ class LoRANetwork(nn.Module):
         self.te_counts = [sum(1 for p, _ in made if p == k) for k in range(1, len(text_encoders) + 1)] \
             if train_text_encoder and text_encoders else []
         self.arch = arch
+        self.denoiser_config = dict(getattr(unet, "config", {}) or {})  # the saved layout's widths (FLUX's fused qkv)
         self.block_lr_weight = blocks["lr_weights"] if blocks else None
 
     def apply(self) -> None:
@@ -319,7 +320,7 @@ class LoRANetwork(nn.Module):
         return sd
 
     def save(self, path: str | Path, dtype=torch.float16, metadata: dict[str, str] | None = None) -> None:
-        write_kohya(self.state_dict_kohya(), path, dtype, metadata)
+        write_kohya(family(self.arch).saved_layout(self.state_dict_kohya(), self.denoiser_config), path, dtype, metadata)
 
     def full_weights(self) -> dict:
         """The weights at full precision with the modules' names: what a training state or a
@@ -334,8 +335,12 @@ class LoRANetwork(nn.Module):
         returned). Extra modules or other shapes are an error either way."""
         from safetensors.torch import load_file
 
-        loaded = load_file(str(path))
         mine = self.state_dict_kohya()
+        try:  # the family's file layout (FLUX: BFL's fused names) back to the modules trained
+            loaded = family(self.arch).trained_layout(load_file(str(path)), self.denoiser_config,
+                                                     {m.lora_name for m in self.loras})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         missing = check_layout(path, mine, loaded, strict)
         with torch.no_grad():
             for k, v in mine.items():
@@ -399,6 +404,12 @@ def check_layout(path, mine: dict, loaded: dict, strict: bool) -> list[str]:
     return missing
 
 
+def _unet_targets(net: dict, arch: str) -> tuple:
+    """network.unet_target_modules; at its default (SD's Transformer2DModel), the family's own targets."""
+    wanted = tuple(net.get("unet_target_modules") or UNET_TARGETS)
+    return family(arch).unet_targets if wanted == UNET_TARGETS else wanted
+
+
 def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_encoder: bool | None = None) -> LoRANetwork:
     """The network a project's ``network`` section describes, around these models. Options that
     do not fit the model raise ``NetworkConfigError`` naming the field."""
@@ -408,6 +419,9 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         raise NetworkConfigError(str(exc)) from None
     cls, extra = LoRANetwork, {}
     if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA…: LyCORIS' modules (optional package)
+        if family(arch).network_module != "networks.lora":
+            raise NetworkConfigError(f"network.type: {net['type']} is not available for {family(arch).title} yet "
+                                     "(its files' layout is LoRA's); use lora")
         from .lyco import LycoNetwork, module_maker
 
         cls, extra = LycoNetwork, {"make": module_maker(net), "train_norm": bool(net.get("train_norm"))}
@@ -415,7 +429,7 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
         train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
         arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
-        unet_targets=net.get("unet_target_modules") or UNET_TARGETS,
+        unet_targets=_unet_targets(net, arch),
         te_targets=net.get("text_encoder_target_modules") or TE_TARGETS,
         exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
         blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,

@@ -177,6 +177,14 @@ class Exporter:
             md["ss_zero_terminal_snr"] = "True"
         return md
 
+    def _layout(self, tensors: dict) -> dict:
+        """The family's file layout of the trained tensors (FLUX: BFL's names, q/k/v fused)."""
+        from . import models
+        from .families import family
+
+        fam = family(self.inp.info["arch"])
+        return fam.saved_layout(tensors, models.read_config(self.inp.mdir, fam.denoiser_part))
+
     def export(self, tensors: dict, ekey: dict, epoch: int, step: int, stamp: dict, ema: bool = False) -> str:
         """Save saved-layout ``tensors`` as the entry ``ekey`` in the output precision, with the
         metadata of ``epoch``/``step`` (and of train.ema, ``ema``); ``stamp``: the run's session id and times."""
@@ -187,6 +195,7 @@ class Exporter:
         self.ctx.check_inputs()  # the UNet and text encoder trained on are those the key names
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
             self.ctx.project.get("output.save_precision")]
+        tensors = self._layout(tensors)
         with self.store.put(key_hash(ekey), ekey, {"epoch": epoch, "step": step}) as tmp:
             write_kohya(tensors, tmp, dtype, self.metadata(epoch, step, stamp, ema))
         return key_hash(ekey)

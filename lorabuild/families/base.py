@@ -62,6 +62,10 @@ class Family:
     denoiser_class = "UNet2DConditionModel"
     # --- the objective's settings a flow family fills in where train leaves them null (flow.FlowSettings)
     flow_defaults: dict = {}
+    # --- LoRA: the denoiser's container classes whose Linears are trained by default (kohya's
+    # UNET_TARGET_REPLACE_MODULE; network.unet_target_modules at its default means these), ss_network_module
+    unet_targets: tuple[str, ...] = ("Transformer2DModel",)
+    network_module = "networks.lora"
 
     # --- detection ------------------------------------------------------------------------------
     def claims(self, parts: set[str], te_config: dict) -> bool:
@@ -202,6 +206,19 @@ class Family:
     def te_prefixes(self, n: int) -> list[str]:
         """kohya's text-encoder prefixes for ``n`` trained encoders: lora_te alone, lora_te1, lora_te2 … with several."""
         return ["lora_te"] if n == 1 else [f"lora_te{i}" for i in range(1, n + 1)]
+
+    def saved_layout(self, tensors: dict, denoiser_config: dict) -> dict:
+        """The trained tensors (named by the denoiser's module paths) as the family's files name them."""
+        return tensors
+
+    def trained_layout(self, tensors: dict, denoiser_config: dict, wanted: set[str]) -> dict:
+        """A file's tensors back in the names training uses (the inverse of :meth:`saved_layout`);
+        ``wanted``: the network's module names."""
+        return tensors
+
+    def metadata_extra(self, cfg: dict) -> dict:
+        """The family's own ``ss_*`` metadata from the project's sections (a flow model's objective)."""
+        return {}
 
     def unet_rename(self, unet):
         """A map from a diffusers module path to the path kohya names it by, or None (the same)."""

@@ -139,7 +139,8 @@ def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | Non
     if inp.cached:
         emb_store = ctx.store("textemb", ".safetensors")
         clip_skip, max_tokens = p.get("textemb.clip_skip"), p.get("textemb.max_token_length")
-        emb_paths = {c: emb_store.path(key_hash(textemb.item_key(c, clip_skip, max_tokens, inp.te_id)))
+        options = textemb.text_options(ctx)  # the family's own (FLUX's T5 length and mask)
+        emb_paths = {c: emb_store.path(key_hash(textemb.item_key(c, clip_skip, max_tokens, inp.te_id, options)))
                      for c in set(inp.captions.values())}
     pixels = not inp.lat_manifest.get("cached", True)
     tin = TrainInputs(

@@ -1,0 +1,137 @@
+"""FLUX.1 LoRA names: diffusers' module paths (what lorabuild trains on) ↔ BFL's, as kohya's
+``networks/lora_flux.py`` names them (``lora_unet_double_blocks_0_img_attn_qkv``), torch only.
+
+BFL's model fuses what diffusers splits: a double block's ``img_attn.qkv`` is ``attn.to_q``,
+``to_k``, ``to_v`` stacked by output rows (``txt_attn.qkv`` the ``add_*_proj``), a single block's
+``linear1`` is ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp`` stacked. Several LoRAs of rank r on
+the parts are exactly one LoRA of rank n·r on the fused layer: the downs stacked (``[n·r, in]``),
+the ups block-diagonal (``[Σ out, n·r]``, part j's up in rows of part j and columns j·r…), alpha
+n·α so that alpha/rank stays α/r. This is the layout kohya writes with ``split_qkv`` and the one
+diffusers' ``_convert_kohya_flux_lora_to_diffusers`` reads back into split modules ("sparse" up:
+each part's down is its chunk). Reading a file, the inverse takes the blocks back out; a fused
+LoRA whose up is not block-diagonal (trained on BFL's fused layer) has no exact split and is refused.
+"""
+from __future__ import annotations
+
+import re
+
+# diffusers path inside a block → (BFL name, part index within a fused layer or None)
+DOUBLE = {
+    "attn_to_q": ("img_attn_qkv", 0), "attn_to_k": ("img_attn_qkv", 1), "attn_to_v": ("img_attn_qkv", 2),
+    "attn_add_q_proj": ("txt_attn_qkv", 0), "attn_add_k_proj": ("txt_attn_qkv", 1),
+    "attn_add_v_proj": ("txt_attn_qkv", 2),
+    "attn_to_out_0": ("img_attn_proj", None), "attn_to_add_out": ("txt_attn_proj", None),
+    "ff_net_0_proj": ("img_mlp_0", None), "ff_net_2": ("img_mlp_2", None),
+    "ff_context_net_0_proj": ("txt_mlp_0", None), "ff_context_net_2": ("txt_mlp_2", None),
+    "norm1_linear": ("img_mod_lin", None), "norm1_context_linear": ("txt_mod_lin", None),
+}
+SINGLE = {
+    "attn_to_q": ("linear1", 0), "attn_to_k": ("linear1", 1), "attn_to_v": ("linear1", 2), "proj_mlp": ("linear1", 3),
+    "proj_out": ("linear2", None), "norm_linear": ("modulation_lin", None),
+}
+_OURS = re.compile(r"^lora_unet_(transformer_blocks|single_transformer_blocks)_(\d+)_(.+)$")
+_BFL = re.compile(r"^lora_unet_(double_blocks|single_blocks)_(\d+)_(.+)$")
+_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+def _modules(tensors: dict) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for k, v in tensors.items():
+        name, _, suffix = k.partition(".")
+        out.setdefault(name, {})[suffix] = v
+    return out
+
+
+def to_bfl(tensors: dict, widths: dict[str, list[int]]) -> dict:
+    """Saved-layout tensors named by diffusers' paths → BFL's names, split parts fused. ``widths``:
+    {fused BFL module name: its parts' output widths} (a part without a LoRA is zeros there)."""
+    import torch
+
+    out, fused = {}, {}
+    for name, t in _modules(tensors).items():
+        m = _OURS.match(name)
+        table = None if m is None else (DOUBLE if m.group(1) == "transformer_blocks" else SINGLE)
+        if table is None or m.group(3) not in table:
+            out.update({f"{name}.{s}": v for s, v in t.items()})
+            continue
+        bfl, part = table[m.group(3)]
+        new = f"lora_unet_{'double' if table is DOUBLE else 'single'}_blocks_{m.group(2)}_{bfl}"
+        if part is None:
+            out.update({f"{new}.{s}": v for s, v in t.items()})
+        else:
+            fused.setdefault(new, {})[part] = t
+    for new, parts in fused.items():
+        ranks = {p["lora_down.weight"].shape[0] for p in parts.values()}
+        alphas = {float(p["alpha"]) for p in parts.values()}
+        if len(ranks) > 1 or len(alphas) > 1:
+            raise ValueError(f"{new}: its parts' LoRAs differ in rank or alpha ({sorted(ranks)}, {sorted(alphas)}): "
+                             "they cannot be saved as one fused layer")
+        r, alpha = ranks.pop(), alphas.pop()
+        first = next(iter(parts.values()))
+        down0, up0 = first["lora_down.weight"], first["lora_up.weight"]
+        dims = widths[new]
+        n = len(dims)
+        downs, up = [], torch.zeros(sum(dims), n * r, dtype=up0.dtype)
+        row = 0
+        for j in range(n):
+            p = parts.get(j)
+            downs.append(p["lora_down.weight"] if p else torch.zeros_like(down0))
+            if p:
+                up[row : row + dims[j], j * r : (j + 1) * r] = p["lora_up.weight"]
+            row += dims[j]
+        out[f"{new}.lora_down.weight"] = torch.cat(downs, dim=0)
+        out[f"{new}.lora_up.weight"] = up
+        out[f"{new}.alpha"] = torch.tensor(alpha * n, dtype=first["alpha"].dtype)
+    return out
+
+
+def from_bfl(tensors: dict, widths: dict[str, list[int]], wanted: set[str]) -> dict:
+    """The inverse of :func:`to_bfl`: a file in BFL's names → diffusers' paths; each fused layer's
+    blocks back out into the parts ``wanted`` names (the network's modules)."""
+    out = {}
+    for name, t in _modules(tensors).items():
+        m = _BFL.match(name)
+        if m is None:
+            out.update({f"{name}.{s}": v for s, v in t.items()})
+            continue
+        double = m.group(1) == "double_blocks"
+        table, ours = (DOUBLE, "transformer_blocks") if double else (SINGLE, "single_transformer_blocks")
+        paths = {part: path for path, (bfl, part) in table.items() if bfl == m.group(3)}
+        if not paths:
+            raise ValueError(f"{name}: not a module of FLUX.1's {'double' if double else 'single'} blocks")
+        if None in paths:
+            out.update({f"lora_unet_{ours}_{m.group(2)}_{paths[None]}.{s}": v for s, v in t.items()})
+            continue
+        n, dims = len(paths), widths[name]
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        r = down.shape[0] // n
+        if down.shape[0] % n or up.shape[1] != down.shape[0]:
+            raise ValueError(f"{name}: a fused LoRA of rank {down.shape[0]} does not split into {n} parts")
+        row = 0
+        for j in range(n):
+            block = up[row : row + dims[j]]
+            off = block.clone()
+            off[:, j * r : (j + 1) * r] = 0
+            if off.abs().max() > 0:
+                raise ValueError(f"{name}: its lora_up is not block-diagonal (trained on the fused layer), so it has "
+                                 "no exact split into diffusers' modules")
+            target = f"lora_unet_{ours}_{m.group(2)}_{paths[j]}"
+            if target in wanted:
+                out[f"{target}.lora_down.weight"] = down[j * r : (j + 1) * r]
+                out[f"{target}.lora_up.weight"] = block[:, j * r : (j + 1) * r]
+                out[f"{target}.alpha"] = t["alpha"] / n
+            row += dims[j]
+    return out
+
+
+def fused_widths(config) -> dict[str, list[int]]:
+    """{fused BFL module name: its parts' output widths} of a FluxTransformer2DModel's config: q, k, v
+    are heads × head_dim wide, a single block's MLP 4× that (diffusers' mlp_ratio)."""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out = {}
+    for i in range(config["num_layers"]):
+        out[f"lora_unet_double_blocks_{i}_img_attn_qkv"] = [inner] * 3
+        out[f"lora_unet_double_blocks_{i}_txt_attn_qkv"] = [inner] * 3
+    for i in range(config["num_single_layers"]):
+        out[f"lora_unet_single_blocks_{i}_linear1"] = [inner] * 3 + [4 * inner]
+    return out
