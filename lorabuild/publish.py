@@ -175,15 +175,24 @@ class Exporter:
             md.update(ema_settings.metadata(self.ctx.project.get("train.ema")))
         if self.inp.info.get("zero_terminal_snr"):  # the base model's own schedule (a ztsnr checkpoint) was rescaled
             md["ss_zero_terminal_snr"] = "True"
+        fam, config = self._denoiser()
+        md.update(fam.model_metadata(config))  # SD 3.5: Large or Medium, from its transformer's config
         return md
 
-    def _layout(self, tensors: dict) -> dict:
-        """The family's file layout of the trained tensors (FLUX: BFL's names, q/k/v fused)."""
+    def _denoiser(self):
         from . import models
         from .families import family
 
         fam = family(self.inp.info["arch"])
-        return fam.saved_layout(tensors, models.read_config(self.inp.mdir, fam.denoiser_part))
+        return fam, models.read_config(self.inp.mdir, fam.denoiser_part)
+
+    def _layout(self, tensors: dict) -> dict:
+        """The family's file layout of the trained tensors (FLUX: BFL's names, q/k/v fused), or PEFT's
+        with ``output.format: diffusers`` (what diffusers' load_lora_weights reads for SD 3.5)."""
+        fam, config = self._denoiser()
+        if self.ctx.project.get("output.format") == "diffusers":
+            return fam.peft_layout(tensors, config)
+        return fam.saved_layout(tensors, config)
 
     def export(self, tensors: dict, ekey: dict, epoch: int, step: int, stamp: dict, ema: bool = False) -> str:
         """Save saved-layout ``tensors`` as the entry ``ekey`` in the output precision, with the

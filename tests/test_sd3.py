@@ -139,3 +139,12 @@ def test_the_mmdit_writer_fails_on_a_weight_its_table_does_not_name(tiny_pipe):
     sd = {**tiny_pipe.transformer.state_dict(), "transformer_blocks.0.extra.weight": torch.zeros(1)}
     with pytest.raises(AssertionError, match="unmapped transformer keys"):
         mmdit_to_sai(sd, dict(tiny_pipe.transformer.config))
+
+
+def test_an_sai_file_without_its_text_encoders_is_refused_by_name(tiny, tmp_path):
+    folder, cache = tiny
+    path = tmp_path / "sd3.5_mmdit_only.safetensors"
+    save_file({k: v.contiguous() for k, v in sd3_to_sai(folder, encoders=False).items()}, str(path))
+    with pytest.raises(models.ModelError, match=r"sd3.5_mmdit_only.safetensors cannot be read as an SD3 checkpoint.*"
+                       r"no clip_l, clip_g, t5xxl text encoder"):
+        models.resolve_base_model(str(path), tmp_path, cache, {"base_model_config": str(folder)})

@@ -216,6 +216,16 @@ class Family:
         ``wanted``: the network's module names."""
         return tensors
 
+    def model_metadata(self, denoiser_config: dict) -> dict:
+        """Metadata the denoiser's own config decides (SD 3.5: Large or Medium); none for the others."""
+        return {}
+
+    peft_format = False  # whether output.format: diffusers writes this family's LoRA (peft_layout)
+
+    def peft_layout(self, tensors: dict, denoiser_config: dict) -> dict:
+        """The trained tensors in PEFT's names, as diffusers' ``load_lora_weights`` reads them."""
+        raise NotImplementedError(f"{self.title}: no diffusers (PEFT) layout")
+
     def metadata_extra(self, cfg: dict) -> dict:
         """The family's own ``ss_*`` metadata from the project's sections (a flow model's objective)."""
         return {}

@@ -20,9 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import CONFIGS_DIR, TOKENIZER_DIR, Family
+from .flux import Flux
+from .sdxl import SDXL
 
 T5_LENGTH = 256  # sd-scripts --t5xxl_max_token_length and the pipeline's max_sequence_length default
 CLIP_LENGTH = 77
+ENCODERS = ("clip_l", "clip_g", "t5xxl")  # an SAI file's text encoders, under text_encoders.<name>.
 # the tiny T5's vocabulary: the tokenizer the FLUX family ships (lorabuild/data/t5_tokenizer)
 T5_TOKENIZER_DIR = TOKENIZER_DIR.parent / "t5_tokenizer"
 
@@ -55,6 +58,9 @@ class SD3(Family):
     # σ logit-normal (0, 1) as SD3's paper and diffusers' SD3 script draw it, shifted by 3.0 (the shift
     # of SD 3.5's own scheduler, which that script trains with), no loss weighting
     flow_defaults = {"timestep_sampling": "logit_normal", "discrete_flow_shift": 3.0, "weighting_scheme": "none"}
+    # kohya's SD3 LoRA: every Linear of the joint blocks' x and context streams (its SingleDiTBlock)
+    unet_targets = ("JointTransformerBlock",)
+    network_module = "networks.lora_sd3"
     # a single file's keys: the MMDiT's joint blocks, with or without the SAI checkpoint's prefix
     JOINT = ("model.diffusion_model.joint_blocks.", "joint_blocks.")
 
@@ -88,12 +94,37 @@ class SD3(Family):
         """The shipped tokenizer files a single file's conversion copies into ``which``."""
         return T5_TOKENIZER_DIR if which == "tokenizer_3" else TOKENIZER_DIR
 
-    # --- metadata -------------------------------------------------------------------------------
-    def model_type(self, transformer_config: dict) -> str:
-        return transformer_type(transformer_config)
+    # --- metadata and LoRA names -----------------------------------------------------------------
+    def model_metadata(self, denoiser_config: dict) -> dict:
+        """kohya's model type (``5-large``, ``5-medium``) and ModelSpec architecture of this transformer."""
+        kind = transformer_type(denoiser_config)
+        return {"ss_base_model_version": kind, "modelspec.architecture": f"stable-diffusion-3-{kind}/lora"}
 
-    def modelspec_for(self, transformer_config: dict) -> str:
-        return "stable-diffusion-3-" + transformer_type(transformer_config)
+    metadata_extra = Flux.metadata_extra  # the flow objective's settings, T5's, in kohya's names
+
+    def te_prefixes(self, n: int) -> list[str]:
+        return ["lora_te1", "lora_te2", "lora_te3"][:n]  # CLIP-L, CLIP-G, T5 (kohya lora_sd3.py)
+
+    def saved_layout(self, tensors: dict, denoiser_config: dict) -> dict:
+        from .sd3_names import to_sai
+
+        return to_sai(tensors, denoiser_config)
+
+    def trained_layout(self, tensors: dict, denoiser_config: dict, wanted: set[str]) -> dict:
+        """kohya's SAI names, or PEFT's (an ``output.format: diffusers`` file), back to the modules trained."""
+        from .sd3_names import from_peft, from_sai
+
+        if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors):
+            return from_peft(tensors)
+        return from_sai(tensors, denoiser_config, wanted)
+
+    peft_format = True
+
+    def peft_layout(self, tensors: dict, denoiser_config: dict) -> dict:
+        """``output.format: diffusers``: the trained tensors in PEFT's names (families/sd3_names.py)."""
+        from .sd3_names import to_peft
+
+        return to_peft(tensors, denoiser_config)
 
     # --- the objective --------------------------------------------------------------------------
     def objective(self, scheduler_config: dict) -> str:
@@ -111,6 +142,19 @@ class SD3(Family):
     # --- building and loading -------------------------------------------------------------------
     def _pipeline_extras(self, load: bool = False, make: bool = False) -> dict:
         return {}
+
+    def from_single_file(self, src: str, config: str, torch_dtype):
+        """An SAI file with its three text encoders (``text_encoders.clip_l`` / ``clip_g`` / ``t5xxl``);
+        one without them (SAI's ``sd3.5_large.safetensors`` holds the MMDiT and VAE) is refused by name."""
+        from safetensors import safe_open
+
+        with safe_open(src, "pt") as f:
+            keys = list(f.keys())
+        missing = [e for e in ENCODERS if not any(k.startswith(f"text_encoders.{e}.") for k in keys)]
+        if missing:
+            raise ValueError(f"the file has no {', '.join(missing)} text encoder (text_encoders.{missing[0]}.…): "
+                             "use a file that includes them (SAI's *_incl_clips_t5xxl*) or the diffusers folder")
+        return super().from_single_file(src, config, torch_dtype)
 
     def make_pipeline(self, transformer, vae, text_encoders: list, tokenizers: list, scheduler):
         from diffusers import StableDiffusion3Pipeline
@@ -136,6 +180,8 @@ class SD3(Family):
         parts = [encode_part(i, tok, te, captions, t5_max_length, apply_t5_attn_mask)
                  for i, (tok, te) in enumerate(zip(tokenizers, text_encoders))]
         return join_parts(parts, _t5_width(text_encoders), t5_max_length)
+
+    prompt_arguments = SDXL.prompt_arguments  # the same keywords: hidden states and a pooled text embedding
 
     def tiny_pipeline(self):
         """SD 3.5's architecture in miniature (after diffusers' own SD3 tests): an MMDiT of two
