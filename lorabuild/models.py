@@ -315,6 +315,9 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
         names = list(FAMILIES)
         raise ModelError(f"{path}: cannot tell {' / '.join(n.upper() for n in names)} from its keys (no known text "
                          f"encoder or UNet layout); set model_type: {', '.join(names[:-1])} or {names[-1]}")
+    if not family(arch).single_file:
+        raise ModelError(f"{path}: a {family(arch).title} single file cannot be a base_model yet (its text encoders and "
+                         "VAE are separate files); use the model's diffusers folder")
     cfg_dir = _config_dir(opts, arch, project_root, tensors.keys())
     marked = checkpoint_markers(tensors, arch, opts)
     pred = marked.get("prediction_type", opts.get("prediction_type", "auto"))

@@ -213,6 +213,8 @@ class LoRANetwork(nn.Module):
         ``make(name, module, dim, alpha)``: the module to train there (default: kohya's LoRA)."""
         super().__init__()
         family(arch)  # an unknown architecture: ValueError before any module is looked at
+        if tuple(unet_targets) == UNET_TARGETS:  # the default (SD's Transformer2DModel): the family's own targets
+            unet_targets = family(arch).unet_targets
         conv = bool(conv_dim) or bool(blocks and blocks["conv_dims"])
         found = _candidates(unet, text_encoders if train_text_encoder else [], arch, train_unet, conv,
                             unet_targets, te_targets)
@@ -404,12 +406,6 @@ def check_layout(path, mine: dict, loaded: dict, strict: bool) -> list[str]:
     return missing
 
 
-def _unet_targets(net: dict, arch: str) -> tuple:
-    """network.unet_target_modules; at its default (SD's Transformer2DModel), the family's own targets."""
-    wanted = tuple(net.get("unet_target_modules") or UNET_TARGETS)
-    return family(arch).unet_targets if wanted == UNET_TARGETS else wanted
-
-
 def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_encoder: bool | None = None) -> LoRANetwork:
     """The network a project's ``network`` section describes, around these models. Options that
     do not fit the model raise ``NetworkConfigError`` naming the field."""
@@ -429,7 +425,7 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
         train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
         arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
-        unet_targets=_unet_targets(net, arch),
+        unet_targets=net.get("unet_target_modules") or UNET_TARGETS,
         te_targets=net.get("text_encoder_target_modules") or TE_TARGETS,
         exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
         blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,

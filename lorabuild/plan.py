@@ -115,7 +115,7 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
     from .models import MODEL_OPTIONS, single_file_markers
 
     detected = single_file_markers(str(project.get("base_model")), project.root,
-                                   {k: project.get(k) for k in MODEL_OPTIONS})
+                                   {k: project.get(k) for k in MODEL_OPTIONS}) + _objective(project, warnings)
     return {
         "project": project.name,
         "base_model": detected,
@@ -269,6 +269,33 @@ def _duplicates(ds: Dataset, hashes) -> list[str]:
         else:
             seen[h] = im.id
     return [f"{len(dups)} duplicate image(s) by content: {'; '.join(dups[:5])}"] if dups else []
+
+
+def _objective(project, warnings: list) -> list[str]:
+    """A flow model's family and objective as it will train (a built-in or a diffusers folder; read
+    from its configs, nothing loaded); nothing for the DDPM families, whose plan reads as before."""
+    from .families import builtin_family, family_of
+    from .flow import FlowSettings
+    from .models import model_info, noise_schedule
+
+    spec = str(project.get("base_model"))
+    try:
+        if spec.startswith("builtin:"):
+            fam, sched = builtin_family(spec.removeprefix("builtin:")), {}
+        else:
+            folder = project.resolve(spec)
+            if not (folder / "model_index.json").is_file():
+                return []
+            fam, sched = family_of(model_info(folder)), noise_schedule(folder)
+        if fam is None or fam.objective(sched) != "flow":
+            return []
+        s = FlowSettings.of(project.section("train"), fam.flow_defaults)
+    except Exception as exc:  # the stages say what is wrong with the model or the settings, with context
+        warnings.append(str(exc))
+        return []
+    only = {"logit_mean": "logit_normal", "logit_std": "logit_normal", "mode_scale": "mode"}  # their sampler's
+    settings = ", ".join(f"{k} {v}" for k, v in s.keyed().items() if only.get(k, s.timestep_sampling) == s.timestep_sampling)
+    return [f"{fam.title}, trained with rectified flow (target noise − image): {settings}"]
 
 
 def render(plan: dict) -> str:

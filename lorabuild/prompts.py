@@ -3,7 +3,7 @@
 kohya's syntax (sd-scripts ``train_util.line_to_prompt_dict``): one prompt per line,
 ``#`` lines and blank lines skipped, options after `` --`` (case-insensitive): ``--n``
 negative, ``--w``/``--h`` size, ``--s`` steps, ``--l`` CFG scale, ``--d`` seed, ``--ss``
-sampler, plus ``--m`` LoRA weight (ai-toolkit's name). A bad value is reported and
+sampler, plus ``--m`` LoRA weight (ai-toolkit's name) and ``--g``, FLUX.1 dev's embedded guidance (kohya's). A bad value is reported and
 skipped, not fatal, as in kohya; sizes are floored to a multiple of 8 (at least 64) and
 steps clamped to 1–1000.
 """

@@ -44,6 +44,7 @@ class Family:
     checkpoint_prefix = ""
     cross_attention_width = 0
     reads_checkpoint_markers = False  # the v_pred / ztsnr marker keys (models.checkpoint_markers)
+    single_file = True  # whether a single-file checkpoint of the family converts (models._single_file)
     # --- kohya / ModelSpec metadata
     base_model_version = ""  # ss_base_model_version
     modelspec_arch = ""  # modelspec.architecture, before "/lora"

@@ -30,6 +30,7 @@ class Flux(Family):
     bucket_step = 16  # the VAE's ×8 and the 2×2 packing
     pipeline_class = "FluxPipeline"
     denoiser_part = "transformer"
+    single_file = False  # BFL's files hold the transformer alone (flux_checkpoint.py writes that layout)
     denoiser_class = "FluxTransformer2DModel"
     # the resolution-dependent shift of BFL's own sampling; dev's guidance 1.0 while training (kohya's advice)
     flow_defaults = {"timestep_sampling": "flux_shift", "guidance_scale": 1.0}

@@ -1,0 +1,281 @@
+"""FLUX.1 end to end on the built-in tiny models (dev and schnell): ``doit sample:demo`` builds,
+caches and retrains incrementally like the SD demo, and the trained file, in kohya/BFL names,
+loads into diffusers' FluxPipeline with every key consumed and the same transformer output.
+
+One cold dev build (a small dataset, 2 optimizer steps) shared by the module's tests; the others
+work on copies of it."""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_DEMO, copy_workspace, init_workspace
+from safetensors.torch import load_file, save_file
+
+from lorabuild import models
+from lorabuild.families import family
+from lorabuild.network import LoRANetwork
+
+IMAGES = ("redcircle_00", "redcircle_01", "bluesquare_00", "bluesquare_01")
+
+
+def _flux_workspace(root, model: str):
+    ws = init_workspace(root)
+    for concept in ws.data.iterdir():  # a small dataset: two images per concept
+        for f in concept.iterdir():
+            if f.stem not in IMAGES:
+                f.unlink()
+    doc = yaml.safe_load(ws.yaml_path.read_text())
+    doc["base_model"] = f"builtin:{model}"
+    doc["bucket"] = {"resolution": 64, "min_reso": 64, "max_reso": 128, "step": 16}
+    doc["textemb"] = {"cache": "auto", "t5_max_length": 16}
+    doc["train"].update(epochs=1, max_steps=2, save_every_n_epochs=1)
+    doc["sample"] = {"baseline": False, "width": 64, "height": 64, "steps": 2,
+                     "prompts": ["redcircle, shape --g 3.0"]}
+    ws.yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    ws.cold = ws.doit("sample:demo", build="cold")
+    return ws
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    return _flux_workspace(tmp_path_factory.mktemp("flux") / "ws", "tiny-flux")
+
+
+def _computed(ws, stage):
+    return ws.report(stage)["computed"]
+
+
+def test_dev_builds_end_to_end_with_flux_latents_and_t5_embeddings(dev):
+    assert {s: _computed(dev, s) for s in ("latents", "textemb", "train", "sample")} == \
+        {"latents": 4, "textemb": 4, "train": 1, "sample": 1}
+    folder = dev.root / "cache" / "models" / "tiny-flux"
+    info = models.model_info(folder)
+    assert info["arch"] == "flux" and info["latent_channels"] == 16 and info["latent_shift"] == 0.1159
+    # latents: the VAE's (mean − shift)·scale at 1/8 size, 16 channels; shift and scale in the key
+    entry = dev.manifest("latents")["items"][0]
+    side = json.loads((dev.root / "cache" / "objects" / "latents" / entry["hash"][:2] / f"{entry['hash'][2:]}.json")
+                      .read_text())
+    assert side["key"]["norm"] == {"shift": 0.1159, "scale": 0.3611}
+    lat = load_file(str(dev.root / "cache" / "objects" / "latents" / entry["hash"][:2] / f"{entry['hash'][2:]}.safetensors"))
+    assert lat["latent"].shape == (16, entry["bucket"][1] // 8, entry["bucket"][0] // 8)
+    # text embeddings: T5's sequence at t5_max_length, CLIP's pooled vector; both settings keyed
+    emb = dev.manifest("textemb")["items"][0]
+    side = json.loads((dev.root / "cache" / "objects" / "textemb" / emb["hash"][:2] / f"{emb['hash'][2:]}.json").read_text())
+    assert side["key"]["text"] == {"t5_max_length": 16, "apply_t5_attn_mask": False}
+    t = load_file(str(dev.root / "cache" / "objects" / "textemb" / emb["hash"][:2] / f"{emb['hash'][2:]}.safetensors"))
+    assert t["hidden"].shape == (16, 32) and t["pooled"].shape == (32,)
+    # the objective as trained is in the run key (the family's default sampling filled in)
+    run = dev.manifest("train")["items"][0]["hash"]
+    key = json.loads((dev.root / "cache" / "objects" / "train" / run[:2] / f"{run[2:]}.json").read_text())["key"]
+    assert key["objective"]["timestep_sampling"] == "flux_shift" and key["objective"]["guidance_scale"] == 1.0
+    assert (dev.root / "output" / "demo" / "samples" / "grid.png").is_file()
+    plan = dev.lorabuild("plan", "demo")
+    assert "FLUX.1, trained with rectified flow" in plan.stdout and "timestep_sampling flux_shift" in plan.stdout
+
+
+def test_adding_an_image_encodes_one_latent_and_one_caption_and_a_train_change_no_cache(dev, tmp_path):
+    ws = copy_workspace(dev, tmp_path / "ws")
+    src = ws.data / "10_redcircle shape"
+    shutil.copy2(TINY_DEMO / "demo" / "10_redcircle shape" / "redcircle_02.png", src / "redcircle_02.png")
+    (src / "redcircle_02.txt").write_text("redcircle, shape, a new caption", encoding="utf-8")
+    ws.doit("latents:demo", "textemb:demo", build="add")
+    assert (_computed(ws, "latents"), _computed(ws, "textemb")) == (1, 1)
+    ws.edit(lambda d: d["train"].update(learning_rate=0.0005))
+    ws.doit("train:demo", build="lr")  # trains on the five images
+    ran = ws.ran("lr")
+    assert "train" in ran and _computed(ws, "train") == 1 and len(ws.manifest("latents")["items"]) == 5
+    for stage in ("latents", "textemb"):  # up to date, or run and computed nothing
+        assert stage not in ran or _computed(ws, stage) == 0
+
+
+def test_schnell_builds_end_to_end_without_guidance_on_devs_cached_latents_and_embeddings(dev, tmp_path):
+    """schnell shares dev's VAE and text encoders (the tiny ones are made alike, as the real ones
+    are the same files): switching the project to it trains and samples anew and encodes nothing."""
+    ws = copy_workspace(dev, tmp_path / "ws")
+    ws.edit(lambda d: (d.update(base_model="builtin:tiny-flux-schnell"), d["sample"].update(steps=4)))
+    ws.doit("sample:demo", build="schnell")
+    assert {s: _computed(ws, s) for s in ("latents", "textemb", "train", "sample")} == \
+        {"latents": 0, "textemb": 0, "train": 1, "sample": 1}
+    cfg = json.loads((ws.root / "cache" / "models" / "tiny-flux-schnell" / "transformer" / "config.json").read_text())
+    sched = json.loads((ws.root / "cache" / "models" / "tiny-flux-schnell" / "scheduler" / "scheduler_config.json")
+                       .read_text())
+    assert cfg["guidance_embeds"] is False and sched["use_dynamic_shifting"] is False
+    # the default T5 length is schnell's 256 where the project sets none (kohya's)
+    assert family("flux").text_options({}, ws.root / "cache" / "models" / "tiny-flux-schnell")["t5_max_length"] == 256
+
+
+# ------------------------------------------------------------------ the file in diffusers
+
+
+def _at_tiny_width(fn, real: str, tiny: str):
+    """diffusers' function ``fn`` with the tiny model's width in place of the real FLUX.1's, which
+    its FLUX converters hard-code (3072 wide, single blocks' MLP 12288); nothing else changed."""
+    src = inspect.getsource(fn)
+    assert src.count(real) == 1
+    ns: dict = {}
+    exec(compile(src.replace(real, tiny), inspect.getsourcefile(fn), "exec"), fn.__globals__, ns)
+    return ns[fn.__name__]
+
+
+def _tiny_width_converter(monkeypatch, inner: int):
+    """diffusers' kohya-FLUX LoRA converter, as load_lora_weights calls it, at the tiny width."""
+    from diffusers.loaders import lora_conversion_utils as lcu
+    from diffusers.loaders import lora_pipeline
+
+    fn = _at_tiny_width(lcu._convert_kohya_flux_lora_to_diffusers, "dims=[3072, 3072, 3072, 12288]",
+                        f"dims=[{inner}, {inner}, {inner}, {4 * inner}]")
+    monkeypatch.setattr(lora_pipeline, "_convert_kohya_flux_lora_to_diffusers", fn)
+    return fn
+
+
+def _inputs(transformer):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    hidden = torch.randn(2, 16, 32, generator=g)
+    added = {"pooled": torch.randn(2, 32, generator=g), "guidance": torch.tensor([1.0, 3.5])}
+    return x, torch.tensor([0.3, 0.8]), hidden, added
+
+
+def _ours(folder, lora, project):
+    fam = family("flux")
+    unet = models.load_unet(folder)
+    net = LoRANetwork(unet, [], dim=project["network"]["dim"], alpha=project["network"]["alpha"],
+                      train_text_encoder=False, arch="flux")
+    net.load_weights(lora)
+    net.eval()
+    net.apply()
+    with torch.no_grad():
+        out = fam.predict(unet, *_inputs(unet))
+        net.set_multiplier(0.0)
+        plain = fam.predict(unet, *_inputs(unet))
+    return out, plain, net
+
+
+def _theirs(folder, lora):
+    pipe = models.load_pipeline(folder)
+    pipe.load_lora_weights(str(lora))
+    with torch.no_grad():
+        return family("flux").predict(pipe.transformer, *_inputs(pipe.transformer))
+
+
+def test_the_lora_file_has_kohya_names_and_loads_into_diffusers_with_the_same_output(dev, monkeypatch, tmp_path,
+                                                                                     caplog):
+    lora = dev.root / "output" / "demo" / "demo.safetensors"
+    folder = dev.root / "cache" / "models" / "tiny-flux"
+    tensors = load_file(str(lora))
+    names = {k.split(".")[0] for k in tensors}
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_single_blocks_1_linear1" in names
+    assert all(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names)
+    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (96, 24)  # q, k, v of 32
+    assert tensors["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (32, 32)  # 4 parts × rank 8
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as fh:
+        md = fh.metadata()
+    assert md["ss_network_module"] == "networks.lora_flux" and md["ss_base_model_version"] == "flux1"
+    assert md["modelspec.architecture"] == "flux-1-dev/lora" and md["ss_timestep_sampling"] == "flux_shift"
+    convert = _tiny_width_converter(monkeypatch, 32)
+    with caplog.at_level(logging.WARNING):
+        converted = convert(dict(tensors))  # a key it cannot place raises ("Incompatible keys") or is logged
+    assert "Unsupported keys" not in caplog.text
+    assert len({k.rsplit(".lora_", 1)[0] for k in converted}) == 2 * 14 + 2 * 6  # every Linear of 2+2 blocks
+    project = yaml.safe_load(dev.yaml_path.read_text())
+    ours, plain, net = _ours(folder, lora, project)
+    # the fused rows went to the right split modules: diffusers' to_k delta is our to_k LoRA's
+    k_mod = next(m for m in net.loras if m.lora_name == "lora_unet_transformer_blocks_0_attn_to_k")
+    ours_k = (k_mod.lora_up.weight @ k_mod.lora_down.weight) * k_mod.scale
+    theirs_k = (converted["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"].float()
+                @ converted["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"].float())
+    assert ours_k.abs().max() > 0 and torch.allclose(ours_k, theirs_k, atol=1e-6)
+    theirs = _theirs(folder, lora)
+    assert (ours - plain).abs().max() > 1e-4  # the LoRA changes the output
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # the same file with q's and k's rows swapped is another LoRA to diffusers: the check can fail
+    swapped = dict(tensors)
+    up = swapped["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].clone()
+    swapped["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] = torch.cat([up[32:64], up[:32], up[64:]])
+    bad = tmp_path / "swapped.safetensors"
+    save_file(swapped, str(bad))
+    assert not torch.allclose(ours, _theirs(folder, bad), atol=1e-5)
+    with pytest.raises(ValueError, match="not block-diagonal"):
+        _ours(folder, bad, project)
+
+
+def test_a_bfl_single_file_written_from_the_tiny_transformer_loads_to_identical_weights(dev, monkeypatch, tmp_path):
+    """BFL's layout (flux1-dev.safetensors: fused qkv, linear1, (shift, scale) final modulation),
+    read back by diffusers' from_single_file."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import single_file_model, single_file_utils
+
+    from lorabuild.families.flux_checkpoint import bfl_state_dict
+
+    folder = dev.root / "cache" / "models" / "tiny-flux"
+    transformer = models.load_unet(folder)
+    sd = bfl_state_dict(transformer)
+    assert sd["double_blocks.0.img_attn.qkv.weight"].shape == (96, 32)
+    assert sd["single_blocks.0.linear1.weight"].shape == (224, 32) and "guidance_in.in_layer.weight" in sd
+    path = tmp_path / "flux1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    fn = _at_tiny_width(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers, "inner_dim = 3072",
+                        "inner_dim = 32")
+    monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"],
+                        "checkpoint_mapping_fn", fn)
+    loaded = FluxTransformer2DModel.from_single_file(str(path), config=str(folder), subfolder="transformer",
+                                                     local_files_only=True, torch_dtype=torch.float32)
+    ours, theirs = transformer.state_dict(), loaded.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # as a project's base_model it is refused with the reason, not converted half-way
+    with pytest.raises(models.ModelError, match="FLUX.1 single file cannot be a base_model yet"):
+        models.resolve_base_model(str(path), tmp_path, tmp_path / "cache", {})
+
+
+def test_the_g_prompt_flag_is_devs_embedded_guidance_and_only_set_prompts_carry_it(tmp_path):
+    from lorabuild import prompts
+
+    assert prompts.parse_line("a cat --g 2.5 --s 4") == {"prompt": "a cat", "guidance": 2.5, "steps": 4}
+    cfg = {"prompts": ["a cat --g 2.5", "a dog"], "negative": "", "width": 64, "height": 64, "steps": 4, "cfg": 7.0,
+           "seed": 1, "sampler": "euler", "lora_weight": 1.0}
+    with_g, without = prompts.resolve(cfg, tmp_path)
+    assert with_g["guidance"] == 2.5 and "guidance" not in without  # SD prompts' settings (their keys) unchanged
+    flux, sd1 = family("flux"), family("sd1")
+    assert flux.guidance_arguments(with_g) == {"guidance_scale": 2.5}
+    assert flux.guidance_arguments(without) == {"guidance_scale": 3.5}  # FluxPipeline's own default
+    assert sd1.guidance_arguments(with_g) == {"guidance_scale": 7.0}  # CFG, as before
+
+
+def test_fused_names_round_trip_with_a_part_left_out_and_refuse_unequal_ranks():
+    """q and v trained, k excluded: the fused layer's k rows and columns are zeros, and reading the
+    file back gives q and v exactly; parts of another rank cannot share one fused layer."""
+    from lorabuild.families.flux_names import from_bfl, fused_widths, to_bfl
+
+    g = torch.Generator().manual_seed(0)
+    cfg = {"num_attention_heads": 2, "attention_head_dim": 4, "num_layers": 1, "num_single_layers": 0}
+    widths = fused_widths(cfg)
+
+    def lora(name, r=2, alpha=1.0):
+        return {f"{name}.lora_down.weight": torch.randn(r, 8, generator=g),
+                f"{name}.lora_up.weight": torch.randn(8, r, generator=g), f"{name}.alpha": torch.tensor(alpha)}
+
+    ours = {**lora("lora_unet_transformer_blocks_0_attn_to_q"), **lora("lora_unet_transformer_blocks_0_attn_to_v"),
+            **lora("lora_unet_transformer_blocks_0_ff_net_2")}
+    saved = to_bfl(ours, widths)
+    assert set(saved) == {f"lora_unet_double_blocks_0_{m}.{p}" for m in ("img_attn_qkv", "img_mlp_2")
+                          for p in ("lora_down.weight", "lora_up.weight", "alpha")}
+    up, down = saved["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], \
+        saved["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert up.shape == (24, 6) and down.shape == (6, 8) and float(saved["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3
+    assert not up[8:16].any() and not down[2:4].any()  # k: nothing
+    # the fused LoRA is the parts' sum: q's rows get q's update, v's rows v's (alpha/rank equal)
+    fused = up @ down * (3 / 6)
+    q = ours["lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight"] @ ours["lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"] / 2
+    assert torch.allclose(fused[:8], q)
+    back = from_bfl(saved, widths, {n.split(".")[0] for n in ours})
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    with pytest.raises(ValueError, match="differ in rank or alpha"):
+        to_bfl({**ours, **lora("lora_unet_transformer_blocks_0_attn_to_k", r=4)}, widths)
