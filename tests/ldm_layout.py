@@ -111,8 +111,8 @@ def pipeline_to_ldm(folder) -> dict:
 
 def mmdit_to_sai(sd: dict, cfg: dict) -> dict:
     """An SD3 transformer's diffusers state dict in SAI's MMDiT layout (``model.diffusion_model.``,
-    q/k/v fused into ``qkv``), through lorabuild's own table (families/sd3.mmdit_layout); every key is used."""
-    from lorabuild.families.sd3 import mmdit_layout, swap_halves
+    q/k/v fused into ``qkv``), through lorabuild's own table (families/sd3_names.mmdit_layout); every key is used."""
+    from lorabuild.families.sd3_names import mmdit_layout, swap_halves
 
     sd = dict(sd)
     out = {"pos_embed": sd.pop("pos_embed.pos_embed")}

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from ldm_layout import mmdit_to_sai, sd3_to_sai
 from lorabuild import families, models
 from lorabuild.families.base import CONFIGS_DIR
-from lorabuild.families.sd3 import FAMILY as SD3, mmdit_layout, transformer_type
+from lorabuild.families.sd3 import FAMILY as SD3, transformer_type
+from lorabuild.families.sd3_names import mmdit_layout
 
 PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 

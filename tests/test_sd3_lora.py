@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from ldm_layout import mmdit_to_sai
 from lorabuild import models
-from lorabuild.families.sd3 import FAMILY as SD3, mmdit_layout
-from lorabuild.families.sd3_names import from_peft, from_sai, to_peft, to_sai
+from lorabuild.families.sd3 import FAMILY as SD3
+from lorabuild.families.sd3_names import from_peft, from_sai, mmdit_layout, to_peft, to_sai
 from lorabuild.network import LoRANetwork
 
 

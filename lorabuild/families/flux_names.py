@@ -34,7 +34,8 @@ _BFL = re.compile(r"^lora_unet_(double_blocks|single_blocks)_(\d+)_(.+)$")
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
-def _modules(tensors: dict) -> dict[str, dict]:
+def by_module(tensors: dict) -> dict[str, dict]:
+    """{module name: {suffix: tensor}} of a LoRA file's tensors (``name.lora_down.weight`` …)."""
     out: dict[str, dict] = {}
     for k, v in tensors.items():
         name, _, suffix = k.partition(".")
@@ -46,7 +47,7 @@ def to_bfl(tensors: dict, widths: dict[str, list[int]]) -> dict:
     """Saved-layout tensors named by diffusers' paths → BFL's names, split parts fused. ``widths``:
     {fused BFL module name: its parts' output widths} (a part without a LoRA is zeros there)."""
     out, fused = {}, {}
-    for name, t in _modules(tensors).items():
+    for name, t in by_module(tensors).items():
         m = _OURS.match(name)
         table = None if m is None else (DOUBLE if m.group(1) == "transformer_blocks" else SINGLE)
         if table is None or m.group(3) not in table:
@@ -115,7 +116,7 @@ def from_bfl(tensors: dict, widths: dict[str, list[int]], wanted: set[str]) -> d
     """The inverse of :func:`to_bfl`: a file in BFL's names → diffusers' paths; each fused layer's
     blocks back out into the parts ``wanted`` names (the network's modules)."""
     out = {}
-    for name, t in _modules(tensors).items():
+    for name, t in by_module(tensors).items():
         m = _BFL.match(name)
         if m is None:
             out.update({f"{name}.{s}": v for s, v in t.items()})

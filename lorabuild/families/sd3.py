@@ -226,54 +226,6 @@ class SD3(Family):
             tokenizer_2=CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token="!"), tokenizer_3=t5_tok)
 
 
-def mmdit_layout(num_layers: int, dual_layers=()) -> dict[str, tuple[tuple[str, ...], bool]]:
-    """SAI's MMDiT modules (``joint_blocks.3.x_block.attn.qkv``, the names of SAI's single files and
-    kohya's LoRA names) → (the diffusers modules whose output rows they stack, in order; whether the
-    two halves of the rows are swapped). SAI fuses q, k, v into one ``qkv``; diffusers splits them
-    (``to_q``…, the context stream's ``add_q_proj``…). SAI's continuous adaLN (the last block's context
-    stream, the final layer) gives (shift, scale), diffusers' (scale, shift). The last block's context
-    stream has no output projection and no MLP (``context_pre_only``). Facts from diffusers'
-    ``convert_sd3_transformer_checkpoint_to_diffusers``; our own table, used both ways."""
-    out: dict[str, tuple[tuple[str, ...], bool]] = {
-        "x_embedder.proj": (("pos_embed.proj",), False),
-        "t_embedder.mlp.0": (("time_text_embed.timestep_embedder.linear_1",), False),
-        "t_embedder.mlp.2": (("time_text_embed.timestep_embedder.linear_2",), False),
-        "y_embedder.mlp.0": (("time_text_embed.text_embedder.linear_1",), False),
-        "y_embedder.mlp.2": (("time_text_embed.text_embedder.linear_2",), False),
-        "context_embedder": (("context_embedder",), False),
-        "final_layer.linear": (("proj_out",), False),
-        "final_layer.adaLN_modulation.1": (("norm_out.linear",), True),
-    }
-    for i in range(num_layers):
-        j, d, last = f"joint_blocks.{i}.", f"transformer_blocks.{i}.", i == num_layers - 1
-        attn = [("attn", "attn", ("to_q", "to_k", "to_v"), "to_out.0", ("norm_q", "norm_k")),
-                ("context_attn", "attn", ("add_q_proj", "add_k_proj", "add_v_proj"), None if last else "to_add_out",
-                 ("norm_added_q", "norm_added_k"))]
-        if i in dual_layers:
-            attn.append(("attn2", "attn2", ("to_q", "to_k", "to_v"), "to_out.0", ("norm_q", "norm_k")))
-        for kind, mod, qkv, proj, norms in attn:
-            block = j + ("context_block.attn" if kind == "context_attn" else f"x_block.{kind}")
-            out[block + ".qkv"] = (tuple(f"{d}{mod}.{p}" for p in qkv), False)
-            out[block + ".ln_q"], out[block + ".ln_k"] = ((f"{d}{mod}.{norms[0]}",), False), ((f"{d}{mod}.{norms[1]}",), False)
-            if proj:
-                out[block + ".proj"] = ((f"{d}{mod}.{proj}",), False)
-        out[j + "x_block.adaLN_modulation.1"] = ((d + "norm1.linear",), False)
-        out[j + "context_block.adaLN_modulation.1"] = ((d + "norm1_context.linear",), last)
-        for stream, ff in (("x_block", "ff"), ("context_block", "ff_context")):
-            if stream == "x_block" or not last:
-                out[f"{j}{stream}.mlp.fc1"] = ((f"{d}{ff}.net.0.proj",), False)
-                out[f"{j}{stream}.mlp.fc2"] = ((f"{d}{ff}.net.2",), False)
-    return out
-
-
-def swap_halves(rows):
-    """(a, b) → (b, a) along the first dimension: SAI's (shift, scale) ↔ diffusers' (scale, shift)."""
-    import torch
-
-    first, second = rows.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
 def _tiny_t5():
     """A two-layer T5 v1.1-shaped encoder (gated GELU, relative attention) over the shipped tiny vocabulary."""
     import torch

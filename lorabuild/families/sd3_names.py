@@ -5,8 +5,8 @@ reads: it has no converter from kohya's SD3 names, so ``output.format: diffusers
 diffusers users load. Torch only.
 
 kohya's SD3 modules are the Linears of the MMDiT's x and context blocks (its ``SingleDiTBlock``);
-SAI fuses q, k, v into one ``qkv`` where diffusers splits them (``families/sd3.mmdit_layout``, the
-same table as SAI's single files). Three LoRAs of rank r on the parts are exactly one of rank 3r on
+SAI fuses q, k, v into one ``qkv`` where diffusers splits them (:func:`mmdit_layout`, the same
+table as SAI's single files: tests/ldm_layout.py writes those with it). Three LoRAs of rank r on the parts are exactly one of rank 3r on
 the fused layer: the downs stacked, the ups block-diagonal, alpha 3α so that alpha/rank stays α/r
 (kohya's ``split_qkv`` layout, its ``state_dict``). The last block's context adaLN gives (shift,
 scale) in SAI's model and (scale, shift) in diffusers': its up's two halves of rows swap.
@@ -15,11 +15,58 @@ from __future__ import annotations
 
 import re
 
-from .flux_names import _modules, fuse, split
-from .sd3 import mmdit_layout, swap_halves
+from .flux_names import by_module, fuse, split
 
 _CLIP = re.compile(r"^(lora_te[12])_text_model_encoder_layers_(\d+)_(self_attn|mlp)_(\w+)$")
 _T5 = re.compile(r"^lora_te3_encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(\w+)$")
+
+
+def mmdit_layout(num_layers: int, dual_layers=()) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """SAI's MMDiT modules (``joint_blocks.3.x_block.attn.qkv``, the names of SAI's single files and
+    kohya's LoRA names) → (the diffusers modules whose output rows they stack, in order; whether the
+    two halves of the rows are swapped). SAI fuses q, k, v into one ``qkv``; diffusers splits them
+    (``to_q``…, the context stream's ``add_q_proj``…). SAI's continuous adaLN (the last block's context
+    stream, the final layer) gives (shift, scale), diffusers' (scale, shift). The last block's context
+    stream has no output projection and no MLP (``context_pre_only``). Facts from diffusers'
+    ``convert_sd3_transformer_checkpoint_to_diffusers``; our own table, used both ways."""
+    out: dict[str, tuple[tuple[str, ...], bool]] = {
+        "x_embedder.proj": (("pos_embed.proj",), False),
+        "t_embedder.mlp.0": (("time_text_embed.timestep_embedder.linear_1",), False),
+        "t_embedder.mlp.2": (("time_text_embed.timestep_embedder.linear_2",), False),
+        "y_embedder.mlp.0": (("time_text_embed.text_embedder.linear_1",), False),
+        "y_embedder.mlp.2": (("time_text_embed.text_embedder.linear_2",), False),
+        "context_embedder": (("context_embedder",), False),
+        "final_layer.linear": (("proj_out",), False),
+        "final_layer.adaLN_modulation.1": (("norm_out.linear",), True),
+    }
+    for i in range(num_layers):
+        j, d, last = f"joint_blocks.{i}.", f"transformer_blocks.{i}.", i == num_layers - 1
+        attn = [("attn", "attn", ("to_q", "to_k", "to_v"), "to_out.0", ("norm_q", "norm_k")),
+                ("context_attn", "attn", ("add_q_proj", "add_k_proj", "add_v_proj"), None if last else "to_add_out",
+                 ("norm_added_q", "norm_added_k"))]
+        if i in dual_layers:
+            attn.append(("attn2", "attn2", ("to_q", "to_k", "to_v"), "to_out.0", ("norm_q", "norm_k")))
+        for kind, mod, qkv, proj, norms in attn:
+            block = j + ("context_block.attn" if kind == "context_attn" else f"x_block.{kind}")
+            out[block + ".qkv"] = (tuple(f"{d}{mod}.{p}" for p in qkv), False)
+            out[block + ".ln_q"], out[block + ".ln_k"] = ((f"{d}{mod}.{norms[0]}",), False), ((f"{d}{mod}.{norms[1]}",), False)
+            if proj:
+                out[block + ".proj"] = ((f"{d}{mod}.{proj}",), False)
+        out[j + "x_block.adaLN_modulation.1"] = ((d + "norm1.linear",), False)
+        out[j + "context_block.adaLN_modulation.1"] = ((d + "norm1_context.linear",), last)
+        for stream, ff in (("x_block", "ff"), ("context_block", "ff_context")):
+            if stream == "x_block" or not last:
+                out[f"{j}{stream}.mlp.fc1"] = ((f"{d}{ff}.net.0.proj",), False)
+                out[f"{j}{stream}.mlp.fc2"] = ((f"{d}{ff}.net.2",), False)
+    return out
+
+
+def swap_halves(rows):
+    """(a, b) → (b, a) along the first dimension: SAI's (shift, scale) ↔ diffusers' (scale, shift)."""
+    import torch
+
+    first, second = rows.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
 def _kohya(path: str) -> str:
@@ -40,7 +87,7 @@ def to_sai(tensors: dict, config: dict) -> dict:
     without a LoRA is zeros in the fused one)."""
     table, width = _table(config), config["num_attention_heads"] * config["attention_head_dim"]
     out, fused = {}, {}
-    for name, t in _modules(tensors).items():
+    for name, t in by_module(tensors).items():
         if name not in table:  # the text encoders' (kohya's lora_te1/2/3 are diffusers' paths)
             out.update({f"{name}.{s}": v for s, v in t.items()})
             continue
@@ -63,7 +110,7 @@ def from_sai(tensors: dict, config: dict, wanted: set[str]) -> dict:
     for ours, (sai, j, n, swapped) in _table(config).items():
         inverse.setdefault(sai, [None] * n)[j] = (ours, swapped)
     out = {}
-    for name, t in _modules(tensors).items():
+    for name, t in by_module(tensors).items():
         if name not in inverse:
             out.update({f"{name}.{s}": v for s, v in t.items()})
             continue
@@ -101,7 +148,7 @@ def to_peft(tensors: dict, config: dict) -> dict:
     """Saved-layout tensors → PEFT's names, each module's alpha/rank folded into its ``lora_B`` (PEFT
     files carry no alpha: diffusers then scales by 1)."""
     out = {}
-    for name, t in _modules(tensors).items():
+    for name, t in by_module(tensors).items():
         path = peft_path(name, config)
         down, up = t["lora_down.weight"], t["lora_up.weight"]
         scale = float(t["alpha"]) / down.shape[0]
