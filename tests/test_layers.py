@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("lorabuild", "errors", "cache", "workspace", "resources", "yamlio", "winenv", "precision",
                     "progress", "faults", "images", "buckets", "multires", "captions", "dataset", "prompts",
                     "extras", "hints", "optimizers", "tagger", "trainplan", "losses", "ema", "lyco_options",
-                    "gallery", "leftovers", "world", "dist", "kohya_scripts")),
+                    "gallery", "leftovers", "world", "dist", "kohya_scripts", "flow", "objective")),
     ("text and layout", ("textenc", "layout")),  # what the families build their conditioning and names from
     ("families", ("families", "families.")),  # one module per model family (SD1, SD2, SDXL, …): issue 21
     ("model", ("models", "folders", "blocks", "network", "lyco", "metadata", "detector")),
