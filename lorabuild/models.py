@@ -157,7 +157,8 @@ def _diffusers_folder(path: Path) -> Path:
     if not isinstance(index, dict):
         raise ModelError(f"{path} is not a diffusers model folder: model_index.json is missing or unreadable")
     # Only the parts lorabuild loads: a folder whose safety_checker/ was deleted is fine.
-    needed = ("unet", "transformer", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    needed = ("unet", "transformer", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2",
+              "text_encoder_3", "tokenizer_3")
     missing = [c for c in needed if _listed(index, c) and not (path / c).is_dir()]
     if missing:
         folders = ", ".join(c + "/" for c in missing)
@@ -282,13 +283,13 @@ def single_file_markers(spec: str, project_root: Path, opts: dict) -> list[str]:
     return checkpoint_markers(tensors, arch, opts)["why"]
 
 
-def _config_dir(opts: dict, arch: str, project_root: Path) -> Path:
+def _config_dir(opts: dict, arch: str, project_root: Path, keys=()) -> Path:
     if opts.get("base_model_config"):
         cfg = (project_root / Path(opts["base_model_config"]).expanduser()).resolve()
         if not (cfg / "model_index.json").is_file():
             raise ModelError(f"base_model_config: {cfg} is not a diffusers model folder (no model_index.json)")
         return cfg
-    return family(arch).configs
+    return family(arch).checkpoint_configs(keys)
 
 
 def _tree_digest(folder: Path) -> str:
@@ -317,7 +318,7 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     if not family(arch).single_file:
         raise ModelError(f"{path}: a {family(arch).title} single file cannot be a base_model yet (its text encoders and "
                          "VAE are separate files); use the model's diffusers folder")
-    cfg_dir = _config_dir(opts, arch, project_root)
+    cfg_dir = _config_dir(opts, arch, project_root, tensors.keys())
     marked = checkpoint_markers(tensors, arch, opts)
     pred = marked.get("prediction_type", opts.get("prediction_type", "auto"))
     if pred == "auto":  # a single file has no scheduler config: the shipped one's (SD2 → 768-v, as diffusers)
@@ -351,9 +352,10 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
     try:
         # the configs diffusers reads: the chosen ones, our tokenizer files, the prediction type
         shutil.copytree(cfg_dir, work, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
-        for tok in ("tokenizer", "tokenizer_2"):
-            if _listed(_read_json(work / "model_index.json"), tok) and not (work / tok / "vocab.json").is_file():
-                shutil.copytree(TOKENIZER_DIR, work / tok, dirs_exist_ok=True)
+        for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            if _listed(_read_json(work / "model_index.json"), tok) and not any(
+                    (work / tok / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+                shutil.copytree(fam.tokenizer_source(tok), work / tok, dirs_exist_ok=True)
                 if fam.pads_with_bang(tok):  # OpenCLIP's tokenizer pads with "!"
                     tc = _read_json(work / tok / "tokenizer_config.json", {})
                     (work / tok / "tokenizer_config.json").write_text(json.dumps({**tc, "pad_token": "!"}, indent=2))

@@ -26,6 +26,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .cache import atomic_path, atomic_write, checked_read, key_hash
+from .families import Family, family
 from .trainplan import RunPlan, ema_key, entry_key
 
 HINT = "close the LoRA in the UI that loaded it (or restart the UI) and build again"
@@ -175,17 +176,28 @@ class Exporter:
             md.update(ema_settings.metadata(self.ctx.project.get("train.ema")))
         if self.inp.info.get("zero_terminal_snr"):  # the base model's own schedule (a ztsnr checkpoint) was rescaled
             md["ss_zero_terminal_snr"] = "True"
+        fam = self._family()
+        if type(fam).model_metadata is not Family.model_metadata:  # SD 3.5: Large or Medium, from its config
+            md.update(fam.model_metadata(self._denoiser_config(fam)))
         return md
 
-    def _layout(self, tensors: dict) -> dict:
-        """The family's file layout of the trained tensors (FLUX: BFL's names, q/k/v fused)."""
-        from . import models
-        from .families import Family, family
+    def _family(self) -> Family:
+        return family(self.inp.info["arch"])
 
-        fam = family(self.inp.info["arch"])
-        if type(fam).saved_layout is Family.saved_layout:  # SD: the trained names are the file's
+    def _denoiser_config(self, fam) -> dict:
+        from . import models
+
+        return models.read_config(self.inp.mdir, fam.denoiser_part)
+
+    def _layout(self, tensors: dict) -> dict:
+        """The family's file layout of the trained tensors (FLUX: BFL's names, q/k/v fused), or PEFT's
+        with ``output.format: diffusers`` (what diffusers' load_lora_weights reads for SD 3.5)."""
+        fam = self._family()
+        if self.ctx.project.get("output.format") == "diffusers":
+            return fam.peft_layout(tensors, self._denoiser_config(fam))
+        if type(fam).saved_layout is Family.saved_layout:  # SD: the trained names are the file's (no config read)
             return tensors
-        return fam.saved_layout(tensors, models.read_config(self.inp.mdir, fam.denoiser_part))
+        return fam.saved_layout(tensors, self._denoiser_config(fam))
 
     def export(self, tensors: dict, ekey: dict, epoch: int, step: int, stamp: dict, ema: bool = False) -> str:
         """Save saved-layout ``tensors`` as the entry ``ekey`` in the output precision, with the

@@ -176,7 +176,7 @@ LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 # what only decides how long a run goes and what it keeps, never the weights at a given epoch
 LENGTH_PARAMS = ("epochs", "max_steps", "save_every_n_epochs", "save_every_n_steps")
 # output settings: they shape the saved files, never the weights
-OUTPUT_PARAMS = ("save_precision", "metadata", "bucket")
+OUTPUT_PARAMS = ("save_precision", "metadata", "bucket", "format")  # format: output.format (SD 3.5: PEFT names)
 
 
 def weights_key(key: dict, total_steps: int) -> dict:

@@ -107,3 +107,41 @@ def pipeline_to_ldm(folder) -> dict:
         te_cfg = cfg("text_encoder")
         te = (open_clip_to_ldm if te_cfg["hidden_act"] == "gelu" else clip_to_ldm)(weights("text_encoder"))
     return {**unet_to_ldm(weights("unet"), cfg("unet")), **vae_to_ldm(weights("vae"), cfg("vae")), **te}
+
+
+def mmdit_to_sai(sd: dict, cfg: dict) -> dict:
+    """An SD3 transformer's diffusers state dict in SAI's MMDiT layout (``model.diffusion_model.``,
+    q/k/v fused into ``qkv``), through lorabuild's own table (families/sd3_names.mmdit_layout); every key is used."""
+    from lorabuild.families.sd3_names import mmdit_layout, swap_halves
+
+    sd = dict(sd)
+    out = {"pos_embed": sd.pop("pos_embed.pos_embed")}
+    for sai, (parts, swapped) in mmdit_layout(cfg["num_layers"], cfg.get("dual_attention_layers") or ()).items():
+        for kind in ("weight", "bias"):
+            if f"{parts[0]}.{kind}" in sd:
+                rows = torch.cat([sd.pop(f"{p}.{kind}") for p in parts])
+                out[f"{sai}.{kind}"] = swap_halves(rows) if swapped else rows
+    assert not sd, f"unmapped transformer keys: {sorted(sd)[:5]}"
+    return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
+def sd3_to_sai(folder, encoders: bool = True) -> dict:
+    """An SD 3.5 diffusers folder as one SAI single file (sd3.5_large.safetensors' layout): the MMDiT,
+    ``first_stage_model`` (LDM VAE), and with ``encoders`` ``text_encoders.clip_l`` / ``clip_g``
+    (transformers' layout under ``.transformer.``) and ``text_encoders.t5xxl.transformer``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = lambda c: json.loads((folder / c / "config.json").read_text())  # noqa: E731
+    weights = lambda c: load_file(str(next((folder / c).glob("*.safetensors"))))  # noqa: E731
+    out = {**mmdit_to_sai(weights("transformer"), cfg("transformer")), **vae_to_ldm(weights("vae"), cfg("vae"))}
+    if encoders:
+        out.update(clip_to_ldm(weights("text_encoder"), "text_encoders.clip_l.transformer."))
+        out.update(clip_to_ldm(weights("text_encoder_2"), "text_encoders.clip_g.transformer."))
+        t5 = weights("text_encoder_3")
+        t5.setdefault("encoder.embed_tokens.weight", t5["shared.weight"].clone())  # tied: SAI files hold both
+        out.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()})
+    return out

@@ -10,18 +10,19 @@ import pytest
 from lorabuild import families, models
 from lorabuild.families.base import CONFIGS_DIR, Family
 
-FAMILY_NAMES = ("sd1", "sd2", "sdxl", "flux")
+FAMILY_NAMES = ("sd1", "sd2", "sdxl", "flux", "sd3")
 
 
 def test_the_registry_holds_each_family_once_under_its_name():
     assert tuple(families.FAMILIES) == FAMILY_NAMES == models.ARCHS
     assert all(isinstance(f, Family) and families.family(n) is f for n, f in families.FAMILIES.items())
     assert families.builtin_models() == models.BUILTIN_MODELS == ("tiny-flux", "tiny-flux-schnell", "tiny-sd1", "tiny-sd2",
-                                                                 "tiny-sdxl", "world-sd1")
-    assert [families.builtin_family(n).name for n in models.BUILTIN_MODELS] == ["flux", "flux", "sd1", "sd2", "sdxl", "sd1"]
-    assert families.builtin_family("tiny-sd3") is None
-    with pytest.raises(ValueError, match="unknown model architecture 'sd3'"):
-        families.family("sd3")
+                                                                 "tiny-sd3", "tiny-sdxl", "world-sd1")
+    assert [families.builtin_family(n).name for n in models.BUILTIN_MODELS] == ["flux", "flux", "sd1", "sd2", "sd3",
+                                                                                "sdxl", "sd1"]
+    assert families.builtin_family("tiny-sd4") is None
+    with pytest.raises(ValueError, match="unknown model architecture 'sd4'"):
+        families.family("sd4")
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -31,7 +32,7 @@ def test_each_family_recognises_its_shipped_configs(name):
     index = json.loads((cfg / "model_index.json").read_text())
     te = json.loads((cfg / "text_encoder" / "config.json").read_text())
     parts = {c for c, v in index.items() if isinstance(v, list) and v[:1] != [None]}
-    assert cfg == CONFIGS_DIR / {"flux": "flux-dev"}.get(name, name) and families.detect(parts, te).name == name
+    assert cfg.is_relative_to(CONFIGS_DIR / {"flux": "flux-dev"}.get(name, name)) and families.detect(parts, te).name == name
     assert models.model_info(cfg)["arch"] == name
 
 

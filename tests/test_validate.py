@@ -90,7 +90,7 @@ def test_semantic_checks(tmp_path):
     rc, lines = _validate(tmp_path, GOOD + "bucket: {min_reso: 512, max_reso: 256}\n")
     assert lines == ["p.yaml:4:20: bucket.min_reso: 512 is larger than bucket.max_reso (256)"]
     rc, lines = _validate(tmp_path, "base_model: builtin:huge\ndataset:\n  dirs: [data, nowhere]\n")
-    assert lines[0].startswith("p.yaml:1:13: base_model: unknown built-in model 'builtin:huge' (known: builtin:tiny-flux, builtin:tiny-flux-schnell, builtin:tiny-sd1, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:world-sd1)")
+    assert lines[0].startswith("p.yaml:1:13: base_model: unknown built-in model 'builtin:huge' (known: builtin:tiny-flux, builtin:tiny-flux-schnell, builtin:tiny-sd1, builtin:tiny-sd2, builtin:tiny-sd3, builtin:tiny-sdxl, builtin:world-sd1)")
     assert lines[1].startswith("p.yaml:3:16: dataset.dirs.1: folder ") and lines[1].endswith("nowhere does not exist")
 
 

@@ -1,4 +1,4 @@
-"""Model families: one module per family of base models (``sd1``, ``sd2``, ``sdxl``).
+"""Model families: one module per family of base models (``sd1``, ``sd2``, ``sdxl``, ``sd3``).
 
 Where a family's facts live
 ---------------------------
@@ -39,11 +39,13 @@ from .flux import FAMILY as FLUX
 from .sd1 import FAMILY as SD1
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
+from .sd3 import FAMILY as SD3
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX, SD3)}
 # most specific first: SD 1.x claims any SD-shaped model, so it is asked last; FLUX (a transformer,
-# two text encoders) before SDXL, which claims any model with a second text encoder
-DETECT_ORDER = (FLUX, SDXL, SD2, SD1)
+# two text encoders) before SDXL, which claims any model with a second text encoder; SD 3.5 (a
+# transformer, CLIP-L with a projection, CLIP-G, T5) before FLUX
+DETECT_ORDER = (SD3, FLUX, SDXL, SD2, SD1)
 
 
 def family(arch: str) -> Family:

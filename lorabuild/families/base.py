@@ -83,6 +83,14 @@ class Family:
         """The shipped diffusers configs a single file of this family is converted with."""
         return CONFIGS_DIR / self.name
 
+    def checkpoint_configs(self, keys) -> Path:
+        """The shipped configs a single file with these keys is converted with (SD 3.5: Large or Medium)."""
+        return self.configs
+
+    def tokenizer_source(self, which: str) -> Path:
+        """The shipped tokenizer files a single file's conversion copies into ``which`` (tokenizer, …)."""
+        return TOKENIZER_DIR
+
     def pads_with_bang(self, tokenizer: str) -> bool:
         """Whether ``tokenizer`` (tokenizer, tokenizer_2) is OpenCLIP's, which pads with "!"."""
         return False
@@ -208,6 +216,16 @@ class Family:
         """A file's tensors back in the names training uses (the inverse of :meth:`saved_layout`);
         ``wanted``: the network's module names."""
         return tensors
+
+    def model_metadata(self, denoiser_config: dict) -> dict:
+        """Metadata the denoiser's own config decides (SD 3.5: Large or Medium); none for the others."""
+        return {}
+
+    peft_format = False  # whether output.format: diffusers writes this family's LoRA (peft_layout)
+
+    def peft_layout(self, tensors: dict, denoiser_config: dict) -> dict:
+        """The trained tensors in PEFT's names, as diffusers' ``load_lora_weights`` reads them."""
+        raise NotImplementedError(f"{self.title}: no diffusers (PEFT) layout")
 
     def metadata_extra(self, cfg: dict) -> dict:
         """The family's own ``ss_*`` metadata from the project's sections (a flow model's objective)."""

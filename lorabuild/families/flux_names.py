@@ -34,7 +34,8 @@ _BFL = re.compile(r"^lora_unet_(double_blocks|single_blocks)_(\d+)_(.+)$")
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
-def _modules(tensors: dict) -> dict[str, dict]:
+def by_module(tensors: dict) -> dict[str, dict]:
+    """{module name: {suffix: tensor}} of a LoRA file's tensors (``name.lora_down.weight`` …)."""
     out: dict[str, dict] = {}
     for k, v in tensors.items():
         name, _, suffix = k.partition(".")
@@ -45,10 +46,8 @@ def _modules(tensors: dict) -> dict[str, dict]:
 def to_bfl(tensors: dict, widths: dict[str, list[int]]) -> dict:
     """Saved-layout tensors named by diffusers' paths → BFL's names, split parts fused. ``widths``:
     {fused BFL module name: its parts' output widths} (a part without a LoRA is zeros there)."""
-    import torch
-
     out, fused = {}, {}
-    for name, t in _modules(tensors).items():
+    for name, t in by_module(tensors).items():
         m = _OURS.match(name)
         table = None if m is None else (DOUBLE if m.group(1) == "transformer_blocks" else SINGLE)
         if table is None or m.group(3) not in table:
@@ -61,27 +60,55 @@ def to_bfl(tensors: dict, widths: dict[str, list[int]]) -> dict:
         else:
             fused.setdefault(new, {})[part] = t
     for new, parts in fused.items():
-        ranks = {p["lora_down.weight"].shape[0] for p in parts.values()}
-        alphas = {float(p["alpha"]) for p in parts.values()}
-        if len(ranks) > 1 or len(alphas) > 1:
-            raise ValueError(f"{new}: its parts' LoRAs differ in rank or alpha ({sorted(ranks)}, {sorted(alphas)}): "
-                             "they cannot be saved as one fused layer")
-        r, alpha = ranks.pop(), alphas.pop()
-        first = next(iter(parts.values()))
-        down0, up0 = first["lora_down.weight"], first["lora_up.weight"]
-        dims = widths[new]
-        n = len(dims)
-        downs, up = [], torch.zeros(sum(dims), n * r, dtype=up0.dtype)
-        row = 0
-        for j in range(n):
-            p = parts.get(j)
-            downs.append(p["lora_down.weight"] if p else torch.zeros_like(down0))
-            if p:
-                up[row : row + dims[j], j * r : (j + 1) * r] = p["lora_up.weight"]
-            row += dims[j]
-        out[f"{new}.lora_down.weight"] = torch.cat(downs, dim=0)
-        out[f"{new}.lora_up.weight"] = up
-        out[f"{new}.alpha"] = torch.tensor(alpha * n, dtype=first["alpha"].dtype)
+        out.update(fuse(new, parts, widths[new]))
+    return out
+
+
+def fuse(new: str, parts: dict[int, dict], dims: list[int]) -> dict:
+    """One fused LoRA ``new`` from its parts' ({part index: {"lora_down.weight", "lora_up.weight",
+    "alpha"}}; a missing part is zeros): downs stacked, ups block-diagonal, alpha n·α. ``dims``: the
+    parts' output widths. Shared by the families whose files fuse what diffusers splits (SD 3.5)."""
+    import torch
+
+    ranks = {p["lora_down.weight"].shape[0] for p in parts.values()}
+    alphas = {float(p["alpha"]) for p in parts.values()}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ValueError(f"{new}: its parts' LoRAs differ in rank or alpha ({sorted(ranks)}, {sorted(alphas)}): "
+                         "they cannot be saved as one fused layer")
+    r, alpha = ranks.pop(), alphas.pop()
+    first = next(iter(parts.values()))
+    down0, up0 = first["lora_down.weight"], first["lora_up.weight"]
+    n = len(dims)
+    downs, up = [], torch.zeros(sum(dims), n * r, dtype=up0.dtype)
+    row = 0
+    for j in range(n):
+        p = parts.get(j)
+        downs.append(p["lora_down.weight"] if p else torch.zeros_like(down0))
+        if p:
+            up[row : row + dims[j], j * r : (j + 1) * r] = p["lora_up.weight"]
+        row += dims[j]
+    return {f"{new}.lora_down.weight": torch.cat(downs, dim=0), f"{new}.lora_up.weight": up,
+            f"{new}.alpha": torch.tensor(alpha * n, dtype=first["alpha"].dtype)}
+
+
+def split(name: str, t: dict, dims: list[int]) -> list[dict]:
+    """The inverse of :func:`fuse`: fused LoRA ``name``'s parts, in order; an up that is not
+    block-diagonal (trained on the fused layer) has no exact split and is refused."""
+    n, down, up = len(dims), t["lora_down.weight"], t["lora_up.weight"]
+    r = down.shape[0] // n
+    if down.shape[0] % n or up.shape[1] != down.shape[0]:
+        raise ValueError(f"{name}: a fused LoRA of rank {down.shape[0]} does not split into {n} parts")
+    out, row = [], 0
+    for j in range(n):
+        block = up[row : row + dims[j]]
+        off = block.clone()
+        off[:, j * r : (j + 1) * r] = 0
+        if off.abs().max() > 0:
+            raise ValueError(f"{name}: its lora_up is not block-diagonal (trained on the fused layer), so it has "
+                             "no exact split into diffusers' modules")
+        out.append({"lora_down.weight": down[j * r : (j + 1) * r], "lora_up.weight": block[:, j * r : (j + 1) * r],
+                    "alpha": t["alpha"] / n})
+        row += dims[j]
     return out
 
 
@@ -89,7 +116,7 @@ def from_bfl(tensors: dict, widths: dict[str, list[int]], wanted: set[str]) -> d
     """The inverse of :func:`to_bfl`: a file in BFL's names → diffusers' paths; each fused layer's
     blocks back out into the parts ``wanted`` names (the network's modules)."""
     out = {}
-    for name, t in _modules(tensors).items():
+    for name, t in by_module(tensors).items():
         m = _BFL.match(name)
         if m is None:
             out.update({f"{name}.{s}": v for s, v in t.items()})
@@ -102,25 +129,10 @@ def from_bfl(tensors: dict, widths: dict[str, list[int]], wanted: set[str]) -> d
         if None in paths:
             out.update({f"lora_unet_{ours}_{m.group(2)}_{paths[None]}.{s}": v for s, v in t.items()})
             continue
-        n, dims = len(paths), widths[name]
-        down, up = t["lora_down.weight"], t["lora_up.weight"]
-        r = down.shape[0] // n
-        if down.shape[0] % n or up.shape[1] != down.shape[0]:
-            raise ValueError(f"{name}: a fused LoRA of rank {down.shape[0]} does not split into {n} parts")
-        row = 0
-        for j in range(n):
-            block = up[row : row + dims[j]]
-            off = block.clone()
-            off[:, j * r : (j + 1) * r] = 0
-            if off.abs().max() > 0:
-                raise ValueError(f"{name}: its lora_up is not block-diagonal (trained on the fused layer), so it has "
-                                 "no exact split into diffusers' modules")
+        for j, part in enumerate(split(name, t, widths[name])):
             target = f"lora_unet_{ours}_{m.group(2)}_{paths[j]}"
             if target in wanted:
-                out[f"{target}.lora_down.weight"] = down[j * r : (j + 1) * r]
-                out[f"{target}.lora_up.weight"] = block[:, j * r : (j + 1) * r]
-                out[f"{target}.alpha"] = t["alpha"] / n
-            row += dims[j]
+                out.update({f"{target}.{s}": v for s, v in part.items()})
     return out
 
 

@@ -69,6 +69,8 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
         cfg["network"] = {**cfg["network"], "weights": hashes.sha256(start, tensors_only=True)}
         hashes.save()
     cfg["save_precision"] = ctx.project.get("output.save_precision")
+    if ctx.project.get("output.format") != "kohya":  # PEFT's names (SD 3.5 for diffusers); absent at the default
+        cfg["format"] = ctx.project.get("output.format")
     # what goes into the saved files' metadata (a change writes them again, without training: training_key)
     cfg["metadata"] = [ctx.project.get("output.metadata"), ctx.project.get("output.comment")]
     # the bucket settings the files' ss_* metadata states (the latents' own buckets are keyed with them)
@@ -215,6 +217,10 @@ def _make(ctx: Context, inp: RunInputs, rp: RunPlan, start: Start, stores: tuple
 def run(ctx: Context, dataset) -> dict:
     sr = StageRun(ctx, STAGE)
     inp = gather(ctx, dataset)
+    fam = runtime.family(ctx)
+    if ctx.project.get("output.format") == "diffusers" and not fam.peft_format:
+        raise StageError(f"{ctx.project.file}: output.format: diffusers is for SD 3.5 (diffusers has no converter "
+                         f"from kohya's names there); diffusers reads {fam.title} LoRAs in kohya's format: use kohya")
     key = run_key(ctx, inp.dataset, inp.captions, inp.latents, inp.te_id, inp.unet_id, inp.cached)  # multi-res: its samples
     h = key_hash(key)
     store = ctx.store(STAGE, ".safetensors")
@@ -270,7 +276,8 @@ def _deps(t: Inputs) -> list[str]:
 
 def _extra(project, cfg: dict) -> dict:
     out = {"network": blocks.keyed(cfg["network"]),  # unset new options leave an existing build up to date
-           "train": without_newer(cfg["train"], FLOW_OFF), **textemb.family_record(project, cfg)}
+           "train": without_newer(cfg["train"], FLOW_OFF), **textemb.family_record(project, cfg),
+           "output": without_newer(cfg["output"], {"format": "kohya"})}
     world = dist.launch_options(project).world
     if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA it trains
         out["world"] = world
