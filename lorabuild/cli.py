@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("doctor", help="what this machine can do (GPU, bf16, optional packages, paths, disk, versions), and fixes")
     args = ap.parse_args(argv)
     if args.cmd == "validate":
-        from .config import cmd_validate
+        from .validate import cmd_validate
 
         return cmd_validate(args.files)
     if args.cmd == "init":

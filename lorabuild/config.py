@@ -25,7 +25,7 @@ from .captions import is_randomised
 from .models import BUILTIN_MODELS, PICKLE_SUFFIXES
 from .resources import schema_path
 from .hints import enum_hint, normalize_enums, unknown_field
-from .yamlio import Loader
+from .yamlio import Loader, dotted
 
 MAX_BYTES = 1 << 20  # a project file is a few KB; refuse anything absurd before parsing
 MAX_NODES = 100_000  # expanded nodes, so an alias bomb ("billion laughs") is refused
@@ -163,10 +163,6 @@ class _Doc:
 
 class _TooBig(Exception):
     pass
-
-
-def dotted(path: Path_) -> str:
-    return ".".join(str(p) for p in path)
 
 
 def parse(text: str, display: str) -> tuple[Any, _Doc]:
@@ -448,40 +444,3 @@ def load_project(path: str | Path, display: str | None = None, memo_dir: Path | 
         raise ProjectError(problems)
     file = path.resolve()
     return Project(name=file.stem, file=file, root=file.parent, cfg=freeze(data))
-
-
-def validate_files(files: list[str]) -> int:
-    from .winenv import output_clashes
-
-    bad, names, valid = 0, [], []
-    for f in files:
-        data, problems = check(Path(f), f)
-        for p in problems:
-            print(p, file=sys.stderr)
-        if data is not None:  # valid, but this Python may lack what its settings need
-            from .extras import missing
-
-            for line in missing(data):
-                print(f"{f}: warning: {line}", file=sys.stderr)
-        bad += bool(problems)
-        if data is not None:
-            names.append((f, data["output"]["name"] or Path(f).stem))
-        if not problems:
-            valid.append((Path(f), f, data))
-    for f, message in output_clashes(names).items():  # Demo vs demo: one folder on Windows
-        print(f"{f}: output.name: {message}", file=sys.stderr)
-        bad += 1
-    more = limits.workspace_problems(valid)  # datasets that cannot be listed, output names shared
-    for p in more:
-        print(p, file=sys.stderr)
-    return 1 if bad or more else 0
-
-
-def cmd_validate(files: list[str]) -> int:
-    """``lorabuild validate [FILES…]``; default: every ``projects/*.yaml`` under the current folder."""
-    if not files:
-        files = [p.as_posix() for p in sorted(Path("projects").glob("*.yaml"))]
-        if not files:
-            print("lorabuild validate: no projects/*.yaml here; name the files to check", file=sys.stderr)
-            return 1
-    return validate_files(files)

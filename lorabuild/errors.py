@@ -5,3 +5,8 @@ from __future__ import annotations
 
 class StageError(Exception):
     """A stage cannot go on; the message names the file or field at fault."""
+
+
+class ModelError(Exception):
+    """A base model that cannot be found or read; the message names the path and what is missing.
+    Here, not in models.py: folders.py (below models) raises it while installing a model folder."""

@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .errors import ModelError
+
 ATTEMPTS = 30
 DELAY = 0.5  # seconds, the longest wait between two attempts
 
@@ -40,8 +42,6 @@ def atomic_dir(folder: Path, ok, what: str):
 def install_dir(tmp: Path, folder: Path, ok, what: str) -> None:
     """Rename ``tmp`` to ``folder``: keep a current one another process installed first (``ok``),
     set a stale one aside, wait out a scanner holding a file open."""
-    from .models import ModelError
-
     last: OSError | None = None
     for attempt in range(ATTEMPTS):
         try:
@@ -60,8 +60,6 @@ def install_dir(tmp: Path, folder: Path, ok, what: str) -> None:
 
 def _set_aside(folder: Path, what: str) -> bool:
     """Move an outdated or broken ``folder`` out of the way; False when a held file blocks it."""
-    from .models import ModelError
-
     old = folder.with_name(f".{folder.name[:16]}.old-{uuid.uuid4().hex[:8]}")
     try:
         os.replace(folder, old)

@@ -7,7 +7,7 @@ dataset, and a dataset that wants another value is listed, not merged.
 """
 from __future__ import annotations
 
-from .kohya_import import SIMPLE, Result, _bool, _is_off, _one
+from .kohya_import import SIMPLE, Result, is_off, map_option, to_bool
 
 # subset options → a concept's captions options
 CAPTIONS = {"shuffle_caption": "shuffle", "keep_tokens": "keep_tokens", "caption_dropout_rate": "dropout",
@@ -53,7 +53,7 @@ def add_datasets(r: Result, cfg: dict) -> None:
                 r.unmapped.append(f"[general] {key} = {value!r} (not understood)")
         elif key in CONCEPT or key in ORIG:
             continue  # read per subset / per dataset below
-        elif _is_off(key, value):
+        elif is_off(key, value):
             r.off.append(f"[general] {key}")
         else:
             r.unmapped.append(f"[general] {key} = {value!r} (no equivalent in lorabuild)")
@@ -148,10 +148,10 @@ def _merge_resolutions(r: Result, project_res) -> None:
 def _layer(r: Result, key: str, value, source: str) -> None:
     if key in ONCE:
         return  # per dataset, below
-    if _is_off(key, value) and key != "caption_extension":
+    if is_off(key, value) and key != "caption_extension":
         r.off.append(source)
         return
-    _one(r, key, value, "networks.lora")
+    map_option(r, key, value, "networks.lora")
     dotted = SIMPLE[key][0]
     r.sources[dotted] = source
 
@@ -166,13 +166,13 @@ def _subset(r: Result, dataset: dict, s: dict, general: dict) -> None:
     concept: dict = {"path": str(s["image_dir"]), "repeats": int(eff.get("num_repeats", 1))}
     if eff.get("class_tokens"):
         concept["trigger"] = str(eff["class_tokens"])
-    if _bool(eff.get("is_reg", False)):
+    if to_bool(eff.get("is_reg", False)):
         concept["is_reg"] = True
     if "caption_extension" in s or "caption_extension" in dataset:
         if eff["caption_extension"] != r.get("dataset.caption_extension"):
             concept["caption_extension"] = str(eff["caption_extension"])
     if "alpha_mask" in eff:
-        if _bool(eff["alpha_mask"]):
+        if to_bool(eff["alpha_mask"]):
             r.set("train.masked_loss", True, f"{where}: alpha_mask")
         elif r.get("train.masked_loss"):
             r.notes.append(f"{where}: alpha_mask = false, but train.masked_loss masks every image that has an alpha "
@@ -194,10 +194,10 @@ def _subset(r: Result, dataset: dict, s: dict, general: dict) -> None:
                 continue
             if r.get(dotted) is None and "dataset.concepts" not in r.sources:
                 r.set(dotted, conv, f"{where}: {k}")
-            elif r.get(dotted) != conv and not (_is_off(k, v) and r.get(dotted) is None):
+            elif r.get(dotted) != conv and not (is_off(k, v) and r.get(dotted) is None):
                 r.unmapped.append(f"{where}: {k} = {v!r} (one {dotted} for the whole project, which is "
                                   f"{r.get(dotted)!r})")
-        elif _is_off(k, v):
+        elif is_off(k, v):
             r.off.append(f"{where}: {k}")
         else:
             r.unmapped.append(f"{where}: {k} = {v!r} (no equivalent in lorabuild)")

@@ -1,6 +1,7 @@
 """``lorabuild import-kohya``: kohya options (sd-scripts' names) → an equivalent project document.
 
-``kohya_read`` turns each supported file into kohya's option names; this module maps them.
+``kohya_read`` turns each supported file into kohya's option names; this module maps each one
+(:func:`map_option`, with the tables it reads); ``kohya_convert`` runs a whole config through it.
 Every option either lands on the field that means the same (remembered, so the written YAML
 names its source), or is listed with why it cannot; kohya's "0 = off" values become off,
 and options that only steer kohya's own machinery are listed as not needed.
@@ -13,7 +14,6 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from .kohya_read import parse_command_line  # noqa: F401 - the importer's API since it began
 from .prompts import SAMPLER_ALIASES, SAMPLER_NAMES
 from .yamlio import load as yaml_load
 
@@ -22,7 +22,7 @@ def _precision(v: str) -> str:
     return {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[str(v)]
 
 
-def _bool(v) -> bool:
+def to_bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "")
 
 
@@ -127,13 +127,13 @@ SIMPLE = {
     "seed": ("train.seed", int),
     "validation_split": ("train.validation_split", float),
     "validation_seed": ("train.validation_seed", int),
-    "masked_loss": ("train.masked_loss", _bool),
+    "masked_loss": ("train.masked_loss", to_bool),
     "lr_scheduler": ("train.lr_scheduler", str),
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", int),
     "lr_scheduler_power": ("train.lr_scheduler_power", float),
     "max_grad_norm": ("train.max_grad_norm", float),
     "mixed_precision": ("train.mixed_precision", str),
-    "fp8_base": ("train.base_precision", lambda v: "fp8" if _bool(v) else "auto"),
+    "fp8_base": ("train.base_precision", lambda v: "fp8" if to_bool(v) else "auto"),
     "save_every_n_epochs": ("train.save_every_n_epochs", int),
     "save_every_n_steps": ("train.save_every_n_steps", int),
     "max_train_steps": ("train.max_steps", int),
@@ -141,15 +141,15 @@ SIMPLE = {
     "save_last_n_steps": ("output.keep_last", int),
     "prior_loss_weight": ("train.prior_loss_weight", float),
     "noise_offset": ("train.noise_offset", float),
-    "noise_offset_random_strength": ("train.noise_offset_random_strength", _bool),
+    "noise_offset_random_strength": ("train.noise_offset_random_strength", to_bool),
     "adaptive_noise_scale": ("train.adaptive_noise_scale", float),
     "ip_noise_gamma": ("train.ip_noise_gamma", float),
-    "ip_noise_gamma_random_strength": ("train.ip_noise_gamma_random_strength", _bool),
+    "ip_noise_gamma_random_strength": ("train.ip_noise_gamma_random_strength", to_bool),
     "min_timestep": ("train.min_timestep", int),
     "max_timestep": ("train.max_timestep", int),
     "scale_weight_norms": ("train.scale_weight_norms", float),
     "min_snr_gamma": ("train.min_snr_gamma", float),
-    "zero_terminal_snr": ("train.zero_terminal_snr", _bool),
+    "zero_terminal_snr": ("train.zero_terminal_snr", to_bool),
     "loss_type": ("train.loss_type", str),
     "huber_c": ("train.huber_c", float),
     "clip_skip": ("textemb.clip_skip", int),
@@ -158,29 +158,29 @@ SIMPLE = {
     "min_bucket_reso": ("bucket.min_reso", int),
     "max_bucket_reso": ("bucket.max_reso", int),
     "bucket_reso_steps": ("bucket.step", int),
-    "bucket_no_upscale": ("bucket.no_upscale", _bool),
+    "bucket_no_upscale": ("bucket.no_upscale", to_bool),
     "caption_extension": ("dataset.caption_extension", str),
-    "shuffle_caption": ("captions.shuffle", _bool),
+    "shuffle_caption": ("captions.shuffle", to_bool),
     "keep_tokens": ("captions.keep_tokens", int),
     "keep_tokens_separator": ("captions.keep_tokens_separator", str),
     "caption_dropout_rate": ("captions.dropout", float),
     "caption_tag_dropout_rate": ("captions.tag_dropout", float),
     "caption_dropout_every_n_epochs": ("captions.dropout_every_n_epochs", int),
-    "flip_aug": ("latents.flip", _bool),
+    "flip_aug": ("latents.flip", to_bool),
     "vae_batch_size": ("latents.batch_size", int),
-    "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
-    "random_crop": ("latents.random_crop", _bool),
-    "debiased_estimation_loss": ("train.debiased_estimation", _bool),
+    "gradient_checkpointing": ("train.gradient_checkpointing", to_bool),
+    "random_crop": ("latents.random_crop", to_bool),
+    "debiased_estimation_loss": ("train.debiased_estimation", to_bool),
     "multires_noise_iterations": ("train.multires_noise_iterations", int),
     "multires_noise_discount": ("train.multires_noise_discount", float),
     "caption_prefix": ("captions.prepend", lambda v: _tags(v)),
     "caption_suffix": ("captions.append", lambda v: _tags(v)),
-    "enable_wildcard": ("captions.wildcards", _bool),
+    "enable_wildcard": ("captions.wildcards", to_bool),
     "sample_prompts": ("sample.prompt_file", str),
     "_sample_prompt_lines": ("sample.prompts", list),
     "sample_every_n_epochs": ("sample.every_n_epochs", int),
     "sample_every_n_steps": ("sample.every_n_steps", int),
-    "sample_at_first": ("sample.at_first", _bool),
+    "sample_at_first": ("sample.at_first", to_bool),
     "sample_sampler": ("sample.sampler", _sampler),
     "train_data_dir": ("dataset.dirs", lambda v: [str(v)]),
     "reg_data_dir": ("dataset.reg_dirs", lambda v: [str(v)]),
@@ -306,7 +306,7 @@ def _set(doc: dict, dotted: str, value) -> None:
     doc[last] = value
 
 
-def _is_off(key: str, value) -> bool:
+def is_off(key: str, value) -> bool:
     if NEUTRAL.get(key) == value:
         return True
     if value in ("", None) or value == []:
@@ -314,63 +314,13 @@ def _is_off(key: str, value) -> bool:
     if key in ZERO_OFF and not isinstance(value, list):
         try:
             return float(value) == 0 if not isinstance(value, bool) and str(value).lower() not in ("false", "true") \
-                else not _bool(value)
+                else not to_bool(value)
         except (TypeError, ValueError):
             return False
     return False
 
 
-def convert(cfg: dict, dataset_cfg: dict | None = None) -> tuple[dict, list[str], list[str]]:
-    """(project document, unmapped options, notes); :func:`convert_full` also says where each field came from."""
-    r = convert_full(cfg, dataset_cfg)
-    return r.doc, r.unmapped, r.notes
-
-
-def convert_full(cfg: dict, dataset_cfg: dict | None = None) -> Result:
-    r = Result()
-    flat: dict = {}
-    for k, v in cfg.items():  # kohya also accepts its config keys grouped in TOML tables
-        if isinstance(v, dict):
-            flat.update(v)
-        else:
-            flat[k] = v
-    flat = {k.replace("-", "_"): v for k, v in flat.items()}
-    module = str(flat.get("network_module", "networks.lora"))
-    for key, value in flat.items():
-        if isinstance(value, str) and re.search(r"\$\{?\w", value):
-            r.unmapped.append(f"{key} = {value!r} (a script variable that is not set)")
-        elif key in NEUTRAL and NEUTRAL[key] == value:
-            if key != "_script":  # the launched script is not an option
-                r.not_needed.append(f"{key} {value}")
-        elif _is_off(key, value):
-            r.off.append(key)
-        else:
-            try:
-                _one(r, key, value, module)
-            except (ValueError, KeyError, TypeError) as exc:
-                why = str(exc) if isinstance(exc, ValueError) and " " in str(exc) else "not understood"
-                r.unmapped.append(f"{key} = {value!r} ({why})")
-    _length(r)
-    if dataset_cfg:
-        from .kohya_datasets import add_datasets
-
-        for dotted in ("dataset.dirs", "dataset.reg_dirs"):  # sd-scripts ignores them with a dataset config
-            if r.get(dotted):
-                source, dirs = r.sources.pop(dotted), r.doc["dataset"].pop(dotted.split(".")[1])
-                r.unmapped.append(f"{source} = {dirs[0]!r} (sd-scripts ignores it when a dataset config is given)")
-        add_datasets(r, dataset_cfg)
-    if "base_model" not in r.doc:
-        r.set("base_model", "builtin:tiny-sd1", "no pretrained_model_name_or_path given")
-        r.notes.append("no base model (pretrained_model_name_or_path) in the config: base_model is lorabuild's tiny "
-                       "random test model, builtin:tiny-sd1; set it to your model's file or folder")
-    r.doc.setdefault("dataset", {})
-    if not r.doc["dataset"].get("dirs") and not r.doc["dataset"].get("concepts"):
-        r.notes.append("no dataset found (train_data_dir or a dataset config): fill in dataset.dirs")
-    r.doc = _ordered(r.doc)
-    return r
-
-
-def _one(r: Result, key: str, value, module: str) -> None:
+def map_option(r: Result, key: str, value, module: str) -> None:
     """Map one kohya option (not off) onto the project, or list it."""
     if key == "bucket_reso_steps" and int(value) % 64:
         r.set("bucket.step", 64, key)
@@ -471,22 +421,3 @@ def _network_args(r: Result, value, module: str) -> None:
             r.notes.append("network.exclude_patterns/include_patterns match the whole kohya module name "
                            "(lora_unet_…_attn2_to_k); kohya's FLUX/SD3 networks match the dotted module path: "
                            "check the patterns (lorabuild validate; a pattern matching nothing is an error)")
-
-
-def _length(r: Result) -> None:
-    train = r.doc.get("train", {})
-    if "epochs" in train and "max_steps" in train:  # kohya: max_train_epochs overrides max_train_steps
-        r.notes.append(f"max_train_epochs overrides max_train_steps in kohya: train.max_steps "
-                       f"{train.pop('max_steps')} dropped")
-        r.sources.pop("train.max_steps", None)
-    elif "epochs" not in train and "max_steps" not in train:
-        r.set("train.max_steps", 1600, "max_train_steps' default (neither length is given)")
-        r.notes.append("neither max_train_epochs nor max_train_steps: train.max_steps is kohya's default, 1600")
-
-
-ORDER = ("base_model", "model_type", "prediction_type", "vae", "allow_pickle", "dataset", "captions", "resize",
-         "bucket", "latents", "textemb", "network", "train", "sample", "output")
-
-
-def _ordered(doc: dict) -> dict:
-    return {k: doc[k] for k in ORDER if k in doc}

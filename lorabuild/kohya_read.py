@@ -12,26 +12,12 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kohya_scripts import ScriptError, _lex, read_ps1, read_sh
-
-
-class ImportError_(ValueError):
-    """A kohya file that cannot be read (reported as one line, never a traceback)."""
-
-
-@dataclass
-class Source:
-    kind: str  # what the file was read as
-    options: dict  # kohya option → value (dataset configs aside)
-    dataset: dict | None = None  # a dataset config's tables
-    notes: list[str] = field(default_factory=list)
-    unmapped: list[str] = field(default_factory=list)  # values that cannot be carried over, with why
-    gui_only: list[str] = field(default_factory=list)  # GUI settings with no effect on what is trained
-    empty: list[str] = field(default_factory=list)  # GUI fields left empty: kohya's default
-    renamed: dict = field(default_factory=dict)  # the sd-scripts option → the GUI field it came from
+from .import_aitoolkit import from_aitoolkit, is_aitoolkit
+from .import_common import ImportError_, Source
+from .import_onetrainer import from_onetrainer, is_onetrainer
+from .kohya_scripts import ScriptError, read_ps1, read_sh, shell_words
 
 
 def parse_words(tokens: list[str]) -> dict:
@@ -62,7 +48,7 @@ def parse_command_line(text: str) -> dict:
     """The options of a saved kohya command line (bash, cmd and PowerShell continuations allowed)."""
     text = re.sub(r"[\\^`]\r?\n", " ", text)
     text = "\n".join(line.split(" #", 1)[0] if not line.lstrip().startswith("#") else "" for line in text.splitlines())
-    return parse_words(_lex(text))
+    return parse_words(shell_words(text))
 
 
 # --- TOML configs: sd-scripts flattens every table into one namespace ------------------
@@ -252,8 +238,6 @@ def read_source(path: Path, root: Path | None = None) -> Source:
             raise ImportError_(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
         if not isinstance(cfg, dict):
             raise ImportError_(f"{path}: a JSON config is an object of options, not {type(cfg).__name__}")
-        from .import_onetrainer import from_onetrainer, is_onetrainer
-
         if is_onetrainer(cfg):
             src = Source("OneTrainer JSON", {})
             src.options, src.dataset = from_onetrainer(cfg, src, root or path.parent)
@@ -290,7 +274,6 @@ def read_source(path: Path, root: Path | None = None) -> Source:
 def _from_yaml(path: Path, text: str) -> Source:
     import yaml
 
-    from .import_aitoolkit import from_aitoolkit, is_aitoolkit
     from .yamlio import load
 
     try:

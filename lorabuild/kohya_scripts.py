@@ -51,7 +51,7 @@ def _split(text: str, seps: str) -> list[str]:
     return [p.strip() for p in out if p.strip()]
 
 
-def _lex(text: str) -> list[str]:
+def shell_words(text: str) -> list[str]:
     """Shell words, quotes removed; backslashes kept (Windows paths)."""
     lex = shlex.shlex(text, posix=True)
     lex.whitespace_split, lex.escape, lex.commenters = True, "", ""
@@ -185,7 +185,7 @@ class _PowerShell(_Interp):
             self.vars[m.group(1)] = self.value(m.group(2))
             return
         if re.search(r"\.py\b|accelerate", st) and ("--" in st or "$" in st):
-            self.command = self.expand(_lex(st))
+            self.command = self.expand(shell_words(st))
 
     def expand(self, words: list[str]) -> list[str]:
         out = []
@@ -227,8 +227,8 @@ class _Bash(_Interp):
     def word(self, raw: str):
         raw = raw.strip()
         if raw.startswith("(") and raw.endswith(")"):
-            return [self.interpolate(w) for w in _lex(raw[1:-1])]
-        return "".join(self.interpolate(w) for w in _lex(raw)) if raw else ""
+            return [self.interpolate(w) for w in shell_words(raw[1:-1])]
+        return "".join(self.interpolate(w) for w in shell_words(raw)) if raw else ""
 
     def condition(self, cond: str) -> bool:
         cond = cond.strip()
@@ -238,7 +238,7 @@ class _Bash(_Interp):
         m = re.fullmatch(r"\[\[?(.*?)\]?\]", cond, re.S)
         if not m:
             raise ScriptError(f"cannot evaluate the condition {cond!r}")
-        words = [self.interpolate(w) for w in _lex(m.group(1))]
+        words = [self.interpolate(w) for w in shell_words(m.group(1))]
         if len(words) == 3 and words[1] in ("==", "=", "!="):
             return (words[0] == words[2]) == (words[1] != "!=")
         if len(words) == 3 and words[1].startswith("-") and words[1][1:] in ("eq", "ne", "gt", "lt", "ge", "le"):
@@ -296,7 +296,7 @@ class _Bash(_Interp):
 
     def expand(self, st: str) -> list[str]:
         out = []
-        for w in _lex(st):
+        for w in shell_words(st):
             whole = re.fullmatch(r"\$\{(\w+)\[[@*]\]\}|\$(\w+)", w)
             value = self.vars.get(whole.group(1) or whole.group(2)) if whole else None
             if isinstance(value, list):  # unquoted ${arr[@]}: each element, split at spaces

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from .kohya_import import Result, convert_full
+from .kohya_convert import convert_full, ordered
+from .kohya_import import Result
 from .kohya_read import ImportError_, Source, read_dataset_config, read_source
 from .models import PICKLE_SUFFIXES
 from .yamlio import dump, load
@@ -68,9 +69,7 @@ def fix_paths(r: Result, root: Path, out_dir: Path) -> list[str]:
         r.notes.append(f"base_model {base} is a pickle checkpoint ({Path(base).suffix}): kohya loads it as it is; "
                        "lorabuild only with allow_pickle: true (set here), because unpickling a file can run code "
                        "hidden in it. A .safetensors copy of the model is safer: use it and remove allow_pickle")
-        from .kohya_import import _ordered
-
-        r.doc = _ordered(r.doc)
+        r.doc = ordered(r.doc)
     return missing
 
 

@@ -30,7 +30,7 @@ _MAX_HEADER = 100 << 20  # the reference reader's own limit on a header's size
 
 def non_finite(data, doc, path: tuple = ()) -> None:
     """Every NaN or infinite number anywhere in the document, at its place."""
-    from .config import dotted
+    from .yamlio import dotted
 
     if isinstance(data, dict):
         for k, v in data.items():
@@ -99,7 +99,7 @@ def file_problems(data: dict, doc, pos, root: Path) -> None:
 
 def library_problems(data: dict, doc) -> None:
     """optimizer_args against the optimizer's constructor (imports its library)."""
-    from .config import dotted
+    from .yamlio import dotted
 
     tr = data["train"]
     for key, msg in optimizer_arg_problems(tr["optimizer"], tr["optimizer_args"]):
@@ -169,43 +169,4 @@ def shared_outputs(projects: list[tuple[str, str, str]]) -> dict[str, str]:
                 others = ", ".join(f for f, _ in group if f != file)
                 out[file] = (f"'{output}' is also the output of {others}: each project needs its own "
                              f"output/{output}/ folder (set another output.name)")
-    return out
-
-
-def _position(path: Path, display: str, key: tuple) -> tuple[int, int]:
-    from .config import parse
-
-    _, doc = parse(path.read_text(encoding="utf-8-sig"), display)
-    return doc.values.get(key) or doc.keys.get(key) or doc.keys.get(key[:1]) or (1, 1)
-
-
-def workspace_problems(valid: list[tuple[Path, str, dict]]) -> list:
-    """What ``validate`` finds beyond each file alone (``valid``: (path, display, document)
-    of the files that passed): a dataset folder that cannot be listed, and output names
-    shared with another project of the same folder (the workspace doit builds)."""
-    from .config import Problem, check, load_project
-    from .dataset import DatasetError, UnusableFolder, from_project
-
-    out = []
-    for path, display, _ in valid:
-        try:
-            from_project(load_project(path))
-        except UnusableFolder as exc:
-            out.append(Problem(display, *_position(path, display, ("dataset",)), "dataset", str(exc)))
-        except DatasetError:
-            pass  # no images yet, say: the build reports it (and `watch` waits for them)
-    names = {path.resolve(): (display, data) for path, display, data in valid}
-    for folder in {path.resolve().parent for path, _, _ in valid}:
-        for sibling in sorted(folder.glob("*.yaml")):
-            if sibling.resolve() not in names:
-                data, problems = check(sibling)
-                if not problems:
-                    names[sibling.resolve()] = (str(sibling), data)
-    groups = [(str(p), p.stem, data["output"]["name"] or p.stem) for p, (_, data) in names.items()]
-    asked = {path.resolve() for path, _, _ in valid}
-    for file, message in sorted(shared_outputs(groups).items()):
-        path = Path(file)
-        if path in asked:  # a sibling's own problem is for its own validation
-            display = names[path][0]
-            out.append(Problem(display, *_position(path, display, ("output", "name")), "output.name", message))
     return out

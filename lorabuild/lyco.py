@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .network import UNET_CONV_TARGETS, LoRANetwork, NetworkConfigError, _classes, _te_path_prefix, check_layout
+from .network import UNET_CONV_TARGETS, LoRANetwork, NetworkConfigError, target_classes, te_path_prefix, check_layout
 
 from .lyco_options import OPTION_DEFAULTS, OPTIONS, option_problems
 
@@ -138,17 +138,17 @@ class LycoNetwork(LoRANetwork):
         conv = bool(kw.get("conv_dim")) or bool(blocks and blocks["conv_dims"])
         parts: list[list] = [[] for _ in range(1 + len(self.te_counts))]
         if kw.get("train_unet", True):
-            classes = _classes([unet], kw.get("unet_targets") or UNET_TARGETS, "unet_target_modules")
+            classes = target_classes([unet], kw.get("unet_targets") or UNET_TARGETS, "unet_target_modules")
             classes += tuple(c for c in UNET_CONV_TARGETS if conv and c not in classes)
             # kohya: no module in a block whose dim is 0
             parts[0] = [(n, m) for n, m in _norm_targets(unet, "lora_unet", classes, rename=rename)
                         if not (blocks and not blocks["dims"][block_index(n, arch)])]
         if self.te_counts:
-            classes = _classes(text_encoders, kw.get("te_targets") or TE_TARGETS, "text_encoder_target_modules",
+            classes = target_classes(text_encoders, kw.get("te_targets") or TE_TARGETS, "text_encoder_target_modules",
                                TE_ALIASES)
             prefixes = ["lora_te1", "lora_te2"] if len(text_encoders) == 2 else ["lora_te"]
             for i, (te, prefix) in enumerate(zip(text_encoders, prefixes), 1):
-                parts[i] = list(_norm_targets(te, prefix, classes, _te_path_prefix(te)))
+                parts[i] = list(_norm_targets(te, prefix, classes, te_path_prefix(te)))
         counts, mods, start = [self.n_unet, *self.te_counts], [], 0
         for i, found in enumerate(parts):
             seen: set = set()
@@ -215,19 +215,6 @@ class LycoNetwork(LoRANetwork):
                 if isinstance(getattr(m, "scalar", None), torch.nn.Parameter):
                     m.scalar.fill_(1.0)
         return sorted({k.split(".")[0] for k in missing})
-
-
-def algo_args(net: dict) -> dict[str, str]:
-    """kohya GUIs' ``ss_network_args`` for ``lycoris.kohya``: ``algo`` and the LyCORIS options set."""
-    kind = net["type"]
-    out = {"algo": {"dora": "locon" if net.get("conv_dim") else "lora"}.get(kind, kind)}
-    if kind == "dora":
-        out["dora_wd"] = "True"
-    for key, (_, types) in OPTIONS.items():
-        value = net.get(key, OPTION_DEFAULTS[key])
-        if kind in types and value != OPTION_DEFAULTS[key]:
-            out[key] = str(value)
-    return out
 
 
 # ---- lorabuild's own reading of a LyCORIS file (no LyCORIS import) ----

@@ -45,3 +45,16 @@ def option_problems(net: dict, train: dict | None = None) -> list[tuple[str, str
             out.append(("train", "base_precision", f"fp8 is not available for network.type {kind} (use fp16 or "
                         "bf16)"))
     return out
+
+
+def algo_args(net: dict) -> dict[str, str]:
+    """kohya GUIs' ``ss_network_args`` for ``lycoris.kohya``: ``algo`` and the LyCORIS options set."""
+    kind = net["type"]
+    out = {"algo": {"dora": "locon" if net.get("conv_dim") else "lora"}.get(kind, kind)}
+    if kind == "dora":
+        out["dora_wd"] = "True"
+    for key, (_, types) in OPTIONS.items():
+        value = net.get(key, OPTION_DEFAULTS[key])
+        if kind in types and value != OPTION_DEFAULTS[key]:
+            out[key] = str(value)
+    return out

@@ -167,7 +167,7 @@ def network_args(net: Mapping) -> dict[str, str]:
     """kohya's ``ss_network_args``: the network options beyond dim/alpha, as strings."""
     out = {}
     if _lycoris(net):
-        from .lyco import algo_args
+        from .lyco_options import algo_args
 
         out.update(algo_args(net))
     if net.get("conv_dim"):

@@ -23,6 +23,7 @@ from pathlib import Path
 from .families import FAMILIES, builtin_family, builtin_models, detect, detect_checkpoint, family, family_of
 from .precision import to_device  # noqa: F401 - the trainer and benches read it here
 from .families.base import CONFIGS_DIR, TOKENIZER_DIR  # noqa: F401 - CONFIGS_DIR: scripts and tests read it here
+from .errors import ModelError  # its home is errors.py (folders.py raises it too); callers read it here
 from .folders import atomic_dir, link_tree
 from .resources import DATA_DIR
 
@@ -38,9 +39,6 @@ CONVERT_VERSION = 1  # bump when the conversion of single files changes: they ar
 # project keys beside base_model that decide which model a project trains on
 MODEL_OPTIONS = ("model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-class ModelError(Exception):
-    """A base model that cannot be found or read; the message names the path and what is missing."""
 
 
 def _offline() -> None:

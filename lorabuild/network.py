@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .blocks import block_index, block_settings
+from .blocks import block_index
 from .families import family
 
 UNET_TARGETS = ("Transformer2DModel",)  # kohya UNET_TARGET_REPLACE_MODULE
@@ -143,13 +143,13 @@ def _targets(root: nn.Module, prefix: str, container_classes, path_prefix: str =
                 yield f"{prefix}_{path}".replace(".", "_"), child, is_conv and not is_1x1
 
 
-def _te_path_prefix(te: nn.Module) -> str:
+def te_path_prefix(te: nn.Module) -> str:
     # kohya names follow transformers 4's CLIPTextModel, whose layers sit under
     # `text_model.`; transformers 5 dropped that level. The names must not change with it.
     return "" if hasattr(te, "text_model") else "text_model."
 
 
-def _classes(roots: list, wanted, field: str, aliases: dict | None = None) -> tuple[str, ...]:
+def target_classes(roots: list, wanted, field: str, aliases: dict | None = None) -> tuple[str, ...]:
     """The wanted container class names (with their aliases); a name no module has is an error."""
     present = {m.__class__.__name__ for r in roots for m in r.modules()}
     out = []
@@ -189,16 +189,16 @@ def _candidates(unet, text_encoders: list, arch: str, train_unet: bool, conv: bo
     rename = fam.unet_rename(unet)  # SDXL: kohya names follow the original SGM layout
     found: list[tuple[str, nn.Module, bool, int]] = []
     if train_unet:
-        classes = _classes([unet], unet_targets, "unet_target_modules")
+        classes = target_classes([unet], unet_targets, "unet_target_modules")
         found += [(*t, 0) for t in _targets(unet, "lora_unet", classes, conv=conv, rename=rename)]
         if conv:
             extra = tuple(c for c in UNET_CONV_TARGETS if c not in classes)
             found += [(*t, 0) for t in _targets(unet, "lora_unet", extra, conv=True, rename=rename)]
     if text_encoders:
-        classes = _classes(text_encoders, te_targets, "text_encoder_target_modules", TE_ALIASES)
+        classes = target_classes(text_encoders, te_targets, "text_encoder_target_modules", TE_ALIASES)
         prefixes = fam.te_prefixes(len(text_encoders))
         for part, (te, prefix) in enumerate(zip(text_encoders, prefixes), 1):
-            found += [(*t, part) for t in _targets(te, prefix, classes, _te_path_prefix(te))]
+            found += [(*t, part) for t in _targets(te, prefix, classes, te_path_prefix(te))]
     seen: set[str] = set()
     return [f for f in found if not (f[0] in seen or seen.add(f[0]))]  # nested target classes: once
 
@@ -404,29 +404,3 @@ def check_layout(path, mine: dict, loaded: dict, strict: bool) -> list[str]:
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
         )
     return missing
-
-
-def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_encoder: bool | None = None) -> LoRANetwork:
-    """The network a project's ``network`` section describes, around these models. Options that
-    do not fit the model raise ``NetworkConfigError`` naming the field."""
-    try:
-        blocks = block_settings(net, arch)
-    except ValueError as exc:
-        raise NetworkConfigError(str(exc)) from None
-    cls, extra = LoRANetwork, {}
-    if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA…: LyCORIS' modules (optional package)
-        if family(arch).network_module != "networks.lora":
-            raise NetworkConfigError(f"network.type: {net['type']} is not available for {family(arch).title} yet "
-                                     "(its files' layout is LoRA's); use lora")
-        from .lyco import LycoNetwork, module_maker
-
-        cls, extra = LycoNetwork, {"make": module_maker(net), "train_norm": bool(net.get("train_norm"))}
-    return cls(
-        unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
-        train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
-        arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
-        unet_targets=net.get("unet_target_modules") or UNET_TARGETS,
-        te_targets=net.get("text_encoder_target_modules") or TE_TARGETS,
-        exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
-        blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,
-        **extra)

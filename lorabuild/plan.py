@@ -209,11 +209,11 @@ def _regrown(ds: Dataset, sizes: dict, b0: dict, max_side: int, res=None) -> str
             continue
         work = buckets.working_size(*size, max_side)
         try:
+            f = bucket_stage.fit_of(*work, b, ladder)
             if b["no_upscale"]:
-                f, fo = (buckets.no_upscale_fit(*s, b["resolution"] ** 2, b["step"]) for s in (work, size))
+                fo = bucket_stage.fit_of(*size, b, ladder)
                 lost = (f.crop[2] - f.crop[0]) * (f.crop[3] - f.crop[1]) < (fo.crop[2] - fo.crop[0]) * (fo.crop[3] - fo.crop[1])
             else:
-                f = buckets.fit(*work, *buckets.select_bucket(*work, ladder))
                 fo = buckets.fit(*size, f.crop[2] - f.crop[0], f.crop[3] - f.crop[1])
                 lost = f.upscaled
         except buckets.TooNarrow:

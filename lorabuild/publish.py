@@ -305,6 +305,6 @@ def write_logs(out_dir: Path, name: str, entry: dict) -> None:
     elif val_csv.exists():
         val_csv.unlink()
     if entry.get("loss"):
-        from .report import loss_plot
+        from .lossplot import loss_plot
 
         loss_plot(entry["loss"], out_dir / "loss.png", f"{name}: loss and learning rate", entry.get("val"))

@@ -193,7 +193,7 @@ def _random_crop_latent(inp: TrainInputs, sample: Sample, g, vae):
     (latent, crop's left/top, flipped, its alpha mask or None)."""
     import torch
 
-    from .stages.latents import bucket_mask, bucket_pixels, encode, to_tensor
+    from .pixels import bucket_mask, bucket_pixels, encode, to_tensor
 
     path, resized = inp.pixels[sample.id]
     bw, bh = sample.bucket
@@ -436,8 +436,9 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
     from tqdm import tqdm
 
     from . import optimizers
+    from .adapter import from_config
     from .families import family
-    from .network import NetworkConfigError, from_config
+    from .network import NetworkConfigError
 
     torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
     net_cfg, tr = inp.cfg["network"], inp.cfg["train"]

@@ -75,7 +75,7 @@ def output_clashes(names: list[tuple[str, str]]) -> dict[str, str]:
         groups.setdefault(name.casefold(), []).append((f, name))
     out = {}
     for group in groups.values():
-        if len({n for _, n in group}) > 1:  # the same spelling twice: limits.workspace_problems says so
+        if len({n for _, n in group}) > 1:  # the same spelling twice: validate.workspace_problems says so
             listed = ", ".join(f"{f} (output {n})" for f, n in group)
             for f, _ in group:
                 out[f] = (f"{listed} write the same output folder on Windows and macOS, which ignore case; "

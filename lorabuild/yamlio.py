@@ -54,3 +54,8 @@ Dumper.add_implicit_resolver(FLOAT_TAG, FLOAT_12, list("-+0123456789."))
 def dump(value, **kwargs) -> str:
     """``yaml.safe_dump`` whose output :func:`load` reads back as the same value."""
     return yaml.dump(value, Dumper=Dumper, **kwargs)
+
+
+def dotted(path: tuple) -> str:
+    """A place in a parsed document, ``("train", "optimizer_args", "lr")`` → ``train.optimizer_args.lr``."""
+    return ".".join(str(p) for p in path)

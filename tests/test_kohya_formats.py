@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabuild.kohya_import import convert_full
+from lorabuild.kohya_convert import convert_full
 from lorabuild.yamlio import load
 
 PS1 = r'''# LoRA settings, lora-scripts style

@@ -66,7 +66,7 @@ def test_bucket_mask_follows_the_pixels_resize_and_crop(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from lorabuild.stages.latents import bucket_mask
+    from lorabuild.pixels import bucket_mask
 
     rgba = np.full((100, 200, 4), 255, dtype=np.uint8)
     rgba[:, :100, 3] = 0

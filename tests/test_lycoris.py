@@ -22,7 +22,7 @@ from test_resume import _kill_after_state, _notes, _same, _states
 pytest.importorskip("lycoris")
 
 from lorabuild import lyco, models  # noqa: E402
-from lorabuild.network import from_config  # noqa: E402
+from lorabuild.adapter import from_config  # noqa: E402
 
 TYPES = ("loha", "lokr", "dora", "ia3", "full", "diag-oft")
 # rank 2 (so LoKr factors its larger matrix and alpha/rank ≠ 1 everywhere), LoCon-style 3×3 convs too
@@ -373,7 +373,7 @@ def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
 def test_import_kohya_maps_lycoris_algos(tmp_path):
     import subprocess
 
-    from lorabuild.kohya_import import convert_full
+    from lorabuild.kohya_convert import convert_full
 
     (tmp_path / "img").mkdir()
     (tmp_path / "dora.toml").write_text('pretrained_model_name_or_path = "builtin:tiny-sd1"\ntrain_data_dir = "img"\n'

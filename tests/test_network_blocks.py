@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorabuild import blocks, config, metadata
-from lorabuild.kohya_import import convert
-from lorabuild.network import LoRANetwork, NetworkConfigError, from_config
+from lorabuild.kohya_convert import convert
+from lorabuild.adapter import from_config
+from lorabuild.network import LoRANetwork, NetworkConfigError
 from lora_check import unet_outputs
 from conftest import init_workspace
 

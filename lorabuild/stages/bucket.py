@@ -33,12 +33,16 @@ MIN_KEPT = 0.1
 DECISION = ("bucket", "resized", "crop", "scale", "cropped_share", "ar_error", "upscaled")  # what decide() returns
 
 
+def fit_of(w: int, h: int, params: dict, ladder: list[tuple[int, int]]) -> buckets.Fit:
+    """The fit of a ``w``×``h`` image: kohya's ``bucket_no_upscale`` rule, or the nearest bucket of the ladder."""
+    if params["no_upscale"]:
+        return buckets.no_upscale_fit(w, h, params["resolution"] ** 2, params["step"])
+    return buckets.fit(w, h, *buckets.select_bucket(w, h, ladder))
+
+
 def decide(w: int, h: int, params: dict, ladder: list[tuple[int, int]]) -> dict:
     """The bucket decision for a ``w``×``h`` image, as plain JSON data."""
-    if params["no_upscale"]:
-        f = buckets.no_upscale_fit(w, h, params["resolution"] ** 2, params["step"])
-    else:
-        f = buckets.fit(w, h, *buckets.select_bucket(w, h, ladder))
+    f = fit_of(w, h, params, ladder)
     return {
         "bucket": [f.crop[2] - f.crop[0], f.crop[3] - f.crop[1]],
         "resized": list(f.resized),

@@ -158,7 +158,7 @@ def render(pipe, network, items: list[Item], store, notes: list | None = None) -
 
 
 def lora_network(ctx: Context, pipe):
-    from ..network import from_config
+    from ..adapter import from_config
 
     fam = runtime.family(ctx)
     # eval: no dropout of any kind (network, rank, module) while rendering

@@ -1,0 +1,35 @@
+"""The network a project's ``network`` section describes: kohya's LoRA/LoCon (:mod:`lorabuild.network`)
+or a LyCORIS type (:mod:`lorabuild.lyco`, built on it). Above both, so neither imports the other
+back: lyco subclasses the LoRA network, and this picks between them.
+"""
+from __future__ import annotations
+
+from .blocks import block_settings
+from .families import family
+from .network import TE_TARGETS, UNET_TARGETS, LoRANetwork, NetworkConfigError
+
+
+def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_encoder: bool | None = None) -> LoRANetwork:
+    """The network a project's ``network`` section describes, around these models. Options that
+    do not fit the model raise ``NetworkConfigError`` naming the field."""
+    try:
+        blocks = block_settings(net, arch)
+    except ValueError as exc:
+        raise NetworkConfigError(str(exc)) from None
+    cls, extra = LoRANetwork, {}
+    if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA…: LyCORIS' modules (optional package)
+        if family(arch).network_module != "networks.lora":
+            raise NetworkConfigError(f"network.type: {net['type']} is not available for {family(arch).title} yet "
+                                     "(its files' layout is LoRA's); use lora")
+        from .lyco import LycoNetwork, module_maker
+
+        cls, extra = LycoNetwork, {"make": module_maker(net), "train_norm": bool(net.get("train_norm"))}
+    return cls(
+        unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
+        train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
+        arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
+        unet_targets=net.get("unet_target_modules") or UNET_TARGETS,
+        te_targets=net.get("text_encoder_target_modules") or TE_TARGETS,
+        exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
+        blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,
+        **extra)

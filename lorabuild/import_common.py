@@ -1,0 +1,23 @@
+"""What every importer reader gives and raises: the :class:`Source` (a file read as kohya's
+option names) and :class:`ImportError_`. Here, below the readers, so ``kohya_read`` can dispatch
+to the ai-toolkit and OneTrainer readers without them importing it back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ImportError_(ValueError):
+    """A kohya file that cannot be read (reported as one line, never a traceback)."""
+
+
+@dataclass
+class Source:
+    kind: str  # what the file was read as
+    options: dict  # kohya option → value (dataset configs aside)
+    dataset: dict | None = None  # a dataset config's tables
+    notes: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)  # values that cannot be carried over, with why
+    gui_only: list[str] = field(default_factory=list)  # GUI settings with no effect on what is trained
+    empty: list[str] = field(default_factory=list)  # GUI fields left empty: kohya's default
+    renamed: dict = field(default_factory=dict)  # the sd-scripts option → the GUI field it came from
