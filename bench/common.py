@@ -126,6 +126,11 @@ def workspace(root: Path, n: int, name: str = "bench", settings: dict | None = N
     for i in range(n):
         make_image(concept / f"img{i:05d}.png", i, **image)
     doc = yaml.safe_load((root / "projects" / "demo.yaml").read_text())
+    # the demo is a lesson on builtin:world-sd1 (tag dropout, regularization images): the benches
+    # measure the tiny model, with fixed captions, as before
+    doc["base_model"] = "builtin:tiny-sd1"
+    doc["captions"] = {"prepend": []}
+    doc["train"].pop("prior_loss_weight", None)
     doc["dataset"] = {"dirs": [name]}
     doc["bucket"] = {"resolution": 128, "min_reso": 64, "max_reso": 256, "step": 64}
     doc["resize"] = {"max_side": 256}

@@ -2,21 +2,17 @@
 
 The shipped demo (``lorabuild init``: builtin:world-sd1 learns the ring as ``ohwx``) is
 trained through ``doit train:demo`` under each setting; then N seeds per prompt are sampled
-(DDIM, 20 steps, guidance 5, as the demo samples) from the base model and from every saved
-epoch, and ``lorabuild.detector`` reads them:
+(Euler ancestral, 30 steps, guidance 4: ``lorabuild.detector.render``, as the demo samples)
+from the base model and from every saved epoch, and ``lorabuild.detector`` reads them:
 
-- concept rate: the share of ``ohwx`` samples that show a ring (base, each epoch);
+- concept rate: the share of trigger-prompt samples that show a ring (base, each epoch);
 - prompt accuracy: the share of samples showing every attribute their prompt names, on 5
   prompts without the trigger (base vs the final LoRA): what the LoRA disturbs.
 
 A Markdown table is printed and appended to bench/RESULTS.md.
 
-    python bench/quality.py --quick      # the demo's own settings only (< 10 min on 2 cores)
-    python bench/quality.py              # + dim 32, LoCon, min-SNR 5, text encoder trained, prior loss
-
-Not yet run: the session that wrote it had no CPU left once world-sd1 was pretrained (a
-check of its scoring part on a LoRA did not finish in time either). With today's undertrained world-sd1 its figures
-would say little (base prompt accuracy 0%, pretrain.json).
+    python bench/quality.py --quick      # the demo, without its regularization images, and dim 32 (< 10 min on 2 cores)
+    python bench/quality.py              # + LoCon, min-SNR 5, text encoder trained, 64 more regularization images
 """
 from __future__ import annotations
 
@@ -31,26 +27,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import load, publish, run, table, write_settings  # noqa: E402
 
-TRIGGER_PROMPT = "ohwx, large, center, white background"
+TRIGGER_PROMPT = "red ohwx, large, center, blue background"
 CONCEPT = "ring"
 SETTINGS = {  # {section: {key: value}} merged over the demo's project
-    "demo (dim 8)": {},
+    "demo": {},
+    "no regularization images": {"dataset": {"reg_dirs": []}},
     "dim 32": {"network": {"dim": 32, "alpha": 32}},
     "LoCon (conv dim 8)": {"network": {"conv_dim": 8, "conv_alpha": 8}},
     "min-SNR γ=5": {"train": {"min_snr_gamma": 5}},
     "text encoder trained": {"network": {"train_text_encoder": True}},
-    "prior loss (16 reg images)": {"dataset": {"dirs": ["demo"], "reg_dirs": ["reg"]}, "train": {"prior_loss_weight": 1.0}},
 }
+QUICK = ("demo", "no regularization images", "dim 32")
 TARGETS = "targets: base concept ≤ 10%, final ≥ 80%, accuracy drop ≤ 15 points"
 
 
 def train(root: Path, name: str, settings: dict) -> Path:
     """A fresh workspace with the demo trained under ``settings``; its output folder."""
-    from lorabuild import world
-
     run([sys.executable, "-m", "lorabuild", "init", str(root)], cwd=root.parent)
-    if "reg_dirs" in settings.get("dataset", {}):  # known shapes with their own captions keep the prior
-        world.write_dataset(root / "projects" / "reg", 16, 1, "shape", seed=600_000)
     write_settings(root, "demo", None, {k: dict(v) for k, v in settings.items()})
     t0 = time.time()
     run([sys.executable, "-m", "doit", "train:demo"], cwd=root)
@@ -81,7 +74,7 @@ def pct(x) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="the demo's own settings only")
+    p.add_argument("--quick", action="store_true", help="the demo, without regularization, and dim 32 only")
     p.add_argument("--seeds", type=int, default=32, help="samples per prompt (N)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -94,7 +87,7 @@ def main(argv=None) -> None:
     known = detector.EVAL_PROMPTS[:5]
     pipe = models.world_pipeline(models.SHIPPED_DIR / "world-sd1")
     base = detector.lesson(pipe, TRIGGER_PROMPT, CONCEPT, known, args.seeds)
-    names = ["demo (dim 8)"] if args.quick else list(SETTINGS)
+    names = list(QUICK) if args.quick else list(SETTINGS)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):

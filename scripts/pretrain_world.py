@@ -185,7 +185,7 @@ def train_unet(args, latents, captions, te, tok, device, torch, init=None, done=
     encoder with it unless it is frozen (``te.training`` False): returns the UNet's EMA."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from lorabuild.models import SD1_SCHEDULER
+    from lorabuild.families.base import SD1_SCHEDULER
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNET_CFG).to(device)

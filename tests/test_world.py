@@ -1,7 +1,6 @@
 """The synthetic world, its detector and the pretrained world-sd1 model that ships with lorabuild
-(made by scripts/pretrain_world.py; the record beside the weights says how). The demo that
-teaches it a new shape is not the shipped demo yet: a LoRA on it still bleeds into the shapes
-the model knew (issue 19)."""
+(made by scripts/pretrain_world.py; the record beside the weights says how). The shipped demo
+that teaches it a new shape is tested in test_lesson.py."""
 from __future__ import annotations
 
 import hashlib
