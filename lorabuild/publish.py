@@ -177,7 +177,7 @@ class Exporter:
         if self.inp.info.get("zero_terminal_snr"):  # the base model's own schedule (a ztsnr checkpoint) was rescaled
             md["ss_zero_terminal_snr"] = "True"
         fam = self._family()
-        if type(fam).model_metadata is not Family.model_metadata:  # SD 3.5: Large or Medium, from its config
+        if type(fam).model_metadata is not Family.model_metadata:  # SD 3.5: Large or Medium; FLUX.1 dev or schnell
             md.update(fam.model_metadata(self._denoiser_config(fam)))
         return md
 
@@ -191,7 +191,7 @@ class Exporter:
 
     def _layout(self, tensors: dict) -> dict:
         """The family's file layout of the trained tensors (FLUX: BFL's names, q/k/v fused), or PEFT's
-        with ``output.format: diffusers`` (what diffusers' load_lora_weights reads for SD 3.5)."""
+        with ``output.format: diffusers`` (what diffusers' load_lora_weights reads for SD 3.5 and FLUX.1)."""
         fam = self._family()
         if self.ctx.project.get("output.format") == "diffusers":
             return fam.peft_layout(tensors, self._denoiser_config(fam))

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_DEMO, copy_workspace, init_workspace
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorabuild import models
@@ -108,6 +109,8 @@ def test_schnell_builds_end_to_end_without_guidance_on_devs_cached_latents_and_e
     assert cfg["guidance_embeds"] is False and sched["use_dynamic_shifting"] is False
     # the default T5 length is schnell's 256 where the project sets none (kohya's)
     assert family("flux").text_options({}, ws.root / "cache" / "models" / "tiny-flux-schnell")["t5_max_length"] == 256
+    with safe_open(str(ws.root / "output" / "demo" / "demo.safetensors"), "pt") as fh:
+        assert fh.metadata()["modelspec.architecture"] == "flux-1-schnell/lora"  # dev's is flux-1-dev/lora
 
 
 # ------------------------------------------------------------------ the file in diffusers
@@ -174,8 +177,6 @@ def test_the_lora_file_has_kohya_names_and_loads_into_diffusers_with_the_same_ou
     assert all(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names)
     assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (96, 24)  # q, k, v of 32
     assert tensors["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (32, 32)  # 4 parts × rank 8
-    from safetensors import safe_open
-
     with safe_open(str(lora), "pt") as fh:
         md = fh.metadata()
     assert md["ss_network_module"] == "networks.lora_flux" and md["ss_base_model_version"] == "flux1"
@@ -205,6 +206,94 @@ def test_the_lora_file_has_kohya_names_and_loads_into_diffusers_with_the_same_ou
     assert not torch.allclose(ours, _theirs(folder, bad), atol=1e-5)
     with pytest.raises(ValueError, match="not block-diagonal"):
         _ours(folder, bad, project)
+
+
+def _placed(pipe, parts) -> dict:
+    """The LoRA weights diffusers put in the pipeline's ``parts``, by the file's key names."""
+    placed = {}
+    for head in parts:
+        part = getattr(pipe, head)
+        # the file names CLIP's layers as transformers 4 (and kohya) did, under text_model., which
+        # transformers 5 dropped; diffusers places them either way
+        level = "text_model." if head.startswith("text_encoder") and not hasattr(part, "text_model") else ""
+        for key, value in part.named_parameters():
+            if ".lora_A." in key or ".lora_B." in key:
+                path, kind, _adapter, last = key.rsplit(".", 3)
+                placed[f"{head}.{level}{path}.{kind}.{last}"] = value
+    return placed
+
+
+def test_output_format_diffusers_writes_peft_names_that_load_lora_weights_places_whole(dev, tmp_path):
+    """``output.format: diffusers``, an output setting: the saved weights are written again (no step
+    trained) as the split modules' PEFT names, which FluxPipeline.load_lora_weights takes with every
+    key placed, as written, giving the output our network gives from the kohya file. The sample
+    stage reads the PEFT file back."""
+    ws = copy_workspace(dev, tmp_path / "ws")
+    out = ws.root / "output" / "demo"
+    before = (out / "loss.csv").read_text()
+    kohya = tmp_path / "kohya.safetensors"
+    shutil.copy(out / "demo.safetensors", kohya)
+    ws.edit(lambda d: d.setdefault("output", {}).update(format="diffusers"))
+    ws.doit("sample:demo", build="peft")
+    assert ws.ran("peft") == {"train", "sample"}
+    assert "wrote 1 saved file again from the full-precision weights" in " ".join(ws.report("train")["notes"])
+    assert (out / "loss.csv").read_text() == before  # no step trained again
+    peft = load_file(str(out / "demo.safetensors"))
+    assert "transformer.transformer_blocks.0.attn.to_k.lora_A.weight" in peft
+    assert "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight" in peft
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in peft)
+    assert len(peft) == 2 * (2 * 14 + 2 * 6)  # every Linear of the 2+2 blocks, split
+    folder = ws.root / "cache" / "models" / "tiny-flux"
+    ours, plain, _ = _ours(folder, kohya, yaml.safe_load(ws.yaml_path.read_text()))
+    pipe = models.load_pipeline(folder)
+    pipe.load_lora_weights(str(out / "demo.safetensors"))
+    with torch.no_grad():
+        theirs = family("flux").predict(pipe.transformer, *_inputs(pipe.transformer))
+    assert (ours - plain).abs().max() > 1e-4  # the LoRA changes the output
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    placed = _placed(pipe, ("transformer", "text_encoder"))
+    assert placed.keys() == peft.keys() and all(torch.equal(placed[k], peft[k].to(placed[k].dtype)) for k in peft)
+
+
+def test_the_peft_layout_puts_clips_lora_under_text_encoder_and_refuses_t5(dev, tmp_path):
+    """A network with CLIP trained (random ups: a fresh one's are zeros): its PEFT names load into the
+    pipeline's text encoder with the same output, and read back to the trained names. T5 has no
+    diffusers FLUX loader: its modules are refused by name."""
+    from lorabuild.families.flux_names import peft_path
+
+    fam = family("flux")
+    folder = dev.root / "cache" / "models" / "tiny-flux"
+    unet, clip = models.load_unet(folder), models.load_text_encoder(folder, which="text_encoder")
+    net = LoRANetwork(unet, [clip], dim=4, alpha=2, train_text_encoder=True, arch="flux")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in net.loras:
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.1)
+    mine = net.state_dict_kohya()
+    peft = fam.peft_layout(mine, dict(unet.config))
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in peft
+    # alpha/rank (2/4) folded into lora_B, as diffusers scales a PEFT file by 1
+    up = "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"
+    assert torch.allclose(peft["text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight"], mine[up] * 0.5)
+    back = fam.trained_layout(peft, dict(unet.config), {m.lora_name for m in net.loras})
+    assert back.keys() == mine.keys()
+    path = tmp_path / "clip_peft.safetensors"
+    save_file({k: v.contiguous() for k, v in peft.items()}, str(path))
+    ids = torch.tensor([[49406, 320, 1000, 49407] + [49407] * 73])
+    net.apply()
+    with torch.no_grad():
+        ours = clip(ids).pooler_output
+    pipe = models.load_pipeline(folder)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        theirs = pipe.text_encoder(ids).pooler_output
+        plain = models.load_text_encoder(folder, which="text_encoder")(ids).pooler_output
+    assert (ours - plain).abs().max() > 1e-4  # the LoRA changes CLIP's output
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-4)
+    placed = _placed(pipe, ("transformer", "text_encoder"))
+    assert placed.keys() == peft.keys() and all(torch.equal(placed[k], peft[k]) for k in peft)
+    with pytest.raises(ValueError, match="T5 text encoder left untrained"):
+        peft_path("lora_te3_encoder_block_0_layer_0_SelfAttention_q")
 
 
 def test_a_bfl_single_file_written_from_the_tiny_transformer_loads_to_identical_weights(dev, monkeypatch, tmp_path):

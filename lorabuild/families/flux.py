@@ -71,9 +71,29 @@ class Flux(Family):
         return to_bfl(tensors, fused_widths(denoiser_config))
 
     def trained_layout(self, tensors: dict, denoiser_config: dict, wanted: set[str]) -> dict:
-        from .flux_names import from_bfl, fused_widths
+        """BFL's names, or PEFT's (an ``output.format: diffusers`` file), back to the modules trained."""
+        from .flux_names import PEFT_PREFIXES, from_bfl, fused_widths
+        from .peft_names import from_peft, is_peft
 
+        if is_peft(tensors):
+            return from_peft(tensors, PEFT_PREFIXES, self.title)
         return from_bfl(tensors, fused_widths(denoiser_config), wanted)
+
+    peft_format = True
+
+    def peft_layout(self, tensors: dict, denoiser_config: dict) -> dict:
+        """``output.format: diffusers``: the trained (split) modules in PEFT's names, as diffusers'
+        FluxPipeline.load_lora_weights reads them (families/flux_names.py peft_path)."""
+        from .flux_names import peft_path
+        from .peft_names import to_peft
+
+        return to_peft(tensors, peft_path)
+
+    def model_metadata(self, denoiser_config: dict) -> dict:
+        """schnell's ModelSpec architecture (sd-scripts' sai_model_spec): a transformer without
+        guidance embedding is schnell's."""
+        kind = "dev" if denoiser_config.get("guidance_embeds") else "schnell"
+        return {"modelspec.architecture": f"flux-1-{kind}/lora"}
 
     def metadata_extra(self, cfg: dict) -> dict:
         """kohya's FLUX metadata (flux_train_network.py update_metadata): the objective's settings as

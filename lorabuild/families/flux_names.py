@@ -147,3 +147,31 @@ def fused_widths(config) -> dict[str, list[int]]:
     for i in range(config["num_single_layers"]):
         out[f"lora_unet_single_blocks_{i}_linear1"] = [inner] * 3 + [4 * inner]
     return out
+
+
+# a block's module, as lorabuild names it (diffusers' path, "_" for "."), → diffusers' dotted path
+DOTTED = {
+    "attn_to_q": "attn.to_q", "attn_to_k": "attn.to_k", "attn_to_v": "attn.to_v",
+    "attn_add_q_proj": "attn.add_q_proj", "attn_add_k_proj": "attn.add_k_proj", "attn_add_v_proj": "attn.add_v_proj",
+    "attn_to_out_0": "attn.to_out.0", "attn_to_add_out": "attn.to_add_out",
+    "ff_net_0_proj": "ff.net.0.proj", "ff_net_2": "ff.net.2",
+    "ff_context_net_0_proj": "ff_context.net.0.proj", "ff_context_net_2": "ff_context.net.2",
+    "norm1_linear": "norm1.linear", "norm1_context_linear": "norm1_context.linear",
+    "proj_mlp": "proj_mlp", "proj_out": "proj_out", "norm_linear": "norm.linear",
+}
+PEFT_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": "lora_te1_"}
+
+
+def peft_path(name: str) -> str:
+    """A module's PEFT path for diffusers' FLUX loader (``transformer.`` + the diffusers path, CLIP's
+    ``text_encoder.``); diffusers' FluxPipeline loads no T5 LoRA, so a T5 module is refused by name."""
+    from .peft_names import clip_path
+
+    m = _OURS.match(name)
+    if m and m.group(3) in (DOUBLE if m.group(1) == "transformer_blocks" else SINGLE):
+        return f"transformer.{m.group(1)}.{m.group(2)}.{DOTTED[m.group(3)]}"
+    clip = clip_path(name, {"lora_te1": "text_encoder"})
+    if clip:
+        return clip
+    raise ValueError(f"{name}: no module diffusers' FluxPipeline loads a LoRA into (transformer, CLIP text_encoder); "
+                     "output.format: diffusers needs the T5 text encoder left untrained")

@@ -112,9 +112,10 @@ class SD3(Family):
 
     def trained_layout(self, tensors: dict, denoiser_config: dict, wanted: set[str]) -> dict:
         """kohya's SAI names, or PEFT's (an ``output.format: diffusers`` file), back to the modules trained."""
+        from .peft_names import is_peft
         from .sd3_names import from_peft, from_sai
 
-        if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors):
+        if is_peft(tensors):
             return from_peft(tensors)
         return from_sai(tensors, denoiser_config, wanted)
 

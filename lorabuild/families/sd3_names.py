@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 
+from . import peft_names
 from .flux_names import by_module, fuse, split
+from .peft_names import clip_path
 
-_CLIP = re.compile(r"^(lora_te[12])_text_model_encoder_layers_(\d+)_(self_attn|mlp)_(\w+)$")
 _T5 = re.compile(r"^lora_te3_encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(\w+)$")
 
 
@@ -134,10 +135,9 @@ def peft_path(name: str, config: dict) -> str:
         config["num_layers"], config.get("dual_attention_layers") or ()).values() for p in parts}
     if name in paths:
         return "transformer." + paths[name]
-    m = _CLIP.match(name)
-    if m:
-        which = "text_encoder" if m.group(1) == "lora_te1" else "text_encoder_2"
-        return f"{which}.text_model.encoder.layers.{m.group(2)}.{m.group(3)}.{m.group(4)}"
+    clip = clip_path(name, {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"})
+    if clip:
+        return clip
     m = _T5.match(name)
     if m:
         return f"text_encoder_3.encoder.block.{m.group(1)}.layer.{m.group(2)}.{m.group(3)}.{m.group(4)}"
@@ -145,16 +145,8 @@ def peft_path(name: str, config: dict) -> str:
 
 
 def to_peft(tensors: dict, config: dict) -> dict:
-    """Saved-layout tensors → PEFT's names, each module's alpha/rank folded into its ``lora_B`` (PEFT
-    files carry no alpha: diffusers then scales by 1)."""
-    out = {}
-    for name, t in by_module(tensors).items():
-        path = peft_path(name, config)
-        down, up = t["lora_down.weight"], t["lora_up.weight"]
-        scale = float(t["alpha"]) / down.shape[0]
-        out[f"{path}.lora_A.weight"] = down
-        out[f"{path}.lora_B.weight"] = (up.float() * scale).to(up.dtype)
-    return out
+    """Saved-layout tensors → PEFT's names (families/peft_names.py)."""
+    return peft_names.to_peft(tensors, lambda name: peft_path(name, config))
 
 
 PEFT_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_",
@@ -163,16 +155,4 @@ PEFT_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": "lora_te1_", "te
 
 def from_peft(tensors: dict) -> dict:
     """The inverse of :func:`to_peft` (alpha = rank: the scale is in lora_B already)."""
-    import torch
-
-    out = {}
-    for key, v in tensors.items():
-        path, _, kind = key.rpartition(".lora_")
-        head = next((h for h in PEFT_PREFIXES if path.startswith(h)), None)
-        if head is None or kind not in ("A.weight", "B.weight"):
-            raise ValueError(f"{key}: not a PEFT LoRA key of SD 3.5 (transformer., text_encoder*.)")
-        name = PEFT_PREFIXES[head] + path[len(head):].replace(".", "_")
-        out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = v
-        if kind == "A.weight":
-            out[f"{name}.alpha"] = torch.tensor(float(v.shape[0]))
-    return out
+    return peft_names.from_peft(tensors, PEFT_PREFIXES, "SD 3.5")

@@ -69,7 +69,7 @@ def run_key(ctx: Context, dataset, captions: dict, latents: dict, te_id: str, un
         cfg["network"] = {**cfg["network"], "weights": hashes.sha256(start, tensors_only=True)}
         hashes.save()
     cfg["save_precision"] = ctx.project.get("output.save_precision")
-    if ctx.project.get("output.format") != "kohya":  # PEFT's names (SD 3.5 for diffusers); absent at the default
+    if ctx.project.get("output.format") != "kohya":  # PEFT's names (SD 3.5, FLUX.1 for diffusers); absent at the default
         cfg["format"] = ctx.project.get("output.format")
     # what goes into the saved files' metadata (a change writes them again, without training: training_key)
     cfg["metadata"] = [ctx.project.get("output.metadata"), ctx.project.get("output.comment")]
@@ -219,7 +219,7 @@ def run(ctx: Context, dataset) -> dict:
     inp = gather(ctx, dataset)
     fam = runtime.family(ctx)
     if ctx.project.get("output.format") == "diffusers" and not fam.peft_format:
-        raise StageError(f"{ctx.project.file}: output.format: diffusers is for SD 3.5 (diffusers has no converter "
+        raise StageError(f"{ctx.project.file}: output.format: diffusers is for SD 3.5 and FLUX.1 (diffusers has no converter "
                          f"from kohya's names there); diffusers reads {fam.title} LoRAs in kohya's format: use kohya")
     key = run_key(ctx, inp.dataset, inp.captions, inp.latents, inp.te_id, inp.unet_id, inp.cached)  # multi-res: its samples
     h = key_hash(key)
