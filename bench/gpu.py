@@ -1,8 +1,8 @@
 """Training on a GPU (issue 27): s/step, peak VRAM and VAE caching rate on the full-size SD 1.5 and
-SDXL architectures with random weights, through lorabuild's own trainer (``trainer.train``,
+SDXL architectures with random weights, through lorabuild's own trainer (``train.loop.train``,
 ``network.LoRANetwork``, the latents stage's ``encode``), in one process.
 
-Every training case is one real ``trainer.train`` run on cached latents written here (random,
+Every training case is one real ``train.loop.train`` run on cached latents written here (random,
 seeded): models loaded from a diffusers folder by ``models.load_*``, the LoRA built and applied
 by the product's code, its optimizer, autocast, GradScaler, checkpointing and loss readback.
 s/step is steady: from the end of step 1 (whose loss the trainer reads back at once) to the end
@@ -269,11 +269,11 @@ class Probe:
 
 
 def run_case(c: Case, args, device) -> dict:
-    """One ``trainer.train`` run of case ``c``; the measured row."""
+    """One ``train.loop.train`` run of case ``c``; the measured row."""
     import torch
 
-    from lorabuild.trainer import TrainInputs, train
-    from lorabuild.trainplan import Sample, make_plan
+    from lorabuild.train.loop import TrainInputs, train
+    from lorabuild.train.plan import Sample, make_plan
 
     parts = ("unet", "text_encoder") if c.arch == "sd1" else ("unet",)
     folder = model_folder(c.arch, args, device, parts)
@@ -405,7 +405,7 @@ def dataset_note(results: list) -> str:
 
 def report(args, device, results: list, vae: list, skipped: list, started: float) -> str:
     steps = "steps 2..N" if results else ""
-    head = (f"### Training, one `trainer.train` per case: LoRA dim 32 (alpha 16) on kohya's default modules, AdamW "
+    head = (f"### Training, one `train.loop.train` per case: LoRA dim 32 (alpha 16) on kohya's default modules, AdamW "
             f"lr {args.lr:g}, {args.model} models (random weights), s/step over {steps} (device synchronised)\n\n")
     text = head + table(TRAIN_HEADER, [train_row(c, r) for c, r in results])
     text += dataset_note(results)

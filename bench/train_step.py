@@ -123,7 +123,7 @@ def ab_table(args) -> tuple[list, str]:
 
     import torch
 
-    from lorabuild.network import LoRANetwork
+    from lorabuild.lora.network import LoRANetwork
 
     from common import sd15_models
 

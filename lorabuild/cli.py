@@ -120,7 +120,7 @@ def cmd_plan(root: Path, name: str, as_json: bool) -> int:
 
     from .cache import FileHashes
     from .dataset import DatasetError
-    from .plan import build_plan, render
+    from .stages.preview import build_plan, render
 
     project = _project(root, name)
     if project is None:
@@ -141,12 +141,12 @@ def cmd_status(root: Path, name: str, as_json: bool, rehash: bool = False) -> in
     import json
 
     from .faults import WorkspaceError, check_workspace
-    from .status import project_status, render
+    from .commands.status import project_status, render
 
     try:
         check_workspace(Workspace(root))  # cache/ a file, a damaged doit database
         if rehash:
-            from .status import rehash as forget_hashes
+            from .commands.status import rehash as forget_hashes
 
             print(forget_hashes(root, name), file=sys.stderr if as_json else sys.stdout)
         st = project_status(root, name)
@@ -170,7 +170,7 @@ def cmd_train(root: Path, name: str, launch: dict, until: str) -> int:
     import os
     import subprocess
 
-    from . import dist
+    from .train import dist
 
     for k, v in launch.items():
         if v is not None:
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("doctor", help="what this machine can do (GPU, bf16, optional packages, paths, disk, versions), and fixes")
     args = ap.parse_args(argv)
     if args.cmd == "validate":
-        from .validate import cmd_validate
+        from .commands.validate import cmd_validate
 
         return cmd_validate(args.files)
     if args.cmd == "init":
@@ -256,21 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "status":
         return cmd_status(find_root(), args.name, args.json, args.rehash)
     if args.cmd in ("import-kohya", "import"):
-        from .kohya_write import cmd_import
+        from .importers.write import cmd_import
 
         return cmd_import(args.config, args.dataset_config, args.output, args.root)
     if args.cmd == "report":
-        from .report import cmd_report
+        from .commands.report import cmd_report
 
         return cmd_report(find_root(), args.name, args.json)
     if args.cmd == "watch":
-        from .watch import cmd_watch
+        from .commands.watch import cmd_watch
 
         return cmd_watch(find_root(), args.name, args.until, args.quiet)
     if args.cmd == "tag":
         if args.force and not args.write:
             ap.error("--force only applies with --write (it lets --write overwrite caption files)")
-        from .tagcmd import cmd_tag
+        from .commands.tag import cmd_tag
 
         return cmd_tag(find_root(), args.name, args.write, args.force)
     if args.cmd == "train":
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "gc":
         return cmd_gc(find_root(), args.dry_run)
     if args.cmd == "doctor":
-        from .doctor import cmd_doctor
+        from .commands.doctor import cmd_doctor
 
         return cmd_doctor(find_root())
     return 2

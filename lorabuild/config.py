@@ -276,7 +276,7 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
         doc.problem(pos("sample", "prompt_file"), "sample.prompt_file", f"{(root / pf).resolve()} does not exist")
     tagger = data.get("tagger")
     if tagger:
-        from .tagger import folder_problem
+        from .wd14 import folder_problem
 
         problem = folder_problem((root / tagger["model"]).resolve())
         if problem:
@@ -346,7 +346,7 @@ def _known_family(data: dict):
 
 
 def _network_problems(data: dict, doc: _Doc, pos) -> None:
-    from .blocks import length_problems
+    from .lora.blocks import length_problems
 
     net = data["network"]
     locon = net["conv_dim"] or net["conv_block_dims"]
@@ -362,7 +362,7 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
     fam = _known_family(data)
     for key, msg in length_problems(net, fam.name if fam else None):
         doc.problem(pos("network", key), f"network.{key}", msg)
-    from .lyco_options import option_problems
+    from .lora.lyco_options import option_problems
 
     for section, key, msg in option_problems(net, data.get("train")):
         doc.problem(pos(section, key), f"{section}.{key}", msg)

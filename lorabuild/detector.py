@@ -192,7 +192,7 @@ def prompt_accuracy(pipe, prompts, seeds: int) -> dict:
 def lora(pipe, network: dict, path):
     """``pipe`` with the LoRA file ``path`` applied (a project's ``network`` section describes
     it), as lorabuild's sample stage applies it; removed on exit."""
-    from .adapter import from_config
+    from .lora.adapter import from_config
 
     net = from_config(network, pipe.unet, [pipe.text_encoder], "sd1")
     net.load_weights(path)

@@ -1,5 +1,5 @@
 """Errors that more than one layer raises or names, in a module that imports nothing, so a
-low module (dist.py) can raise what a stage reports without importing the stages."""
+low module (train/dist.py) can raise what a stage reports without importing the stages."""
 from __future__ import annotations
 
 

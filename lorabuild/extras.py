@@ -35,7 +35,7 @@ def needs(cfg: Mapping) -> list[Need]:
     if train.get("attention") == "xformers":
         out.append(Need("train.attention", "xformers", "xformers", "xformers", "xformers", "train"))
     kind = (cfg.get("network") or {}).get("type")
-    from .lyco_options import LYCO_TYPES
+    from .lora.lyco_options import LYCO_TYPES
 
     if kind in LYCO_TYPES:
         out.append(Need("network.type", kind, "lycoris", "lycoris-lora", "lycoris", "train"))

@@ -100,7 +100,7 @@ def _squash(v: str) -> str:
 
 def _enum_aliases(path: tuple) -> dict[str, str]:
     if path[-1:] == ("optimizer",):
-        from .optimizers import KOHYA_NAMES
+        from .train.optimizers import KOHYA_NAMES
 
         return KOHYA_NAMES
     if path[-1:] == ("sampler",):

@@ -9,7 +9,7 @@ for flow); the family's ``predict`` turns it into what its denoiser takes.
 from __future__ import annotations
 
 from . import flow
-from .losses import debiased_weights, min_snr_weights, timestep_range
+from .train.losses import debiased_weights, min_snr_weights, timestep_range
 
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed, spread over the schedule (σ = t/1000 for flow)
 

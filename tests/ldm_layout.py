@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from lorabuild.layout import to_original, unet_block_map
+from lorabuild.lora.layout import to_original, unet_block_map
 
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from lorabuild import models
-from lorabuild.adapter import from_config
-from lorabuild.network import LoRANetwork
+from lorabuild.lora.adapter import from_config
+from lorabuild.lora.network import LoRANetwork
 
 
 def unet_outputs(folder: Path, lora: Path, arch: str, width: int, dim: int = 8, alpha: float = 8, pooled: int = 0,

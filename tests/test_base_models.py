@@ -244,9 +244,9 @@ def test_sd2_v_prediction_end_to_end(demo):
 
 
 def test_zero_terminal_snr_schedule_ends_in_pure_noise(tmp_path):
-    from lorabuild.losses import debiased_weights, min_snr_weights
-    from lorabuild.trainer import TrainInputs, _load_models
-    from lorabuild.trainplan import make_plan
+    from lorabuild.train.losses import debiased_weights, min_snr_weights
+    from lorabuild.train.loop import TrainInputs, _load_models
+    from lorabuild.train.plan import make_plan
 
     folder = models.ensure_builtin("tiny-sd2", tmp_path / "cache")
     cfg = {"train": {"mixed_precision": "no", "zero_terminal_snr": True}}
@@ -288,7 +288,7 @@ def test_sdxl_end_to_end_with_both_text_encoders(demo):
 
 
 def test_sdxl_network_names_and_rates(tmp_path):
-    from lorabuild.network import LoRANetwork
+    from lorabuild.lora.network import LoRANetwork
 
     folder = models.ensure_builtin("tiny-sdxl", tmp_path / "cache")
     tes = [models.load_text_encoder(folder, which=p) for p in models.text_parts(folder)]

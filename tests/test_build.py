@@ -254,7 +254,7 @@ def _assert_diffusers_text_encoder_matches(folder, lora):
     import torch
 
     from lorabuild import models
-    from lorabuild.network import LoRANetwork
+    from lorabuild.lora.network import LoRANetwork
 
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
     unet, te = models.load_unet(folder), models.load_text_encoder(folder)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from lorabuild.captions import dataset_captions, fixed_caption, is_randomised, random_caption, read_caption
 from lorabuild.dataset import DatasetError, parse_concept_name, scan
-from lorabuild.trainplan import Sample, balance_reg, make_plan
+from lorabuild.train.plan import Sample, balance_reg, make_plan
 
 OPTS = {
     "prepend": [], "append": [], "exclude": [], "dedupe": True, "underscores_to_spaces": False, "shuffle": False,
@@ -71,7 +71,7 @@ def test_explicit_concepts_and_regularization(tmp_path):
 
 
 def test_validation_folders_plain_or_kohya_and_is_val_concepts(tmp_path):
-    from lorabuild.trainplan import training_samples
+    from lorabuild.train.plan import training_samples
 
     _img(tmp_path / "train" / "5_sks dog" / "t1.png")
     _img(tmp_path / "train" / "5_sks dog" / "t2.png")

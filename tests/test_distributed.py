@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from conftest import WS, init_workspace
 from conftest import copy_workspace as _copy
-from lorabuild.dist import Rank, micro_batches
-from lorabuild.trainplan import Sample, epoch_batches
+from lorabuild.train.dist import Rank, micro_batches
+from lorabuild.train.plan import Sample, epoch_batches
 
 PROJECT = {
     "base_model": "builtin:tiny-sd1",

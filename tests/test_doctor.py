@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
-from lorabuild import doctor, winenv
+from lorabuild import winenv
+from lorabuild.commands import doctor
 from conftest import init_workspace
 
 

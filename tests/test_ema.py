@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import init_workspace
 from lorabuild.config import without_newer
-from lorabuild.ema import AdapterEMA, decay_at
+from lorabuild.train.ema import AdapterEMA, decay_at
 from lorabuild.stages.train import NEWER_OFF
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from lorabuild import models
 from lorabuild.families import family
-from lorabuild.network import LoRANetwork
+from lorabuild.lora.network import LoRANetwork
 
 IMAGES = ("redcircle_00", "redcircle_01", "bluesquare_00", "bluesquare_01")
 

@@ -57,7 +57,7 @@ def test_losses_read_back_together_log_every_step_and_stop_at_the_first_non_fini
     micro-batches, and a non-finite loss stops training naming the first step that had one."""
     import torch
 
-    from lorabuild import trainer
+    from lorabuild.train import loop as trainer
 
     monkeypatch.setattr(trainer, "READBACK_SECONDS", 3600.0)
     logged = []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabuild.kohya_convert import convert_full
+from lorabuild.importers.convert import convert_full
 from lorabuild.yamlio import load
 
 PS1 = r'''# LoRA settings, lora-scripts style
@@ -576,9 +576,9 @@ def test_any_values_under_kohya_names_convert_without_an_exception(tmp_path):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from lorabuild.kohya_datasets import CAPTIONS, ONCE
-    from lorabuild.kohya_import import SIMPLE
-    from lorabuild.kohya_write import fix_paths, render_yaml
+    from lorabuild.importers.datasets import CAPTIONS, ONCE
+    from lorabuild.importers.options import SIMPLE
+    from lorabuild.importers.write import fix_paths, render_yaml
 
     scalar = st.one_of(st.integers(-5, 5000), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
                        st.text(max_size=12), st.sampled_from(["", "0", "1e-4", "512,768", "AdamW8bit", "$x", "a=b"]))

@@ -6,8 +6,8 @@ import sys
 
 import yaml
 
-from lorabuild.kohya_convert import convert
-from lorabuild.kohya_read import parse_command_line
+from lorabuild.importers.convert import convert
+from lorabuild.importers.read import parse_command_line
 
 CONFIG = """
 pretrained_model_name_or_path = "builtin:tiny-sd1"

@@ -15,21 +15,24 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lorabuild"
 
 # low → high; a name ending in "." is a package prefix (every module under it)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("lorabuild", "errors", "cache", "workspace", "resources", "yamlio", "winenv", "precision",
-                    "progress", "faults", "images", "buckets", "multires", "captions", "dataset", "prompts",
-                    "extras", "hints", "optimizers", "tagger", "trainplan", "losses", "ema", "lyco_options",
-                    "gallery", "leftovers", "world", "dist", "kohya_scripts", "flow", "objective",
-                    "pixels", "lossplot")),
-    ("text and layout", ("textenc", "layout")),  # what the families build their conditioning and names from
+    ("foundation", ("lorabuild", "commands", "importers", "lora", "train", "errors", "cache", "workspace",
+                    "resources", "yamlio", "winenv", "precision", "progress", "faults", "images", "buckets",
+                    "multires", "captions", "dataset", "prompts", "extras", "hints", "train.optimizers", "wd14",
+                    "train.plan", "train.losses", "train.ema", "lora.lyco_options", "gallery", "leftovers", "world",
+                    "train.dist", "importers.scripts", "flow", "objective", "pixels", "train.lossplot")),
+    ("text and layout", ("textenc", "lora.layout")),  # what the families build their conditioning and names from
     ("families", ("families", "families.")),  # one module per model family (SD1, SD2, SDXL, …): issue 21
-    ("model", ("models", "folders", "blocks", "network", "lyco", "adapter", "metadata", "detector")),
+    ("model", ("models", "folders", "lora.blocks", "lora.network", "lora.lyco", "lora.adapter", "lora.metadata",
+               "detector")),
     ("config", ("config", "limits")),
-    ("training", ("trainer", "publish")),  # publish: the run's saved files (kohya metadata) and their publishing
-    ("stages", ("stages.", "plan")),  # plan: what a build will train on, by the stages' own rules (the train stage prints it)
+    # publish: the run's saved files (kohya metadata) and their publishing
+    ("training", ("train.loop", "train.publish")),
+    ("stages", ("stages.",)),  # stages/preview.py: what a build will train on, by the stages' own rules
     ("build", ("tasks",)),
-    ("commands", ("status", "report", "watch", "tagcmd", "doctor", "worker", "serve", "serve.", "validate",
-                  "import_common", "kohya_read", "kohya_import", "kohya_datasets", "kohya_convert", "kohya_write",
-                  "import_aitoolkit", "import_onetrainer")),
+    ("commands", ("commands.status", "commands.report", "commands.watch", "commands.tag", "commands.doctor",
+                  "train.worker", "serve", "serve.", "commands.validate", "importers.common", "importers.read",
+                  "importers.options", "importers.datasets", "importers.convert", "importers.write",
+                  "importers.aitoolkit", "importers.onetrainer")),
     ("cli", ("cli", "__main__")),
 ]
 
@@ -131,7 +134,7 @@ def test_the_checker_sees_a_circle_and_an_upward_import():
     assert layer_of("tasks") > layer_of("stages.bucket") > layer_of("config") > layer_of("models")
     assert layer_of("families.sdxl") == [n for n, _ in LAYERS].index("families")
     graph = import_graph()
-    assert "stages.registry" in graph["tasks"] and "stages.base" in graph["worker"]  # function-level imports count
+    assert "stages.registry" in graph["tasks"] and "stages.base" in graph["train.worker"]  # function-level imports count
 
 
 def test_no_module_imports_another_ones_private_names():

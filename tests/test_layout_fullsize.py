@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabuild.network import LoRANetwork
+from lorabuild.lora.network import LoRANetwork
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

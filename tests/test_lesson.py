@@ -9,8 +9,6 @@ trained: issue 19's LoRA bled into every prompt, and these rule out a pipeline b
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +116,7 @@ def test_the_lora_sampled_is_the_lora_trained(lesson, pipe):
     import torch
 
     from lorabuild.config import load_project
-    from lorabuild.network import from_config
+    from lorabuild.lora.network import from_config
 
     net_cfg = load_project(lesson.yaml_path).section("network")
     folder = lesson.root / "cache" / "models" / "world-sd1"

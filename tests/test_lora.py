@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lora_check import unet_outputs
 from lorabuild import models
-from lorabuild.network import LoRANetwork
+from lorabuild.lora.network import LoRANetwork
 
 
 def _cached_batch(ws):

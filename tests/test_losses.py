@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lorabuild.losses import min_snr_weights, offset_noise, per_sample_loss, perturbed_noise, snr, timestep_range
+from lorabuild.train.losses import min_snr_weights, offset_noise, per_sample_loss, perturbed_noise, snr, timestep_range
 
 SD = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -116,8 +116,9 @@ def _batch_inputs_of(tmp_path, train: dict, n: int = 300):
 
     import types
 
-    from lorabuild import objective, trainer
-    from lorabuild.trainplan import Sample
+    from lorabuild import objective
+    from lorabuild.train import loop as trainer
+    from lorabuild.train.plan import Sample
 
     save_file({"latent": torch.randn(4, 4, 4), "latent_flip": torch.randn(4, 4, 4)}, str(tmp_path / "lat.safetensors"))
     save_file({"hidden": torch.randn(77, 32)}, str(tmp_path / "emb.safetensors"))

@@ -21,8 +21,9 @@ from test_resume import _kill_after_state, _notes, _same, _states
 
 pytest.importorskip("lycoris")
 
-from lorabuild import lyco, models  # noqa: E402
-from lorabuild.adapter import from_config  # noqa: E402
+from lorabuild import models
+from lorabuild.lora import lyco  # noqa: E402
+from lorabuild.lora.adapter import from_config  # noqa: E402
 
 TYPES = ("loha", "lokr", "dora", "ia3", "full", "diag-oft")
 # rank 2 (so LoKr factors its larger matrix and alpha/rank ≠ 1 everywhere), LoCon-style 3×3 convs too
@@ -373,7 +374,7 @@ def test_validate_names_options_that_do_not_fit_the_type(tmp_path, monkeypatch):
 def test_import_kohya_maps_lycoris_algos(tmp_path):
     import subprocess
 
-    from lorabuild.kohya_convert import convert_full
+    from lorabuild.importers.convert import convert_full
 
     (tmp_path / "img").mkdir()
     (tmp_path / "dora.toml").write_text('pretrained_model_name_or_path = "builtin:tiny-sd1"\ntrain_data_dir = "img"\n'
@@ -407,7 +408,7 @@ def test_import_kohya_maps_lycoris_algos(tmp_path):
     assert r.doc["network"] == {"dim": 8, "alpha": 4.0, "type": "full", "conv_dim": 4}
     assert r.unmapped == ["network_args rescaled=True (LyCORIS' full does not use it)"]
     # the kohya_ss GUI's LyCORIS types launch lycoris.kohya with algo=…: LoKr, and LoCon with dora_wd (DoRA)
-    from lorabuild.kohya_read import Source, from_gui
+    from lorabuild.importers.read import Source, from_gui
 
     gui = {"LoRA_type": "LyCORIS/LoKr", "network_dim": 8, "network_alpha": 4, "conv_dim": 4, "conv_alpha": 1,
            "factor": 8, "decompose_both": True, "use_cp": False, "train_norm": False}

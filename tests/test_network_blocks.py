@@ -10,10 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lorabuild import blocks, config, metadata
-from lorabuild.kohya_convert import convert
-from lorabuild.adapter import from_config
-from lorabuild.network import LoRANetwork, NetworkConfigError
+from lorabuild import config
+from lorabuild.lora import blocks
+from lorabuild.lora import metadata
+from lorabuild.importers.convert import convert
+from lorabuild.lora.adapter import from_config
+from lorabuild.lora.network import LoRANetwork, NetworkConfigError
 from lora_check import unet_outputs
 from conftest import init_workspace
 

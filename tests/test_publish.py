@@ -1,11 +1,11 @@
-"""publish.py on files "held open" as Windows holds a LoRA a UI has loaded (tests/winsim.py)."""
+"""train/publish.py on files "held open" as Windows holds a LoRA a UI has loaded (tests/winsim.py)."""
 from __future__ import annotations
 
 import os
 
 import winsim
 
-from lorabuild import publish
+from lorabuild.train import publish
 from lorabuild.cache import FileHashes
 
 

@@ -1,10 +1,10 @@
-"""The train stage's run plan (lorabuild.trainplan: run_plan, decide, start_note) on real stores in
+"""The train stage's run plan (lorabuild.train.plan: run_plan, decide, start_note) on real stores in
 a temporary cache, without training: what a fresh run, a raised ``epochs``, a restore and a run
 killed part way decide."""
 from __future__ import annotations
 
 from lorabuild.cache import Store, key_hash
-from lorabuild.trainplan import Sample, Whole, decide, make_plan, run_plan, start_note
+from lorabuild.train.plan import Sample, Whole, decide, make_plan, run_plan, start_note
 
 # 4 images × 2 repeats, batch 2: 4 steps per epoch
 SAMPLES = [Sample(f"im{i}", (64, 64), 2) for i in range(4)]

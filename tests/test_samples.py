@@ -12,7 +12,7 @@ from PIL import Image
 
 from lorabuild import gallery, prompts
 from lorabuild.stages.sample import in_training_points
-from lorabuild.trainplan import TrainPlan
+from lorabuild.train.plan import TrainPlan
 
 DEFAULTS = {"prompts": [], "negative": "", "width": 512, "height": 512, "steps": 20, "cfg": 7.0, "seed": 1,
             "sampler": "euler_a", "lora_weight": 1.0, "prompt_file": None}

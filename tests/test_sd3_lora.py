@@ -10,7 +10,7 @@ from ldm_layout import mmdit_to_sai
 from lorabuild import models
 from lorabuild.families.sd3 import FAMILY as SD3
 from lorabuild.families.sd3_names import from_peft, from_sai, mmdit_layout, to_peft, to_sai
-from lorabuild.network import LoRANetwork
+from lorabuild.lora.network import LoRANetwork
 
 
 @pytest.fixture(scope="module")

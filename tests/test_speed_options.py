@@ -39,7 +39,7 @@ def _glibc():
 
 LEAN_PROBE = """
 import ctypes, sys, torch
-from lorabuild.trainer import LeanHeap
+from lorabuild.train.loop import LeanHeap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -71,7 +71,7 @@ def test_lean_heap_maps_forward_allocations_and_heaps_backward_ones():
     import pytest
     import torch
 
-    from lorabuild.trainer import LeanHeap
+    from lorabuild.train.loop import LeanHeap
 
     if _glibc() is None:
         pytest.skip("needs glibc (mallinfo2)")

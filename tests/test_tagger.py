@@ -79,7 +79,7 @@ SETTINGS = {"general_threshold": 0.35, "character_threshold": 0.85, "rating": "n
 # --- the model and the selection rules, in process ---------------------------------------
 
 def test_preprocess_pads_on_white_resizes_and_swaps_to_bgr():
-    from lorabuild.tagger import preprocess
+    from lorabuild.wd14 import preprocess
 
     x = preprocess(Image.new("RGB", (40, 20), (255, 0, 0)), SIZE)
     assert x.shape == (SIZE, SIZE, 3) and x.dtype.name == "float32"
@@ -92,7 +92,7 @@ def test_preprocess_pads_on_white_resizes_and_swaps_to_bgr():
 def test_model_reads_size_from_onnx_and_tags_by_colour(tmp_path):
     import numpy as np
 
-    from lorabuild.tagger import Tagger, preprocess, select
+    from lorabuild.wd14 import Tagger, preprocess, select
 
     t = Tagger(make_tagger(tmp_path / "m", size=24), "cpu")
     assert t.size == 24 and t.provider == "CPUExecutionProvider"
@@ -112,7 +112,7 @@ def test_model_reads_size_from_onnx_and_tags_by_colour(tmp_path):
 
 def test_padding_changes_the_mean_as_the_wd14_models_expect(tmp_path):
     """A 2:1 red image is padded with white to a square: mean (b, g, r) = (0.5, 0.5, 1)."""
-    from lorabuild.tagger import Tagger, preprocess, select
+    from lorabuild.wd14 import Tagger, preprocess, select
 
     t = Tagger(make_tagger(tmp_path / "m"), "cpu")
     p = t.predict(preprocess(Image.new("RGB", (40, 20), (255, 0, 0)), t.size)[None])[0]
@@ -120,14 +120,14 @@ def test_padding_changes_the_mean_as_the_wd14_models_expect(tmp_path):
 
 
 def _probs(**conf):
-    from lorabuild.tagger import Labels
+    from lorabuild.wd14 import Labels
 
     labels = Labels(tuple(t[0] for t in TAGS), tuple(t[1] for t in TAGS))
     return [conf.get(name, 0.0) for name in labels.names], labels
 
 
 def test_thresholds_rating_exclude_underscores_and_order():
-    from lorabuild.tagger import select
+    from lorabuild.wd14 import select
 
     probs, labels = _probs(general=0.3, sensitive=0.6, long_hair=0.5, simple_background=0.9, red_theme=0.36,
                            kagamine_rin=0.8, hatsune_miku=0.86, **{"^_^": 0.7})
@@ -144,7 +144,7 @@ def test_thresholds_rating_exclude_underscores_and_order():
 
 
 def test_combine_modes_additional_tags_and_dedupe():
-    from lorabuild.tagger import combine
+    from lorabuild.wd14 import combine
 
     tags = ["long hair", "red theme"]
     c = lambda existing, **s: combine(existing, tags, {**SETTINGS, **s})  # noqa: E731
@@ -161,7 +161,7 @@ def test_combine_modes_additional_tags_and_dedupe():
 
 
 def test_missing_onnxruntime_names_the_install(tmp_path, monkeypatch):
-    from lorabuild.tagger import Tagger, TaggerError
+    from lorabuild.wd14 import Tagger, TaggerError
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(TaggerError, match=r'onnxruntime.*pip install -e "\.\[tagger\]" in a clone of lorabuild, or pip install "lorabuild\[tagger\]"'):
@@ -356,7 +356,7 @@ def test_fixed_batch_model_pads_the_last_chunk(tmp_path):
     tags equal those of a model with a dynamic batch."""
     import numpy as np
 
-    from lorabuild.tagger import Tagger, preprocess
+    from lorabuild.wd14 import Tagger, preprocess
 
     fixed = Tagger(make_tagger(tmp_path / "fixed", batch=4), "cpu")
     dynamic = Tagger(make_tagger(tmp_path / "dynamic"), "cpu")

@@ -8,8 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorabuild import metadata, optimizers
-from lorabuild.network import LoRANetwork
+from lorabuild.lora import metadata
+from lorabuild.train import optimizers
+from lorabuild.lora.network import LoRANetwork
 
 
 def test_locon_adds_the_resnet_and_resampler_convs_with_their_own_dim(tiny_unet_te):
@@ -237,7 +238,7 @@ def test_report_and_loss_plot(built_demo):
 
 
 def test_multires_noise_is_seeded_unit_std_and_coarse():
-    from lorabuild.losses import multires_noise
+    from lorabuild.train.losses import multires_noise
 
     base = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(0))
     a = multires_noise(base, 6, 0.8, torch.Generator().manual_seed(1))
@@ -251,7 +252,7 @@ def test_multires_noise_is_seeded_unit_std_and_coarse():
 
 
 def test_debiased_weights_are_one_over_root_snr():
-    from lorabuild.losses import debiased_weights
+    from lorabuild.train.losses import debiased_weights
 
     alphas = torch.tensor([0.8, 0.5, 0.2])  # SNR 4, 1, 0.25
     w = debiased_weights(alphas, torch.tensor([0, 1, 2]), v_prediction=False)

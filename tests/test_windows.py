@@ -181,7 +181,7 @@ def test_watch_stops_on_windows_without_sigint_and_without_an_event(tmp_path, mo
     import sys
     import threading
 
-    from lorabuild import watch
+    from lorabuild.commands import watch
 
     class WindowsPopen:  # what Popen.send_signal accepts on Windows
         def __init__(self):
@@ -239,7 +239,7 @@ def test_lean_cpu_memory_is_a_printed_no_op_on_windows(monkeypatch, capsys):
 
     import torch
 
-    from lorabuild.trainer import LeanHeap
+    from lorabuild.train.loop import LeanHeap
 
     def cdll(name, *a, **kw):  # CPython's ctypes on Windows: '/' in None
         raise TypeError("argument of type 'NoneType' is not iterable")
@@ -257,7 +257,7 @@ def test_compile_pre_check_accepts_msvc_on_windows(monkeypatch):
     import pytest
     import torch
 
-    from lorabuild import trainer
+    from lorabuild.train import loop as trainer
 
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))
@@ -274,7 +274,8 @@ def test_several_processes_are_refused_on_windows_with_a_clear_message(tmp_path,
 
     import pytest
 
-    from lorabuild import cli, dist
+    from lorabuild import cli
+    from lorabuild.train import dist
 
     root = tmp_path / "ws"
     assert cli.main(["init", str(root)]) == 0

@@ -17,7 +17,7 @@ and ``modelspec.*`` architecture metadata and its sampling pipeline (``make_pipe
 
 Who asks: ``models.py`` (built-ins, conversion, ``model_info``, loaders), the textemb stage,
 the trainer and the sample stage through ``condition`` (``textenc`` holds the CLIP encoding
-they share), ``network.py`` and ``blocks.py`` for names and block layouts, ``metadata.py``
+they share), ``lora/network.py`` and ``lora/blocks.py`` for names and block layouts, ``lora/metadata.py``
 for the architecture keys, ``config.py`` for ``bucket.step``, ``native_size``, and
 ``stages/runtime.family(ctx)`` for the family of a stage's base model. Nothing else branches
 on an arch string.

@@ -50,7 +50,7 @@ class Family:
     modelspec_arch = ""  # modelspec.architecture, before "/lora"
     modelspec_implementation = "diffusers"
     ss_v2 = False
-    # --- the UNet as kohya's block-wise options see it (blocks.py): (blocks, down/up lr-weight
+    # --- the UNet as kohya's block-wise options see it (lora/blocks.py): (blocks, down/up lr-weight
     # entries, mid entries); whether kohya names its modules in the original SGM layout; bucket step
     block_layout = (25, 12, 1)
     sgm_names = False
@@ -235,7 +235,7 @@ class Family:
         """A map from a diffusers module path to the path kohya names it by, or None (the same)."""
         if not self.sgm_names:
             return None
-        from ..layout import to_original, unet_block_map
+        from ..lora.layout import to_original, unet_block_map
 
         block_map = unet_block_map(dict(unet.config))
         return lambda path: to_original(path, block_map)

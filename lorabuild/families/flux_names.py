@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from .peft_names import by_module, clip_path
+
 # diffusers path inside a block → (BFL name, part index within a fused layer or None)
 DOUBLE = {
     "attn_to_q": ("img_attn_qkv", 0), "attn_to_k": ("img_attn_qkv", 1), "attn_to_v": ("img_attn_qkv", 2),
@@ -32,15 +34,6 @@ SINGLE = {
 _OURS = re.compile(r"^lora_unet_(transformer_blocks|single_transformer_blocks)_(\d+)_(.+)$")
 _BFL = re.compile(r"^lora_unet_(double_blocks|single_blocks)_(\d+)_(.+)$")
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
-
-
-def by_module(tensors: dict) -> dict[str, dict]:
-    """{module name: {suffix: tensor}} of a LoRA file's tensors (``name.lora_down.weight`` …)."""
-    out: dict[str, dict] = {}
-    for k, v in tensors.items():
-        name, _, suffix = k.partition(".")
-        out.setdefault(name, {})[suffix] = v
-    return out
 
 
 def to_bfl(tensors: dict, widths: dict[str, list[int]]) -> dict:
@@ -165,8 +158,6 @@ PEFT_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": "lora_te1_"}
 def peft_path(name: str) -> str:
     """A module's PEFT path for diffusers' FLUX loader (``transformer.`` + the diffusers path, CLIP's
     ``text_encoder.``); diffusers' FluxPipeline loads no T5 LoRA, so a T5 module is refused by name."""
-    from .peft_names import clip_path
-
     m = _OURS.match(name)
     if m and m.group(3) in (DOUBLE if m.group(1) == "transformer_blocks" else SINGLE):
         return f"transformer.{m.group(1)}.{m.group(2)}.{DOTTED[m.group(3)]}"

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import re
 
-from .flux_names import by_module
-
 _CLIP = re.compile(r"^(lora_te[12])_text_model_encoder_layers_(\d+)_(self_attn|mlp)_(\w+)$")
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+def by_module(tensors: dict) -> dict[str, dict]:
+    """{module name: {suffix: tensor}} of a LoRA file's tensors (``name.lora_down.weight`` …)."""
+    out: dict[str, dict] = {}
+    for k, v in tensors.items():
+        name, _, suffix = k.partition(".")
+        out.setdefault(name, {})[suffix] = v
+    return out
 
 
 def clip_path(name: str, which: dict[str, str]) -> str | None:

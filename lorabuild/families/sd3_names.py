@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 
 from . import peft_names
-from .flux_names import by_module, fuse, split
+from .flux_names import fuse, split
+from .peft_names import by_module
 from .peft_names import clip_path
 
 _T5 = re.compile(r"^lora_te3_encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(\w+)$")

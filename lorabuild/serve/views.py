@@ -1,5 +1,5 @@
 """What the dashboard shows, as plain data, from the functions the CLI uses: ``status``
-(:mod:`lorabuild.status`), ``plan`` (:mod:`lorabuild.plan`), ``validate``
+(:mod:`lorabuild.commands.status`), ``plan`` (:mod:`lorabuild.stages.preview`), ``validate``
 (:mod:`lorabuild.config`), the dataset scan, the caption rules and the files the stages write."""
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def overview(root: Path, name: str) -> dict:
     """`lorabuild status` and `lorabuild plan` of one project, as their --json prints them."""
     from ..cache import FileHashes
     from ..dataset import DatasetError
-    from ..plan import build_plan
-    from ..status import project_status
+    from ..stages.preview import build_plan
+    from ..commands.status import project_status
 
     out = {"project": name, "status": project_status(root, name), "plan": None, "error": None}
     try:
@@ -203,7 +203,7 @@ def _image_entry(name: str, im, facts: dict) -> dict:
 def _marked(tags: list | None, caption: str | None, settings: dict | None) -> list[dict] | None:
     """The tagger's tags for one image, each marked whether ``caption`` (the caption file, else
     what the training sees) has it already, compared as the tagger compares tags."""
-    from ..tagger import normal
+    from ..wd14 import normal
 
     if tags is None:
         return None

@@ -122,8 +122,8 @@ class StageRun:
         """Compute the missing entries and count them: ``here()`` in this process (it returns how
         many it computed; the rest another build computed meanwhile, so they are reused), or,
         with ``train.processes`` > 1, shared out over that many processes through torchrun
-        (:mod:`lorabuild.worker`), each computing every n-th key: the counts are their sum."""
-        from ..dist import LaunchError, cache_launch, run_ranks
+        (:mod:`lorabuild.train.worker`), each computing every n-th key: the counts are their sum."""
+        from ..train.dist import LaunchError, cache_launch, run_ranks
 
         launch = cache_launch(self.ctx.project)
         if launch is None or len(missing) < 2:

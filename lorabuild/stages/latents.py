@@ -200,8 +200,8 @@ def repair(ctx: Context, wanted: list[str]) -> int:
 
 
 def run_shard(ctx: Context, params: dict, hashes: list[str], rank) -> dict:
-    """One rank's share of the missing latents (see :func:`lorabuild.dist.shard`)."""
-    from ..dist import shard
+    """One rank's share of the missing latents (see :func:`lorabuild.train.dist.shard`)."""
+    from ..train.dist import shard
 
     by_hash = {it.hash: it for it in _items(ctx, params)}
     return {"computed": _encode_missing(ctx, shard([by_hash[h] for h in hashes], rank), params, show=rank.main)}

@@ -75,8 +75,8 @@ def device(ctx: Context):
         dev = models.pick_device(ctx.project.get("device"))
     except Exception as exc:  # pick_device raises on an unavailable explicit device
         raise StageError(f"{ctx.project.file}: device: {exc}") from None
-    if "rank" in ctx.memo:  # one of several processes (lorabuild.worker): its own GPU
-        from ..dist import local_device
+    if "rank" in ctx.memo:  # one of several processes (lorabuild.train.worker): its own GPU
+        from ..train.dist import local_device
 
         dev = local_device(dev)
     return dev

@@ -16,9 +16,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import blocks, families
+from .. import families
+from ..lora import blocks
 from ..cache import without_newer
-from ..publish import publish as publish_file, remove, up_to_date
+from ..train.publish import publish as publish_file, remove, up_to_date
 from .base import Context, Item, StageRun
 from . import runtime, textemb
 from .spec import MODEL, Inputs, Stage
@@ -158,7 +159,7 @@ def render(pipe, network, items: list[Item], store, notes: list | None = None) -
 
 
 def lora_network(ctx: Context, pipe):
-    from ..adapter import from_config
+    from ..lora.adapter import from_config
 
     fam = runtime.family(ctx)
     # eval: no dropout of any kind (network, rank, module) while rendering
@@ -287,7 +288,7 @@ def publish(out_dir: Path, items: list[Item], store, hashes=None, notes: list | 
     (added here, so the store's entries and their keys stay as they were). An image whose published
     bytes would not change is not rewritten (a viewer may hold it open on Windows)."""
     from ..gallery import a1111_parameters, with_text_chunk
-    from ..publish import side_path
+    from ..train.publish import side_path
 
     for it in items:
         text = a1111_parameters(it.data["settings"], it.data["lora"] and it.data.get("name"), it.key["lora"])

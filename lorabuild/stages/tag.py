@@ -17,7 +17,7 @@ import posixpath
 from pathlib import Path
 
 from ..captions import CaptionError, read_caption, split_tags
-from ..tagger import MODEL_FILE, TAGS_FILE, TaggerError, combine, folder_problem
+from ..wd14 import MODEL_FILE, TAGS_FILE, TaggerError, combine, folder_problem
 from .base import Context, Item, StageError, StageRun
 from .spec import Inputs, Stage
 
@@ -92,7 +92,7 @@ def _tag(items: list[Item], ctx: Context, settings: dict, store, sr: StageRun, h
 
     from ..cache import FileChanged
     from ..images import ImageError, load_rgb
-    from ..tagger import Tagger, preprocess, select
+    from ..wd14 import Tagger, preprocess, select
 
     tagger = Tagger(model_folder(ctx.project), ctx.project.get("device"))
     sr.notes.append(f"onnxruntime {tagger.provider}")

@@ -124,9 +124,9 @@ def repair(ctx: Context, dataset, captions: list[str]) -> int:
 
 
 def run_shard(ctx: Context, params: dict, hashes: list[str], rank) -> dict:
-    """One rank's share of the missing embeddings (see :func:`lorabuild.dist.shard`)."""
+    """One rank's share of the missing embeddings (see :func:`lorabuild.train.dist.shard`)."""
     from ..dataset import from_project
-    from ..dist import shard
+    from ..train.dist import shard
 
     by_hash = {it.hash: it for it in _items(ctx, from_project(ctx.project), params)}
     return {"computed": _encode_missing(ctx, shard([by_hash[h] for h in hashes], rank), params)}

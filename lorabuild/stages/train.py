@@ -7,8 +7,8 @@ entry (DVC calls this a run-cache): going back to a configuration trained before
 restores its LoRA instead of training again.
 
 The stage reads its inputs and builds the run key here; the run plan (what is saved under which
-key, what is restored or continued from) is :mod:`lorabuild.trainplan`, the launch
-:mod:`lorabuild.stages.train_launch`, the saved files and their publishing :mod:`lorabuild.publish`.
+key, what is restored or continued from) is :mod:`lorabuild.train.plan`, the launch
+:mod:`lorabuild.stages.train_launch`, the saved files and their publishing :mod:`lorabuild.train.publish`.
 """
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from pathlib import Path
 
 from ..cache import checked_read, key_hash
 from ..config import thaw, without_newer
-from .. import blocks, dist, models, multires, publish
-from .. import ema as ema_settings
-from ..trainplan import RunPlan, Sample, Start, Whole, decide, make_plan, project_samples, run_plan, start_note
+from .. import models, multires
+from ..lora import blocks
+from ..train import dist
+from ..train import publish
+from ..train import ema as ema_settings
+from ..train.plan import RunPlan, Sample, Start, Whole, decide, make_plan, project_samples, run_plan, start_note
 from . import runtime, textemb
 from . import sample as sample_stage
 from . import train_launch
@@ -245,7 +248,7 @@ def run(ctx: Context, dataset) -> dict:
 
 
 def _publish(ctx: Context, sr: StageRun, h: str, entry: dict, rp: RunPlan, states, sampled: tuple | None) -> dict:
-    """Publish the run's files (:func:`lorabuild.publish.run_files`) and logs; write the manifest."""
+    """Publish the run's files (:func:`lorabuild.train.publish.run_files`) and logs; write the manifest."""
     p, store = ctx.project, ctx.store(STAGE, ".safetensors")
     name = p.output_name
     out_dir = ctx.ws.output_dir(name)
@@ -287,5 +290,5 @@ def _extra(project, cfg: dict) -> dict:
 TASK = Stage(STAGE, VERSION, "latents + captions → the LoRA: output/<name>/<name>.safetensors",
              params=EXTRA_PARAMS + MODEL + SAMPLE_PARAMS + ("device",), sections=SECTIONS, deps=_deps, run=run,
              extra=_extra, outputs=lambda t: [t.lora()],
-             # a publish that found its output locked (publish.py) leaves the task out of date until redone
+             # a publish that found its output locked (train/publish.py) leaves the task out of date until redone
              waits=lambda t: [(publish.up_to_date, (str(t.out_dir), f"{t.project.output_name}*"))])

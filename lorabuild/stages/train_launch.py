@@ -2,8 +2,8 @@
 itself, in this process (or as one rank started by torchrun) or on ``train.processes`` ranks.
 
 The stage (:mod:`lorabuild.stages.train`) decides what to train from the run plan
-(:func:`lorabuild.trainplan.decide`); the files this writes go through
-:class:`lorabuild.publish.Exporter`.
+(:func:`lorabuild.train.plan.decide`); the files this writes go through
+:class:`lorabuild.train.publish.Exporter`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 from ..cache import key_hash
 from ..captions import concept_options
 from ..progress import LiveLog, live_path
-from ..trainplan import RunPlan, Start, ema_key, entry_key
-from .. import dist
+from ..train.plan import RunPlan, Start, ema_key, entry_key
+from ..train import dist
 from ..workspace import build_id
 from . import runtime, textemb
 from . import sample as sample_stage
@@ -37,7 +37,7 @@ class RunInputs:
     unet_id: str
     mdir: Path
     info: dict  # models.model_info
-    samples: list  # what an epoch trains on (trainplan.project_samples)
+    samples: list  # what an epoch trains on (train.plan.project_samples)
     val_samples: list  # validation images: measured, never trained on
     init_weights: Path | None  # network.weights, resolved
 
@@ -84,7 +84,7 @@ class Saver:
         return self.exporter.export(network.state_dict_kohya(), ekey, epoch, step, stamp, ema=ema)
 
     def epoch(self, network, epoch: int, step: int, ema: bool = False) -> None:
-        """trainer.train's ``save``: the end of ``epoch`` (with ``ema``, the network holds the averaged weights)."""
+        """train.loop.train's ``save``: the end of ``epoch`` (with ``ema``, the network holds the averaged weights)."""
         rp = self.rp
         if epoch in rp.saved and self.rank.main and ema:
             self.start.emas.append([epoch, self.entry(network, ema_key(rp.wkey, rp.plan, epoch), epoch, step, ema=True),
@@ -129,9 +129,9 @@ class Saver:
 
 
 def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | None, saver: Saver):
-    """trainer.TrainInputs for this run: the store paths of its latents (or its resized images, for
+    """train.loop.TrainInputs for this run: the store paths of its latents (or its resized images, for
     random crop) and text embeddings, the settings, and ``saver``'s callbacks."""
-    from ..trainer import TrainInputs
+    from ..train.loop import TrainInputs
 
     p, rank = ctx.project, saver.rank
     lat_store = ctx.store("latents", ".safetensors")
@@ -192,8 +192,8 @@ def train_here(ctx: Context, inp: RunInputs, rp: RunPlan, start: Start, resume: 
                states) -> tuple[list, list, tuple | None]:
     """Train in this process from ``resume`` (a saved training state, when given), appending what it
     saves to ``start``'s rows; returns (loss log, validation log, (rendered, reused) by in-training sampling)."""
-    from ..plan import build_plan, render
-    from ..trainer import TrainError, train
+    from .preview import build_plan, render
+    from ..train.loop import TrainError, train
 
     rank = ctx.memo.get("rank", dist.SINGLE)
     sampler = _sampler(ctx, inp) if rp.points and rank.main else None
@@ -226,7 +226,7 @@ def train_here(ctx: Context, inp: RunInputs, rp: RunPlan, start: Start, resume: 
 
 
 def on_ranks(ctx: Context, stage: str, launch) -> tuple | None:
-    """Train on ``launch.world`` processes (:mod:`lorabuild.worker`); returns rank 0's sampling counts."""
+    """Train on ``launch.world`` processes (:mod:`lorabuild.train.worker`); returns rank 0's sampling counts."""
     try:
         results = dist.run_ranks(stage, ctx.ws.cache, ctx.ws.root, ctx.project.file, launch)
     except dist.LaunchError as exc:

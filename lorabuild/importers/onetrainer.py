@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .import_common import Source
+from .common import Source
 
 RENAMED = {"base_model_name": "pretrained_model_name_or_path", "learning_rate": "learning_rate",
            "learning_rate_warmup_steps": "lr_warmup_steps", "learning_rate_cycles": "lr_scheduler_num_cycles",

@@ -1,11 +1,11 @@
-"""The run summary (``lorabuild report NAME``); the loss curve it lists is drawn by :mod:`lorabuild.lossplot`."""
+"""The run summary (``lorabuild report NAME``); the loss curve it lists is drawn by :mod:`lorabuild.train.lossplot`."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .cache import read_json
-from .workspace import Workspace
+from ..cache import read_json
+from ..workspace import Workspace
 
 
 def summary(ws: Workspace, name: str) -> dict | None:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dist
-from . import objective as objectives
-from .cache import checked_read
-from .captions import random_caption
+from .. import objective as objectives
+from ..cache import checked_read
+from ..captions import random_caption
 from .losses import multires_noise, offset_noise, per_sample_loss, perturbed_noise
-from .trainplan import Sample, TrainPlan, derive_seed, epoch_batches
+from .plan import Sample, TrainPlan, derive_seed, epoch_batches
 
 
 class TrainError(Exception):
@@ -53,7 +53,7 @@ class TrainInputs:
     save_state: Callable[[int, dict], None] | None = None  # called at the end of every epoch
     sizes: dict[str, dict] = field(default_factory=dict)  # image id → latents manifest entry (SDXL time_ids)
     scalar: Callable[[str, float, int], None] | None = None  # (tag, value, step): a live log such as TensorBoard
-    rank: dist.Rank = dist.SINGLE  # with several processes: this one's share of each epoch (see dist.py)
+    rank: dist.Rank = dist.SINGLE  # with several processes: this one's share of each epoch (see train/dist.py)
     # random crop with train.masked_loss: image id → (source image, working size, resize filter) of
     # the images with alpha, whose mask is cut with each crop (cached latents carry theirs)
     alpha: dict[str, tuple] = field(default_factory=dict)
@@ -66,7 +66,7 @@ def _dtype(mixed_precision: str):
 
 
 def _load_models(inp: TrainInputs):
-    from . import models, precision
+    from .. import models, precision
 
     compute = _dtype(inp.cfg["train"]["mixed_precision"])
     base = inp.cfg["train"].get("base_precision", "auto")  # kohya fp8_base: stored apart from the compute dtype
@@ -193,7 +193,7 @@ def _random_crop_latent(inp: TrainInputs, sample: Sample, g, vae):
     (latent, crop's left/top, flipped, its alpha mask or None)."""
     import torch
 
-    from .pixels import bucket_mask, bucket_pixels, encode, to_tensor
+    from ..pixels import bucket_mask, bucket_pixels, encode, to_tensor
 
     path, resized = inp.pixels[sample.id]
     bw, bh = sample.bucket
@@ -233,7 +233,7 @@ def _conditioning(inp: TrainInputs, captions: list[str], toks, tes):
     import torch
     from safetensors.torch import load_file
 
-    from .families import family
+    from ..families import family
 
     fam = family(inp.arch)
     if inp.embedding_path is None:
@@ -248,8 +248,8 @@ def _conditioning(inp: TrainInputs, captions: list[str], toks, tes):
 def _added(inp: TrainInputs, pooled, time_ids: list, obj) -> dict | None:
     """The denoiser's extra inputs, the family's (SDXL's pooled text and size/crop ids; nothing for
     SD 1.x/2.x) and the objective's (a flow model's embedded guidance)."""
-    from .families import family
-    from .precision import to_device
+    from ..families import family
+    from ..precision import to_device
 
     added = obj.added(family(inp.arch).added_inputs(pooled, time_ids), len(time_ids))
     return None if added is None else {k: to_device(v, inp.device) for k, v in added.items()}
@@ -272,7 +272,7 @@ def _mask_batch(masks: list, latents: list, device):
     image of the batch has one."""
     import torch
 
-    from .precision import to_device
+    from ..precision import to_device
 
     if all(m is None for m in masks):
         return None
@@ -286,7 +286,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, obj, toks, tes, vae):
     noisy input is made from comes last (the noise itself unless ip_noise_gamma perturbs it)."""
     import torch
 
-    from .precision import to_device
+    from ..precision import to_device
 
     seed, flip = inp.cfg["train"]["seed"], inp.cfg["latents"]["flip"]
     tr = inp.cfg["train"]
@@ -345,7 +345,7 @@ def validation_loss(inp: TrainInputs, unet, obj, toks, tes, vae, autocast) -> fl
     validation unmasked; here the curve then measures what training optimises)."""
     import torch
 
-    from .families import family
+    from ..families import family
 
     seed, predict = inp.cfg["train"]["seed"], family(inp.arch).predict
     ts = obj.fixed_steps(inp.device)
@@ -418,7 +418,7 @@ class LossReadback:
 
 
 def _ema(tr: dict, network, params: list):
-    """The moving average of ``train.ema`` (lorabuild/ema.py), or None when it is off."""
+    """The moving average of ``train.ema`` (lorabuild/train/ema.py), or None when it is off."""
     if not tr.get("ema"):
         return None
     from .ema import AdapterEMA
@@ -436,9 +436,9 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
     from tqdm import tqdm
 
     from . import optimizers
-    from .adapter import from_config
-    from .families import family
-    from .network import NetworkConfigError
+    from ..lora.adapter import from_config
+    from ..families import family
+    from ..lora.network import NetworkConfigError
 
     torch.manual_seed(inp.cfg["train"]["seed"])  # LoRA init (kaiming) draws from the global RNG
     net_cfg, tr = inp.cfg["network"], inp.cfg["train"]

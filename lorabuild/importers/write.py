@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from .kohya_convert import convert_full, ordered
-from .kohya_import import Result
-from .kohya_read import ImportError_, Source, read_dataset_config, read_source
-from .models import PICKLE_SUFFIXES
-from .yamlio import dump, load
+from .convert import convert_full, ordered
+from .options import Result
+from .read import ImportError_, Source, read_dataset_config, read_source
+from ..models import PICKLE_SUFFIXES
+from ..yamlio import dump, load
 
 
 def _where(value: str, root: Path, out_dir: Path) -> tuple[str, Path]:
@@ -166,7 +166,7 @@ def cmd_import(config: Path, dataset_config: Path | None, out: Path | None, root
         sys.stdout.write(text)
         print("not validated: give -o FILE to write the project and check it", file=sys.stderr)
         return 0
-    from .cache import atomic_write
+    from ..cache import atomic_write
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "w") as fh:
@@ -176,8 +176,8 @@ def cmd_import(config: Path, dataset_config: Path | None, out: Path | None, root
 
 
 def _validate(out: Path) -> int:
-    from .config import check
-    from .extras import missing
+    from ..config import check
+    from ..extras import missing
 
     data, problems = check(out)
     if problems:

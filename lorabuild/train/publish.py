@@ -25,9 +25,9 @@ import uuid
 from functools import cached_property
 from pathlib import Path
 
-from .cache import atomic_path, atomic_write, checked_read, key_hash
-from .families import Family, family
-from .trainplan import RunPlan, ema_key, entry_key
+from ..cache import atomic_path, atomic_write, checked_read, key_hash
+from ..families import Family, family
+from .plan import RunPlan, ema_key, entry_key
 
 HINT = "close the LoRA in the UI that loaded it (or restart the UI) and build again"
 
@@ -124,10 +124,10 @@ def _bucket_info(lat_items: list[dict]) -> dict:
 
 
 def run_metadata(project, inp, rp: RunPlan) -> dict:
-    """The arguments of :func:`~lorabuild.metadata.kohya_metadata` that every file of the run
+    """The arguments of :func:`~lorabuild.lora.metadata.kohya_metadata` that every file of the run
     shares (all but epoch, step and stamps); ``inp``: the run's ``RunInputs``."""
-    from . import models, multires
-    from .metadata import tag_frequency
+    from .. import models, multires
+    from ..lora.metadata import tag_frequency
 
     p = project
     # the metadata describes what was trained: validation images are left out of it
@@ -168,7 +168,7 @@ class Exporter:
     def metadata(self, epoch: int, step: int, stamp: dict, ema: bool = False) -> dict:
         """kohya's ``ss_*`` metadata of the file saved after ``epoch``/``step`` (its EMA file's, ``ema``)."""
         from . import ema as ema_settings
-        from .metadata import kohya_metadata
+        from ..lora.metadata import kohya_metadata
 
         md = kohya_metadata(**self._shared, epoch=epoch, step=step, session_id=stamp["session"],
                             started=stamp["started"], finished=stamp["finished"])
@@ -185,7 +185,7 @@ class Exporter:
         return family(self.inp.info["arch"])
 
     def _denoiser_config(self, fam) -> dict:
-        from . import models
+        from .. import models
 
         return models.read_config(self.inp.mdir, fam.denoiser_part)
 
@@ -204,7 +204,7 @@ class Exporter:
         metadata of ``epoch``/``step`` (and of train.ema, ``ema``); ``stamp``: the run's session id and times."""
         import torch
 
-        from .network import write_kohya
+        from ..lora.network import write_kohya
 
         self.ctx.check_inputs()  # the UNet and text encoder trained on are those the key names
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
@@ -221,7 +221,7 @@ def export_missing(ex: Exporter, states, e0: int, whole) -> int:
     or the metadata leaves to do. Returns how many were written; nothing is trained."""
     import torch
 
-    from .network import ema_weights, kohya_tensors
+    from ..lora.network import ema_weights, kohya_tensors
 
     rp, store = ex.rp, ex.store
     todo = [(entry_key(rp.wkey, rp.plan, "epoch", e), rp.state_hash(e), False) for e in sorted(rp.saved)
@@ -295,7 +295,7 @@ def _write_csv(path: Path, header: list[str], rows: list) -> None:
 
 def write_logs(out_dir: Path, name: str, entry: dict) -> None:
     """loss.csv, val_loss.csv (validation, when the run measured it) and loss.png of a run's entry."""
-    # with train.scale_weight_norms each row also holds kohya's max-norm logs (trainer.MAX_NORM_LOGS)
+    # with train.scale_weight_norms each row also holds kohya's max-norm logs (train.loop.MAX_NORM_LOGS)
     rows = entry.get("loss", [])
     extra = ["keys_scaled", "average_key_norm", "max_key_norm"] if rows and len(rows[0]) > 5 else []
     _write_csv(out_dir / "loss.csv", ["step", "epoch", "loss", "lr", "seconds"] + extra, rows)

@@ -29,7 +29,7 @@ def _bnb(kind: str):
     try:
         import bitsandbytes.optim as bnb_optim
     except ImportError:
-        from .extras import install_hint
+        from ..extras import install_hint
 
         raise OptimizerError(f"train.optimizer: {kind} needs bitsandbytes (CUDA only), which is not installed: "
                              f"{install_hint('bnb')}") from None

@@ -1,7 +1,7 @@
-"""One process started by torchrun (see :mod:`lorabuild.dist`): a rank of a training run, or
+"""One process started by torchrun (see :mod:`lorabuild.train.dist`): a rank of a training run, or
 one shard of a cache stage.
 
-    python -m lorabuild.worker STAGE WORKSPACE PROJECT_FILE JOB_FOLDER
+    python -m lorabuild.train.worker STAGE WORKSPACE PROJECT_FILE JOB_FOLDER
 
 Each rank rebuilds the same run from the project and the manifests (nothing is pickled
 across), does its share, and leaves its counts — or its error, for the parent to name —
@@ -15,10 +15,10 @@ from . import dist
 
 
 def _message(exc: BaseException) -> str:
-    from .cache import CorruptEntry
-    from .config import ProjectError
-    from .stages.base import StageError
-    from .trainer import TrainError
+    from ..cache import CorruptEntry
+    from ..config import ProjectError
+    from ..stages.base import StageError
+    from .loop import TrainError
 
     if isinstance(exc, (StageError, TrainError, FloatingPointError, ProjectError, CorruptEntry)):
         return str(exc)
@@ -26,10 +26,10 @@ def _message(exc: BaseException) -> str:
 
 
 def _run(stage: str, root: str, project_file: str, folder: str, rank: dist.Rank) -> dict:
-    from .dataset import from_project
-    from .stages import latents, runtime, textemb, train
-    from .stages.base import load_context
-    from .stages.spec import params_of
+    from ..dataset import from_project
+    from ..stages import latents, runtime, textemb, train
+    from ..stages.base import load_context
+    from ..stages.spec import params_of
 
     ctx = load_context(root, project_file)
     ctx.memo["rank"] = rank
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _run(stage, root, project_file, folder, rank)
     except Exception as exc:
-        from .cache import CorruptEntry
+        from ..cache import CorruptEntry
 
         corrupt = [exc.stage, str(exc.path), exc.reason] if isinstance(exc, CorruptEntry) else None
         dist.report(folder, rank, error=_message(exc), corrupt=corrupt)

@@ -90,7 +90,7 @@ def check_optional() -> list[Line]:
 
 
 def check_filesystem(root: Path) -> list[Line]:
-    from .winenv import long_paths_enabled, long_root_warning, symlinks_allowed
+    from ..winenv import long_paths_enabled, long_root_warning, symlinks_allowed
 
     lines = []
     probe_dir = root if root.is_dir() else Path.cwd()
@@ -160,7 +160,7 @@ def report(root: Path, constraints: Path | None) -> list[Line]:
 
 
 def cmd_doctor(root: Path) -> int:
-    from .resources import constraints_file
+    from ..resources import constraints_file
 
     lines = report(root, constraints_file())
     print(f"lorabuild doctor (workspace {root})")

@@ -7,7 +7,7 @@ dataset, and a dataset that wants another value is listed, not merged.
 """
 from __future__ import annotations
 
-from .kohya_import import SIMPLE, Result, is_off, map_option, to_bool
+from .options import SIMPLE, Result, is_off, map_option, to_bool
 
 # subset options → a concept's captions options
 CAPTIONS = {"shuffle_caption": "shuffle", "keep_tokens": "keep_tokens", "caption_dropout_rate": "dropout",

@@ -1,5 +1,5 @@
 """The LyCORIS types' options and their checks, without torch: ``validate``, ``doit list`` and
-import-kohya read them, and none of those may import torch (lorabuild/lyco.py builds the networks)."""
+import-kohya read them, and none of those may import torch (lorabuild/lora/lyco.py builds the networks)."""
 from __future__ import annotations
 
 LOW_RANK = ("loha", "lokr", "dora")

@@ -1,11 +1,11 @@
-"""The network a project's ``network`` section describes: kohya's LoRA/LoCon (:mod:`lorabuild.network`)
-or a LyCORIS type (:mod:`lorabuild.lyco`, built on it). Above both, so neither imports the other
+"""The network a project's ``network`` section describes: kohya's LoRA/LoCon (:mod:`lorabuild.lora.network`)
+or a LyCORIS type (:mod:`lorabuild.lora.lyco`, built on it). Above both, so neither imports the other
 back: lyco subclasses the LoRA network, and this picks between them.
 """
 from __future__ import annotations
 
 from .blocks import block_settings
-from .families import family
+from ..families import family
 from .network import TE_TARGETS, UNET_TARGETS, LoRANetwork, NetworkConfigError
 
 

@@ -1,14 +1,14 @@
-"""kohya options (sd-scripts' names, as :mod:`lorabuild.kohya_read` gives them) → a project document:
-each option through :mod:`lorabuild.kohya_import`'s table, a dataset config's subsets through
-:mod:`lorabuild.kohya_datasets`, then the defaults kohya would use and lorabuild's section order.
+"""kohya options (sd-scripts' names, as :mod:`lorabuild.importers.read` gives them) → a project document:
+each option through :mod:`lorabuild.importers.options`'s table, a dataset config's subsets through
+:mod:`lorabuild.importers.datasets`, then the defaults kohya would use and lorabuild's section order.
 Above both, so the dataset reader uses the option table without the two importing each other.
 """
 from __future__ import annotations
 
 import re
 
-from .kohya_datasets import add_datasets
-from .kohya_import import NEUTRAL, Result, is_off, map_option
+from .datasets import add_datasets
+from .options import NEUTRAL, Result, is_off, map_option
 
 
 def convert(cfg: dict, dataset_cfg: dict | None = None) -> tuple[dict, list[str], list[str]]:

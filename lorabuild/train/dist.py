@@ -4,7 +4,7 @@ out, the DistributedDataParallel wrapper, and the launch through torchrun.
 The launcher is PyTorch's own (``python -m torch.distributed.run``, i.e. ``torchrun``): it
 starts the processes, gives each its RANK / WORLD_SIZE / LOCAL_RANK, and when one fails it
 stops the others and exits non-zero. A stage that wants several processes starts torchrun
-on :mod:`lorabuild.worker`, waits, and reads back what the ranks wrote to a job folder
+on :mod:`lorabuild.train.worker`, waits, and reads back what the ranks wrote to a job folder
 (their counts, or the error of the rank that failed).
 
 No torch at import: tasks.py reads :func:`launch_options` while doit loads the graph.
@@ -38,8 +38,8 @@ class LaunchError(Exception):
     def for_stage(self, where: str) -> Exception:
         """The parent stage's error: an unreadable cache entry stays a CorruptEntry (so the build
         removes it and the next run recomputes just that entry), anything else a StageError."""
-        from .cache import CorruptEntry
-        from .errors import StageError
+        from ..cache import CorruptEntry
+        from ..errors import StageError
 
         if self.corrupt:
             stage, path, reason = self.corrupt
@@ -227,7 +227,7 @@ def _torchrun(launch: Launch, args: list[str]) -> list[str]:
         cmd += [f"--node-rank={launch.node_rank}", f"--rdzv-endpoint={launch.rdzv_endpoint}"]
     else:
         cmd += ["--standalone"]  # a free local port, so two builds on one machine do not collide
-    return cmd + ["-m", "lorabuild.worker", *args]
+    return cmd + ["-m", "lorabuild.train.worker", *args]
 
 
 def check_launch(launch: Launch) -> None:
@@ -248,7 +248,7 @@ def run_ranks(job: str, cache_root: Path, root: Path, project_file: Path, launch
     """Run ``job`` (a stage name) on ``launch.nproc`` local processes through torchrun and return
     what each local rank reported. A failure raises :class:`LaunchError` naming the rank
     that failed first and its error (torchrun has stopped the others)."""
-    from .cache import write_json
+    from ..cache import write_json
 
     check_launch(launch)
     folder = Path(cache_root) / "jobs" / uuid.uuid4().hex[:12]
@@ -268,7 +268,7 @@ def run_ranks(job: str, cache_root: Path, root: Path, project_file: Path, launch
 def _failure(folder: Path, code: int, launch: Launch) -> LaunchError:
     """The first rank's error: a rank that fails first breaks the others' collectives, so the
     earliest report is the cause."""
-    from .cache import read_json
+    from ..cache import read_json
 
     errors = sorted((read_json(f) for f in folder.glob("error-*.json")),
                     key=lambda e: e["time"])
@@ -283,7 +283,7 @@ def _failure(folder: Path, code: int, launch: Launch) -> LaunchError:
 def report(folder: str | Path, rank: Rank, result: dict | None = None, error: str | None = None,
            corrupt: list | None = None) -> None:
     """A rank's answer to its parent: its counts, or its error (written before it exits)."""
-    from .cache import write_json
+    from ..cache import write_json
 
     if error is not None:
         write_json(Path(folder) / f"error-{rank.rank}.json", {"rank": rank.rank, "error": error, "time": time.time(),

@@ -7,7 +7,7 @@ attention and MLP blocks; names are ``lora_unet_`` / ``lora_te_`` + the module p
 ``<name>.alpha``; scale = alpha / dim; ``lora_down`` kaiming-uniform(a=√5), ``lora_up``
 zeros. For SD 1.x/2.x diffusers' module paths *are* kohya's names (its UNet mirrors
 diffusers); for SDXL kohya's UNet names follow the original SGM layout
-(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, see ``layout.py``) and the
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, see ``lora/layout.py``) and the
 two text encoders are ``lora_te1_`` / ``lora_te2_``. So AUTOMATIC1111, ComfyUI and
 diffusers read the file unchanged.
 """
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .blocks import block_index
-from .families import family
+from ..families import family
 
 UNET_TARGETS = ("Transformer2DModel",)  # kohya UNET_TARGET_REPLACE_MODULE
 # LoCon (kohya: conv_dim): the ResNet blocks and resamplers too; their 3×3 convs get
@@ -384,7 +384,7 @@ def write_kohya(tensors: dict, path: str | Path, dtype=torch.float16, metadata: 
     """Save kohya-layout ``tensors`` in ``dtype``, with kohya's precomputed hashes beside its metadata."""
     from safetensors.torch import save_file
 
-    from .cache import atomic_path
+    from ..cache import atomic_path
     from .metadata import lora_hashes
 
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}

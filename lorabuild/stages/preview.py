@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from . import buckets, multires
-from .captions import CaptionError, dataset_captions, split_tags
-from .dataset import IMAGE_EXTENSIONS, Dataset, from_project
-from .stages import bucket as bucket_stage
-from .stages.spec import params_of
-from .trainplan import Sample, make_plan, project_samples
+from .. import buckets, multires
+from ..captions import CaptionError, dataset_captions, split_tags
+from ..dataset import IMAGE_EXTENSIONS, Dataset, from_project
+from . import bucket as bucket_stage
+from .spec import params_of
+from ..train.plan import Sample, make_plan, project_samples
 
 # EXIF orientations 5-8 rotate by 90°, so width and height swap.
 _SWAPS = {5, 6, 7, 8}
@@ -60,7 +60,7 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         warnings.append(f"{len(held_out)} image(s) held out for validation (train.validation_split): "
                         f"{', '.join(s.id for s in held_out[:5])}")
     validation = {"images": len(val), "held_out": len(held_out), "val_images": len(val) - len(held_out)}
-    from .dist import launch_options
+    from ..train.dist import launch_options
 
     tp = make_plan(samples, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"], t["max_steps"],
                    launch_options(project).world) if samples else None
@@ -79,10 +79,10 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         })
         if not c.is_val and c.repeats * t["epochs"] and not 100 <= c.repeats * t["epochs"] <= 200:
             warnings.append(f"{c.folder.name}: repeats × epochs = {c.repeats * t['epochs']}, far from the 100–200 that usually works")
-    from .optimizers import advice
+    from ..train.optimizers import advice
 
     warnings += advice(t["optimizer"], t["learning_rate"])
-    from .extras import missing as missing_packages
+    from ..extras import missing as missing_packages
 
     warnings += missing_packages(project.cfg)
     if project.get("latents.random_crop"):
@@ -112,7 +112,7 @@ def build_plan(project, hashes=None, tagged: dict[str, str] | None = None) -> di
         warnings += _duplicates(ds, hashes)
     val_ids = {s.id for s in val}  # what training sees: validation images are not in the tag counts
     tags = Counter(t_ for i, c in captions.items() if i not in val_ids for t_ in set(split_tags(c)))
-    from .models import MODEL_OPTIONS, single_file_markers
+    from ..models import MODEL_OPTIONS, single_file_markers
 
     detected = single_file_markers(str(project.get("base_model")), project.root,
                                    {k: project.get(k) for k in MODEL_OPTIONS}) + _objective(project, warnings)
@@ -274,9 +274,9 @@ def _duplicates(ds: Dataset, hashes) -> list[str]:
 def _objective(project, warnings: list) -> list[str]:
     """A flow model's family and objective as it will train (a built-in or a diffusers folder; read
     from its configs, nothing loaded); nothing for the DDPM families, whose plan reads as before."""
-    from .families import builtin_family, family_of
-    from .flow import FlowSettings
-    from .models import model_info, noise_schedule
+    from ..families import builtin_family, family_of
+    from ..flow import FlowSettings
+    from ..models import model_info, noise_schedule
 
     spec = str(project.get("base_model"))
     try:

@@ -8,7 +8,7 @@ transformer models, which lorabuild does not: that is said first.
 """
 from __future__ import annotations
 
-from .import_common import Source
+from .common import Source
 
 NETWORK = {"linear": "network_dim", "linear_alpha": "network_alpha"}
 TRAIN = {"batch_size": "train_batch_size", "steps": "max_train_steps", "lr": "learning_rate",

@@ -18,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from .config import check
-from .dataset import IMAGE_EXTENSIONS, dir_path
-from .faults import STOPPABLE
+from ..config import check
+from ..dataset import IMAGE_EXTENSIONS, dir_path
+from ..faults import STOPPABLE
 
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", ".swp", ".download", "~")
 CHANGES = {"created", "modified", "moved", "deleted", "closed"}  # watchdog event types that change files

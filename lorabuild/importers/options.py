@@ -1,7 +1,7 @@
 """``lorabuild import-kohya``: kohya options (sd-scripts' names) → an equivalent project document.
 
-``kohya_read`` turns each supported file into kohya's option names; this module maps each one
-(:func:`map_option`, with the tables it reads); ``kohya_convert`` runs a whole config through it.
+``importers.read`` turns each supported file into kohya's option names; this module maps each one
+(:func:`map_option`, with the tables it reads); ``importers.convert`` runs a whole config through it.
 Every option either lands on the field that means the same (remembered, so the written YAML
 names its source), or is listed with why it cannot; kohya's "0 = off" values become off,
 and options that only steer kohya's own machinery are listed as not needed.
@@ -14,8 +14,8 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from .prompts import SAMPLER_ALIASES, SAMPLER_NAMES
-from .yamlio import load as yaml_load
+from ..prompts import SAMPLER_ALIASES, SAMPLER_NAMES
+from ..yamlio import load as yaml_load
 
 
 def _precision(v: str) -> str:
@@ -208,7 +208,7 @@ ZERO_OFF = {"max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_
             "lr_warmup_steps", "token_warmup_step", "token_warmup_min",
             "enable_wildcard"}
 # the networks sd-scripts can train; lorabuild trains networks.lora (with LoCon), and LyCORIS' locon as that
-# lycoris.kohya's network_args for the types lorabuild trains (lyco.py), and its algo names
+# lycoris.kohya's network_args for the types lorabuild trains (lora/lyco.py), and its algo names
 LYCORIS_ARGS = {"factor": ("factor", int), "decompose_both": ("decompose_both", lambda v: _flag(v)),
                 "use_tucker": ("use_tucker", lambda v: _flag(v)), "use_scalar": ("use_scalar", lambda v: _flag(v)),
                 "rank_dropout_scale": ("rank_dropout_scale", lambda v: _flag(v)),
@@ -229,7 +229,7 @@ def _flag(v: str) -> bool:
 
 def _is_default(k2: str, v2: str) -> bool:
     """A network_args value that leaves the network as if it were not given (kohya GUIs write them all)."""
-    from .lyco_options import OPTION_DEFAULTS
+    from ..lora.lyco_options import OPTION_DEFAULTS
 
     try:
         if k2 in LYCORIS_ARGS:
@@ -331,7 +331,7 @@ def map_option(r: Result, key: str, value, module: str) -> None:
         if key == "resolution" and _resolution_note(key, value):
             r.notes.append(_resolution_note(key, value))
     elif key == "optimizer_type":
-        from .optimizers import KOHYA_NAMES
+        from ..train.optimizers import KOHYA_NAMES
 
         name = str(value).lower().replace("_", "")
         if name not in KOHYA_NAMES:
@@ -390,7 +390,7 @@ def _network_args(r: Result, value, module: str) -> None:
     args = _raw_kv(value)
     algo = args.pop("algo", "lora" if module == "lycoris.kohya" else None)
     kind = _lycoris_type(r, algo, args, module) if algo is not None else None
-    from .lyco_options import LYCO_TYPES, NOT_FOR_LYCO, OPTIONS
+    from ..lora.lyco_options import LYCO_TYPES, NOT_FOR_LYCO, OPTIONS
 
     for k2, v2 in args.items():
         dotted = (LYCORIS_ARGS.get(k2) or NETWORK_ARGS.get(k2) or (k2,))[0]  # network_args dropout: network.dropout

@@ -10,9 +10,9 @@ import json
 from collections import Counter
 from collections.abc import Mapping
 
-from .captions import split_tags
-from .families import family
-from .trainplan import TrainPlan
+from ..captions import split_tags
+from ..families import family
+from ..train.plan import TrainPlan
 
 # ss_base_model_version, ss_v2 and Stability AI's ModelSpec architecture ids (kohya
 # library/sai_model_spec.py) are each model family's (lorabuild/families/)

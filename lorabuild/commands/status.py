@@ -12,11 +12,11 @@ import os
 import threading
 from pathlib import Path
 
-from . import publish
-from .cache import read_json
-from .stages.registry import inputs, stages_of, upstream
-from .stages.spec import weight_files
-from .tasks import Graph, manifest_readable
+from ..train import publish
+from ..cache import read_json
+from ..stages.registry import inputs, stages_of, upstream
+from ..stages.spec import weight_files
+from ..tasks import Graph, manifest_readable
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:
@@ -36,7 +36,7 @@ def _named(decl, config: dict) -> dict:
 
 def _describe(paths: list[str], verb: str) -> list[str]:
     """``["2 images added", "the LoRA changed"]`` from doit's file reasons."""
-    from .dataset import IMAGE_EXTENSIONS
+    from ..dataset import IMAGE_EXTENSIONS
 
     kinds: dict[str, int] = {}
     for path in paths:
@@ -145,8 +145,8 @@ def rehash(root: Path, name: str) -> str:
 
     from doit.dependency import Dependency, MD5Checker, SqliteDB
 
-    from .cache import FileHashes
-    from .stages import tag
+    from ..cache import FileHashes
+    from ..stages import tag
 
     graph, (f, p, ds, error) = _project(root, name)
     if p is None:

@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 
-from .cache import key_hash
+from ..cache import key_hash
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ Told apart by content, not by name: a lora-scripts ``train.ps1`` / ``train.sh``,
 command line, an sd-scripts ``--config_file`` TOML (sections flattened as sd-scripts does),
 a dataset config (``[general]`` / ``[[datasets]]`` / ``[[datasets.subsets]]``), and a
 kohya_ss GUI preset or saved config (JSON, or the GUI's TOML), whose keys are renamed to the
-sd-scripts options the GUI passes on; an ai-toolkit job YAML (``import_aitoolkit``) and a
-OneTrainer preset (``import_onetrainer``).
+sd-scripts options the GUI passes on; an ai-toolkit job YAML (``importers.aitoolkit``) and a
+OneTrainer preset (``importers.onetrainer``).
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import re
 import tomllib
 from pathlib import Path
 
-from .import_aitoolkit import from_aitoolkit, is_aitoolkit
-from .import_common import ImportError_, Source
-from .import_onetrainer import from_onetrainer, is_onetrainer
-from .kohya_scripts import ScriptError, read_ps1, read_sh, shell_words
+from .aitoolkit import from_aitoolkit, is_aitoolkit
+from .common import ImportError_, Source
+from .onetrainer import from_onetrainer, is_onetrainer
+from .scripts import ScriptError, read_ps1, read_sh, shell_words
 
 
 def parse_words(tokens: list[str]) -> dict:
@@ -274,7 +274,7 @@ def read_source(path: Path, root: Path | None = None) -> Source:
 def _from_yaml(path: Path, text: str) -> Source:
     import yaml
 
-    from .yamlio import load
+    from ..yamlio import load
 
     try:
         cfg = load(text)

@@ -19,8 +19,8 @@ import math
 import re
 from collections.abc import Mapping
 
-from .cache import without_newer
-from .families import FAMILIES, family
+from ..cache import without_newer
+from ..families import FAMILIES, family
 
 # per architecture: (blocks, down/up lr-weight entries, mid lr-weight entries), each family's
 LAYOUT = {name: f.block_layout for name, f in FAMILIES.items()}
@@ -36,7 +36,7 @@ KEY_DEFAULTS = {"unet_target_modules": ["Transformer2DModel"], "text_encoder_tar
                 "exclude_patterns": [], "include_patterns": [], **{f: None for f in BLOCK_FIELDS + LR_FIELDS},
                 "block_lr_zero_threshold": 0, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None,
                 "rank_dropout": 0, "module_dropout": 0,
-                # LyCORIS types (lyco.py); lora and locon are the one kohya LoRA, so they key alike
+                # LyCORIS types (lora/lyco.py); lora and locon are the one kohya LoRA, so they key alike
                 "type": "lora", "factor": -1, "decompose_both": False, "use_tucker": False, "use_scalar": False,
                 "rank_dropout_scale": False, "dora_wd": False,
                 "constraint": 0, "rescaled": False, "train_on_input": False, "train_norm": False}

@@ -7,11 +7,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import Problem, check, load_project, parse
-from .dataset import DatasetError, UnusableFolder, from_project
-from .extras import missing
-from .limits import shared_outputs
-from .winenv import output_clashes
+from ..config import Problem, check, load_project, parse
+from ..dataset import DatasetError, UnusableFolder, from_project
+from ..extras import missing
+from ..limits import shared_outputs
+from ..winenv import output_clashes
 
 
 def _position(path: Path, display: str, key: tuple) -> tuple[int, int]:

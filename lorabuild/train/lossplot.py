@@ -1,11 +1,11 @@
 """The loss curve of a train run (``output/<name>/loss.png``), drawn when the run is published
-(:mod:`lorabuild.publish`) and listed by ``lorabuild report``: below both, so publishing never
+(:mod:`lorabuild.train.publish`) and listed by ``lorabuild report``: below both, so publishing never
 imports a command."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .cache import atomic_path
+from ..cache import atomic_path
 
 
 def running_mean(values: list[float], window: int) -> list[float]:

@@ -1,5 +1,5 @@
 """What every importer reader gives and raises: the :class:`Source` (a file read as kohya's
-option names) and :class:`ImportError_`. Here, below the readers, so ``kohya_read`` can dispatch
+option names) and :class:`ImportError_`. Here, below the readers, so ``importers.read`` can dispatch
 to the ai-toolkit and OneTrainer readers without them importing it back.
 """
 from __future__ import annotations

@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cache import atomic_write, read_json
-from .captions import read_caption
-from .workspace import Workspace
+from ..cache import atomic_write, read_json
+from ..captions import read_caption
+from ..workspace import Workspace
 
 
 def write_captions(entries: list[dict], project_root: Path, force: bool) -> dict[str, list[Path]]:
@@ -42,8 +42,8 @@ def write_captions(entries: list[dict], project_root: Path, force: bool) -> dict
 
 
 def cmd_tag(root: Path, name: str, write: bool, force: bool) -> int:
-    from .config import load_named
-    from .stages import tag
+    from ..config import load_named
+    from ..stages import tag
 
     project = load_named(Workspace(root).projects, name)
     if project is None:
