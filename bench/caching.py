@@ -1,7 +1,7 @@
 """Caching throughput on the full-size SD 1.5 architecture with random weights (issue 10, item 3).
 
 VAE latents (images/s at 256 and 512 px) and text embeddings (captions/s), each encoded
-the way the latents / textemb stages encode them (``stages.latents.encode`` and
+the way the latents / textemb stages encode them (``pixels.encode`` and
 ``textenc.condition`` under ``inference_mode``): batched by bucket (``latents.batch_size``,
 ``textemb.batch_size``) against one at a time. The two ways alternate (ABAB) and each
 figure is the median of its rounds, since the cores are shared.

@@ -116,7 +116,7 @@ def test_the_lora_sampled_is_the_lora_trained(lesson, pipe):
     import torch
 
     from lorabuild.config import load_project
-    from lorabuild.lora.network import from_config
+    from lorabuild.lora.adapter import from_config
 
     net_cfg = load_project(lesson.yaml_path).section("network")
     folder = lesson.root / "cache" / "models" / "world-sd1"

@@ -97,6 +97,7 @@ def test_model_info(tiny):
         "latent_channels": 4,
         "te_max_length": 77,
         "zero_terminal_snr": False,  # a single file with ComfyUI's ztsnr key says True
+        "latent_shift": None,  # the SD VAEs have no shift factor (FLUX.1's and SD 3.5's do)
     }
 
 
