@@ -57,6 +57,7 @@ class TrainInputs:
     # random crop with train.masked_loss: image id → (source image, working size, resize filter) of
     # the images with alpha, whose mask is cut with each crop (cached latents carry theirs)
     alpha: dict[str, tuple] = field(default_factory=dict)
+    conv_choices: Path | None = None  # the CPU's convolution-path choices (cpuconv.py), kept per workspace
 
 
 def _dtype(mixed_precision: str):
@@ -436,6 +437,7 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
     from tqdm import tqdm
 
     from . import optimizers
+    from .. import cpuconv
     from ..lora.adapter import from_config
     from ..families import family
     from ..lora.network import NetworkConfigError
@@ -458,6 +460,11 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
             print(f"train: {len(fresh)} LoRA modules are not in {inp.init_weights.name} and start fresh", flush=True)
     network.to(inp.device)
     network.apply()
+    if cpuconv.enabled(inp.device):  # the faster CPU convolution per layer shape, timed once per machine
+        chooser = cpuconv.Chooser(inp.conv_choices)
+        for model in (unet, vae):
+            if model is not None:
+                cpuconv.install(model, chooser)
     forward = _compiled(tr, unet, inp.device)
     te_lr = tr["text_encoder_lr"] or tr["learning_rate"]
     ratio = net_cfg.get("loraplus_lr_ratio")  # LoRA+; kohya's per-part ratios override it
