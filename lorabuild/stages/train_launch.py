@@ -155,7 +155,7 @@ def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | Non
         plan=rp.plan, sample_points=frozenset(rp.points) | frozenset(rp.snapshot_points),
         sample=saver.point if rank.main and (saver.sampler or rp.snapshot_points) else None,  # rank 0 alone writes
         resume=resume, save_state=saver.state, init_weights=inp.init_weights, rank=rank,
-        conv_choices=ctx.ws.cache / "tuning" / "cpu-conv.json",
+        conv_choices=runtime.conv_choices(ctx),
     )
     if pixels and p.get("train.masked_loss"):  # random crop: each crop cuts its mask from the image's alpha
         from .latents import alpha_sources, working_copy

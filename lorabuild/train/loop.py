@@ -460,11 +460,8 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
             print(f"train: {len(fresh)} LoRA modules are not in {inp.init_weights.name} and start fresh", flush=True)
     network.to(inp.device)
     network.apply()
-    if cpuconv.enabled(inp.device):  # the faster CPU convolution per layer shape, timed once per machine
-        chooser = cpuconv.Chooser(inp.conv_choices)
-        for model in (unet, vae):
-            if model is not None:
-                cpuconv.install(model, chooser)
+    if cpuconv.enabled(inp.device):  # the UNet's faster CPU convolution per layer shape, timed once per machine
+        cpuconv.install(unet, cpuconv.Chooser(inp.conv_choices))
     forward = _compiled(tr, unet, inp.device)
     te_lr = tr["text_encoder_lr"] or tr["learning_rate"]
     ratio = net_cfg.get("loraplus_lr_ratio")  # LoRA+; kohya's per-part ratios override it
