@@ -164,9 +164,11 @@ def single_file() -> Path:
     return out
 
 
-def kohya_cmd(tree: Path, py: Path, ckpt: Path, data: Path, out: Path, tok: Path, size: int, steps: int) -> list[str]:
+def kohya_cmd(tree: Path, py: Path, ckpt: Path, data: Path, out: Path, tok: Path, size: int, steps: int,
+              checkpointing: bool = False, unet_only: bool = False) -> list[str]:
     """train_network.py at lorabuild's settings; ``tok`` is the CLIP tokenizer where kohya's
     --tokenizer_cache_dir looks for it (its model id with / as _), so nothing is downloaded."""
+    extra = (["--gradient_checkpointing"] if checkpointing else []) + (["--network_train_unet_only"] if unet_only else [])
     return [str(py), str(tree / "train_network.py"), "--pretrained_model_name_or_path", str(ckpt),
             "--train_data_dir", str(data), "--caption_extension", ".txt", "--resolution", str(size),
             "--output_dir", str(out), "--output_name", "kohya", "--save_model_as", "safetensors",
@@ -174,7 +176,7 @@ def kohya_cmd(tree: Path, py: Path, ckpt: Path, data: Path, out: Path, tok: Path
             "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--lr_scheduler", "constant",
             "--max_train_steps", str(steps), "--train_batch_size", "1", "--mixed_precision", "no",
             "--save_precision", "float", "--sdpa", "--cache_latents", "--seed", "0",
-            "--max_data_loader_n_workers", "0", "--tokenizer_cache_dir", str(tok.parent)]
+            "--max_data_loader_n_workers", "0", "--tokenizer_cache_dir", str(tok.parent)] + extra
 
 
 def lora_shapes(path: Path | None) -> dict[str, tuple]:
@@ -238,7 +240,9 @@ def report(args, k: dict, lb: dict, kcase: Case, lcase: Case, modules: str, rate
         elif c.rc != 0:
             status.append(f"- **{c.name} exited {c.rc}**; its last lines:\n\n```\n{c.tail()}\n```")
     head = (f"### {args.size} px, {args.steps} steps, 8 images, SD 1.5 architecture (random weights, fp32), "
-            f"LoRA dim 32 / α 16 on UNet + text encoder, AdamW 1e-4, SDPA, batch 1, latents cached in the run; "
+            f"LoRA dim 32 / α 16 on {'the UNet (text encoder frozen)' if args.unet_only else 'UNet + text encoder'}, "
+            f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}"
+            f"AdamW 1e-4, SDPA, batch 1, latents cached in the run; "
             f"each tool a fresh process{' (--quick: a smoke test, not a measurement)' if args.quick else ''}\n\n")
     notes = [f"- modules trained: {modules}",
              f"- compute floor: sgemm {', '.join(f'{r:.0f}' for r in rates)} GFLOP/s (before, after) → "
@@ -267,7 +271,8 @@ def run_kohya(args, ckpt: Path, data: Path, tmp: Path) -> tuple[Case, Path | Non
     shutil.copytree(sd15_folder() / "tokenizer", tok)
     out = tmp / "kohya-out"
     print("kohya_side: running kohya train_network.py", flush=True)
-    watch(case, kohya_cmd(tree, py, ckpt, data, out, tok, args.size, args.steps), tree, {})
+    watch(case, kohya_cmd(tree, py, ckpt, data, out, tok, args.size, args.steps, args.gradient_checkpointing,
+                          args.unet_only), tree, {})
     return case, out / "kohya.safetensors", kohya_setup.versions(py)
 
 
@@ -290,6 +295,8 @@ def main() -> None:
     ap.add_argument("--torch", nargs="+", default=kohya_setup.TORCH, help="kohya's torch (%(default)s)")
     ap.add_argument("--quiet-below", type=float, default=None, help="before each case wait for load average < this")
     ap.add_argument("--quiet-wait", type=float, default=1800, help="longest wait for a quiet machine, s")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="both tools with gradient checkpointing")
+    ap.add_argument("--unet-only", action="store_true", help="text encoder frozen (kohya --network_train_unet_only)")
     ap.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
     try:
@@ -304,7 +311,9 @@ def main() -> None:
     rates = [sgemm_gflops()]
     with tempfile.TemporaryDirectory(dir=os.environ.get("LORABUILD_BENCH_TMP")) as t:
         tmp, root = Path(t), Path(t) / "ws"
-        data = sd15_project(root, 8, args.size, {"base_model": str(ckpt), "train": {"max_steps": args.steps}}).parent
+        settings = {"base_model": str(ckpt), "network": {"train_text_encoder": not args.unet_only},
+                    "train": {"max_steps": args.steps, "gradient_checkpointing": args.gradient_checkpointing}}
+        data = sd15_project(root, 8, args.size, settings).parent
         loads = [wait_quiet(args.quiet_below, args.quiet_wait)]
         kcase, kfile, kver = run_kohya(args, ckpt, data, tmp)
         loads.append(wait_quiet(args.quiet_below, args.quiet_wait))

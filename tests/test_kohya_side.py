@@ -97,3 +97,11 @@ def test_not_installed_and_no_source_is_a_clear_error(tmp_path):
         kohya_setup.ensure(None, tmp_path / "home")
     with pytest.raises(kohya_setup.SetupError, match="neither a folder nor a git URL"):
         kohya_setup.ensure(str(tmp_path / "nowhere"), tmp_path / "home")
+
+
+def test_the_variants_reach_kohyas_command_line(tmp_path):
+    p = Path("x")
+    plain = kohya_side.kohya_cmd(p, p, p, p, p, p / "tok", 256, 8)
+    both = kohya_side.kohya_cmd(p, p, p, p, p, p / "tok", 256, 8, checkpointing=True, unet_only=True)
+    assert "--gradient_checkpointing" not in plain and "--network_train_unet_only" not in plain
+    assert both[:len(plain)] == plain and both[len(plain):] == ["--gradient_checkpointing", "--network_train_unet_only"]
