@@ -158,3 +158,21 @@ def test_a_real_build_records_its_choices_once_and_trains_what_pytorchs_own_path
     for k in native:  # the same training, to float32 rounding (fp16 files)
         torch.testing.assert_close(chosen[k].float(), native[k].float(), rtol=1e-2, atol=1e-3)
     assert json.loads((demo.root / "cache/tuning/cpu-conv.json").read_text()) == doc  # untouched by the native run
+
+
+def test_release_frozen_lets_the_cache_stages_vae_go(monkeypatch):
+    import gc
+    import weakref
+
+    from lorabuild.stages import runtime
+
+    class VAE(nn.Module):
+        pass
+
+    monkeypatch.setattr(runtime.models, "load_vae", lambda folder, device: VAE())
+    runtime._load.cache_clear()
+    ref = weakref.ref(runtime._load("vae", "some/folder", "cpu"))
+    gc.collect()
+    assert ref() is not None and runtime._load.cache_info().currsize == 1  # held by the cache
+    runtime.release_frozen()
+    assert ref() is None and runtime._load.cache_info().currsize == 0

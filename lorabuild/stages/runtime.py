@@ -82,6 +82,26 @@ def device(ctx: Context):
     return dev
 
 
+def release_frozen() -> None:
+    """Drop the frozen models earlier stages of this process loaded (the VAE, a frozen text
+    encoder) and give the memory back to the system: training holds its own copies of what it
+    needs, and a sampler that needs one loads it again. On a cold CPU build the VAE and the heap
+    its encoder's activations left are otherwise carried through the whole run."""
+    import gc
+
+    _load.cache_clear()
+    gc.collect()
+    if sys.platform.startswith("linux"):  # glibc's malloc_trim hands the heap's free pages back
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None)
+            if hasattr(libc, "malloc_trim"):
+                libc.malloc_trim(0)
+        except OSError:
+            pass
+
+
 def conv_choices(ctx: Context) -> Path:
     """Where this workspace keeps the CPU's convolution-path choices (cpuconv.py)."""
     return ctx.ws.cache / "tuning" / "cpu-conv.json"

@@ -209,6 +209,7 @@ def train_here(ctx: Context, inp: RunInputs, rp: RunPlan, start: Start, resume: 
     if rank.main:  # the dashboard's live view (lorabuild/progress.py), also for a build started from the CLI
         live = LiveLog(live_path(ctx.ws.cache, ctx.name), rp.plan, tin.log_rows, tin.val_rows, build_id(), tin.scalar)
         tin.scalar = live.scalar
+    runtime.release_frozen()  # the cache stages' VAE is not the trainer's
     state = "failed"
     try:
         train(tin, saver.epoch)
