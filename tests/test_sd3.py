@@ -142,10 +142,38 @@ def test_the_mmdit_writer_fails_on_a_weight_its_table_does_not_name(tiny_pipe):
         mmdit_to_sai(sd, dict(tiny_pipe.transformer.config))
 
 
-def test_an_sai_file_without_its_text_encoders_is_refused_by_name(tiny, tmp_path):
+def test_an_sai_file_without_its_text_encoders_is_refused_naming_the_field(tiny, tmp_path):
     folder, cache = tiny
     path = tmp_path / "sd3.5_mmdit_only.safetensors"
     save_file({k: v.contiguous() for k, v in sd3_to_sai(folder, encoders=False).items()}, str(path))
-    with pytest.raises(models.ModelError, match=r"sd3.5_mmdit_only.safetensors cannot be read as an SD3 checkpoint.*"
-                       r"no clip_l, clip_g, t5xxl text encoder"):
+    with pytest.raises(models.ModelError, match=r"text_encoders.clip_l: sd3.5_mmdit_only.safetensors holds no clip_l "
+                       r"text encoder.*kohya: --clip_l"):
         models.resolve_base_model(str(path), tmp_path, cache, {"base_model_config": str(folder)})
+
+
+def test_an_sai_file_and_separate_clip_l_clip_g_t5xxl_files_load_to_identical_weights(tiny, tiny_pipe, tmp_path):
+    """sd3.5_large.safetensors' layout (MMDiT + VAE, no text encoders) with clip_l, clip_g and t5xxl as
+    ComfyUI's separate files: one conversion, every tensor of the built-in model; CLIP-G given as
+    clip_l is an error naming the field and both widths, before anything is converted."""
+    from ldm_layout import encoder_files
+
+    folder, cache = tiny
+    path = tmp_path / "sd3.5_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in sd3_to_sai(folder, encoders=False).items()}, str(path))
+    files = encoder_files(folder, tmp_path / "te", {"clip_l": "text_encoder", "clip_g": "text_encoder_2",
+                                                    "t5xxl": "text_encoder_3"})
+    opts = {"base_model_config": str(folder), "text_encoders": {k: str(v) for k, v in files.items()}}
+    out = models.resolve_base_model(str(path), tmp_path, cache, opts)
+    assert models.source_info(out)["parts"].keys() == {"text_encoders.clip_l", "text_encoders.clip_g",
+                                                       "text_encoders.t5xxl"}
+    back = models.load_pipeline(out)
+    for part in PARTS:
+        a, b = _state(back, part), _state(tiny_pipe, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert models.resolve_base_model(str(path), tmp_path, cache, opts) == out  # converted once
+    converted = sorted((cache / "models" / "single-file").iterdir())
+    swapped = {**opts, "text_encoders": {**opts["text_encoders"], "clip_l": str(files["clip_g"])}}
+    with pytest.raises(models.ModelError, match=r"text_encoders.clip_l: .*clip_g.safetensors is a CLIP text encoder "
+                       r"40 wide, but this model's clip_l is a CLIP text encoder 32 wide"):
+        models.resolve_base_model(str(path), tmp_path, cache, swapped)
+    assert sorted((cache / "models" / "single-file").iterdir()) == converted  # nothing left of the failed one
