@@ -181,10 +181,11 @@ def encoder_files(folder, out, names: dict, t5_dtype=None) -> dict:
     return paths
 
 
-def flux_files(folder, out, t5_dtype=None) -> dict:
+def flux_files(folder, out, t5_dtype=None, dtype=None) -> dict:
     """A FLUX.1 diffusers folder as the files people have: BFL's transformer file
     (flux1-dev.safetensors), the VAE in its original layout without a prefix (ae.safetensors),
-    clip_l and t5xxl (:func:`encoder_files`) → {"transformer", "vae", "clip_l", "t5xxl": path}."""
+    clip_l and t5xxl (:func:`encoder_files`) → {"transformer", "vae", "clip_l", "t5xxl": path}; the
+    transformer in ``dtype`` when given (BFL's flux1-dev.safetensors is bf16)."""
     import json
     from pathlib import Path
 
@@ -196,7 +197,7 @@ def flux_files(folder, out, t5_dtype=None) -> dict:
     out = Path(out)
     paths = encoder_files(folder, out, {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"}, t5_dtype)
     paths["transformer"] = out / "flux1-tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in bfl_state_dict(models.load_unet(folder)).items()},
+    save_file({k: (v.to(dtype) if dtype else v).contiguous() for k, v in bfl_state_dict(models.load_unet(folder)).items()},
               str(paths["transformer"]))
     vae_cfg = json.loads((Path(folder) / "vae" / "config.json").read_text())
     vae = {k.removeprefix("first_stage_model."): v for k, v in vae_to_ldm(_weights(folder, "vae"), vae_cfg).items()}

@@ -434,13 +434,13 @@ def test_bfl_ae_clip_l_and_t5xxl_files_build_as_the_builtin_model_converted_once
     assert list((ws.root / "cache" / "models" / "single-file").iterdir()) == [folder]  # nothing else converted
 
 
-def test_an_fp8_t5xxl_file_is_upcast_to_bf16_exactly(dev, tmp_path):
+def test_an_fp8_t5xxl_file_is_upcast_to_bf16_exactly_and_a_bf16_transformer_stays_bf16(dev, tmp_path):
     """t5xxl_fp8_e4m3fn.safetensors: each weight read as the bf16 value of its fp8 number (every fp8
-    value is one), saved in bf16; the other parts keep their files' fp32."""
+    value is one), saved in bf16; a bf16 transformer file (as BFL's) is kept in bf16, the fp32 parts in fp32."""
     from ldm_layout import flux_files
 
     builtin = dev.root / "cache" / "models" / "tiny-flux"
-    files = flux_files(builtin, tmp_path / "models", t5_dtype=torch.float8_e4m3fn)
+    files = flux_files(builtin, tmp_path / "models", t5_dtype=torch.float8_e4m3fn, dtype=torch.bfloat16)
     opts = {"vae": str(files["vae"]), "base_model_config": str(builtin),
             "text_encoders": {"clip_l": str(files["clip_l"]), "t5xxl": str(files["t5xxl"])}}
     folder = models.resolve_base_model(str(files["transformer"]), tmp_path, tmp_path / "cache", opts)
@@ -449,7 +449,11 @@ def test_an_fp8_t5xxl_file_is_upcast_to_bf16_exactly(dev, tmp_path):
     assert {v.dtype for v in t5.values()} == {torch.bfloat16}
     assert all(torch.equal(t5[k], ref[k].to(torch.float8_e4m3fn).to(torch.bfloat16)) for k in ref if k in t5)
     assert not all(torch.equal(t5[k].float(), ref[k]) for k in ref if k in t5)  # fp8 did round: the check can fail
-    assert {v.dtype for v in load_file(str(next((folder / "transformer").glob("*.safetensors")))).values()} == {torch.float32}
+    part = lambda f, c: load_file(str(next((f / c).glob("*.safetensors"))))  # noqa: E731
+    ours, ref = part(folder, "transformer"), part(builtin, "transformer")
+    assert {v.dtype for v in ours.values()} == {torch.bfloat16}
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k].to(torch.bfloat16)) for k in ref)
+    assert {v.dtype for v in part(folder, "text_encoder").values()} == {torch.float32}
     # with the shipped (real-size) configs the T5 needs T5's own tokenizer, which lorabuild does not ship
     with pytest.raises(models.ModelError, match=r"text_encoders.t5xxl: a 32128-token T5 needs T5's own tokenizer.*"
                        r"set base_model_config to a diffusers FLUX.1 folder"):
