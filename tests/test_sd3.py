@@ -177,3 +177,25 @@ def test_an_sai_file_and_separate_clip_l_clip_g_t5xxl_files_load_to_identical_we
                        r"40 wide, but this model's clip_l is a CLIP text encoder 32 wide"):
         models.resolve_base_model(str(path), tmp_path, cache, swapped)
     assert sorted((cache / "models" / "single-file").iterdir()) == converted  # nothing left of the failed one
+
+
+def test_encoder_files_are_told_apart_by_their_headers_with_real_sizes():
+    """The checks a separate encoder file gets before its weights are read, on real-size headers
+    (no weights): CLIP-L vs CLIP-G by width, T5 by its blocks, ComfyUI's scaled fp8 refused by name."""
+    from lorabuild.separate import check_encoder, encoder_kind
+
+    clip_g = {"text_model.embeddings.token_embedding.weight": ((49408, 1280), "F16"),
+              "text_model.encoder.layers.0.mlp.fc1.weight": ((5120, 1280), "F16")}
+    t5 = {"shared.weight": ((32128, 4096), "F8_E4M3"), "encoder.block.0.layer.0.SelfAttention.q.weight": ((4096, 4096), "F8_E4M3")}
+    assert encoder_kind(clip_g) == ("clip", 1280) and encoder_kind(t5) == ("t5", 4096)
+    assert encoder_kind({"first_stage_model.encoder.conv_in.weight": ((128, 3, 3, 3), "F32")}) == (None, None)
+    check_encoder("text_encoders.t5xxl", t5, "", "t5", 4096, "t5xxl_fp8_e4m3fn.safetensors")  # the right one passes
+    with pytest.raises(models.ModelError, match="text_encoders.clip_l: clip_g.safetensors is CLIP-G, but this model's "
+                                                "clip_l is CLIP-L"):
+        check_encoder("text_encoders.clip_l", clip_g, "", "clip", 768, "clip_g.safetensors")
+    with pytest.raises(models.ModelError, match="text_encoders.t5xxl: ae.safetensors is not a text encoder file"):
+        check_encoder("text_encoders.t5xxl", {"encoder.conv_in.weight": ((128, 3, 3, 3), "F32")}, "", "t5", 4096,
+                      "ae.safetensors")
+    scaled = {**t5, "scaled_fp8": ((0,), "F8_E4M3"), "encoder.block.0.layer.0.SelfAttention.q.scale_weight": ((), "F32")}
+    with pytest.raises(models.ModelError, match="text_encoders.t5xxl: .* is a ComfyUI 'scaled fp8' file"):
+        check_encoder("text_encoders.t5xxl", scaled, "", "t5", 4096, "t5xxl_fp8_e4m3fn_scaled.safetensors")
