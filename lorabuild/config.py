@@ -254,6 +254,10 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
     for key in ("vae", "base_model_config"):
         if data[key] and not (root / data[key]).exists():
             doc.problem(pos(key), key, f"{(root / data[key]).resolve()} does not exist")
+    for name, path in (data.get("text_encoders") or {}).items():
+        if path and not (root / path).is_file():
+            doc.problem(pos("text_encoders", name), f"text_encoders.{name}",
+                        f"{(root / path).resolve()} " + ("is not a file" if (root / path).exists() else "does not exist"))
     ds = data["dataset"]
     from .dataset import dir_path
 

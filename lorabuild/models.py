@@ -24,6 +24,7 @@ from .families import FAMILIES, builtin_family, builtin_models, detect, detect_c
 from .precision import to_device  # noqa: F401 - the trainer and benches read it here
 from .families.base import CONFIGS_DIR, TOKENIZER_DIR  # noqa: F401 - CONFIGS_DIR: scripts and tests read it here
 from .errors import ModelError  # its home is errors.py (folders.py raises it too); callers read it here
+from . import separate
 from .folders import atomic_dir, link_tree
 from .resources import DATA_DIR
 
@@ -38,6 +39,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONVERT_VERSION = 1  # bump when the conversion of single files changes: they are converted again
 # project keys beside base_model that decide which model a project trains on
 MODEL_OPTIONS = ("model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
+# the separate files of a FLUX.1 / SD 3.5 single file (separate.py): not among the stages' parameters (adding
+# one would rerun every existing task once); their files are the stages' file_deps instead (stages/spec.py)
+PART_OPTIONS = ("text_encoders",)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -137,6 +141,10 @@ def resolve_base_model(spec: str, project_root: Path, cache_root: Path, opts: di
     from the project file's folder, so a project can be built from any working directory.
     """
     opts = dict(opts or {})
+    if any((opts.get("text_encoders") or {}).values()) and (spec.startswith("builtin:") or not (
+            Path(project_root) / Path(spec).expanduser()).is_file()):
+        raise ModelError("text_encoders: separate text encoder files go with a FLUX.1 or SD 3.5 single-file base_model; "
+                         f"{spec} has its own")
     if spec.startswith("builtin:"):
         folder = ensure_builtin(spec.split(":", 1)[1], cache_root)
     else:
@@ -313,6 +321,11 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
         names = list(FAMILIES)
         raise ModelError(f"{path}: cannot tell {' / '.join(n.upper() for n in names)} from its keys (no known text "
                          f"encoder or UNet layout); set model_type: {', '.join(names[:-1])} or {names[-1]}")
+    if separate.needs_parts(family(arch), tensors, opts):
+        return _from_parts(path, tensors, family(arch), project_root, cache_root, opts, hashes)
+    if any((opts.get("text_encoders") or {}).values()):
+        raise ModelError(f"text_encoders: {path.name} is a {family(arch).title} checkpoint, which holds its own text "
+                         "encoders; separate files go with a FLUX.1 or SD 3.5 single file")
     if not family(arch).single_file:
         raise ModelError(f"{path}: a {family(arch).title} single file cannot be a base_model yet (its text encoders and "
                          "VAE are separate files); use the model's diffusers folder")
@@ -340,6 +353,47 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     return folder
 
 
+def _from_parts(path: Path, tensors: dict, fam, project_root: Path, cache_root: Path, opts: dict, hashes) -> Path:
+    """A FLUX.1 / SD 3.5 file with its VAE and text encoders from separate files (separate.py),
+    converted once into one folder keyed on every file's sha256. The VAE file is taken here, so
+    ``opts`` (resolve_base_model's own copy) loses ``vae`` and no composed folder repeats it."""
+    parts = separate.part_files(fam, tensors, path, opts, project_root)
+    opts.pop("vae", None)
+    cfg_dir = _config_dir(opts, fam.name, project_root, tensors.keys())
+    files = {"vae": parts["vae"], **{f"text_encoders.{n}": p for n, p in parts["text_encoders"].items()}}
+    shas = {field: _sha256(p, cache_root, hashes) for field, p in files.items() if p is not None}
+    sha = _sha256(path, cache_root, hashes)
+    key = {"sha256": sha, "parts": shas, "arch": fam.name, "config": _tree_digest(cfg_dir), "v": CONVERT_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_root / "models" / "single-file" / f"{path.stem[:40]}-{digest}"
+    if _marker_ok(folder):
+        return folder
+    with atomic_dir(folder, _marker_ok, f"the diffusers conversion of {path.name} and its parts") as tmp:
+        separate.convert(fam, path, parts, cfg_dir, tmp, _copy_configs)
+        _add_slow_tokenizer_files(tmp)
+        for field, p in [("base_model", path), *((f, p) for f, p in files.items() if p is not None)]:
+            _still(p, shas.get(field, sha))
+        marker = {"name": "single-file", "source": str(path), "sha256": sha, "legacy_hash": legacy_hash(path),
+                  "arch": fam.name, "prediction_type": "auto", "detected": fam.name, "v": CONVERT_VERSION,
+                  "vae": str(parts["vae"]) if parts["vae"] else None, "vae_sha256": shas.get("vae"),
+                  "vae_legacy_hash": legacy_hash(parts["vae"]) if parts["vae"] else None,
+                  "parts": {field: {"path": str(p), "sha256": shas[field]} for field, p in files.items() if p}}
+        (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    return folder
+
+
+def _copy_configs(cfg_dir: Path, fam, work: Path) -> None:
+    """``cfg_dir``'s configs (no weights) into ``work``, with lorabuild's tokenizer files where it has none."""
+    shutil.copytree(cfg_dir, work, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt", BUILTIN_MARKER))
+    for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        if _listed(_read_json(work / "model_index.json"), tok) and not any(
+                (work / tok / f).is_file() for f in ("vocab.json", "tokenizer.json", "spiece.model")):
+            shutil.copytree(fam.tokenizer_source(tok), work / tok, dirs_exist_ok=True)
+            if fam.pads_with_bang(tok):  # OpenCLIP's tokenizer pads with "!"
+                tc = _read_json(work / tok / "tokenizer_config.json", {})
+                (work / tok / "tokenizer_config.json").write_text(json.dumps({**tc, "pad_token": "!"}, indent=2))
+
+
 def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: Path, allow_pickle: bool,
              ztsnr: bool = False) -> None:
     import torch
@@ -348,15 +402,7 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
     fam = family(arch)
     work = out.with_name(out.name + "-config")
     try:
-        # the configs diffusers reads: the chosen ones, our tokenizer files, the prediction type
-        shutil.copytree(cfg_dir, work, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
-        for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-            if _listed(_read_json(work / "model_index.json"), tok) and not any(
-                    (work / tok / f).is_file() for f in ("vocab.json", "tokenizer.json")):
-                shutil.copytree(fam.tokenizer_source(tok), work / tok, dirs_exist_ok=True)
-                if fam.pads_with_bang(tok):  # OpenCLIP's tokenizer pads with "!"
-                    tc = _read_json(work / tok / "tokenizer_config.json", {})
-                    (work / tok / "tokenizer_config.json").write_text(json.dumps({**tc, "pad_token": "!"}, indent=2))
+        _copy_configs(cfg_dir, fam, work)  # the configs diffusers reads, our tokenizer files; then the prediction type
         sched = _read_json(work / "scheduler" / "scheduler_config.json")
         # a ztsnr checkpoint: the rescaled betas (training's DDPMScheduler and the samplers read them), and
         # sampling from the last timestep, which only then is pure noise (Lin et al. 2024, arXiv:2305.08891 §3.3)

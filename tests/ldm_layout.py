@@ -145,3 +145,62 @@ def sd3_to_sai(folder, encoders: bool = True) -> dict:
         t5.setdefault("encoder.embed_tokens.weight", t5["shared.weight"].clone())  # tied: SAI files hold both
         out.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()})
     return out
+
+
+def _weights(folder, part: str) -> dict:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(str(next((Path(folder) / part).glob("*.safetensors"))))
+
+
+def encoder_files(folder, out, names: dict, t5_dtype=None) -> dict:
+    """A model's text encoders as the separate files ComfyUI keeps in models/text_encoders/:
+    {name: part} (``{"clip_l": "text_encoder", "t5xxl": "text_encoder_2"}``) → {name: path}. CLIP
+    in transformers' layout (``text_model.…``, a CLIP-L file with a ``text_projection`` its model
+    does not use, as ComfyUI's clip_l.safetensors has), T5 without the tied ``encoder.embed_tokens``
+    (as t5xxl_fp16.safetensors), in ``t5_dtype`` when given (fp8: t5xxl_fp8_e4m3fn)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, part in names.items():
+        sd = _weights(folder, part)
+        if name == "t5xxl":
+            sd = {k: (v.to(t5_dtype) if t5_dtype else v) for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+        else:
+            sd = clip_to_ldm(sd, "")
+            width = sd["text_model.embeddings.token_embedding.weight"].shape[1]
+            sd.setdefault("text_projection.weight", torch.eye(width))
+        paths[name] = out / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(paths[name]))
+    return paths
+
+
+def flux_files(folder, out, t5_dtype=None, dtype=None) -> dict:
+    """A FLUX.1 diffusers folder as the files people have: BFL's transformer file
+    (flux1-dev.safetensors), the VAE in its original layout without a prefix (ae.safetensors),
+    clip_l and t5xxl (:func:`encoder_files`) → {"transformer", "vae", "clip_l", "t5xxl": path}; the
+    transformer in ``dtype`` when given (BFL's flux1-dev.safetensors is bf16)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lorabuild import models
+    from lorabuild.families.flux_checkpoint import bfl_state_dict
+
+    out = Path(out)
+    paths = encoder_files(folder, out, {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"}, t5_dtype)
+    paths["transformer"] = out / "flux1-tiny.safetensors"
+    save_file({k: (v.to(dtype) if dtype else v).contiguous() for k, v in bfl_state_dict(models.load_unet(folder)).items()},
+              str(paths["transformer"]))
+    vae_cfg = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    vae = {k.removeprefix("first_stage_model."): v for k, v in vae_to_ldm(_weights(folder, "vae"), vae_cfg).items()}
+    paths["vae"] = out / "ae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.items()}, str(paths["vae"]))
+    return paths

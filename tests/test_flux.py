@@ -319,8 +319,15 @@ def test_a_bfl_single_file_written_from_the_tiny_transformer_loads_to_identical_
                                                      local_files_only=True, torch_dtype=torch.float32)
     ours, theirs = transformer.state_dict(), loaded.state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    # as a project's base_model it is refused with the reason, not converted half-way
-    with pytest.raises(models.ModelError, match="FLUX.1 single file cannot be a base_model yet"):
+    # lorabuild's own reader (diffusers' hard-codes the real width) gives the same weights
+    from lorabuild.families.flux_checkpoint import from_bfl
+
+    back = from_bfl(load_file(str(path)), dict(transformer.config))
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    with pytest.raises(ValueError, match="no place for"):  # a dev file read with schnell's config
+        from_bfl(load_file(str(path)), {**transformer.config, "guidance_embeds": False})
+    # as a project's base_model alone it is refused with what it lacks, not converted half-way
+    with pytest.raises(models.ModelError, match="text_encoders.clip_l: flux1-tiny.safetensors holds no clip_l"):
         models.resolve_base_model(str(path), tmp_path, tmp_path / "cache", {})
 
 
@@ -368,3 +375,108 @@ def test_fused_names_round_trip_with_a_part_left_out_and_refuse_unequal_ranks():
     assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
     with pytest.raises(ValueError, match="differ in rank or alpha"):
         to_bfl({**ours, **lora("lora_unet_transformer_blocks_0_attn_to_k", r=4)}, widths)
+
+
+# ------------------------------------------------------------------ the files people have
+
+
+def _parts_of(folder):
+    pipe = models.load_pipeline(folder)
+    return {p: getattr(pipe, p).state_dict() for p in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+
+
+def _rel(path, ws):
+    import os
+
+    return os.path.relpath(path, ws.yaml_path.parent)
+
+
+def test_bfl_ae_clip_l_and_t5xxl_files_build_as_the_builtin_model_converted_once(dev, tmp_path):
+    """flux1-dev.safetensors (BFL's transformer alone) + ae.safetensors + clip_l + t5xxl, named by
+    base_model, vae and text_encoders relative to the project file, convert once into one diffusers
+    folder with every weight of the built-in model: the latents, embeddings and the trained LoRA
+    are the built-in build's, so nothing is computed again; a second build converts nothing."""
+    from ldm_layout import flux_files
+
+    ws = copy_workspace(dev, tmp_path / "ws")
+    builtin = ws.root / "cache" / "models" / "tiny-flux"
+    files = flux_files(builtin, ws.root / "models")
+    ws.edit(lambda d: d.update(base_model=_rel(files["transformer"], ws), vae=_rel(files["vae"], ws),
+                               base_model_config="../cache/models/tiny-flux",
+                               text_encoders={"clip_l": _rel(files["clip_l"], ws), "t5xxl": _rel(files["t5xxl"], ws)}))
+    ws.doit("train:demo", build="files")
+    assert {s: _computed(ws, s) for s in ("latents", "textemb", "train")} == {"latents": 0, "textemb": 0, "train": 0}
+    [folder] = (ws.root / "cache" / "models" / "single-file").iterdir()
+    ours, theirs = _parts_of(folder), _parts_of(builtin)
+    for part in theirs:
+        assert ours[part].keys() == theirs[part].keys() and all(
+            torch.equal(ours[part][k], theirs[part][k]) for k in theirs[part]), part
+    marker = json.loads((folder / models.BUILTIN_MARKER).read_text())
+    assert set(marker["parts"]) == {"vae", "text_encoders.clip_l", "text_encoders.t5xxl"}
+    stamp = (folder / models.BUILTIN_MARKER).stat().st_mtime_ns
+    ws.edit(lambda d: d["train"].update(learning_rate=0.0005))
+    ws.doit("train:demo", build="again")
+    assert "train" in ws.ran("again") and _computed(ws, "train") == 1
+    assert list((ws.root / "cache" / "models" / "single-file").iterdir()) == [folder]
+    assert (folder / models.BUILTIN_MARKER).stat().st_mtime_ns == stamp  # not converted again
+    # a wrong or missing encoder file is an error naming the field, before anything is converted
+    ws.edit(lambda d: d["text_encoders"].update(clip_l=_rel(files["t5xxl"], ws)))
+    bad = ws.doit("train:demo", build="wrong", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stdout + bad.stderr
+    assert "text_encoders.clip_l:" in bad.stdout + bad.stderr and "is a T5 encoder 32 wide" in bad.stdout + bad.stderr
+    ws.edit(lambda d: d.update(text_encoders={"clip_l": _rel(files["clip_l"], ws)}))
+    bad = ws.doit("train:demo", build="missing", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stdout + bad.stderr
+    assert "text_encoders.t5xxl: flux1-tiny.safetensors holds no t5xxl text encoder" in bad.stdout + bad.stderr
+    ws.edit(lambda d: d.update(text_encoders={"clip_l": "nowhere/clip_l.safetensors", "t5xxl": _rel(files["t5xxl"], ws)}))
+    val = ws.lorabuild("validate", str(ws.yaml_path))
+    assert val.returncode != 0 and "text_encoders.clip_l" in val.stdout + val.stderr and "does not exist" in val.stdout + val.stderr
+    assert list((ws.root / "cache" / "models" / "single-file").iterdir()) == [folder]  # nothing else converted
+
+
+def test_an_fp8_t5xxl_file_is_upcast_to_bf16_exactly_and_a_bf16_transformer_stays_bf16(dev, tmp_path):
+    """t5xxl_fp8_e4m3fn.safetensors: each weight read as the bf16 value of its fp8 number (every fp8
+    value is one), saved in bf16; a bf16 transformer file (as BFL's) is kept in bf16, the fp32 parts in fp32."""
+    from ldm_layout import flux_files
+
+    builtin = dev.root / "cache" / "models" / "tiny-flux"
+    files = flux_files(builtin, tmp_path / "models", t5_dtype=torch.float8_e4m3fn, dtype=torch.bfloat16)
+    opts = {"vae": str(files["vae"]), "base_model_config": str(builtin),
+            "text_encoders": {"clip_l": str(files["clip_l"]), "t5xxl": str(files["t5xxl"])}}
+    folder = models.resolve_base_model(str(files["transformer"]), tmp_path, tmp_path / "cache", opts)
+    t5 = load_file(str(next((folder / "text_encoder_2").glob("*.safetensors"))))
+    ref = load_file(str(next((builtin / "text_encoder_2").glob("*.safetensors"))))
+    assert {v.dtype for v in t5.values()} == {torch.bfloat16}
+    assert all(torch.equal(t5[k], ref[k].to(torch.float8_e4m3fn).to(torch.bfloat16)) for k in ref if k in t5)
+    assert not all(torch.equal(t5[k].float(), ref[k]) for k in ref if k in t5)  # fp8 did round: the check can fail
+    part = lambda f, c: load_file(str(next((f / c).glob("*.safetensors"))))  # noqa: E731
+    ours, ref = part(folder, "transformer"), part(builtin, "transformer")
+    assert {v.dtype for v in ours.values()} == {torch.bfloat16}
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k].to(torch.bfloat16)) for k in ref)
+    assert {v.dtype for v in part(folder, "text_encoder").values()} == {torch.float32}
+    # with the shipped (real-size) configs the T5 needs T5's own tokenizer, which lorabuild does not ship
+    with pytest.raises(models.ModelError, match=r"text_encoders.t5xxl: a 32128-token T5 needs T5's own tokenizer.*"
+                       r"set base_model_config to a diffusers FLUX.1 folder"):
+        models.resolve_base_model(str(files["transformer"]), tmp_path, tmp_path / "cache",
+                                  {**opts, "base_model_config": None})
+
+
+def test_comfyuis_bundled_flux_checkpoint_loads_to_identical_weights_without_separate_files(dev, tmp_path):
+    """ComfyUI's FLUX.1 "checkpoint" (model.diffusion_model. + vae. + text_encoders.clip_l/t5xxl.transformer.):
+    every part read from the one file."""
+    from ldm_layout import flux_files
+
+    builtin = dev.root / "cache" / "models" / "tiny-flux"
+    files = flux_files(builtin, tmp_path / "models")
+    bundled = {"model.diffusion_model." + k: v for k, v in load_file(str(files["transformer"])).items()}
+    bundled.update({"vae." + k: v for k, v in load_file(str(files["vae"])).items()})
+    for name in ("clip_l", "t5xxl"):
+        bundled.update({f"text_encoders.{name}.transformer.{k}": v for k, v in load_file(str(files[name])).items()})
+    path = tmp_path / "flux1-dev-checkpoint.safetensors"
+    save_file(bundled, str(path))
+    folder = models.resolve_base_model(str(path), tmp_path, tmp_path / "cache", {"base_model_config": str(builtin)})
+    assert models.source_info(folder)["parts"] == {}
+    ours, theirs = _parts_of(folder), _parts_of(builtin)
+    for part in theirs:
+        assert ours[part].keys() == theirs[part].keys() and all(
+            torch.equal(ours[part][k], theirs[part][k]) for k in theirs[part]), part

@@ -196,3 +196,30 @@ def test_timestep_noise_max_norm_dropout_and_fp8_base_knobs_map_and_validate(tmp
     val = subprocess.run([sys.executable, "-m", "lorabuild", "validate", str(tmp_path / "p.yaml")], capture_output=True,
                          text=True)
     assert val.returncode == 0, val.stdout + val.stderr
+
+
+def test_flux_and_sd3_model_files_map_to_vae_and_text_encoders_and_validate(tmp_path):
+    """flux_train_network.py's --ae/--clip_l/--t5xxl (sd3's --clip_g too) name the separate files of a
+    single-file base model: vae and text_encoders, written relative to the project and validated."""
+    models = tmp_path / "models"
+    models.mkdir()
+    names = ("flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
+    for name in names:
+        (models / name).write_bytes(b"")
+    (tmp_path / "projects" / "img" / "10_ayaka").mkdir(parents=True)
+    config = "\n".join(f'{k} = "{(models / v).as_posix()}"' for k, v in zip(
+        ("pretrained_model_name_or_path", "ae", "clip_l", "clip_g", "t5xxl"), names)) + '\ntrain_data_dir = "img"\n'
+    (tmp_path / "config.toml").write_text(config + "max_train_steps = 10\n")
+    out = tmp_path / "projects" / "flux.yaml"
+    proc = subprocess.run([sys.executable, "-m", "lorabuild", "import-kohya", str(tmp_path / "config.toml"), "-o", str(out),
+                           "--root", str(tmp_path / "projects")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load(out.read_text())
+    assert doc["vae"] == "../models/ae.safetensors"
+    assert doc["text_encoders"] == {"clip_l": "../models/clip_l.safetensors", "clip_g": "../models/clip_g.safetensors",
+                                    "t5xxl": "../models/t5xxl_fp16.safetensors"}
+    val = subprocess.run([sys.executable, "-m", "lorabuild", "validate", str(out)], capture_output=True, text=True)
+    assert val.returncode == 0, val.stdout + val.stderr
+    (models / "clip_g.safetensors").unlink()
+    val = subprocess.run([sys.executable, "-m", "lorabuild", "validate", str(out)], capture_output=True, text=True)
+    assert val.returncode != 0 and "text_encoders.clip_g" in val.stdout + val.stderr

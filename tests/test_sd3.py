@@ -142,10 +142,60 @@ def test_the_mmdit_writer_fails_on_a_weight_its_table_does_not_name(tiny_pipe):
         mmdit_to_sai(sd, dict(tiny_pipe.transformer.config))
 
 
-def test_an_sai_file_without_its_text_encoders_is_refused_by_name(tiny, tmp_path):
+def test_an_sai_file_without_its_text_encoders_is_refused_naming_the_field(tiny, tmp_path):
     folder, cache = tiny
     path = tmp_path / "sd3.5_mmdit_only.safetensors"
     save_file({k: v.contiguous() for k, v in sd3_to_sai(folder, encoders=False).items()}, str(path))
-    with pytest.raises(models.ModelError, match=r"sd3.5_mmdit_only.safetensors cannot be read as an SD3 checkpoint.*"
-                       r"no clip_l, clip_g, t5xxl text encoder"):
+    with pytest.raises(models.ModelError, match=r"text_encoders.clip_l: sd3.5_mmdit_only.safetensors holds no clip_l "
+                       r"text encoder.*kohya: --clip_l"):
         models.resolve_base_model(str(path), tmp_path, cache, {"base_model_config": str(folder)})
+
+
+def test_an_sai_file_and_separate_clip_l_clip_g_t5xxl_files_load_to_identical_weights(tiny, tiny_pipe, tmp_path):
+    """sd3.5_large.safetensors' layout (MMDiT + VAE, no text encoders) with clip_l, clip_g and t5xxl as
+    ComfyUI's separate files: one conversion, every tensor of the built-in model; CLIP-G given as
+    clip_l is an error naming the field and both widths, before anything is converted."""
+    from ldm_layout import encoder_files
+
+    folder, cache = tiny
+    path = tmp_path / "sd3.5_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in sd3_to_sai(folder, encoders=False).items()}, str(path))
+    files = encoder_files(folder, tmp_path / "te", {"clip_l": "text_encoder", "clip_g": "text_encoder_2",
+                                                    "t5xxl": "text_encoder_3"})
+    opts = {"base_model_config": str(folder), "text_encoders": {k: str(v) for k, v in files.items()}}
+    out = models.resolve_base_model(str(path), tmp_path, cache, opts)
+    assert models.source_info(out)["parts"].keys() == {"text_encoders.clip_l", "text_encoders.clip_g",
+                                                       "text_encoders.t5xxl"}
+    back = models.load_pipeline(out)
+    for part in PARTS:
+        a, b = _state(back, part), _state(tiny_pipe, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert models.resolve_base_model(str(path), tmp_path, cache, opts) == out  # converted once
+    converted = sorted((cache / "models" / "single-file").iterdir())
+    swapped = {**opts, "text_encoders": {**opts["text_encoders"], "clip_l": str(files["clip_g"])}}
+    with pytest.raises(models.ModelError, match=r"text_encoders.clip_l: .*clip_g.safetensors is a CLIP text encoder "
+                       r"40 wide, but this model's clip_l is a CLIP text encoder 32 wide"):
+        models.resolve_base_model(str(path), tmp_path, cache, swapped)
+    assert sorted((cache / "models" / "single-file").iterdir()) == converted  # nothing left of the failed one
+
+
+def test_encoder_files_are_told_apart_by_their_headers_with_real_sizes():
+    """The checks a separate encoder file gets before its weights are read, on real-size headers
+    (no weights): CLIP-L vs CLIP-G by width, T5 by its blocks, ComfyUI's scaled fp8 refused by name."""
+    from lorabuild.separate import check_encoder, encoder_kind
+
+    clip_g = {"text_model.embeddings.token_embedding.weight": ((49408, 1280), "F16"),
+              "text_model.encoder.layers.0.mlp.fc1.weight": ((5120, 1280), "F16")}
+    t5 = {"shared.weight": ((32128, 4096), "F8_E4M3"), "encoder.block.0.layer.0.SelfAttention.q.weight": ((4096, 4096), "F8_E4M3")}
+    assert encoder_kind(clip_g) == ("clip", 1280) and encoder_kind(t5) == ("t5", 4096)
+    assert encoder_kind({"first_stage_model.encoder.conv_in.weight": ((128, 3, 3, 3), "F32")}) == (None, None)
+    check_encoder("text_encoders.t5xxl", t5, "", "t5", 4096, "t5xxl_fp8_e4m3fn.safetensors")  # the right one passes
+    with pytest.raises(models.ModelError, match="text_encoders.clip_l: clip_g.safetensors is CLIP-G, but this model's "
+                                                "clip_l is CLIP-L"):
+        check_encoder("text_encoders.clip_l", clip_g, "", "clip", 768, "clip_g.safetensors")
+    with pytest.raises(models.ModelError, match="text_encoders.t5xxl: ae.safetensors is not a text encoder file"):
+        check_encoder("text_encoders.t5xxl", {"encoder.conv_in.weight": ((128, 3, 3, 3), "F32")}, "", "t5", 4096,
+                      "ae.safetensors")
+    scaled = {**t5, "scaled_fp8": ((0,), "F8_E4M3"), "encoder.block.0.layer.0.SelfAttention.q.scale_weight": ((), "F32")}
+    with pytest.raises(models.ModelError, match="text_encoders.t5xxl: .* is a ComfyUI 'scaled fp8' file"):
+        check_encoder("text_encoders.t5xxl", scaled, "", "t5", 4096, "t5xxl_fp8_e4m3fn_scaled.safetensors")

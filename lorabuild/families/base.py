@@ -45,6 +45,10 @@ class Family:
     cross_attention_width = 0
     reads_checkpoint_markers = False  # the v_pred / ztsnr marker keys (models.checkpoint_markers)
     single_file = True  # whether a single-file checkpoint of the family converts (models._single_file)
+    # a single file's text encoders as separate files (``text_encoders:``, lorabuild/separate.py): the
+    # project's names in conditioning order (FLUX.1: clip_l, t5xxl); none: the file holds them all
+    separate_encoders: tuple[str, ...] = ()
+    denoiser_reader = "diffusers"  # who reads the denoiser from a file: diffusers, or "bfl" (flux_checkpoint.py)
     # --- kohya / ModelSpec metadata
     base_model_version = ""  # ss_base_model_version
     modelspec_arch = ""  # modelspec.architecture, before "/lora"

@@ -30,7 +30,9 @@ class Flux(Family):
     bucket_step = 16  # the VAE's ×8 and the 2×2 packing
     pipeline_class = "FluxPipeline"
     denoiser_part = "transformer"
-    single_file = False  # BFL's files hold the transformer alone (flux_checkpoint.py writes that layout)
+    single_file = False  # no pipeline reads BFL's file: its parts are converted one by one (separate.py)
+    separate_encoders = ("clip_l", "t5xxl")  # kohya's --clip_l, --t5xxl; ComfyUI's text_encoders/ files
+    denoiser_reader = "bfl"  # diffusers' reader hard-codes the real width (flux_checkpoint.from_bfl)
     denoiser_class = "FluxTransformer2DModel"
     # the resolution-dependent shift of BFL's own sampling; dev's guidance 1.0 while training (kohya's advice)
     flow_defaults = {"timestep_sampling": "flux_shift", "guidance_scale": 1.0}
@@ -51,6 +53,9 @@ class Flux(Family):
 
     def text_encoder_class(self, which: str) -> str:
         return "T5EncoderModel" if which == "text_encoder_2" else "CLIPTextModel"
+
+    def tokenizer_source(self, which: str):
+        return T5_TOKENIZER_DIR if which == "tokenizer_2" else TOKENIZER_DIR
 
     def tokenizer_class(self, which: str) -> str:
         return "T5TokenizerFast" if which == "tokenizer_2" else "CLIPTokenizer"

@@ -70,3 +70,54 @@ def bfl_state_dict(transformer) -> dict:
     if sd:
         raise ValueError(f"FLUX transformer weights with no BFL name: {sorted(sd)[:4]}")
     return out
+
+
+def from_bfl(sd: dict, config: dict) -> dict:
+    """The inverse of :func:`bfl_state_dict`: BFL's names back to a ``FluxTransformer2DModel``'s
+    with the split widths from its ``config`` (q, k, v: heads × head width each; a single block's
+    MLP input: the rest of ``linear1``). Any BFL key left unread is an error, so a file of another
+    layout cannot load half-way."""
+    import torch
+
+    sd = dict(sd)
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out = {}
+
+    def take(key: str):
+        if key not in sd:
+            raise ValueError(f"the file has no {key}")
+        return sd.pop(key)
+
+    def linear(dst: str, src: str) -> None:
+        for p in ("weight", "bias"):
+            if f"{src}.{p}" in sd:
+                out[f"{dst}.{p}"] = sd.pop(f"{src}.{p}")
+
+    def split(prefix: str, src: str, parts: tuple) -> None:
+        for p in ("weight", "bias"):
+            fused = take(f"{src}.{p}")
+            sizes = [inner] * 3 + ([fused.shape[0] - 3 * inner] if len(parts) == 4 else [])
+            for part, piece in zip(parts, torch.split(fused, sizes, dim=0)):
+                out[f"{prefix}{part}.{p}"] = piece
+
+    for dst, src in PLAIN.items():
+        if config.get("guidance_embeds") or not dst.startswith("time_text_embed.guidance_embedder"):
+            linear(dst, src)  # schnell has no guidance embedding: a dev file's is left over, an error
+    for kind, plain, norms, fuse, name, n in (
+            ("transformer_blocks", DOUBLE, DOUBLE_NORMS, DOUBLE_FUSED, "double_blocks", config["num_layers"]),
+            ("single_transformer_blocks", SINGLE, SINGLE_NORMS, SINGLE_FUSED, "single_blocks",
+             config["num_single_layers"])):
+        for i in range(n):
+            pre, bfl = f"{kind}.{i}.", f"{name}.{i}."
+            for dst, src in plain.items():
+                linear(pre + dst, bfl + src)
+            for dst, src in norms.items():
+                out[f"{pre}{dst}.weight"] = take(f"{bfl}{src}.scale")
+            for src, parts in fuse.items():
+                split(pre, bfl + src, parts)
+    for p in ("weight", "bias"):  # BFL's (shift, scale) → diffusers' (scale, shift)
+        shift, scale = take(f"final_layer.adaLN_modulation.1.{p}").chunk(2, dim=0)
+        out[f"norm_out.linear.{p}"] = torch.cat([scale, shift], dim=0)
+    if sd:
+        raise ValueError(f"BFL keys this transformer's config has no place for: {sorted(sd)[:4]}")
+    return out

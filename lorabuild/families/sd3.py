@@ -55,6 +55,7 @@ class SD3(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_part = "transformer"
     denoiser_class = "SD3Transformer2DModel"
+    separate_encoders = ENCODERS  # kohya's --clip_l, --clip_g, --t5xxl for a file without them
     # σ logit-normal (0, 1) as SD3's paper and diffusers' SD3 script draw it, shifted by 3.0 (the shift
     # of SD 3.5's own scheduler, which that script trains with), no loss weighting
     flow_defaults = {"timestep_sampling": "logit_normal", "discrete_flow_shift": 3.0, "weighting_scheme": "none"}
@@ -146,7 +147,9 @@ class SD3(Family):
 
     def from_single_file(self, src: str, config: str, torch_dtype):
         """An SAI file with its three text encoders (``text_encoders.clip_l`` / ``clip_g`` / ``t5xxl``);
-        one without them (SAI's ``sd3.5_large.safetensors`` holds the MMDiT and VAE) is refused by name."""
+        one without them (SAI's ``sd3.5_large.safetensors`` holds the MMDiT and VAE) is converted with
+        the project's ``text_encoders`` files (lorabuild/separate.py) and never reaches here: refused by
+        name if it does."""
         from safetensors import safe_open
 
         with safe_open(src, "pt") as f:

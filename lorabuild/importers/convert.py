@@ -70,8 +70,8 @@ def _length(r: Result) -> None:
         r.notes.append("neither max_train_epochs nor max_train_steps: train.max_steps is kohya's default, 1600")
 
 
-ORDER = ("base_model", "model_type", "prediction_type", "vae", "allow_pickle", "dataset", "captions", "resize",
-         "bucket", "latents", "textemb", "network", "train", "sample", "output")
+ORDER = ("base_model", "model_type", "prediction_type", "vae", "text_encoders", "allow_pickle", "dataset", "captions",
+         "resize", "bucket", "latents", "textemb", "network", "train", "sample", "output")
 
 
 def ordered(doc: dict) -> dict:

@@ -106,6 +106,11 @@ def _resolution_note(key: str, value) -> str | None:
 SIMPLE = {
     "pretrained_model_name_or_path": ("base_model", str),
     "vae": ("vae", str),
+    # flux_train_network.py / sd3_train_network.py: the separate VAE and text encoder files (separate.py)
+    "ae": ("vae", str),
+    "clip_l": ("text_encoders.clip_l", str),
+    "clip_g": ("text_encoders.clip_g", str),
+    "t5xxl": ("text_encoders.t5xxl", str),
     "v2": ("model_type", lambda v: "sd2"),
     "v_parameterization": ("prediction_type", lambda v: "v_prediction"),
     "output_name": ("output.name", str),

@@ -53,6 +53,8 @@ def fix_paths(r: Result, root: Path, out_dir: Path) -> list[str]:
     for key in ("base_model", "vae"):
         if isinstance(doc.get(key), str) and not doc[key].startswith("builtin:"):
             doc[key] = fix(doc[key], key)
+    for name, value in (doc.get("text_encoders") or {}).items():
+        doc["text_encoders"][name] = fix(value, f"text_encoders.{name}")
     ds = doc.get("dataset", {})
     for key in ("dirs", "reg_dirs"):
         ds[key] = [fix(d, f"dataset.{key}") for d in ds.get(key, [])] or ds.pop(key, None) or []

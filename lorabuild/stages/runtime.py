@@ -20,7 +20,7 @@ def model_dir(ctx: Context) -> Path:
     a pickle loaded, its hash looked up: not for every component a stage asks about)."""
     if "model_dir" not in ctx.memo:
         hashes = ctx.hashes()
-        opts = {k: ctx.project.get(k) for k in models.MODEL_OPTIONS}
+        opts = {k: ctx.project.get(k) for k in models.MODEL_OPTIONS + models.PART_OPTIONS}
         t0 = time.perf_counter()  # a first build may convert a checkpoint or make the built-in model here
         try:
             ctx.memo["model_dir"] = models.resolve_base_model(ctx.project.get("base_model"), ctx.project.root,

@@ -51,6 +51,9 @@ def weight_files(project: Project, *components: str) -> list[str]:
         out += [str(vpath)] if vpath.is_file() else [str(f) for f in models.weight_files(vpath, "")] + [
             str(f) for f in models.weight_files(vpath, "vae")]
         components = tuple(c for c in components if c != "vae")
+    if "text_encoder" in components:  # a FLUX.1 / SD 3.5 single file's separate text encoders (separate.py)
+        out += [str(project.resolve(p)) for p in (project.get("text_encoders") or {}).values()
+                if p and project.resolve(p).is_file()]  # a missing one: the stage says which field
     if spec.startswith("builtin:"):
         return out
     path = project.resolve(spec)
