@@ -177,7 +177,7 @@ def sd15_folder() -> Path:
     folder = MODELS / "sd15-random"
     if (folder / "done").is_file():
         return folder
-    models._offline()
+    models.offline()
     tmp = MODELS / f"sd15-random.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     cfg = models.CONFIGS_DIR / "sd1"

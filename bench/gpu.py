@@ -115,7 +115,7 @@ def full_folder(arch: str, work: Path, device, parts: tuple[str, ...]) -> Path:
 
     from lorabuild import models
 
-    models._offline()
+    models.offline()
     folder = work / f"{arch}-random"
     if not (folder / "model_index.json").is_file():
         shutil.copytree(models.CONFIGS_DIR / arch, folder, dirs_exist_ok=True)

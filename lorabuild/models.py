@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .precision import to_device  # noqa: F401 - the trainer and benches read it
 from .families.base import CONFIGS_DIR, TOKENIZER_DIR  # noqa: F401 - CONFIGS_DIR: scripts and tests read it here
 from .errors import ModelError  # its home is errors.py (folders.py raises it too); callers read it here
 from . import separate
+from .checkpoints import PICKLE_SUFFIXES, checkpoint_tensors, offline  # noqa: F401 - read here by config, importers, bench
 from .folders import atomic_dir, link_tree
 from .resources import DATA_DIR
 
@@ -35,7 +35,6 @@ BUILTIN_VERSION = 1  # bump when a builtin model's configs or init change: stale
 BUILTIN_MARKER = "lorabuild_builtin.json"  # {"name", "version"} inside a built-in model's folder
 COMPONENTS = ("unet", "vae", "text_encoder")
 ARCHS = tuple(FAMILIES)  # sd1, sd2, sdxl: the model families (lorabuild/families/)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONVERT_VERSION = 1  # bump when the conversion of single files changes: they are converted again
 # project keys beside base_model that decide which model a project trains on
 MODEL_OPTIONS = ("model_type", "prediction_type", "base_model_config", "vae", "allow_pickle")
@@ -43,21 +42,6 @@ MODEL_OPTIONS = ("model_type", "prediction_type", "base_model_config", "vae", "a
 # one would rerun every existing task once); their files are the stages' file_deps instead (stages/spec.py)
 PART_OPTIONS = ("text_encoders",)
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-def _offline() -> None:
-    # Nothing is ever fetched from a hub: a missing file must be an error, not a download.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
-    # Stage output is ours to print: no per-shard loading bars from the libraries.
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    dlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
 
 
 def world_pipeline(src: Path):
@@ -85,7 +69,7 @@ def _add_slow_tokenizer_files(folder: Path) -> None:
 def _write_builtin(name: str, folder: Path) -> None:
     import torch
 
-    _offline()
+    offline()
     # fork_rng: a fixed seed for a reproducible init without moving the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
         fam = builtin_family(name)
@@ -199,42 +183,6 @@ def legacy_hash(path: Path) -> str:
     with open(path, "rb") as fh:
         fh.seek(0x100000)
         return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
-
-
-def checkpoint_tensors(path: Path, allow_pickle: bool) -> dict:
-    """{key: (shape, dtype name)} of a single-file checkpoint without loading its tensors
-    (safetensors header); a pickle checkpoint only with ``allow_pickle``, via weights_only."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelError(
-                f"{path} is a pickle checkpoint ({path.suffix}): unpickling can run code hidden in the file. "
-                "Use a .safetensors copy of it, or set 'allow_pickle: true' in the project to load it with "
-                "torch.load(weights_only=True), which refuses anything but tensors")
-        return {k: (tuple(v.shape), str(v.dtype)) for k, v in _pickle_state_dict(path).items()}
-    if path.suffix.lower() != ".safetensors":
-        raise ModelError(f"{path}: a single-file checkpoint must be .safetensors "
-                         f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle: true)")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
-        raise ModelError(f"{path} is not a readable safetensors file ({exc})") from None
-
-
-def _pickle_state_dict(path: Path) -> dict:
-    import pickle
-
-    import torch
-
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
-        raise ModelError(f"{path} cannot be loaded with weights_only=True ({str(exc).splitlines()[0]})") from None
-    while isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-        ckpt = ckpt["state_dict"]
-    return {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
 
 
 def checkpoint_arch(tensors: dict) -> str | None:
@@ -398,7 +346,7 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
              ztsnr: bool = False) -> None:
     import torch
 
-    _offline()
+    offline()
     fam = family(arch)
     work = out.with_name(out.name + "-config")
     try:
@@ -494,7 +442,7 @@ def _convert_vae(path: Path, base: Path, out: Path, allow_pickle: bool) -> None:
     """A VAE single file (original layout, e.g. vae-ft-mse-840000-ema-pruned.safetensors) as a diffusers vae/."""
     from diffusers import AutoencoderKL
 
-    _offline()
+    offline()
     tensors = checkpoint_tensors(path, allow_pickle)
     src = _pickle_state_dict(path) if path.suffix.lower() in PICKLE_SUFFIXES else str(path)
     try:
@@ -632,7 +580,7 @@ def _frozen(model, device, dtype):
 def load_vae(model_dir: Path, device="cpu", dtype=None):
     from diffusers import AutoencoderKL
 
-    _offline()
+    offline()
     return _frozen(AutoencoderKL.from_pretrained(str(model_dir), subfolder="vae", local_files_only=True), device, dtype)
 
 
@@ -640,7 +588,7 @@ def load_unet(model_dir: Path, device="cpu", dtype=None):
     """The denoiser: the UNet, or a flow family's transformer (``Family.denoiser_part``/``denoiser_class``)."""
     import diffusers
 
-    _offline()
+    offline()
     fam = family_of(model_info(model_dir))
     unet = getattr(diffusers, fam.denoiser_class).from_pretrained(str(model_dir), subfolder=fam.denoiser_part,
                                                                   local_files_only=True)
@@ -651,7 +599,7 @@ def load_text_encoder(model_dir: Path, device="cpu", dtype=None, which: str = "t
     """A text encoder of the model's family: ``text_encoder`` (CLIP), or SDXL's ``text_encoder_2`` (with its projection)."""
     import transformers
 
-    _offline()
+    offline()
     cls = getattr(transformers, family_of(model_info(model_dir)).text_encoder_class(which))
     te = cls.from_pretrained(str(model_dir), subfolder=which, local_files_only=True)
     return _frozen(te, device, dtype)
@@ -662,7 +610,7 @@ def load_tokenizer(model_dir: Path, device=None, dtype=None, which: str = "token
     a uniform loader signature, unused)."""
     import transformers
 
-    _offline()
+    offline()
     cls = getattr(transformers, family_of(model_info(model_dir)).tokenizer_class(which))
     return cls.from_pretrained(str(model_dir), subfolder=which, local_files_only=True)
 
@@ -687,7 +635,7 @@ def load_noise_scheduler(model_dir: Path, device=None, dtype=None):
     """The training noise schedule: a DDPMScheduler built from ``scheduler/`` (whatever class is saved there)."""
     from diffusers import DDPMScheduler
 
-    _offline()
+    offline()
     return DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler", local_files_only=True)
 
 
@@ -697,14 +645,14 @@ def load_sampling_scheduler(model_dir: Path):
 
     import diffusers
 
-    _offline()
+    offline()
     cls_name = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     return getattr(diffusers, cls_name).from_pretrained(str(model_dir), subfolder="scheduler", local_files_only=True)
 
 
 def load_pipeline(model_dir: Path, device="cpu", dtype=None):
     """The sampling pipeline of the folder's family (SD or SDXL), safety checker off, every model frozen."""
-    _offline()
+    offline()
     fam = family_of(model_info(model_dir))
     pipe = fam.from_pretrained(model_dir)
     for part in (getattr(pipe, fam.denoiser_part), pipe.vae, *fam.encoders_of(pipe)):

@@ -26,6 +26,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .checkpoints import checkpoint_tensors, offline
 from .errors import ModelError
 
 FP8 = ("F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2")
@@ -38,8 +39,6 @@ BUNDLED = "text_encoders.{}.transformer."
 
 def header(path: Path) -> dict:
     """{key: (shape, dtype)} from a safetensors header, or a ModelError naming the file."""
-    from .models import checkpoint_tensors
-
     return checkpoint_tensors(path, allow_pickle=False)
 
 
@@ -233,9 +232,7 @@ def convert(fam, main: Path, parts: dict, cfg_dir: Path, out: Path, copy_configs
     each component is read and saved over its config folder."""
     import diffusers
 
-    from .models import _offline
-
-    _offline()
+    offline()
     copy_configs(cfg_dir, fam, out)
     encoders = dict(zip(fam.separate_encoders, fam.text_parts))
     check_tokenizer(fam, out, encoders, {n: f"text_encoders.{n}" for n in encoders})
