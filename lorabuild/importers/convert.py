@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from . import flow
 from .datasets import add_datasets
 from .options import NEUTRAL, Result, is_off, map_option
 
@@ -27,6 +28,7 @@ def convert_full(cfg: dict, dataset_cfg: dict | None = None) -> Result:
             flat[k] = v
     flat = {k.replace("-", "_"): v for k, v in flat.items()}
     module = str(flat.get("network_module", "networks.lora"))
+    flat = flow.map_flow(r, flat)  # FLUX.1 / SD 3.5: the objective's options read together
     for key, value in flat.items():
         if isinstance(value, str) and re.search(r"\$\{?\w", value):
             r.unmapped.append(f"{key} = {value!r} (a script variable that is not set)")
@@ -42,6 +44,7 @@ def convert_full(cfg: dict, dataset_cfg: dict | None = None) -> Result:
                 why = str(exc) if isinstance(exc, ValueError) and " " in str(exc) else "not understood"
                 r.unmapped.append(f"{key} = {value!r} ({why})")
     _length(r)
+    flow.finish(r)
     if dataset_cfg:
         for dotted in ("dataset.dirs", "dataset.reg_dirs"):  # sd-scripts ignores them with a dataset config
             if r.get(dotted):

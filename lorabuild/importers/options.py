@@ -271,13 +271,14 @@ def _lycoris_type(r: Result, algo: str, args: dict, module: str) -> str | None:
     return kind
 
 
-NETWORK_MODULES = {"networks.lora": None, "lycoris.kohya": "lycoris"}
+NETWORK_MODULES = {"networks.lora": None, "lycoris.kohya": "lycoris", "networks.lora_flux": None, "networks.lora_sd3": None}
 
 
 # kohya values that mean "nothing happens" although they are not 0
 NEUTRAL = {"token_warmup_min": 1, "caption_separator": ",", "network_module": "networks.lora",
            "_script": "train_network.py"}
-SCRIPTS = {"train_network.py": None, "sdxl_train_network.py": "sdxl"}
+SCRIPTS = {"train_network.py": None, "sdxl_train_network.py": "sdxl", "flux_train_network.py": None,
+           "sd3_train_network.py": "sd3"}  # FLUX.1 is known by its weights
 
 
 @dataclass
@@ -330,7 +331,7 @@ def map_option(r: Result, key: str, value, module: str) -> None:
     if key == "bucket_reso_steps" and int(value) % 64:
         r.set("bucket.step", 64, key)
         r.notes.append(f"bucket_reso_steps = {value}: SD's UNet needs sides that divide by 64; bucket.step is 64")
-    elif key in SIMPLE:
+    elif key in SIMPLE and key not in ("text_encoder_lr", "unet_lr"):  # those two below: a list, or 0 = off
         dotted, conv = SIMPLE[key]
         r.set(dotted, conv(value), key)
         if key == "resolution" and _resolution_note(key, value):
@@ -353,10 +354,10 @@ def map_option(r: Result, key: str, value, module: str) -> None:
     elif key == "_script":
         kind = SCRIPTS.get(str(value), "?")
         if kind == "?":
-            raise ValueError("lorabuild trains LoRAs for SD 1.x, 2.x and SDXL (train_network.py, "
-                             "sdxl_train_network.py)")
-        if kind == "sdxl":
-            r.set("model_type", "sdxl", "sdxl_train_network.py")
+            raise ValueError("lorabuild trains LoRAs for SD 1.x, 2.x, SDXL, SD 3.5 and FLUX.1 (train_network.py, "
+                             "sdxl_train_network.py, sd3_train_network.py, flux_train_network.py)")
+        if kind:
+            r.set("model_type", kind, str(value))
     elif key in ("_ema_decay", "_ema_every_n_steps"):  # sd-scripts has no EMA: ai-toolkit's and OneTrainer's
         r.set(f"train.ema.{key[5:]}", value, key)
         r.sources.setdefault("train.ema", key)  # the YAML writes train.ema on one line: its comment
@@ -397,7 +398,11 @@ def _network_args(r: Result, value, module: str) -> None:
     kind = _lycoris_type(r, algo, args, module) if algo is not None else None
     from ..lora.lyco_options import LYCO_TYPES, NOT_FOR_LYCO, OPTIONS
 
+    from . import flow
+
     for k2, v2 in args.items():
+        if flow.network_arg(r, k2, v2):  # FLUX.1 / SD 3.5's block selection, T5, split_qkv
+            continue
         dotted = (LYCORIS_ARGS.get(k2) or NETWORK_ARGS.get(k2) or (k2,))[0]  # network_args dropout: network.dropout
         if kind in LYCO_TYPES and (dotted in NOT_FOR_LYCO or (k2 in LYCORIS_ARGS and kind not in OPTIONS[dotted][1])):
             if _is_default(k2, v2):

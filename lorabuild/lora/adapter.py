@@ -5,6 +5,7 @@ back: lyco subclasses the LoRA network, and this picks between them.
 from __future__ import annotations
 
 from .blocks import block_settings
+from . import flow_select
 from ..families import family
 from .network import TE_TARGETS, UNET_TARGETS, LoRANetwork, NetworkConfigError
 
@@ -14,10 +15,14 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
     do not fit the model raise ``NetworkConfigError`` naming the field."""
     try:
         blocks = block_settings(net, arch)
+        # FLUX/SD 3.5 block selection (kohya train_*_block_indices, train_blocks), against this transformer
+        keep = flow_select.block_filter(net, arch, dict(getattr(unet, "config", {}) or {}))
     except ValueError as exc:
         raise NetworkConfigError(str(exc)) from None
     cls, extra = LoRANetwork, {}
     if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA…: LyCORIS' modules (optional package)
+        if flow_select.type_problem(net, arch):
+            raise NetworkConfigError(f"network.type: {flow_select.type_problem(net, arch)}")
         if family(arch).network_module != "networks.lora":
             raise NetworkConfigError(f"network.type: {net['type']} is not available for {family(arch).title} yet "
                                      "(its files' layout is LoRA's); use lora")
@@ -29,7 +34,7 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
         arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
         unet_targets=net.get("unet_target_modules") or UNET_TARGETS,
-        te_targets=net.get("text_encoder_target_modules") or TE_TARGETS,
+        te_targets=flow_select.te_targets(net, net.get("text_encoder_target_modules") or TE_TARGETS),
         exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
         blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,
-        **extra)
+        **({"keep": keep} if keep else {}), **extra)

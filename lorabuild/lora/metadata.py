@@ -190,6 +190,12 @@ def network_args(net: Mapping) -> dict[str, str]:
     for key in ("exclude_patterns", "include_patterns"):
         if net.get(key):
             out[key] = repr(list(net[key]))
+    # FLUX.1 / SD 3.5 (kohya networks.lora_flux, lora_sd3): as kohya's command line gives them
+    for key in ("train_double_block_indices", "train_single_block_indices", "train_blocks", "train_block_indices"):
+        if net.get(key) is not None:
+            out[key] = str(net[key])
+    if net.get("train_t5xxl"):
+        out["train_t5xxl"] = "True"
     for key, default in (("unet_target_modules", ["Transformer2DModel"]),
                          ("text_encoder_target_modules", ["CLIPAttention", "CLIPMLP"])):
         if net.get(key) and list(net[key]) != default:  # no kohya equivalent; recorded so the file says how it was made

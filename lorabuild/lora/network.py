@@ -146,7 +146,8 @@ def _targets(root: nn.Module, prefix: str, container_classes, path_prefix: str =
 def te_path_prefix(te: nn.Module) -> str:
     # kohya names follow transformers 4's CLIPTextModel, whose layers sit under
     # `text_model.`; transformers 5 dropped that level. The names must not change with it.
-    return "" if hasattr(te, "text_model") else "text_model."
+    # (T5's names are its own paths: kohya's lora_te3_encoder_block_0_…)
+    return "" if hasattr(te, "text_model") or not type(te).__name__.startswith("CLIP") else "text_model."
 
 
 def target_classes(roots: list, wanted, field: str, aliases: dict | None = None) -> tuple[str, ...]:
@@ -208,9 +209,10 @@ class LoRANetwork(nn.Module):
                  train_text_encoder: bool = True, arch: str = "sd1", conv_dim: int | None = None,
                  conv_alpha: float | None = None, dropout: float = 0.0, unet_targets=UNET_TARGETS,
                  te_targets=TE_TARGETS, exclude_patterns=(), include_patterns=(), blocks: dict | None = None,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0, make=None):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, make=None, keep=None):
         """``blocks``: per-block settings from ``blocks.block_settings`` (kohya block_dims & co.);
-        ``make(name, module, dim, alpha)``: the module to train there (default: kohya's LoRA)."""
+        ``make(name, module, dim, alpha)``: the module to train there (default: kohya's LoRA);
+        ``keep(name)``: whether a denoiser module trains (a flow model's block selection, flow_select)."""
         super().__init__()
         family(arch)  # an unknown architecture: ValueError before any module is looked at
         if tuple(unet_targets) == UNET_TARGETS:  # the default (SD's Transformer2DModel): the family's own targets
@@ -225,6 +227,10 @@ class LoRANetwork(nn.Module):
         if not found:
             raise NetworkConfigError("network.exclude_patterns: every module is excluded (include_patterns "
                                      "brings modules back)")
+        found = [f for f in found if keep is None or f[3] or keep(f[0])]
+        if not found:
+            raise NetworkConfigError("network: the block selection (train_*block_indices, train_blocks) leaves no "
+                                     "module to train")
         conv_alpha = conv_dim if conv_alpha is None else conv_alpha
         if make is None:
             make = lambda n, m, d, a: LoRAModule(n, m, d, a, dropout, rank_dropout, module_dropout)  # noqa: E731

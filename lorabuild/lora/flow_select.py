@@ -1,0 +1,122 @@
+"""Which parts of a flow model's network train: kohya's block selection for FLUX.1 and SD 3.5 and its
+T5 option; numbers and names only, no torch (``validate`` reads it).
+
+Facts from sd-scripts ``networks/lora_flux.py`` (``parse_block_selection``, ``train_blocks``,
+``train_t5xxl``) and ``networks/lora_sd3.py`` (``train_block_indices``): a selection is ``all``,
+``none`` (or empty), or a comma list of 0-based indices and inclusive ranges (``0-5,10``); an index
+the model does not have is refused. ``train_blocks`` keeps one kind of FLUX block (``single`` or
+``double``; ``all``). A block left out gets no LoRA module. With ``train_t5xxl`` the T5 encoder's
+attention and gated MLP (kohya's ``T5Attention``, ``T5DenseGatedActDense``) train beside CLIP, as
+``lora_te3_…``; kohya trains it only with the text encoders.
+
+lorabuild's module names are diffusers' paths (``lora_unet_transformer_blocks_3_attn_to_q``), so a
+module's block is the number after its blocks' prefix.
+"""
+from __future__ import annotations
+
+import re
+
+# family → its block kinds: (kind, lorabuild's module-name prefix, the transformer config's count, field)
+BLOCKS = {
+    "flux": (("double", "lora_unet_transformer_blocks_", "num_layers", "train_double_block_indices"),
+             ("single", "lora_unet_single_transformer_blocks_", "num_single_layers", "train_single_block_indices")),
+    "sd3": (("joint", "lora_unet_transformer_blocks_", "num_layers", "train_block_indices"),),
+}
+# each selection field and train_blocks → the family it is for
+FIELDS = {"train_double_block_indices": "flux", "train_single_block_indices": "flux", "train_blocks": "flux",
+          "train_block_indices": "sd3"}
+T5_FAMILIES = ("flux", "sd3")
+T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")  # kohya TEXT_ENCODER_TARGET_REPLACE_MODULE's T5 part
+_PART = re.compile(r"^(\d+)(?:-(\d+))?$")
+TITLES = {"flux": "FLUX.1", "sd3": "SD 3.5"}
+
+
+def parse(text: str, total: int | None, field: str) -> set[int]:
+    """The block indices ``text`` selects out of ``total`` blocks (None: unknown, so no range check)."""
+    text = str(text).strip()
+    if text == "all":
+        if total is None:
+            return set()
+        return set(range(total))
+    if text in ("none", ""):
+        return set()
+    out: set[int] = set()
+    for part in text.split(","):
+        m = _PART.match(part.replace(" ", ""))
+        if m is None:
+            raise ValueError(f"network.{field}: {part.strip()!r} is not an index or a range (kohya's syntax: all, none, "
+                             "or indices and ranges such as 0-5,10)")
+        start, end = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if start > end:
+            raise ValueError(f"network.{field}: the range {start}-{end} runs backwards")
+        if total is not None and end >= total:
+            raise ValueError(f"network.{field}: block {end} is out of range: this transformer has {total} such blocks "
+                             f"(0-{total - 1})")
+        out.update(range(start, end + 1))
+    return out
+
+
+def problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
+    """(field, message) for selection options that cannot apply: the wrong family (where it is known),
+    syntax, T5 training without the text encoders. Ranges are checked with the model (:func:`block_filter`)."""
+    out = [("type", type_problem(net, arch))] if type_problem(net, arch) else []
+    for field, fam in FIELDS.items():
+        if net.get(field) is None:
+            continue
+        if arch is not None and arch != fam:
+            out.append((field, f"is for {TITLES[fam]}; this model is not"))
+        elif field != "train_blocks":
+            try:
+                parse(net[field], None, field)
+            except ValueError as exc:
+                out.append((field, str(exc).split(": ", 1)[1]))
+    if net.get("train_t5xxl"):
+        if arch is not None and arch not in T5_FAMILIES:
+            out.append(("train_t5xxl", "is for FLUX.1 and SD 3.5 (the models with a T5 text encoder)"))
+        elif not net.get("train_text_encoder"):
+            out.append(("train_t5xxl", "needs network.train_text_encoder: true (kohya trains T5 only with the text "
+                        "encoders)"))
+    return out
+
+
+def type_problem(net: dict, arch: str | None) -> str | None:
+    """Why ``network.type`` cannot train this flow model, or None: a LyCORIS type. lorabuild trains
+    diffusers' split q, k, v and saves them fused in kohya's/BFL's names, exact for LoRA (rows of a
+    block-diagonal up); a LoHa or LoKr of each part has no fused equivalent, and diffusers' FLUX and SD3
+    loaders read LoRA files only, so such a file would load nowhere as trained."""
+    kind = net.get("type") or "lora"
+    if arch in BLOCKS and kind not in ("lora", "locon"):
+        return (f"{kind} is not available for {TITLES[arch]}: its files fuse q, k and v as kohya's do, which is exact "
+                "for LoRA only, and diffusers loads LoRA files only for this model; use lora")
+    return None
+
+
+def block_filter(net: dict, arch: str, config: dict):
+    """``keep(module name) -> bool`` for the denoiser's modules under the block selection, or None when
+    every block trains; a selection the model does not fit is a ValueError naming the field."""
+    wrong = problems(net, arch)
+    if wrong:
+        field, msg = wrong[0]
+        raise ValueError(f"network.{field}: {msg}")
+    chosen = {}
+    for kind, prefix, count, field in BLOCKS.get(arch, ()):
+        total = int(config.get(count) or 0)
+        picked = parse(net.get(field) or "all", total, field)
+        if net.get("train_blocks") not in (None, "all", kind):
+            picked = set()
+        if len(picked) < total:
+            chosen[prefix] = picked
+    if not chosen:
+        return None
+
+    def keep(name: str) -> bool:
+        for prefix, picked in chosen.items():
+            if name.startswith(prefix):
+                return int(name[len(prefix):].split("_", 1)[0]) in picked
+        return True  # not a block's module (a text encoder's)
+    return keep
+
+
+def te_targets(net: dict, targets) -> tuple[str, ...]:
+    """The text encoders' target classes: T5's added with ``train_t5xxl``."""
+    return (*targets, *T5_TARGETS) if net.get("train_t5xxl") else tuple(targets)
