@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "resources", "yamlio", "winenv", "precision", "progress", "faults", "images", "buckets",
                     "multires", "captions", "dataset", "prompts", "extras", "hints", "train.optimizers", "wd14",
                     "train.plan", "train.losses", "train.ema", "lora.lyco_options", "gallery", "leftovers", "world",
-                    "train.dist", "importers.scripts", "flow", "objective", "pixels", "train.lossplot", "cpuconv")),
+                    "train.dist", "importers.scripts", "flow", "objective", "pixels", "train.lossplot", "cpuconv", "lora.flow_select")),
     ("text and layout", ("textenc", "lora.layout")),  # what the families build their conditioning and names from
     ("families", ("families", "families.")),  # one module per model family (SD1, SD2, SDXL, …): issue 21
     ("model", ("models", "separate", "checkpoints", "folders", "lora.blocks", "lora.network", "lora.lyco", "lora.adapter", "lora.metadata",
@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("commands", ("commands.status", "commands.report", "commands.watch", "commands.tag", "commands.doctor",
                   "train.worker", "serve", "serve.", "commands.validate", "importers.common", "importers.read",
                   "importers.options", "importers.datasets", "importers.convert", "importers.write",
-                  "importers.aitoolkit", "importers.onetrainer")),
+                  "importers.aitoolkit", "importers.onetrainer", "importers.flow")),
     ("cli", ("cli", "__main__")),
 ]
 

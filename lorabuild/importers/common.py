@@ -21,3 +21,17 @@ class Source:
     gui_only: list[str] = field(default_factory=list)  # GUI settings with no effect on what is trained
     empty: list[str] = field(default_factory=list)  # GUI fields left empty: kohya's default
     renamed: dict = field(default_factory=dict)  # the sd-scripts option → the GUI field it came from
+
+
+def to_bool(v) -> bool:
+    """A kohya config's boolean as GUIs write it (an empty field of a store_true flag is on)."""
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "")
+
+
+def flag(v: str) -> bool:
+    """A network_args boolean (``true``/``false``, ``1``/``0``, ``yes``/``no``); ValueError otherwise."""
+    if v.strip().lower() in ("true", "1", "yes"):
+        return True
+    if v.strip().lower() in ("false", "0", "no", ""):
+        return False
+    raise ValueError(v)

@@ -28,7 +28,7 @@ def convert_full(cfg: dict, dataset_cfg: dict | None = None) -> Result:
             flat[k] = v
     flat = {k.replace("-", "_"): v for k, v in flat.items()}
     module = str(flat.get("network_module", "networks.lora"))
-    flat = flow.map_flow(r, flat)  # FLUX.1 / SD 3.5: the objective's options read together
+    flat = flow.map_flow(r, flat, is_off)  # FLUX.1 / SD 3.5: the objective's options read together
     for key, value in flat.items():
         if isinstance(value, str) and re.search(r"\$\{?\w", value):
             r.unmapped.append(f"{key} = {value!r} (a script variable that is not set)")

@@ -21,6 +21,8 @@ objective setting kohya trains with. Facts from sd-scripts ``library/flux_train_
 """
 from __future__ import annotations
 
+from .common import flag, to_bool
+
 FLUX_SCRIPT, SD3_SCRIPT = "flux_train_network.py", "sd3_train_network.py"
 OBJECTIVE = ("timestep_sampling", "sigmoid_scale", "model_prediction_type", "discrete_flow_shift", "training_shift",
              "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
@@ -41,11 +43,10 @@ def kind(flat: dict) -> str | None:
     return None
 
 
-def map_flow(r, flat: dict) -> dict:
+def map_flow(r, flat: dict, is_off) -> dict:
     """Map a FLUX/SD3 config's objective and T5 options onto ``r`` (an options.Result); returns the
-    options left for the general table. An SD config's flow options are listed as not applying."""
-    from .options import is_off, to_bool
-
+    options left for the general table. An SD config's flow options are listed as not applying.
+    ``is_off(key, value)``: whether a GUI's field is off (options.is_off, whose tables it reads)."""
     family = kind(flat)
     ours = [k for k in flat if k in OBJECTIVE or k in T5]
     if family is None:  # set ones listed (GUIs write every field: an empty one is off, as any other)
@@ -143,13 +144,11 @@ def _sd3(r, given: dict) -> None:
 
 def network_arg(r, key: str, value: str) -> bool:
     """A FLUX/SD3 network_args option mapped or listed; False for one this does not know."""
-    from .options import _flag
-
     if key in NETWORK_ARGS:
         dotted, conv = NETWORK_ARGS[key]
         r.set(f"network.{dotted}", conv(value.strip()), f"network_args {key}")
     elif key == "train_t5xxl":
-        if _flag(value):
+        if flag(value):
             r.set("network.train_t5xxl", True, "network_args train_t5xxl")
         else:
             r.off.append("network_args train_t5xxl")

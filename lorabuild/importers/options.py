@@ -16,14 +16,11 @@ from dataclasses import dataclass, field
 
 from ..prompts import SAMPLER_ALIASES, SAMPLER_NAMES
 from ..yamlio import load as yaml_load
+from .common import flag, to_bool  # noqa: F401 - the other importers read to_bool here
 
 
 def _precision(v: str) -> str:
     return {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[str(v)]
-
-
-def to_bool(v) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "")
 
 
 def _raw_kv(v) -> dict[str, str]:
@@ -214,22 +211,14 @@ ZERO_OFF = {"max_train_epochs", "max_train_steps", "save_every_n_epochs", "save_
             "enable_wildcard"}
 # the networks sd-scripts can train; lorabuild trains networks.lora (with LoCon), and LyCORIS' locon as that
 # lycoris.kohya's network_args for the types lorabuild trains (lora/lyco.py), and its algo names
-LYCORIS_ARGS = {"factor": ("factor", int), "decompose_both": ("decompose_both", lambda v: _flag(v)),
-                "use_tucker": ("use_tucker", lambda v: _flag(v)), "use_scalar": ("use_scalar", lambda v: _flag(v)),
-                "rank_dropout_scale": ("rank_dropout_scale", lambda v: _flag(v)),
-                "dora_wd": ("dora_wd", lambda v: _flag(v)), "constraint": ("constraint", float),
-                "rescaled": ("rescaled", lambda v: _flag(v)), "train_on_input": ("train_on_input", lambda v: _flag(v)),
-                "train_norm": ("train_norm", lambda v: _flag(v))}
+LYCORIS_ARGS = {"factor": ("factor", int), "decompose_both": ("decompose_both", lambda v: flag(v)),
+                "use_tucker": ("use_tucker", lambda v: flag(v)), "use_scalar": ("use_scalar", lambda v: flag(v)),
+                "rank_dropout_scale": ("rank_dropout_scale", lambda v: flag(v)),
+                "dora_wd": ("dora_wd", lambda v: flag(v)), "constraint": ("constraint", float),
+                "rescaled": ("rescaled", lambda v: flag(v)), "train_on_input": ("train_on_input", lambda v: flag(v)),
+                "train_norm": ("train_norm", lambda v: flag(v))}
 LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "ia3": "ia3", "full": "full",
                  "diag-oft": "diag-oft"}
-
-
-def _flag(v: str) -> bool:
-    if v.strip().lower() in ("true", "1", "yes"):
-        return True
-    if v.strip().lower() in ("false", "0", "no", ""):
-        return False
-    raise ValueError(v)
 
 
 def _is_default(k2: str, v2: str) -> bool:
@@ -257,7 +246,7 @@ def _lycoris_type(r: Result, algo: str, args: dict, module: str) -> str | None:
                                   "LoRA has none)")
         return None
     if kind in ("lora", "locon") and "dora_wd" in args:
-        if _flag(args.pop("dora_wd")):
+        if flag(args.pop("dora_wd")):
             kind = "dora"
         else:
             r.off.append("network_args dora_wd")
