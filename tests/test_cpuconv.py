@@ -182,3 +182,26 @@ def test_release_frozen_lets_the_cache_stages_vae_go(monkeypatch):
     assert ref() is not None and runtime._load.cache_info().currsize == 1  # held by the cache
     runtime.release_frozen()
     assert ref() is None and runtime._load.cache_info().currsize == 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_through_the_chosen_path(reentrant, tmp_path, small_threshold):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1))
+    lora = nn.Conv2d(8, 8, 1)  # a trained part after the frozen block, as a LoRA is
+    block.requires_grad_(False)
+    x = torch.randn(1, 8, 10, 10, requires_grad=True)
+
+    def grads():  # .backward(): reentrant checkpointing refuses autograd.grad
+        x.grad = lora.weight.grad = None
+        lora(checkpoint(block, x, use_reentrant=reentrant)).square().sum().backward()
+        return x.grad.clone(), lora.weight.grad.clone()
+    ref = grads()
+    for path in cpuconv.PATHS:
+        cpuconv.uninstall(block)
+        cpuconv.install(block, _forced(path, tmp_path, "c.json"))
+        got = grads()
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
