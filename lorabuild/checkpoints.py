@@ -35,7 +35,7 @@ def checkpoint_tensors(path: Path, allow_pickle: bool) -> dict:
                 f"{path} is a pickle checkpoint ({path.suffix}): unpickling can run code hidden in the file. "
                 "Use a .safetensors copy of it, or set 'allow_pickle: true' in the project to load it with "
                 "torch.load(weights_only=True), which refuses anything but tensors")
-        return {k: (tuple(v.shape), str(v.dtype)) for k, v in _pickle_state_dict(path).items()}
+        return {k: (tuple(v.shape), str(v.dtype)) for k, v in pickle_state_dict(path).items()}
     if path.suffix.lower() != ".safetensors":
         raise ModelError(f"{path}: a single-file checkpoint must be .safetensors "
                          f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle: true)")
@@ -48,7 +48,7 @@ def checkpoint_tensors(path: Path, allow_pickle: bool) -> dict:
         raise ModelError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
-def _pickle_state_dict(path: Path) -> dict:
+def pickle_state_dict(path: Path) -> dict:
     import pickle
 
     import torch

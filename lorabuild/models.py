@@ -24,7 +24,7 @@ from .precision import to_device  # noqa: F401 - the trainer and benches read it
 from .families.base import CONFIGS_DIR, TOKENIZER_DIR  # noqa: F401 - CONFIGS_DIR: scripts and tests read it here
 from .errors import ModelError  # its home is errors.py (folders.py raises it too); callers read it here
 from . import separate
-from .checkpoints import PICKLE_SUFFIXES, checkpoint_tensors, offline  # noqa: F401 - read here by config, importers, bench
+from .checkpoints import PICKLE_SUFFIXES, checkpoint_tensors, offline, pickle_state_dict  # noqa: F401 - read here by config, importers, bench
 from .folders import atomic_dir, link_tree
 from .resources import DATA_DIR
 
@@ -361,7 +361,7 @@ def _convert(path: Path, cfg_dir: Path, arch: str, pred: str, dtype: str, out: P
             from safetensors.torch import save_file
 
             src = work / "checkpoint.safetensors"
-            save_file({k: v.contiguous().clone() for k, v in _pickle_state_dict(path).items()}, str(src))
+            save_file({k: v.contiguous().clone() for k, v in pickle_state_dict(path).items()}, str(src))
         torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "float16": torch.float16,
                        "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16}.get(dtype, torch.float32)
         try:
@@ -444,7 +444,7 @@ def _convert_vae(path: Path, base: Path, out: Path, allow_pickle: bool) -> None:
 
     offline()
     tensors = checkpoint_tensors(path, allow_pickle)
-    src = _pickle_state_dict(path) if path.suffix.lower() in PICKLE_SUFFIXES else str(path)
+    src = pickle_state_dict(path) if path.suffix.lower() in PICKLE_SUFFIXES else str(path)
     try:
         vae = AutoencoderKL.from_single_file(src, config=str(base), subfolder="vae", local_files_only=True)
     except Exception as exc:
