@@ -166,26 +166,45 @@ def render(pipe, prompt: str, seeds, steps: int = 30, cfg: float = 4.0) -> list:
     spread half the data's), while the fresh noise of an ancestral step restores the detail.
     Measured on the 5394-step model of 2026-12-01: DDIM 0% of prompts right, Euler ancestral 13%
     (shapes 60-70%; backgrounds by chance, which offset noise then fixed: pretrain.json)."""
+    return render_many(pipe, [prompt], seeds, steps, cfg)[prompt]
+
+
+def render_many(pipe, prompts, seeds, steps: int = 30, cfg: float = 4.0, batch: int = 96) -> dict:
+    """{prompt: one sample per seed}, as ``render`` draws them, in batches of up to ``batch``
+    samples across prompts: the world UNet is small, so one call per prompt costs mostly overhead."""
     import torch
     from diffusers import EulerAncestralDiscreteScheduler
 
     if not isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler):
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [(p, s) for p in prompts for s in seeds]
+    images = []
     with torch.no_grad():
-        return pipe([prompt] * len(gens), width=world.SIZE, height=world.SIZE, num_inference_steps=steps,
-                    guidance_scale=cfg, generator=gens).images
+        for i in range(0, len(jobs), batch):
+            part = jobs[i:i + batch]
+            gens = [torch.Generator("cpu").manual_seed(s) for _, s in part]
+            images += pipe([p for p, _ in part], width=world.SIZE, height=world.SIZE, num_inference_steps=steps,
+                           guidance_scale=cfg, generator=gens).images
+    out = {p: [] for p in prompts}
+    for (p, _), im in zip(jobs, images):
+        out[p].append(im)
+    return out
 
 
-def prompt_accuracy(pipe, prompts, seeds: int) -> dict:
-    """Mean share of samples (``seeds`` per prompt) showing everything their prompt names, per
-    prompt, and per attribute (shape, colour, background: which of them a weak model misses)."""
-    scores = {p: score(render(pipe, p, range(seeds)), p) for p in prompts}
+def _accuracy(scores: dict, seeds: int) -> dict:
     per = {p: s["all"] for p, s in scores.items()}
     attrs = {k: round(sum(s[k] for s in scores.values()) / len(scores), 3)
              for k in ("shape", "colour", "background") if all(k in s for s in scores.values())}
     return {"prompt_accuracy": round(sum(per.values()) / len(per), 3), "per_prompt": per, "attributes": attrs,
             "seeds": seeds}
+
+
+def prompt_accuracy(pipe, prompts, seeds: int, steps: int = 30) -> dict:
+    """Mean share of samples (``seeds`` per prompt) showing everything their prompt names, per
+    prompt, and per attribute (shape, colour, background: which of them a weak model misses)."""
+    images = render_many(pipe, list(prompts), range(seeds), steps)
+    return _accuracy({p: score(images[p], p) for p in prompts}, seeds)
 
 
 @contextmanager
@@ -204,9 +223,10 @@ def lora(pipe, network: dict, path):
         net.restore()
 
 
-def lesson(pipe, trigger_prompt: str, concept: str, known, seeds: int) -> dict:
+def lesson(pipe, trigger_prompt: str, concept: str, known, seeds: int, steps: int = 30) -> dict:
     """What a model draws: the concept rate of ``trigger_prompt`` and the prompt accuracy on ``known`` (if any)."""
-    out = {"concept": score(render(pipe, trigger_prompt, range(seeds)), trigger_prompt, concept)["concept"]}
+    images = render_many(pipe, [trigger_prompt, *known], range(seeds), steps)
+    out = {"concept": score(images[trigger_prompt], trigger_prompt, concept)["concept"]}
     if known:
-        out.update(prompt_accuracy(pipe, known, seeds))
+        out.update(_accuracy({p: score(images[p], p) for p in known}, seeds))
     return out
