@@ -96,7 +96,7 @@ def main() -> None:
     text = (f"### Caching throughput, SD 1.5 architecture (random weights, fp32), median of {rounds} round(s), "
             "batched and one-at-a-time interleaved\n\n"
             + table(["what", "batch", "batched, images/s", "one at a time, images/s", "batched, s/image"], rows)
-            + "\n\nkohya sd-scripts (issue 10's table): VAE latent caching 2.9 s/image at 256 px, 11.3 at 512 px.")
+            + "\n\nAgainst kohya: bench/kohya_side.py, both tools in one run.")
     publish("Caching throughput" + (" (--quick)" if args.quick else ""), text, loads)
 
 

@@ -23,16 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load, median, publish, sd15_project, table, watch  # noqa: E402
 from train_step import measure  # noqa: E402
 
-KOHYA = {256: 52, 512: 133}  # cold caches, issue 10's table
 TRAIN = [sys.executable, "-m", "doit", "train:bench"]
 
 
 def row(size: int, kind: str, ws: list) -> list:
     first = median([w.steps[0] for w in ws])
     loaded = median([w.banner for w in ws])
-    target = 0.8 * KOHYA[size]
-    return [size, kind, f"{loaded:.1f}", f"{first - loaded:.1f}", f"{first:.1f}",
-            f"{KOHYA[size]} cold ({first / KOHYA[size]:.2f}×; target ≤ {target:.0f})"]
+    return [size, kind, f"{loaded:.1f}", f"{first - loaded:.1f}", f"{first:.1f}"]
 
 
 def main() -> None:
@@ -55,8 +52,8 @@ def main() -> None:
     loads.append(load())
     text = ("### Process start → first optimizer step done, `doit train:bench`, SD 1.5 architecture (random weights, "
             "fp32), 8 images, batch 1, LoRA dim 32, UNet + text encoder trained\n\n"
-            + table(["px", "caches", "start → models loaded s", "→ first step done s", "start → first step s",
-                     "kohya s"], rows))
+            + table(["px", "caches", "start → models loaded s", "→ first step done s", "start → first step s"], rows)
+            + "\n\nAgainst kohya: bench/kohya_side.py, both tools in one run.")
     publish("Time to first step" + (" (--quick)" if args.quick else ""), text, loads)
 
 

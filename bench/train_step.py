@@ -28,12 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load, median, publish, run, sd15_project, table, watch, write_settings  # noqa: E402
 
-KOHYA = {  # issue 10's reference: kohya sd-scripts train_network.py, s/step (UNet + TE trained)
-    (256, False): 5.7, (256, True): 10.0, (512, False): 20.3, (512, True): 26.3,
-}
-KOHYA_RSS = {256: 7.2, 512: 8.5}
-
-
 def measure(root: Path, settings: dict, steps: int, env: dict | None = None):
     """One fresh ``doit train:bench`` with ``settings``, stopped after ``steps`` optimizer steps."""
     # a new comment makes a new run key, so training runs instead of restoring an earlier result
@@ -72,16 +66,14 @@ def main_table(args, tmp: Path) -> str:
         per_step = median([s for w in ws for s in w.step_seconds()])
         cpu = median([s for w in ws for s in w.step_cpu()])
         rss = max(w.rss_gib for w in ws)
-        ref = KOHYA.get((size, gc)) if te else None
         rows.append([size, "trained" if te else "frozen (cached embeddings)", "on" if gc else "off", "on" if lean else "off",
-                     f"{per_step:.2f}", f"{cpu:.2f}", f"{ref:.1f} ({per_step / ref:.2f}×)" if ref else "-",
-                     f"{rss:.2f}", f"{KOHYA_RSS[size]} ({rss / KOHYA_RSS[size]:.2f}×)" if te and not gc else "-"])
+                     f"{per_step:.2f}", f"{cpu:.2f}", f"{rss:.2f}"])
     loads.append(load())
     return loads, (f"### s/step and peak RSS, SD 1.5 architecture (random weights, fp32), batch 1, LoRA dim 32, "
                    f"AdamW, SDPA; median of steps 2..{args.steps} over {args.rounds} round(s); "
                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}\n\n"
-                   + table(["px", "text encoder", "grad. checkpointing", "lean_cpu_memory", "s/step", "CPU s/step", "kohya s/step (ratio)",
-                            "peak RSS GiB", "kohya peak RSS GiB (ratio)"], rows))
+                   + table(["px", "text encoder", "grad. checkpointing", "lean_cpu_memory", "s/step", "CPU s/step",
+                            "peak RSS GiB"], rows))
 
 
 VARIANTS = ("as trained", "base weights require grad", "channels_last", "bf16 autocast", "torch.compile")
@@ -185,8 +177,7 @@ def main() -> None:
         else:
             loads, text = main_table(args, Path(tmp))
             title = "Training step"
-    note = ("\n\nkohya sd-scripts (issue 10's table, UNet + text encoder trained): 5.7 / 10.0 s/step at 256 px and "
-            "20.3 / 26.3 at 512 px (without / with gradient checkpointing); peak RSS 7.2 / 8.5 GiB.")
+    note = "\n\nAgainst kohya: bench/kohya_side.py, both tools in one run."
     publish(title + (" (--quick)" if args.quick else ""), text + note, loads)
 
 
