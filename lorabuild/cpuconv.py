@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 
 # below this a convolution keeps PyTorch's path: timing it would cost more than it could save
-MIN_FLOP = float(os.environ.get("LORABUILD_CPU_CONV_MIN_FLOP", 50e6))
+def _min_flop(default: float = 50e6) -> float:
+    try:
+        return float(os.environ.get("LORABUILD_CPU_CONV_MIN_FLOP", default))
+    except ValueError:  # a mistyped value keeps the default rather than stopping every build
+        return default
+
+
+MIN_FLOP = _min_flop()
 PATHS = ("mkldnn", "thnn")
 
 
@@ -160,6 +167,8 @@ def install(model, chooser: Chooser) -> int:
     import torch
     from torch import nn
 
+    from .precision import autocast_on
+
     fn = _conv_function()
     n = 0
     for mod in model.modules():
@@ -169,7 +178,7 @@ def install(model, chooser: Chooser) -> int:
 
         def conv_forward(x, weight, bias, _mod=mod, _own=own):
             if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.ndim != 4
-                    or torch.is_autocast_enabled("cpu")):
+                    or autocast_on("cpu")):
                 return _own(x, weight, bias)
             b, c, h, w = x.shape
             kh, kw = _mod.kernel_size

@@ -51,3 +51,13 @@ def to_device(tensor, device):
     if getattr(device, "type", device) == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` ("cpu", "cuda", ...), on every torch lorabuild supports."""
+    import torch
+
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4 asks per device kind
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()

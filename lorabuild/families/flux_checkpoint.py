@@ -35,6 +35,13 @@ SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"
 SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 
 
+def _move(sd: dict, out: dict, src: str, dst: str) -> None:
+    """A Linear's weight (and bias, if it has one) from ``sd[src.*]`` to ``out[dst.*]``."""
+    for p in ("weight", "bias"):
+        if f"{src}.{p}" in sd:
+            out[f"{dst}.{p}"] = sd.pop(f"{src}.{p}")
+
+
 def bfl_state_dict(transformer) -> dict:
     """The transformer's weights under BFL's names (tensors shared where nothing is fused)."""
     import torch
@@ -42,24 +49,19 @@ def bfl_state_dict(transformer) -> dict:
     sd = transformer.state_dict()
     out = {}
 
-    def linear(src: str, dst: str) -> None:
-        for p in ("weight", "bias"):
-            if f"{src}.{p}" in sd:
-                out[f"{dst}.{p}"] = sd.pop(f"{src}.{p}")
-
     def fused(prefix: str, dst: str, parts: tuple) -> None:
         for p in ("weight", "bias"):
             out[f"{dst}.{p}"] = torch.cat([sd.pop(f"{prefix}{part}.{p}") for part in parts], dim=0)
 
     for src, dst in PLAIN.items():
-        linear(src, dst)
+        _move(sd, out, src, dst)
     for kind, plain, norms, fuse, name in (("transformer_blocks", DOUBLE, DOUBLE_NORMS, DOUBLE_FUSED, "double_blocks"),
                                            ("single_transformer_blocks", SINGLE, SINGLE_NORMS, SINGLE_FUSED,
                                             "single_blocks")):
         for i in range(len(getattr(transformer, kind))):
             pre, bfl = f"{kind}.{i}.", f"{name}.{i}."
             for src, dst in plain.items():
-                linear(pre + src, bfl + dst)
+                _move(sd, out, pre + src, bfl + dst)
             for src, dst in norms.items():
                 out[f"{bfl}{dst}.scale"] = sd.pop(f"{pre}{src}.weight")
             for dst, parts in fuse.items():
@@ -88,11 +90,6 @@ def from_bfl(sd: dict, config: dict) -> dict:
             raise ValueError(f"the file has no {key}")
         return sd.pop(key)
 
-    def linear(dst: str, src: str) -> None:
-        for p in ("weight", "bias"):
-            if f"{src}.{p}" in sd:
-                out[f"{dst}.{p}"] = sd.pop(f"{src}.{p}")
-
     def split(prefix: str, src: str, parts: tuple) -> None:
         for p in ("weight", "bias"):
             fused = take(f"{src}.{p}")
@@ -102,7 +99,7 @@ def from_bfl(sd: dict, config: dict) -> dict:
 
     for dst, src in PLAIN.items():
         if config.get("guidance_embeds") or not dst.startswith("time_text_embed.guidance_embedder"):
-            linear(dst, src)  # schnell has no guidance embedding: a dev file's is left over, an error
+            _move(sd, out, src, dst)  # schnell has no guidance embedding: a dev file's is left over, an error
     for kind, plain, norms, fuse, name, n in (
             ("transformer_blocks", DOUBLE, DOUBLE_NORMS, DOUBLE_FUSED, "double_blocks", config["num_layers"]),
             ("single_transformer_blocks", SINGLE, SINGLE_NORMS, SINGLE_FUSED, "single_blocks",
@@ -110,7 +107,7 @@ def from_bfl(sd: dict, config: dict) -> dict:
         for i in range(n):
             pre, bfl = f"{kind}.{i}.", f"{name}.{i}."
             for dst, src in plain.items():
-                linear(pre + dst, bfl + src)
+                _move(sd, out, bfl + src, pre + dst)
             for dst, src in norms.items():
                 out[f"{pre}{dst}.weight"] = take(f"{bfl}{src}.scale")
             for src, parts in fuse.items():

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..precision import autocast_on
 from .blocks import block_index
 from ..families import family
 
@@ -34,13 +35,6 @@ TE_ALIASES = {"CLIPAttention": ("CLIPSdpaAttention", "CLIPFlashAttention2")}
 
 class NetworkConfigError(ValueError):
     """The network options cannot build a network on this model; the message names the field."""
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch before 2.4 asks per device kind
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 class LoRAModule(nn.Module):
@@ -91,7 +85,7 @@ class LoRAModule(nn.Module):
             return out
         # LoRA weights stay fp32 while the base may run in fp16/bf16. Under autocast the matmul casts
         # its operands itself: an fp32 copy of the activation would only be cast back (same values).
-        if not _autocast_on(x.device.type):
+        if not autocast_on(x.device.type):
             x = x.to(self.lora_down.weight.dtype)
         lx = self.lora_down(x)
         if self.dropout and self.training:

@@ -89,17 +89,13 @@ def release_frozen() -> None:
     its encoder's activations left are otherwise carried through the whole run."""
     import gc
 
+    from ..train.loop import glibc
+
     _load.cache_clear()
     gc.collect()
-    if sys.platform.startswith("linux"):  # glibc's malloc_trim hands the heap's free pages back
-        import ctypes
-
-        try:
-            libc = ctypes.CDLL(None)
-            if hasattr(libc, "malloc_trim"):
-                libc.malloc_trim(0)
-        except OSError:
-            pass
+    libc = glibc()
+    if libc is not None:  # glibc's malloc_trim hands the heap's free pages back
+        libc.malloc_trim(0)
 
 
 def conv_choices(ctx: Context) -> Path:

@@ -127,6 +127,20 @@ def _compiled(tr: dict, unet, device):
     return torch.compile(unet)
 
 
+def glibc():
+    """The C library this process runs on when it is glibc on Linux (mallopt, malloc_trim), else None."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):  # elsewhere CDLL(None) raises TypeError (Windows), or finds no glibc
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 class LeanHeap:
     """``train.lean_cpu_memory``: while the forward pass runs, glibc serves allocations of 1 MiB
     and more that the heap's free space cannot hold with their own mappings, returned to the
@@ -148,18 +162,8 @@ class LeanHeap:
         self.libc = None
         if not wanted:
             return
-        import ctypes
-        import sys
-
-        libc = None
-        if sys.platform.startswith("linux"):  # elsewhere CDLL(None) raises TypeError (Windows), or finds no glibc
-            try:
-                libc = ctypes.CDLL(None)  # the C library this process runs on
-            except OSError:
-                pass
-        usable = (libc is not None and device.type == "cpu" and sys.platform.startswith("linux")
-                  and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")
-                  and libc.mallopt(self.M_MMAP_THRESHOLD, self.BACKWARD) == 1)
+        libc = glibc()
+        usable = libc is not None and device.type == "cpu" and libc.mallopt(self.M_MMAP_THRESHOLD, self.BACKWARD) == 1
         self.libc = libc if usable else None
         if self.libc is None:
             print(f"train: lean_cpu_memory has no effect here (it needs CPU training with glibc on Linux; "
