@@ -250,6 +250,8 @@ def report(args, k: dict, lb: dict, kcase: Case, lcase: Case, modules: str, rate
              f"- steps seen: kohya {k.get('steps', 0)}, lorabuild {lb.get('steps', 0)}; wall: kohya "
              f"{kcase.wall:.1f} s, lorabuild {lcase.wall:.1f} s",
              f"- load average (1/5/15 min) before kohya, before lorabuild, after: {', '.join(loads)}",
+             "- lorabuild's CPU convolution paths: " + ("timed in this run (--fresh-tuning)" if args.fresh_tuning
+                                                        else "the machine's choices (~/.cache/lorabuild/tuning)"),
              f"- kohya sd-scripts {args.commit[:12]} ({kver}); lorabuild {git_head()} ({machine()})"]
     return head + table(["", "kohya", "lorabuild cold", "lorabuild / kohya"], rows) + "\n\n" + "\n".join(notes + status)
 
@@ -278,7 +280,11 @@ def run_kohya(args, ckpt: Path, data: Path, tmp: Path) -> tuple[Case, Path | Non
 
 def run_lorabuild(args, root: Path) -> tuple[Case, Path | None]:
     print("kohya_side: running doit train:bench", flush=True)
-    case = watch(Case("lorabuild"), [sys.executable, "-m", "doit", "train:bench"], root, {})
+    # --fresh-tuning: a machine lorabuild has never trained on, which times its CPU convolution
+    # paths in step 1; by default the machine's own choices (~/.cache/lorabuild/tuning), as every
+    # workspace after a user's first one has them
+    env = {"LORABUILD_TUNING_DIR": str(root.parent / "tuning")} if args.fresh_tuning else {}
+    case = watch(Case("lorabuild"), [sys.executable, "-m", "doit", "train:bench"], root, env)
     saved = sorted((root / "output").rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)  # the final save
     return case, (saved[-1] if saved else None)
 
@@ -297,6 +303,8 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=1800, help="longest wait for a quiet machine, s")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="both tools with gradient checkpointing")
     ap.add_argument("--unet-only", action="store_true", help="text encoder frozen (kohya --network_train_unet_only)")
+    ap.add_argument("--fresh-tuning", action="store_true",
+                    help="lorabuild times its CPU convolution paths in this run (a machine it never ran on)")
     ap.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
     try:

@@ -11,9 +11,15 @@ seen, the forward (and, on the first backward pass, the input/weight gradients) 
 path, timed, and the faster one is used from then on. Both paths compute the same convolution
 (they differ in summation order, at float32 rounding).
 
-The choices are written to a small JSON file per machine (CPU model, torch version, threads), so
-the next run on the same machine times nothing and makes exactly the same choices: a resumed run
-computes what the uninterrupted one did. Convolutions too small to matter (tiny test models,
+The choices are written to a small JSON file per machine (CPU model, torch version, threads) in
+the user's cache folder (``tuning_dir``), shared by every workspace: the next run on the same
+machine times nothing and makes exactly the same choices, so a resumed run computes what the
+uninterrupted one did, and two workspaces building the same project on one machine get the same
+bits. (Kept per workspace, as at first, each new workspace timed again, and timing noise could
+choose the other path for a shape whose two paths run about as fast: the same project then
+trained to weights a float32 rounding apart.) A process that meets a shape not yet in the file
+times it holding the file's lock, after reading the file again: processes starting together (the
+ranks of a distributed run, parallel builds) time each shape once and all use that one choice. Convolutions too small to matter (tiny test models,
 LoCon's rank-sized ones) and every case but a float32 ``zeros``-padded 2-D convolution on the
 CPU outside autocast keep PyTorch's own path, as do GPUs (cuDNN chooses there).
 
@@ -22,9 +28,11 @@ image), gained nothing (6.16 s CPU on PyTorch's path, 6.37 routed), so caching k
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,6 +47,29 @@ def _min_flop(default: float = 50e6) -> float:
 
 MIN_FLOP = _min_flop()
 PATHS = ("mkldnn", "thnn")
+LOCK_WAIT = 300.0  # seconds to wait for another process timing shapes (a whole SD 1.5 step's shapes take ~20 s)
+
+
+def tuning_dir() -> Path:
+    """Where the choices live: ``LORABUILD_TUNING_DIR``, else the user's cache folder
+    (``%LOCALAPPDATA%\\lorabuild\\tuning`` on Windows, ``~/Library/Caches/lorabuild/tuning`` on macOS,
+    ``$XDG_CACHE_HOME/lorabuild/tuning`` or ``~/.cache/lorabuild/tuning`` elsewhere)."""
+    if os.environ.get("LORABUILD_TUNING_DIR"):
+        return Path(os.environ["LORABUILD_TUNING_DIR"]).expanduser()
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        base = Path(os.environ["LOCALAPPDATA"])
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lorabuild" / "tuning"
+
+
+def choices_file() -> Path:
+    """This machine's file in :func:`tuning_dir` (one per machine id: a home folder shared between
+    machines keeps each one's own choices)."""
+    digest = hashlib.sha256(machine_id().encode()).hexdigest()[:16]
+    return tuning_dir() / f"cpu-conv-{digest}.json"
 
 
 def machine_id() -> str:
@@ -65,17 +96,51 @@ class Chooser:
         self.choices: dict[str, str] = {}
         self.timed = 0  # shapes timed in this process (the tests count them)
         self._lock = threading.Lock()
-        if path is not None:
-            try:
-                saved = json.loads(Path(path).read_text(encoding="utf-8"))
-                if saved.get("machine") == self.machine:
-                    self.choices = {k: v for k, v in saved.get("choices", {}).items() if v in PATHS}
-            except (OSError, ValueError, AttributeError):
-                pass  # absent or unreadable: measured again and rewritten
+        self._read()
+
+    def _read(self) -> None:
+        """Adopt the file's choices (another process may have added some since)."""
+        if self.path is None:
+            return
+        try:
+            saved = json.loads(Path(self.path).read_text(encoding="utf-8"))
+            if saved.get("machine") == self.machine:
+                self.choices.update({k: v for k, v in saved.get("choices", {}).items() if v in PATHS})
+        except (OSError, ValueError, AttributeError):
+            pass  # absent or unreadable: measured again and rewritten
+
+    def _file_lock(self):
+        """The file's lock across processes (released by the OS if its holder is killed); a folder
+        that cannot hold one (read-only) times without it."""
+        import contextlib
+
+        if self.path is None:
+            return contextlib.nullcontext()
+        from filelock import FileLock
+
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            return FileLock(f"{self.path}.lock", timeout=LOCK_WAIT)
+        except OSError:
+            return contextlib.nullcontext()
 
     def choose(self, key: str, run):
-        """The result of ``run(path)`` on the chosen path for ``key``; the first time, both paths
-        run, timed, and the faster one's result is returned."""
+        """The result of ``run(path)`` on the chosen path for ``key``; the first time on this
+        machine, both paths run, timed, and the faster one's result is returned."""
+        known = self.choices.get(key)
+        if known is not None:
+            return run(known)
+        from filelock import Timeout
+
+        with self._lock:
+            try:
+                with self._file_lock():
+                    return self._choose_locked(key, run)
+            except (Timeout, OSError):  # a lock held too long, or unusable: time it here, unshared
+                return self._choose_locked(key, run)
+
+    def _choose_locked(self, key: str, run):
+        self._read()  # another process may have timed it meanwhile: its choice is the machine's
         known = self.choices.get(key)
         if known is not None:
             return run(known)
@@ -88,10 +153,9 @@ class Chooser:
             results[p] = run(p)
             seconds[p] = self.clock() - t
         best = min(PATHS, key=lambda p: seconds[p])
-        with self._lock:
-            self.choices[key] = best
-            self.timed += 1
-            self._save()
+        self.choices[key] = best
+        self.timed += 1
+        self._save()
         return results[best]
 
     def _save(self) -> None:

@@ -23,6 +23,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # process a test starts). Two threads per worker on two cores oversubscribe them many times over.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+# The CPU convolution choices (lorabuild/cpuconv.py) are per machine, in the user's cache: the
+# suite keeps its own, one file for all its workers (so every workspace a test builds makes the same
+# choices, as on a user's machine) and none of it in the home folder.
+if not os.environ.get("LORABUILD_TUNING_DIR"):
+    import tempfile
+    import uuid
+
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+    os.environ["LORABUILD_TUNING_DIR"] = str(Path(tempfile.gettempdir()) / f"lorabuild-test-tuning-{run_id}")
 # The suite's demo: the random tiny-sd1 model on 16 red-circle / blue-square pictures, fast and
 # with aspect ratios for bucketing. ``lorabuild init`` ships its own demo (projects/demo.yaml);
 # tests that need the shipped one call ``lorabuild init`` themselves.

@@ -136,6 +136,39 @@ def test_small_convolutions_autocast_and_other_dtypes_keep_pytorchs_path(tmp_pat
         cpuconv.MIN_FLOP = saved
 
 
+def test_the_choices_are_the_machines_and_a_process_started_meanwhile_adopts_them(tmp_path, monkeypatch,
+                                                                                   small_threshold):
+    monkeypatch.setenv("LORABUILD_TUNING_DIR", str(tmp_path / "tuning"))
+    file = cpuconv.choices_file()
+    assert file.parent == tmp_path / "tuning" and file.name.startswith("cpu-conv-")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(1, 4, 10, 10, requires_grad=True)
+    # two processes (two workspaces, or two ranks) start together: both read the file before either wrote
+    first, second = cpuconv.Chooser(file), cpuconv.Chooser(file)
+    cpuconv.install(model, first)
+    model(x).sum().backward()
+    assert first.timed == 4  # 2 shapes, forward and backward
+    cpuconv.uninstall(model)
+    cpuconv.install(model, second)
+    model(x).sum().backward()
+    assert second.timed == 0 and second.choices == first.choices  # read again before timing: the same paths
+    assert json.loads(file.read_text())["choices"] == first.choices
+
+
+def test_the_tuning_folder_is_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("LORABUILD_TUNING_DIR", raising=False)
+    monkeypatch.setattr(cpuconv.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpuconv.tuning_dir() == tmp_path / "xdg" / "lorabuild" / "tuning"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cpuconv.tuning_dir() == tmp_path / "home" / ".cache" / "lorabuild" / "tuning"
+    monkeypatch.setattr(cpuconv.sys, "platform", "win32")
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
+    assert cpuconv.tuning_dir() == tmp_path / "local" / "lorabuild" / "tuning"
+
+
 def test_only_the_cpu_is_routed_and_native_can_be_asked_for(monkeypatch):
     assert cpuconv.enabled(torch.device("cpu")) and not cpuconv.enabled(torch.device("cuda"))
     monkeypatch.setenv("LORABUILD_CPU_CONV", "native")
@@ -150,8 +183,11 @@ def test_a_real_build_records_its_choices_once_and_trains_what_pytorchs_own_path
     demo.shorten()
     demo.edit(lambda d: d["train"].update(epochs=1, save_every_n_epochs=None))
     monkeypatch.setenv("LORABUILD_CPU_CONV_MIN_FLOP", "0")  # route the tiny model's convolutions too
+    monkeypatch.setenv("LORABUILD_TUNING_DIR", str(demo.root.parent / "tuning"))  # not the suite's shared file
+    file = cpuconv.choices_file()
     demo.doit("train:demo", build="chosen")
-    doc = json.loads((demo.root / "cache/tuning/cpu-conv.json").read_text())
+    assert not (demo.root / "cache/tuning").exists()  # the machine's, not the workspace's
+    doc = json.loads(file.read_text())
     assert doc["machine"] == cpuconv.machine_id()
     assert any(k.startswith("fwd ") for k in doc["choices"]) and any(k.startswith("bwd ") for k in doc["choices"])
     chosen = load_file(str(demo.root / "output/demo/demo.safetensors"))
@@ -163,7 +199,7 @@ def test_a_real_build_records_its_choices_once_and_trains_what_pytorchs_own_path
     assert chosen.keys() == native.keys()
     for k in native:  # the same training, to float32 rounding (fp16 files)
         torch.testing.assert_close(chosen[k].float(), native[k].float(), rtol=1e-2, atol=1e-3)
-    assert json.loads((demo.root / "cache/tuning/cpu-conv.json").read_text()) == doc  # untouched by the native run
+    assert json.loads(file.read_text()) == doc  # untouched by the native run
 
 
 def test_release_frozen_lets_the_cache_stages_vae_go(monkeypatch):

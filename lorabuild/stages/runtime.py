@@ -98,11 +98,6 @@ def release_frozen() -> None:
         libc.malloc_trim(0)
 
 
-def conv_choices(ctx: Context) -> Path:
-    """Where this workspace keeps the CPU's convolution-path choices (cpuconv.py)."""
-    return ctx.ws.cache / "tuning" / "cpu-conv.json"
-
-
 @functools.lru_cache(maxsize=4)
 def _load(kind: str, folder: str, dev: str):
     if kind.startswith("tokenizer"):

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import cpuconv
 from ..cache import key_hash
 from ..captions import concept_options
 from ..progress import LiveLog, live_path
@@ -155,7 +156,7 @@ def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | Non
         plan=rp.plan, sample_points=frozenset(rp.points) | frozenset(rp.snapshot_points),
         sample=saver.point if rank.main and (saver.sampler or rp.snapshot_points) else None,  # rank 0 alone writes
         resume=resume, save_state=saver.state, init_weights=inp.init_weights, rank=rank,
-        conv_choices=runtime.conv_choices(ctx),
+        conv_choices=cpuconv.choices_file(),  # per machine, shared by workspaces
     )
     if pixels and p.get("train.masked_loss"):  # random crop: each crop cuts its mask from the image's alpha
         from .latents import alpha_sources, working_copy

@@ -57,7 +57,7 @@ class TrainInputs:
     # random crop with train.masked_loss: image id → (source image, working size, resize filter) of
     # the images with alpha, whose mask is cut with each crop (cached latents carry theirs)
     alpha: dict[str, tuple] = field(default_factory=dict)
-    conv_choices: Path | None = None  # the CPU's convolution-path choices (cpuconv.py), kept per workspace
+    conv_choices: Path | None = None  # the CPU's convolution-path choices (cpuconv.py), kept per machine
 
 
 def _dtype(mixed_precision: str):
