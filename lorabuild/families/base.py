@@ -91,8 +91,9 @@ class Family:
         """The shipped configs a single file with these keys is converted with (SD 3.5: Large or Medium)."""
         return self.configs
 
-    def tokenizer_source(self, which: str) -> Path:
-        """The shipped tokenizer files a single file's conversion copies into ``which`` (tokenizer, …)."""
+    def tokenizer_source(self, which: str, text_config: dict | None = None) -> Path:
+        """The shipped tokenizer files a single file's conversion copies into ``which`` (tokenizer, …),
+        for the text encoder of config ``text_config``."""
         return TOKENIZER_DIR
 
     def pads_with_bang(self, tokenizer: str) -> bool:

@@ -13,7 +13,8 @@ import json
 
 from .base import CONFIGS_DIR, TOKENIZER_DIR, Family
 
-T5_TOKENIZER_DIR = TOKENIZER_DIR.parent / "t5_tokenizer"  # built by scripts/make_t5_tokenizer.py
+from .t5_tokenizers import TINY_T5_DIR as T5_TOKENIZER_DIR  # the tiny models'
+from .t5_tokenizers import source as t5_source
 
 
 class Flux(Family):
@@ -54,8 +55,8 @@ class Flux(Family):
     def text_encoder_class(self, which: str) -> str:
         return "T5EncoderModel" if which == "text_encoder_2" else "CLIPTextModel"
 
-    def tokenizer_source(self, which: str):
-        return T5_TOKENIZER_DIR if which == "tokenizer_2" else TOKENIZER_DIR
+    def tokenizer_source(self, which: str, text_config: dict | None = None):
+        return t5_source(text_config or {}) if which == "tokenizer_2" else TOKENIZER_DIR
 
     def tokenizer_class(self, which: str) -> str:
         return "T5TokenizerFast" if which == "tokenizer_2" else "CLIPTokenizer"

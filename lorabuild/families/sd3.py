@@ -22,12 +22,12 @@ from pathlib import Path
 from .base import CONFIGS_DIR, TOKENIZER_DIR, Family
 from .flux import Flux
 from .sdxl import SDXL
+from .t5_tokenizers import TINY_T5_DIR as T5_TOKENIZER_DIR  # the tiny models' (as FLUX's)
+from .t5_tokenizers import source as t5_source
 
 T5_LENGTH = 256  # sd-scripts --t5xxl_max_token_length and the pipeline's max_sequence_length default
 CLIP_LENGTH = 77
 ENCODERS = ("clip_l", "clip_g", "t5xxl")  # an SAI file's text encoders, under text_encoders.<name>.
-# the tiny T5's vocabulary: the tokenizer the FLUX family ships (lorabuild/data/t5_tokenizer)
-T5_TOKENIZER_DIR = TOKENIZER_DIR.parent / "t5_tokenizer"
 
 
 def transformer_type(config: dict) -> str:
@@ -91,9 +91,10 @@ class SD3(Family):
     def tokenizer_class(self, which: str) -> str:
         return "T5TokenizerFast" if which == "tokenizer_3" else "CLIPTokenizer"
 
-    def tokenizer_source(self, which: str) -> Path:
-        """The shipped tokenizer files a single file's conversion copies into ``which``."""
-        return T5_TOKENIZER_DIR if which == "tokenizer_3" else TOKENIZER_DIR
+    def tokenizer_source(self, which: str, text_config: dict | None = None) -> Path:
+        """The shipped tokenizer files a single file's conversion copies into ``which``: T5 v1.1's
+        own for the real T5-XXL (by ``text_config``'s vocabulary), the tiny models' for theirs."""
+        return t5_source(text_config or {}) if which == "tokenizer_3" else TOKENIZER_DIR
 
     # --- metadata and LoRA names -----------------------------------------------------------------
     def model_metadata(self, denoiser_config: dict) -> dict:
