@@ -286,3 +286,16 @@ def test_condition_with_the_cached_t5_states_is_the_full_encoding(name):
             t5 = fam.encode_frozen(toks[i], tes[i], captions, t5_max_length=16, apply_t5_attn_mask=mask)
             part = fam.condition(toks[:i], tes[:i], captions, t5_max_length=16, apply_t5_attn_mask=mask, t5_hidden=t5)
         assert all(torch.equal(a, b) for a, b in zip(full, part))
+
+
+def test_fp8_base_trains_on_flux_and_the_file_samples(flux, tmp_path):
+    """train.base_precision: fp8 (kohya's fp8_base) on FLUX.1: the transformer's Linear weights held in
+    float8, the loss finite, the file written and sampled from."""
+    ws = _copy(flux, tmp_path, base_precision="fp8")
+    out = ws.doit("sample:demo", build="fp8")
+    assert {"train", "sample"} <= ws.ran("fp8") and ws.report("sample")["computed"] == 1
+    assert all(math.isfinite(x) for x in _loss(ws)) and _loss(ws)
+    weights = load_file(str(ws.root / "output" / "demo" / "demo.safetensors"))
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in weights)
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    assert "Traceback" not in out.stdout + out.stderr
