@@ -3,9 +3,11 @@
 Item = one distinct caption (after the fixed caption options); key = caption text +
 clip_skip + the text encoder's identity. ``textemb.cache: auto`` skips the stage, and
 says why, when the text encoder trains or captions are randomised: then training
-encodes captions itself. Captions are encoded one at a time by default (``textemb.batch_size:
-1``), for the reason latents are: an entry's bytes then depend on its key alone. A caption's
-key is its text itself, read once from its file, so what is encoded is what is keyed.
+encodes captions itself (but for a frozen T5 of FLUX.1 / SD 3.5 while its CLIPs train:
+its outputs alone are cached, and training never loads it). Captions are encoded one at a
+time by default (``textemb.batch_size: 1``), for the reason latents are: an entry's bytes
+then depend on its key alone. A caption's key is its text itself, read once from its file,
+so what is encoded is what is keyed.
 """
 from __future__ import annotations
 
@@ -149,7 +151,8 @@ def repair(ctx: Context, dataset, captions: list[str], frozen: list[str] | None 
     store = ctx.store(STAGE, ".safetensors")
     te_id, options = runtime.text_identity(ctx), text_options(ctx)
     items = _frozen_items(ctx, captions, frozen) if frozen else [
-        Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id, options)) for c in sorted(set(captions))]
+        Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id, options))
+        for c in sorted(set(captions))]
     missing = [it for it in items if not store.verified(it.hash)]
     if not missing:
         return 0

@@ -253,7 +253,8 @@ def _conditioning(inp: TrainInputs, captions: list[str], toks, tes):
         if inp.frozen_path is not None:  # T5's outputs from the textemb cache, CLIP's encoded now
             from ..precision import to_device
 
-            states = [checked_read("textemb", inp.frozen_path[c], lambda f: load_file(str(f)))["hidden"] for c in captions]
+            states = [checked_read("textemb", inp.frozen_path[c], lambda f: load_file(str(f)))["hidden"]
+                      for c in captions]
             frozen = {"t5_hidden": to_device(torch.stack(states), inp.device)}
         return fam.condition(toks, tes, captions, text["clip_skip"], text["max_token_length"],
                              **fam.text_options(text, inp.model_dir), **frozen)
