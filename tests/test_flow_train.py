@@ -262,10 +262,11 @@ def test_t5_outputs_come_from_the_cache_while_clip_trains_and_the_loss_is_the_un
     fb = load_file(str(live.root / "output" / "demo" / "demo.safetensors"))
     assert fa.keys() == fb.keys() and any(k.startswith("lora_te1_") for k in fa)
     assert all(torch.allclose(fa[k].float(), fb[k].float(), rtol=1e-4, atol=1e-6) for k in fa)
-    # a train-only change encodes no caption again
-    cached.edit(lambda d: d["train"].update(learning_rate=1e-3))
+    # a train-only change encodes no caption again; an in-training sample loads T5 for its prompt
+    cached.edit(lambda d: (d["train"].update(learning_rate=1e-3), d["sample"].update(every_n_epochs=1)))
     cached.doit("train:demo", build="lr")
     assert "train" in cached.ran("lr") and ("textemb" not in cached.ran("lr") or cached.report("textemb")["computed"] == 0)
+    assert any("sampled while training: 1 images rendered" in n for n in cached.report("train")["notes"])
 
 
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
