@@ -22,6 +22,7 @@ from pathlib import Path
 from .families import FAMILIES, builtin_family, builtin_models, detect, detect_checkpoint, family, family_of
 from .precision import to_device  # noqa: F401 - the trainer and benches read it here
 from .families.base import CONFIGS_DIR, TOKENIZER_DIR  # noqa: F401 - CONFIGS_DIR: scripts and tests read it here
+from .families.t5_tokenizers import KEY as T5_KEY, install as install_tokenizer
 from .errors import ModelError  # its home is errors.py (folders.py raises it too); callers read it here
 from . import separate
 from .checkpoints import PICKLE_SUFFIXES, checkpoint_tensors, offline, pickle_state_dict  # noqa: F401 - read here by config, importers, bench
@@ -287,7 +288,8 @@ def _single_file(path: Path, project_root: Path, cache_root: Path, opts: dict, h
     unet_dtypes = [d for k, (_, d) in sorted(tensors.items()) if k.startswith("model.diffusion_model.")]
     dtype = unet_dtypes[0] if unet_dtypes else "F32"
     key = {"sha256": sha, "arch": arch, "prediction_type": pred, "config": _tree_digest(cfg_dir),
-           "v": CONVERT_VERSION, **({"ztsnr": True} if ztsnr else {})}
+           "v": CONVERT_VERSION, **({"ztsnr": True} if ztsnr else {}),
+           **(T5_KEY if "T5EncoderModel" in map(family(arch).text_encoder_class, family(arch).text_parts) else {})}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_root / "models" / "single-file" / f"{path.stem[:40]}-{digest}"
     if _marker_ok(folder):
@@ -311,7 +313,8 @@ def _from_parts(path: Path, tensors: dict, fam, project_root: Path, cache_root: 
     files = {"vae": parts["vae"], **{f"text_encoders.{n}": p for n, p in parts["text_encoders"].items()}}
     shas = {field: _sha256(p, cache_root, hashes) for field, p in files.items() if p is not None}
     sha = _sha256(path, cache_root, hashes)
-    key = {"sha256": sha, "parts": shas, "arch": fam.name, "config": _tree_digest(cfg_dir), "v": CONVERT_VERSION}
+    key = {"sha256": sha, "parts": shas, "arch": fam.name, "config": _tree_digest(cfg_dir), "v": CONVERT_VERSION,
+           **T5_KEY}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_root / "models" / "single-file" / f"{path.stem[:40]}-{digest}"
     if _marker_ok(folder):
@@ -336,7 +339,8 @@ def _copy_configs(cfg_dir: Path, fam, work: Path) -> None:
     for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         if _listed(_read_json(work / "model_index.json"), tok) and not any(
                 (work / tok / f).is_file() for f in ("vocab.json", "tokenizer.json", "spiece.model")):
-            shutil.copytree(fam.tokenizer_source(tok), work / tok, dirs_exist_ok=True)
+            te_config = _read_json(work / tok.replace("tokenizer", "text_encoder") / "config.json", {})
+            install_tokenizer(fam.tokenizer_source(tok, te_config), work / tok)
             if fam.pads_with_bang(tok):  # OpenCLIP's tokenizer pads with "!"
                 tc = _read_json(work / tok / "tokenizer_config.json", {})
                 (work / tok / "tokenizer_config.json").write_text(json.dumps({**tc, "pad_token": "!"}, indent=2))

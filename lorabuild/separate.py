@@ -210,19 +210,19 @@ BFL_TOP = {"double_blocks", "single_blocks", "time_in", "vector_in", "guidance_i
 
 
 def check_tokenizer(fam, work: Path, encoders: dict, field_of: dict) -> None:
-    """A real-size T5 needs T5's own tokenizer (32k sentencepiece pieces); lorabuild ships only the
-    tiny models' one, so a T5 config wider than that tokenizer's vocabulary is refused before any
-    weights are read, saying what to pass."""
+    """A T5 needs a tokenizer with as many pieces as its embedding has rows (less T5's padding to 128):
+    lorabuild ships T5 v1.1's (32 100 pieces, FLUX.1's and SD 3.5's) and the tiny models' one, so a T5
+    of another vocabulary (an mT5 or UMT5, 250 k) is refused before any weights are read, saying what to pass."""
     for name, part in encoders.items():
         tok = part.replace("text_encoder", "tokenizer")
         cfg = json.loads((work / part / "config.json").read_text(encoding="utf-8"))
         if "d_model" not in cfg or (work / tok / "spiece.model").is_file() or not (work / tok / "tokenizer.json").is_file():
             continue  # a CLIP, or a tokenizer from a diffusers folder (base_model_config): T5's own
         vocab = json.loads((work / tok / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
-        if len(vocab) < cfg.get("vocab_size", 0) - 128:  # T5's 100 extra ids and padding to 128
-            raise ModelError(f"{field_of[name]}: a {cfg['vocab_size']}-token T5 needs T5's own tokenizer, which "
-                             "lorabuild does not ship; set base_model_config to a diffusers "
-                             f"{fam.title} folder (its configs and {tok}/ are read, no weights)")
+        if not 0 <= cfg.get("vocab_size", 0) - len(vocab) < 128:  # T5's 100 extra ids and padding to 128
+            raise ModelError(f"{field_of[name]}: a {cfg['vocab_size']}-token T5 needs a tokenizer lorabuild does "
+                             f"not ship (it has T5 v1.1's, {len(vocab)} pieces here); set base_model_config to a "
+                             f"diffusers {fam.title} folder (its configs and {tok}/ are read, no weights)")
 
 
 def convert(fam, main: Path, parts: dict, cfg_dir: Path, out: Path, copy_configs) -> None:

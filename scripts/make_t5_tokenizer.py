@@ -1,7 +1,8 @@
 """Write lorabuild/data/t5_tokenizer/: a small T5-shaped tokenizer for the tiny FLUX/SD3 built-ins.
 
-T5's own (SentencePiece unigram, 32 100 pieces) is on the Hugging Face hub, which tests cannot
-reach; this one is built offline and deterministically with the `tokenizers` library in T5's
+T5's own (SentencePiece unigram, 32 100 pieces) ships too, for the real T5-XXL
+(lorabuild/data/t5xxl_tokenizer, scripts/fetch_t5_tokenizer.py); the tiny models' T5 has a vocabulary
+of a few hundred rows, so theirs is this one, built offline and deterministically with the `tokenizers` library in T5's
 shape: the same special tokens and ids (<pad> 0, </s> 1, <unk> 2), a unigram model over "▁"-prefixed
 pieces (Metaspace pre-tokenizer, as SentencePiece), case kept as T5 keeps it, and "</s>" appended to
 every sequence. Its vocabulary is every ASCII letter (both cases), digit and punctuation mark (alone and

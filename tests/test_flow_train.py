@@ -238,3 +238,65 @@ def test_two_processes_train_what_one_accumulating_twice_trains(flux, tmp_path):
     a = load_file(str(one.root / "output" / "demo" / "demo.safetensors"))
     b = load_file(str(two.root / "output" / "demo" / "demo.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
+def test_t5_outputs_come_from_the_cache_while_clip_trains_and_the_loss_is_the_uncached_ones(flux, tmp_path):
+    """network.train_text_encoder without train_t5xxl (kohya: CLIP-L trains, T5's outputs cached): textemb
+    caches T5's outputs alone, one per caption, and training reads them and never loads T5; the loss
+    and the trained file are the uncached run's, which encodes every caption with both encoders."""
+    cached = _copy(flux, tmp_path / "a")
+    cached.edit(lambda d: d["network"].update(train_text_encoder=True))
+    out = cached.doit("train:demo", build="te")
+    report = cached.report("textemb")
+    assert report["computed"] == report["items"] >= 2 and report["reused"] == 0  # one per distinct caption
+    assert any("only the frozen text_encoder_2 is cached" in n for n in report["notes"])
+    assert "train: text encoders loaded: text_encoder; text_encoder_2 not loaded" in out.stdout + out.stderr
+    live = _copy(flux, tmp_path / "b")
+    live.edit(lambda d: (d["network"].update(train_text_encoder=True), d["textemb"].update(cache=False)))
+    out = live.doit("train:demo", build="live")
+    assert "text encoders loaded" not in out.stdout + out.stderr  # T5 loaded and encoding as CLIP does
+    assert live.report("textemb")["computed"] == 0
+    a, b = _loss(cached), _loss(live)
+    assert len(a) == len(b) >= 1 and all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(a, b))
+    fa = load_file(str(cached.root / "output" / "demo" / "demo.safetensors"))
+    fb = load_file(str(live.root / "output" / "demo" / "demo.safetensors"))
+    assert fa.keys() == fb.keys() and any(k.startswith("lora_te1_") for k in fa)
+    assert all(torch.allclose(fa[k].float(), fb[k].float(), rtol=1e-4, atol=1e-6) for k in fa)
+    # a train-only change encodes no caption again; an in-training sample loads T5 for its prompt
+    cached.edit(lambda d: (d["train"].update(learning_rate=1e-3), d["sample"].update(every_n_epochs=1)))
+    cached.doit("train:demo", build="lr")
+    assert "train" in cached.ran("lr") and ("textemb" not in cached.ran("lr") or cached.report("textemb")["computed"] == 0)
+    assert any("sampled while training: 1 images rendered" in n for n in cached.report("train")["notes"])
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_condition_with_the_cached_t5_states_is_the_full_encoding(name):
+    """What training does with T5's cached outputs (Family.encode_frozen, then condition with the CLIPs
+    alone and t5_hidden) gives the conditioning of all encoders at once, with and without T5's mask."""
+    from lorabuild.families import builtin_family
+
+    fam = builtin_family(name)
+    pipe = fam.build_tiny(name)
+    toks, tes = fam.tokenizers_of(pipe), [te.eval() for te in fam.encoders_of(pipe)]  # T5 has dropout
+    (i,) = fam.frozen_text_parts({})
+    assert fam.frozen_text_parts({"train_t5xxl": True}) == ()
+    captions = ["a red circle", "sks, a blue square on white"]
+    for mask in (False, True):
+        with torch.no_grad():
+            full = fam.condition(toks, tes, captions, t5_max_length=16, apply_t5_attn_mask=mask)
+            t5 = fam.encode_frozen(toks[i], tes[i], captions, t5_max_length=16, apply_t5_attn_mask=mask)
+            part = fam.condition(toks[:i], tes[:i], captions, t5_max_length=16, apply_t5_attn_mask=mask, t5_hidden=t5)
+        assert all(torch.equal(a, b) for a, b in zip(full, part))
+
+
+def test_fp8_base_trains_on_flux_and_the_file_samples(flux, tmp_path):
+    """train.base_precision: fp8 (kohya's fp8_base) on FLUX.1: the transformer's Linear weights held in
+    float8, the loss finite, the file written and sampled from."""
+    ws = _copy(flux, tmp_path, base_precision="fp8")
+    out = ws.doit("sample:demo", build="fp8")
+    assert {"train", "sample"} <= ws.ran("fp8") and ws.report("sample")["computed"] == 1
+    assert all(math.isfinite(x) for x in _loss(ws)) and _loss(ws)
+    weights = load_file(str(ws.root / "output" / "demo" / "demo.safetensors"))
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in weights)
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    assert "Traceback" not in out.stdout + out.stderr

@@ -52,6 +52,7 @@ def test_a_kohya_ss_flux_config_maps_its_objective_t5_and_network_args():
     assert "model_type" not in doc  # FLUX.1 is known by its weights
     assert r.unmapped == []
     assert any("split_qkv=True" in n and "q, k and v" in n for n in r.notes)
+    assert not any("split_qkv=False" in n for n in r.notes)  # set True: kohya's default is not the question
     assert r.sources["network.train_double_block_indices"] == "network_args train_double_block_indices"
     assert r.sources["train.discrete_flow_shift"] == "discrete_flow_shift"
 
@@ -74,6 +75,17 @@ def test_a_flux_command_line_with_kohyas_defaults_states_them():
         "kohya's raw)",
         "sigmoid_scale = '2' (kohya does not use it with timestep_sampling sigma)",
         "network_args in_dims=[4,0,0,0,4] (lorabuild trains the blocks' Linear layers, not the input embedders)"])
+    # kohya's split_qkv default (False: one LoRA on each fused qkv) is not what lorabuild trains: said
+    notes = convert_full(parse_command_line("flux_train_network.py --network_dim 8")).notes
+    assert [n for n in notes if "split_qkv" in n] == [
+        "split_qkv (unset: False): lorabuild always trains q, k and v (and a single block's MLP input) as their own "
+        "LoRAs, as split_qkv=True does; the file fuses them as kohya's does; kohya's split_qkv=False (its default) "
+        "trains one LoRA of the rank on each fused layer (qkv; FLUX's linear1) instead, so here those layers have 3× "
+        "(FLUX's linear1 4×) the rank and parameters"]
+    notes = convert_full(parse_command_line("sd3_train_network.py --network_args split_qkv=False")).notes
+    assert [n for n in notes if "split_qkv" in n] == [n.replace("split_qkv (unset: False)", "network_args split_qkv=False")
+                                                      for n in convert_full(parse_command_line(
+                                                          "sd3_train_network.py")).notes if "split_qkv" in n]
     # uniform and sigmoid are not shifted by kohya: lorabuild's shift is 1 there, and the flag is listed
     doc, unmapped, _ = convert(parse_command_line(
         "flux_train_network.py --timestep_sampling sigmoid --discrete_flow_shift 3.1582 --model_prediction_type raw "

@@ -91,8 +91,9 @@ class Family:
         """The shipped configs a single file with these keys is converted with (SD 3.5: Large or Medium)."""
         return self.configs
 
-    def tokenizer_source(self, which: str) -> Path:
-        """The shipped tokenizer files a single file's conversion copies into ``which`` (tokenizer, …)."""
+    def tokenizer_source(self, which: str, text_config: dict | None = None) -> Path:
+        """The shipped tokenizer files a single file's conversion copies into ``which`` (tokenizer, …),
+        for the text encoder of config ``text_config``."""
         return TOKENIZER_DIR
 
     def pads_with_bang(self, tokenizer: str) -> bool:
@@ -187,6 +188,13 @@ class Family:
         from ..textenc import encode
 
         return encode(tokenizers[0], text_encoders[0], captions, clip_skip, max_token_length), None
+
+    def frozen_text_parts(self, net: dict) -> tuple[int, ...]:
+        """The text encoders (indices into ``text_parts``) that stay frozen while the others train
+        (``network.train_text_encoder``): textemb caches their outputs even then, through
+        ``encode_frozen``, and training passes them to :meth:`condition` as ``t5_hidden``, so it
+        never loads them (kohya caches T5's outputs while CLIP-L trains). None here: CLIP alone."""
+        return ()
 
     def added_inputs(self, pooled, time_ids: list) -> dict | None:
         """The denoiser's extra inputs beside the hidden states (on the CPU; the caller moves them)."""

@@ -13,7 +13,8 @@ import json
 
 from .base import CONFIGS_DIR, TOKENIZER_DIR, Family
 
-T5_TOKENIZER_DIR = TOKENIZER_DIR.parent / "t5_tokenizer"  # built by scripts/make_t5_tokenizer.py
+from .t5_tokenizers import TINY_T5_DIR as T5_TOKENIZER_DIR  # the tiny models'
+from .t5_tokenizers import source as t5_source
 
 
 class Flux(Family):
@@ -54,8 +55,8 @@ class Flux(Family):
     def text_encoder_class(self, which: str) -> str:
         return "T5EncoderModel" if which == "text_encoder_2" else "CLIPTextModel"
 
-    def tokenizer_source(self, which: str):
-        return T5_TOKENIZER_DIR if which == "tokenizer_2" else TOKENIZER_DIR
+    def tokenizer_source(self, which: str, text_config: dict | None = None):
+        return t5_source(text_config or {}) if which == "tokenizer_2" else TOKENIZER_DIR
 
     def tokenizer_class(self, which: str) -> str:
         return "T5TokenizerFast" if which == "tokenizer_2" else "CLIPTokenizer"
@@ -123,24 +124,27 @@ class Flux(Family):
         return {"t5_max_length": int(n), "apply_t5_attn_mask": bool(textemb.get("apply_t5_attn_mask"))}
 
     def condition(self, tokenizers: list, text_encoders: list, captions: list[str], clip_skip: int = 1,
-                  max_token_length: int = 75, t5_max_length: int = 512, apply_t5_attn_mask: bool = False):
+                  max_token_length: int = 75, t5_max_length: int = 512, apply_t5_attn_mask: bool = False,
+                  t5_hidden=None):
         """(T5's last hidden states ``[B, L, D]``, CLIP's pooled output ``[B, P]``), as FluxPipeline
-        encodes a prompt (CLIP cut at 77 tokens). With ``apply_t5_attn_mask`` T5 attends only to the
-        caption's tokens and the padding's outputs are zeros, so they carry nothing into the
-        transformer (whose joint attention diffusers runs without a mask)."""
+        encodes a prompt (CLIP cut at 77 tokens); ``t5_hidden``: T5's states already encoded
+        (:meth:`encode_frozen`, cached while CLIP trains), and then only CLIP is given."""
         from ..precision import to_device
 
-        clip_tok, t5_tok = tokenizers
-        clip, t5 = text_encoders
+        clip_tok, clip = tokenizers[0], text_encoders[0]
         ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids
         pooled = clip(to_device(ids, clip.device), output_hidden_states=False).pooler_output
-        enc = t5_tok(captions, padding="max_length", max_length=t5_max_length, truncation=True, return_tensors="pt")
-        mask = to_device(enc.attention_mask, t5.device)
-        hidden = t5(to_device(enc.input_ids, t5.device), attention_mask=mask if apply_t5_attn_mask else None)[0]
-        if apply_t5_attn_mask:
-            hidden = hidden * mask[..., None].to(hidden.dtype)
-        return hidden, pooled
+        if t5_hidden is None:
+            t5_hidden = t5_states(tokenizers[1], text_encoders[1], captions, t5_max_length, apply_t5_attn_mask)
+        return t5_hidden, pooled
+
+    def frozen_text_parts(self, net: dict) -> tuple[int, ...]:
+        return () if net.get("train_t5xxl") else (1,)  # T5 trains only with network.train_t5xxl
+
+    def encode_frozen(self, tokenizer, text_encoder, captions: list[str], t5_max_length: int = 512,
+                      apply_t5_attn_mask: bool = False):
+        return t5_states(tokenizer, text_encoder, captions, t5_max_length, apply_t5_attn_mask)
 
     def added_inputs(self, pooled, time_ids: list) -> dict | None:
         return {"pooled": pooled}
@@ -255,3 +259,16 @@ def image_ids(h: int, w: int, like):
 
 
 FAMILY = Flux()
+
+
+def t5_states(tokenizer, t5, captions: list[str], length: int, mask: bool):
+    """T5's last hidden states for ``captions`` at ``length`` tokens (FLUX.1's and SD 3.5's). With
+    ``mask`` (kohya's ``apply_t5_attn_mask``) T5 attends only to the caption's tokens and the padding's
+    outputs are zeros, so they carry nothing into the transformer (whose joint attention diffusers
+    runs without a mask)."""
+    from ..precision import to_device
+
+    enc = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    keep = to_device(enc.attention_mask, t5.device)
+    hidden = t5(to_device(enc.input_ids, t5.device), attention_mask=keep if mask else None)[0]
+    return hidden * keep[..., None].to(hidden.dtype) if mask else hidden

@@ -20,14 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import CONFIGS_DIR, TOKENIZER_DIR, Family
-from .flux import Flux
+from .flux import Flux, t5_states
 from .sdxl import SDXL
+from .t5_tokenizers import TINY_T5_DIR as T5_TOKENIZER_DIR  # the tiny models' (as FLUX's)
+from .t5_tokenizers import source as t5_source
 
 T5_LENGTH = 256  # sd-scripts --t5xxl_max_token_length and the pipeline's max_sequence_length default
 CLIP_LENGTH = 77
 ENCODERS = ("clip_l", "clip_g", "t5xxl")  # an SAI file's text encoders, under text_encoders.<name>.
-# the tiny T5's vocabulary: the tokenizer the FLUX family ships (lorabuild/data/t5_tokenizer)
-T5_TOKENIZER_DIR = TOKENIZER_DIR.parent / "t5_tokenizer"
 
 
 def transformer_type(config: dict) -> str:
@@ -91,9 +91,10 @@ class SD3(Family):
     def tokenizer_class(self, which: str) -> str:
         return "T5TokenizerFast" if which == "tokenizer_3" else "CLIPTokenizer"
 
-    def tokenizer_source(self, which: str) -> Path:
-        """The shipped tokenizer files a single file's conversion copies into ``which``."""
-        return T5_TOKENIZER_DIR if which == "tokenizer_3" else TOKENIZER_DIR
+    def tokenizer_source(self, which: str, text_config: dict | None = None) -> Path:
+        """The shipped tokenizer files a single file's conversion copies into ``which``: T5 v1.1's
+        own for the real T5-XXL (by ``text_config``'s vocabulary), the tiny models' for theirs."""
+        return t5_source(text_config or {}) if which == "tokenizer_3" else TOKENIZER_DIR
 
     # --- metadata and LoRA names -----------------------------------------------------------------
     def model_metadata(self, denoiser_config: dict) -> dict:
@@ -178,12 +179,23 @@ class SD3(Family):
                 "apply_t5_attn_mask": bool(textemb.get("apply_t5_attn_mask"))}
 
     def condition(self, tokenizers: list, text_encoders: list, captions: list[str], clip_skip: int = 1,
-                  max_token_length: int = 75, t5_max_length: int = T5_LENGTH, apply_t5_attn_mask: bool = False):
+                  max_token_length: int = 75, t5_max_length: int = T5_LENGTH, apply_t5_attn_mask: bool = False,
+                  t5_hidden=None):
         """(hidden ``[B, 77 + t5_max_length, W_t5]``, pooled ``[B, P_l + P_g]``) as SD3's pipeline makes
-        them; ``clip_skip`` and ``max_token_length`` do not apply (77 CLIP tokens, penultimate layers)."""
+        them; ``clip_skip`` and ``max_token_length`` do not apply (77 CLIP tokens, penultimate layers);
+        ``t5_hidden``: T5's states already encoded, and then only the CLIPs are given."""
         parts = [encode_part(i, tok, te, captions, t5_max_length, apply_t5_attn_mask)
                  for i, (tok, te) in enumerate(zip(tokenizers, text_encoders))]
+        if t5_hidden is not None:  # T5's states cached while the CLIPs train (encode_frozen)
+            parts = [*parts[:2], {"hidden": t5_hidden}]
         return join_parts(parts, _t5_width(text_encoders), t5_max_length)
+
+    def frozen_text_parts(self, net: dict) -> tuple[int, ...]:
+        return () if net.get("train_t5xxl") else (2,)  # T5 trains only with network.train_t5xxl
+
+    def encode_frozen(self, tokenizer, text_encoder, captions: list[str], t5_max_length: int = T5_LENGTH,
+                      apply_t5_attn_mask: bool = False):
+        return encode_part(2, tokenizer, text_encoder, captions, t5_max_length, apply_t5_attn_mask)["hidden"]
 
     prompt_arguments = SDXL.prompt_arguments  # the same keywords: hidden states and a pooled text embedding
 
@@ -257,11 +269,7 @@ def encode_part(index: int, tokenizer, text_encoder, captions: list[str], t5_len
     from ..precision import to_device
 
     if index == 2:
-        tokens = tokenizer(captions, padding="max_length", max_length=t5_length, truncation=True,
-                           add_special_tokens=True, return_tensors="pt")
-        ids, keep = to_device(tokens.input_ids, text_encoder.device), to_device(tokens.attention_mask, text_encoder.device)
-        hidden = text_encoder(ids, attention_mask=keep if mask else None)[0]
-        return {"hidden": hidden * keep[..., None].to(hidden.dtype) if mask else hidden}
+        return {"hidden": t5_states(tokenizer, text_encoder, captions, t5_length, mask)}
     ids = tokenizer(captions, padding="max_length", max_length=CLIP_LENGTH, truncation=True,
                     return_tensors="pt").input_ids
     out = text_encoder(to_device(ids, text_encoder.device), output_hidden_states=True)

@@ -65,6 +65,8 @@ def map_flow(r, flat: dict, is_off) -> dict:
             else:
                 r.set(dotted, value, k)
     (_flux if family == "flux" else _sd3)(r, given)
+    if "split_qkv" not in str(flat.get("network_args", "")):  # kohya's default, which lorabuild does not train
+        r.notes.append(f"split_qkv (unset: False): {SPLIT_QKV}{SHARED_QKV}")
     return rest
 
 
@@ -142,6 +144,13 @@ def _sd3(r, given: dict) -> None:
     _unused(r, given, [k for k in OBJECTIVE if k not in used], "for SD 3.5 (sd3_train_network.py)")
 
 
+SPLIT_QKV = ("lorabuild always trains q, k and v (and a single block's MLP input) as their own LoRAs, as "
+             "split_qkv=True does; the file fuses them as kohya's does")
+# kohya's lora_flux / lora_sd3 default split_qkv=False: one LoRA of rank network_dim on the fused layer
+SHARED_QKV = ("; kohya's split_qkv=False (its default) trains one LoRA of the rank on each fused layer "
+              "(qkv; FLUX's linear1) instead, so here those layers have 3× (FLUX's linear1 4×) the rank and parameters")
+
+
 def network_arg(r, key: str, value: str) -> bool:
     """A FLUX/SD3 network_args option mapped or listed; False for one this does not know."""
     if key in NETWORK_ARGS:
@@ -153,8 +162,7 @@ def network_arg(r, key: str, value: str) -> bool:
         else:
             r.off.append("network_args train_t5xxl")
     elif key == "split_qkv":
-        r.notes.append(f"network_args split_qkv={value}: lorabuild always trains q, k and v (and a single block's "
-                       "MLP input) as their own LoRAs, as split_qkv=True does; the file fuses them as kohya's does")
+        r.notes.append(f"network_args split_qkv={value}: " + (SPLIT_QKV if flag(value) else SPLIT_QKV + SHARED_QKV))
     elif key == "in_dims":
         r.unmapped.append(f"network_args in_dims={value} (lorabuild trains the blocks' Linear layers, not the input "
                           "embedders)")

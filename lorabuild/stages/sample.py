@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import families
+from .. import families, models
 from ..lora import blocks
 from ..cache import without_newer
 from ..train.publish import publish as publish_file, remove, up_to_date
@@ -204,6 +204,20 @@ def in_training_points(sample_cfg: dict, plan) -> dict[str, tuple[str, int]]:
     return points
 
 
+def _text_models(ctx: Context, parts: dict) -> tuple[list, list]:
+    """(tokenizers, text encoders) for in-training samples: the trained ones, with any frozen one
+    whose outputs training read from the cache (T5) loaded now, in its place; all frozen copies
+    when none trains."""
+    if not parts["text_encoders"]:
+        return runtime.text_models(ctx)
+    toks, tes = list(parts["tokenizers"]), list(parts["text_encoders"])
+    for i, part in enumerate(models.text_parts(runtime.model_dir(ctx))):
+        if part in parts.get("frozen_text", ()):
+            toks.insert(i, runtime.frozen(ctx, part.replace("text_encoder", "tokenizer")))
+            tes.insert(i, runtime.frozen(ctx, part))
+    return toks, tes
+
+
 class TrainingSampler:
     """Renders sample images while training, into the sample stage's store under the keys the
     sample stage will look up, so ``sample:<name>`` afterwards reuses them.
@@ -228,8 +242,7 @@ class TrainingSampler:
         from .. import models
 
         if self.pipe is None:
-            toks, tes = (parts["tokenizers"], parts["text_encoders"]) if parts["text_encoders"] else \
-                runtime.text_models(self.ctx)
+            toks, tes = _text_models(self.ctx, parts)
             self.pipe = runtime.family(self.ctx).make_pipeline(
                 parts["unet"], parts["vae"] or runtime.frozen(self.ctx, "vae"), tes, toks,
                 models.load_sampling_scheduler(runtime.model_dir(self.ctx)))

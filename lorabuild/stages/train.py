@@ -118,7 +118,7 @@ def flow_key(ctx: Context) -> dict:
     return out
 
 
-def _repair_inputs(ctx: Context, dataset, lat_manifest: dict, captions: dict, cached: bool) -> None:
+def _repair_inputs(ctx: Context, dataset, lat_manifest: dict, captions: dict, cached: bool, frozen: list) -> None:
     """Before training reads them: re-encode any latent or text embedding that is missing from
     the store or damaged (its bytes not those its checksum recorded), each as its own stage
     would, so the run trains on exactly the entries an uninterrupted build made."""
@@ -126,8 +126,8 @@ def _repair_inputs(ctx: Context, dataset, lat_manifest: dict, captions: dict, ca
 
     if lat_manifest.get("cached", True):
         latents_stage.repair(ctx, [e["hash"] for e in lat_manifest["items"]])
-    if cached:
-        textemb.repair(ctx, dataset, list(captions.values()))
+    if cached or frozen:
+        textemb.repair(ctx, dataset, list(captions.values()), frozen)
 
 
 
@@ -153,7 +153,8 @@ def gather(ctx: Context, dataset) -> RunInputs:
     samples, held_out = project_samples(every, p.section("train"))
     return RunInputs(dataset=dataset, concept_of=concept_of, captions=captions, latents=latents,
                      lat_manifest=lat_manifest, cached=cached, te_id=te_id, unet_id=unet_id, mdir=mdir, info=info,
-                     samples=samples, val_samples=held_out, init_weights=init_weights(ctx))
+                     samples=samples, val_samples=held_out, init_weights=init_weights(ctx),
+                     frozen=() if cached else tuple(textemb.frozen_parts(ctx)))
 
 
 def project_run_plan(ctx: Context, key: dict, samples: list, world: int) -> RunPlan:
@@ -194,7 +195,7 @@ def _make(ctx: Context, inp: RunInputs, rp: RunPlan, start: Start, stores: tuple
     exporter = publish.Exporter(ctx, store, inp, rp)
     resume = _resume(ctx, rp, start, exporter, states, whole, notes)
     if start.epoch < epochs and rank is None:  # before any process trains on them
-        _repair_inputs(ctx, inp.dataset, inp.lat_manifest, inp.captions, inp.cached)
+        _repair_inputs(ctx, inp.dataset, inp.lat_manifest, inp.captions, inp.cached, inp.frozen)
     log_rows = list(resume["log"]) if resume else []
     val_rows = list(resume.get("val", [])) if resume else []
     sampled = None  # (rendered, reused) by in-training sampling

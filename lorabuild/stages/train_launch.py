@@ -41,6 +41,7 @@ class RunInputs:
     samples: list  # what an epoch trains on (train.plan.project_samples)
     val_samples: list  # validation images: measured, never trained on
     init_weights: Path | None  # network.weights, resolved
+    frozen: tuple = ()  # text encoders whose outputs textemb cached while the others train (T5 while CLIP does)
 
 
 def _tensor_bytes(obj) -> int:
@@ -143,6 +144,12 @@ def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | Non
         options = textemb.text_options(ctx)  # the family's own (FLUX's T5 length and mask)
         emb_paths = {c: emb_store.path(key_hash(textemb.item_key(c, clip_skip, max_tokens, inp.te_id, options)))
                      for c in set(inp.captions.values())}
+    frozen_paths = None
+    if inp.frozen:  # T5's outputs cached while CLIP trains
+        te_id, options, store = runtime.identity(ctx, inp.frozen[0]), textemb.text_options(ctx), ctx.store(
+            "textemb", ".safetensors")
+        frozen_paths = {c: store.path(key_hash(textemb.frozen_key(c, te_id, list(inp.frozen), options)))
+                        for c in set(inp.captions.values())}
     pixels = not inp.lat_manifest.get("cached", True)
     tin = TrainInputs(
         model_dir=inp.mdir, arch=inp.info["arch"], device=runtime.device(ctx), samples=inp.samples,
@@ -152,7 +159,8 @@ def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | Non
         if pixels else None,
         caption=inp.captions,
         caption_opts={i: concept_options(p.section("captions"), inp.concept_of[i]) for i in inp.latents},
-        embedding_path=emb_paths, cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
+        embedding_path=emb_paths, frozen_path=frozen_paths, frozen_parts=tuple(inp.frozen),
+        cfg={s: p.section(s) for s in ("network", "train", "captions", "textemb", "latents")},
         plan=rp.plan, sample_points=frozenset(rp.points) | frozenset(rp.snapshot_points),
         sample=saver.point if rank.main and (saver.sampler or rp.snapshot_points) else None,  # rank 0 alone writes
         resume=resume, save_state=saver.state, init_weights=inp.init_weights, rank=rank,

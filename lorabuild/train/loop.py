@@ -57,6 +57,9 @@ class TrainInputs:
     # random crop with train.masked_loss: image id → (source image, working size, resize filter) of
     # the images with alpha, whose mask is cut with each crop (cached latents carry theirs)
     alpha: dict[str, tuple] = field(default_factory=dict)
+    # the text encoders train but these (T5) do not: caption → their cached output, never loaded here
+    frozen_path: dict[str, Path] | None = None
+    frozen_parts: tuple[str, ...] = ()
     conv_choices: Path | None = None  # the CPU's convolution-path choices (cpuconv.py), kept per machine
 
 
@@ -78,10 +81,14 @@ def _load_models(inp: TrainInputs):
     if inp.pixels is not None:
         vae = models.load_vae(inp.model_dir, device=inp.device)  # fp32: the SD VAE overflows in fp16
     if inp.embedding_path is None:  # one text encoder, or SDXL's two
-        for part in models.text_parts(inp.model_dir):
+        for part in (p for p in models.text_parts(inp.model_dir) if p not in inp.frozen_parts):
             tes.append(models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype, which=part))
             precision.store(tes[-1], base, weight_dtype)
             toks.append(models.load_tokenizer(inp.model_dir, which=part.replace("text_encoder", "tokenizer")))
+        if inp.frozen_parts and inp.rank.main:
+            loaded = [p for p in models.text_parts(inp.model_dir) if p not in inp.frozen_parts]
+            print(f"train: text encoders loaded: {', '.join(loaded)}; {', '.join(inp.frozen_parts)} not loaded "
+                  "(its outputs come from the textemb cache)", flush=True)
     sched = models.load_noise_scheduler(inp.model_dir)
     if inp.cfg["train"].get("zero_terminal_snr"):  # kohya zero_terminal_snr: betas rescaled so ᾱ_T = 0
         from diffusers import DDPMScheduler
@@ -242,9 +249,15 @@ def _conditioning(inp: TrainInputs, captions: list[str], toks, tes):
 
     fam = family(inp.arch)
     if inp.embedding_path is None:
-        text = inp.cfg["textemb"]
+        text, frozen = inp.cfg["textemb"], {}
+        if inp.frozen_path is not None:  # T5's outputs from the textemb cache, CLIP's encoded now
+            from ..precision import to_device
+
+            states = [checked_read("textemb", inp.frozen_path[c], lambda f: load_file(str(f)))["hidden"]
+                      for c in captions]
+            frozen = {"t5_hidden": to_device(torch.stack(states), inp.device)}
         return fam.condition(toks, tes, captions, text["clip_skip"], text["max_token_length"],
-                             **fam.text_options(text, inp.model_dir))
+                             **fam.text_options(text, inp.model_dir), **frozen)
     stored = [checked_read("textemb", inp.embedding_path[c], lambda f: load_file(str(f))) for c in captions]
     pooled = torch.stack([s["pooled"] for s in stored]) if fam.pooled else None
     return torch.stack([s["hidden"] for s in stored]), pooled
@@ -513,7 +526,7 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
 
     if main:
         print(f"train: {network.module_count()} LoRA modules (unet, text encoder)\n{inp.plan.banner()}", flush=True)
-    parts = {"unet": unet, "text_encoders": tes, "tokenizers": toks, "vae": vae}
+    parts = {"unet": unet, "text_encoders": tes, "tokenizers": toks, "vae": vae, "frozen_text": inp.frozen_parts}
 
     def sample(row_id: str, epoch: int) -> None:
         if inp.sample is not None and row_id in inp.sample_points:
