@@ -43,7 +43,7 @@ def test_a_kohya_ss_flux_config_maps_its_objective_t5_and_network_args():
     r = convert_full(tomllib.loads(FLUX_TOML))
     doc = r.doc
     assert doc["network"] == {"dim": 16, "alpha": 16.0, "train_double_block_indices": "0-1",
-                              "train_single_block_indices": "none", "train_t5xxl": True}
+                              "train_single_block_indices": "none", "train_t5xxl": True, "split_qkv": True}
     assert {k: doc["train"][k] for k in ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "guidance_scale")} \
         == {"timestep_sampling": "shift", "discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0, "guidance_scale": 1.0}
     assert "weighting_scheme" not in doc["train"]  # FLUX with raw predictions: kohya weights nothing
@@ -51,8 +51,7 @@ def test_a_kohya_ss_flux_config_maps_its_objective_t5_and_network_args():
     assert doc["textemb"] == {"t5_max_length": 512, "apply_t5_attn_mask": True}
     assert "model_type" not in doc  # FLUX.1 is known by its weights
     assert r.unmapped == []
-    assert any("split_qkv=True" in n and "q, k and v" in n for n in r.notes)
-    assert not any("split_qkv=False" in n for n in r.notes)  # set True: kohya's default is not the question
+    assert r.sources["network.split_qkv"] == "network_args split_qkv"
     assert r.sources["network.train_double_block_indices"] == "network_args train_double_block_indices"
     assert r.sources["train.discrete_flow_shift"] == "discrete_flow_shift"
 
@@ -75,17 +74,20 @@ def test_a_flux_command_line_with_kohyas_defaults_states_them():
         "kohya's raw)",
         "sigmoid_scale = '2' (kohya does not use it with timestep_sampling sigma)",
         "network_args in_dims=[4,0,0,0,4] (lorabuild trains the blocks' Linear layers, not the input embedders)"])
-    # kohya's split_qkv default (False: one LoRA on each fused qkv) is not what lorabuild trains: said
-    notes = convert_full(parse_command_line("flux_train_network.py --network_dim 8")).notes
-    assert [n for n in notes if "split_qkv" in n] == [
-        "split_qkv (unset: False): lorabuild always trains q, k and v (and a single block's MLP input) as their own "
-        "LoRAs, as split_qkv=True does; the file fuses them as kohya's does; kohya's split_qkv=False (its default) "
-        "trains one LoRA of the rank on each fused layer (qkv; FLUX's linear1) instead, so here those layers have 3× "
-        "(FLUX's linear1 4×) the rank and parameters"]
-    notes = convert_full(parse_command_line("sd3_train_network.py --network_args split_qkv=False")).notes
-    assert [n for n in notes if "split_qkv" in n] == [n.replace("split_qkv (unset: False)", "network_args split_qkv=False")
-                                                      for n in convert_full(parse_command_line(
-                                                          "sd3_train_network.py")).notes if "split_qkv" in n]
+    # kohya's split_qkv default (False: one LoRA on each fused qkv) is lorabuild's split_qkv: false
+    r = convert_full(parse_command_line("flux_train_network.py --network_dim 8"))
+    assert r.doc["network"]["split_qkv"] is False and not [n for n in r.notes if "split_qkv" in n]
+    assert r.sources["network.split_qkv"] == "split_qkv (unset: kohya's default False)"
+    r = convert_full(parse_command_line("sd3_train_network.py --network_args split_qkv=False"))
+    assert r.doc["network"]["split_qkv"] is False
+    # with a network dropout (drawn per part here, once per fused layer by kohya) the parts train split: said
+    r = convert_full(parse_command_line("flux_train_network.py --network_dropout 0.1"))
+    assert "split_qkv" not in r.doc["network"]
+    assert [n for n in r.notes if "split_qkv" in n] == [
+        "split_qkv (unset: kohya's default False): q, k and v (and a single block's MLP input) train as their own "
+        "LoRAs here, as split_qkv=True does, because lorabuild's split_qkv: false takes no network dropout; kohya's "
+        "split_qkv=False trains one LoRA of the rank on each fused layer (qkv; FLUX's linear1), so here those layers "
+        "have 3× (FLUX's linear1 4×) the rank and parameters"]
     # uniform and sigmoid are not shifted by kohya: lorabuild's shift is 1 there, and the flag is listed
     doc, unmapped, _ = convert(parse_command_line(
         "flux_train_network.py --timestep_sampling sigmoid --discrete_flow_shift 3.1582 --model_prediction_type raw "
@@ -102,7 +104,7 @@ def test_an_sd3_config_maps_the_density_scheme_training_shift_and_block_indices(
         "sd3_train_network.py --pretrained_model_name_or_path builtin:tiny-sd3 --weighting_scheme logit_normal "
         "--logit_mean 0.5 --training_shift 3.0 --t5xxl_max_token_length 154 --network_module networks.lora_sd3 "
         "--network_args train_block_indices=0,1"))
-    assert doc["model_type"] == "sd3" and doc["network"] == {"train_block_indices": "0,1"}
+    assert doc["model_type"] == "sd3" and doc["network"] == {"train_block_indices": "0,1", "split_qkv": False}
     assert {k: doc["train"][k] for k in ("timestep_sampling", "logit_mean", "logit_std", "discrete_flow_shift",
                                          "weighting_scheme")} == {
         "timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.0, "discrete_flow_shift": 3.0,

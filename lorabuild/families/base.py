@@ -226,8 +226,13 @@ class Family:
 
     def trained_layout(self, tensors: dict, denoiser_config: dict, wanted: set[str]) -> dict:
         """A file's tensors back in the names training uses (the inverse of :meth:`saved_layout`);
-        ``wanted``: the network's module names."""
+        ``wanted``: the network's module names (or {name: rank})."""
         return tensors
+
+    def fused_parts(self, denoiser_config: dict) -> dict[str, str]:
+        """{trained module name: the fused layer of the family's files it is a part of} (FLUX's qkv and
+        linear1, SD 3.5's qkv): what ``network.split_qkv: false`` trains as one LoRA; none for SD."""
+        return {}
 
     def model_metadata(self, denoiser_config: dict) -> dict:
         """Metadata the denoiser's own config decides (SD 3.5: Large or Medium); none for the others."""

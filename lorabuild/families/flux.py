@@ -85,6 +85,11 @@ class Flux(Family):
             return from_peft(tensors, PEFT_PREFIXES, self.title)
         return from_bfl(tensors, fused_widths(denoiser_config), wanted)
 
+    def fused_parts(self, denoiser_config: dict) -> dict[str, str]:
+        from .flux_names import fused_parts
+
+        return fused_parts(denoiser_config)
+
     peft_format = True
 
     def peft_layout(self, tensors: dict, denoiser_config: dict) -> dict:

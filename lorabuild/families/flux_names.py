@@ -8,8 +8,9 @@ the parts are exactly one LoRA of rank n·r on the fused layer: the downs stacke
 the ups block-diagonal (``[Σ out, n·r]``, part j's up in rows of part j and columns j·r…), alpha
 n·α so that alpha/rank stays α/r. This is the layout kohya writes with ``split_qkv`` and the one
 diffusers' ``_convert_kohya_flux_lora_to_diffusers`` reads back into split modules ("sparse" up:
-each part's down is its chunk). Reading a file, the inverse takes the blocks back out; a fused
-LoRA whose up is not block-diagonal (trained on BFL's fused layer) has no exact split and is refused.
+each part's down is its chunk). kohya's default (``split_qkv`` false, lorabuild's ``network.split_qkv:
+false``) is one LoRA on the fused layer: down ``[r, in]`` shared, up ``[Σ out, r]`` whose row blocks
+are the parts'; split, each part gets that down and its rows (diffusers' converter does the same).
 """
 from __future__ import annotations
 
@@ -59,8 +60,10 @@ def to_bfl(tensors: dict, widths: dict[str, list[int]]) -> dict:
 
 def fuse(new: str, parts: dict[int, dict], dims: list[int]) -> dict:
     """One fused LoRA ``new`` from its parts' ({part index: {"lora_down.weight", "lora_up.weight",
-    "alpha"}}; a missing part is zeros): downs stacked, ups block-diagonal, alpha n·α. ``dims``: the
-    parts' output widths. Shared by the families whose files fuse what diffusers splits (SD 3.5)."""
+    "alpha"}}; a missing part is zeros). Parts that share one down (``network.split_qkv: false``,
+    kohya's default) are that one LoRA: the down once (rank r), the ups stacked by rows, alpha α. Parts
+    with their own downs: downs stacked, ups block-diagonal, alpha n·α. ``dims``: the parts' output
+    widths. Shared by the families whose files fuse what diffusers splits (SD 3.5)."""
     import torch
 
     ranks = {p["lora_down.weight"].shape[0] for p in parts.values()}
@@ -71,43 +74,69 @@ def fuse(new: str, parts: dict[int, dict], dims: list[int]) -> dict:
     r, alpha = ranks.pop(), alphas.pop()
     first = next(iter(parts.values()))
     down0, up0 = first["lora_down.weight"], first["lora_up.weight"]
+    # equal downs are one shared down (an exact equality: independent downs never are, from kaiming init)
+    shared = len(parts) > 1 and all(torch.equal(p["lora_down.weight"], down0) for p in parts.values())
     n = len(dims)
-    downs, up = [], torch.zeros(sum(dims), n * r, dtype=up0.dtype)
+    downs, up = [], torch.zeros(sum(dims), r if shared else n * r, dtype=up0.dtype)
     row = 0
     for j in range(n):
         p = parts.get(j)
         downs.append(p["lora_down.weight"] if p else torch.zeros_like(down0))
         if p:
-            up[row : row + dims[j], j * r : (j + 1) * r] = p["lora_up.weight"]
+            up[row : row + dims[j], slice(None) if shared else slice(j * r, (j + 1) * r)] = p["lora_up.weight"]
         row += dims[j]
+    if shared:
+        return {f"{new}.lora_down.weight": down0, f"{new}.lora_up.weight": up, f"{new}.alpha": first["alpha"]}
     return {f"{new}.lora_down.weight": torch.cat(downs, dim=0), f"{new}.lora_up.weight": up,
             f"{new}.alpha": torch.tensor(alpha * n, dtype=first["alpha"].dtype)}
 
 
-def split(name: str, t: dict, dims: list[int]) -> list[dict]:
-    """The inverse of :func:`fuse`: fused LoRA ``name``'s parts, in order; an up that is not
-    block-diagonal (trained on the fused layer) has no exact split and is refused."""
+def split(name: str, t: dict, dims: list[int], rank: int | None = None) -> list[dict]:
+    """The inverse of :func:`fuse`: fused LoRA ``name``'s parts, in order. ``rank``: the rank of the
+    network's modules there (None: unknown). A block-diagonal up of rank n·r splits into n LoRAs of rank
+    r (lorabuild's split_qkv: true); any other, or one the network wants at the file's rank, is one LoRA
+    on the fused layer: each part gets the whole down and its rows of the up, alpha unchanged (exact;
+    what diffusers' kohya FLUX converter does)."""
     n, down, up = len(dims), t["lora_down.weight"], t["lora_up.weight"]
-    r = down.shape[0] // n
-    if down.shape[0] % n or up.shape[1] != down.shape[0]:
-        raise ValueError(f"{name}: a fused LoRA of rank {down.shape[0]} does not split into {n} parts")
-    out, row = [], 0
-    for j in range(n):
-        block = up[row : row + dims[j]]
-        off = block.clone()
+    big = down.shape[0]
+    if up.shape[1] != big or up.shape[0] != sum(dims):
+        raise ValueError(f"{name}: its lora_up {tuple(up.shape)} does not fit its lora_down {tuple(down.shape)} "
+                         f"and the fused layer's {sum(dims)} rows")
+    rows = [sum(dims[:j]) for j in range(n + 1)]
+    if rank != big and big % n == 0 and _block_diagonal(up, rows, big // n):
+        r = big // n
+        return [{"lora_down.weight": down[j * r : (j + 1) * r], "alpha": t["alpha"] / n,
+                 "lora_up.weight": up[rows[j] : rows[j + 1], j * r : (j + 1) * r]} for j in range(n)]
+    if rank is not None and rank != big:
+        raise ValueError(f"{name}: a fused LoRA of rank {big} does not split into parts of rank {rank} (the network's "
+                         "network.dim there, and its network.split_qkv)")
+    return [{"lora_down.weight": down, "lora_up.weight": up[rows[j] : rows[j + 1]], "alpha": t["alpha"]}
+            for j in range(n)]
+
+
+def _block_diagonal(up, rows: list[int], r: int) -> bool:
+    """Whether part j's rows of ``up`` are zero outside its columns j·r…(j+1)·r."""
+    for j in range(len(rows) - 1):
+        off = up[rows[j] : rows[j + 1]].clone()
         off[:, j * r : (j + 1) * r] = 0
         if off.abs().max() > 0:
-            raise ValueError(f"{name}: its lora_up is not block-diagonal (trained on the fused layer), so it has "
-                             "no exact split into diffusers' modules")
-        out.append({"lora_down.weight": down[j * r : (j + 1) * r], "lora_up.weight": block[:, j * r : (j + 1) * r],
-                    "alpha": t["alpha"] / n})
-        row += dims[j]
-    return out
+            return False
+    return True
+
+
+def part_rank(wanted, names) -> int | None:
+    """The rank the network's modules ``names`` have (``wanted``: {module name: rank}, or a set of names:
+    unknown)."""
+    if isinstance(wanted, dict):
+        for n in names:
+            if n in wanted:
+                return wanted[n]
+    return None
 
 
 def from_bfl(tensors: dict, widths: dict[str, list[int]], wanted: set[str]) -> dict:
-    """The inverse of :func:`to_bfl`: a file in BFL's names → diffusers' paths; each fused layer's
-    blocks back out into the parts ``wanted`` names (the network's modules)."""
+    """The inverse of :func:`to_bfl`: a file in BFL's names → diffusers' paths; each fused layer back
+    out into the parts ``wanted`` names (the network's modules; a dict: {name: rank})."""
     out = {}
     for name, t in by_module(tensors).items():
         m = _BFL.match(name)
@@ -122,10 +151,21 @@ def from_bfl(tensors: dict, widths: dict[str, list[int]], wanted: set[str]) -> d
         if None in paths:
             out.update({f"lora_unet_{ours}_{m.group(2)}_{paths[None]}.{s}": v for s, v in t.items()})
             continue
-        for j, part in enumerate(split(name, t, widths[name])):
-            target = f"lora_unet_{ours}_{m.group(2)}_{paths[j]}"
+        targets = [f"lora_unet_{ours}_{m.group(2)}_{paths[j]}" for j in range(len(paths))]
+        for target, part in zip(targets, split(name, t, widths[name], part_rank(wanted, targets))):
             if target in wanted:
                 out.update({f"{target}.{s}": v for s, v in part.items()})
+    return out
+
+
+def fused_parts(config) -> dict[str, str]:
+    """{our module name: the BFL layer it is a part of} for the layers BFL fuses (qkv, linear1)."""
+    out = {}
+    for ours, bfl, table, count in (("transformer_blocks", "double", DOUBLE, "num_layers"),
+                                    ("single_transformer_blocks", "single", SINGLE, "num_single_layers")):
+        for i in range(config[count]):
+            out.update({f"lora_unet_{ours}_{i}_{path}": f"lora_unet_{bfl}_blocks_{i}_{name}"
+                        for path, (name, part) in table.items() if part is not None})
     return out
 
 

@@ -121,6 +121,11 @@ class SD3(Family):
             return from_peft(tensors)
         return from_sai(tensors, denoiser_config, wanted)
 
+    def fused_parts(self, denoiser_config: dict) -> dict[str, str]:
+        from .sd3_names import fused_parts
+
+        return fused_parts(denoiser_config)
+
     peft_format = True
 
     def peft_layout(self, tensors: dict, denoiser_config: dict) -> dict:

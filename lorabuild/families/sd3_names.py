@@ -8,7 +8,8 @@ kohya's SD3 modules are the Linears of the MMDiT's x and context blocks (its ``S
 SAI fuses q, k, v into one ``qkv`` where diffusers splits them (:func:`mmdit_layout`, the same
 table as SAI's single files: tests/ldm_layout.py writes those with it). Three LoRAs of rank r on the parts are exactly one of rank 3r on
 the fused layer: the downs stacked, the ups block-diagonal, alpha 3α so that alpha/rank stays α/r
-(kohya's ``split_qkv`` layout, its ``state_dict``). The last block's context adaLN gives (shift,
+(kohya's ``split_qkv`` layout, its ``state_dict``); with ``network.split_qkv: false`` (kohya's
+default) the parts share one down and the file holds one LoRA of rank r on ``qkv``. The last block's context adaLN gives (shift,
 scale) in SAI's model and (scale, shift) in diffusers': its up's two halves of rows swap.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 
 from . import peft_names
-from .flux_names import fuse, split
+from .flux_names import fuse, part_rank, split
 from .peft_names import by_module
 from .peft_names import clip_path
 
@@ -84,6 +85,11 @@ def _table(config: dict) -> dict[str, tuple[str, int, int, bool]]:
     return out
 
 
+def fused_parts(config: dict) -> dict[str, str]:
+    """{our module name: the SAI layer it is a part of} for the layers SAI fuses (q, k, v)."""
+    return {ours: sai for ours, (sai, _, n, _) in _table(config).items() if n > 1}
+
+
 def to_sai(tensors: dict, config: dict) -> dict:
     """Saved-layout tensors named by diffusers' paths → kohya's SAI names, q/k/v fused (a part
     without a LoRA is zeros in the fused one)."""
@@ -107,7 +113,8 @@ def to_sai(tensors: dict, config: dict) -> dict:
 
 def from_sai(tensors: dict, config: dict, wanted: set[str]) -> dict:
     """The inverse of :func:`to_sai`; ``wanted``: the network's module names. A fused LoRA whose up
-    is not block-diagonal (trained on SAI's fused layer) has no exact split and is refused."""
+    is not block-diagonal (kohya's split_qkv false: one LoRA on SAI's fused layer) gives each part the
+    shared down and its rows (flux_names.split)."""
     inverse: dict[str, list] = {}
     for ours, (sai, j, n, swapped) in _table(config).items():
         inverse.setdefault(sai, [None] * n)[j] = (ours, swapped)
@@ -123,7 +130,8 @@ def from_sai(tensors: dict, config: dict, wanted: set[str]) -> dict:
             out.update({f"{ours}.lora_down.weight": t["lora_down.weight"], f"{ours}.lora_up.weight": up,
                         f"{ours}.alpha": t["alpha"]})
             continue
-        for (ours, _), part in zip(parts, split(name, t, [t["lora_up.weight"].shape[0] // 3] * 3)):
+        rank = part_rank(wanted, [ours for ours, _ in parts])
+        for (ours, _), part in zip(parts, split(name, t, [t["lora_up.weight"].shape[0] // 3] * 3, rank)):
             if ours in wanted:
                 out.update({f"{ours}.{k}": v for k, v in part.items()})
     return out

@@ -65,8 +65,8 @@ def map_flow(r, flat: dict, is_off) -> dict:
             else:
                 r.set(dotted, value, k)
     (_flux if family == "flux" else _sd3)(r, given)
-    if "split_qkv" not in str(flat.get("network_args", "")):  # kohya's default, which lorabuild does not train
-        r.notes.append(f"split_qkv (unset: False): {SPLIT_QKV}{SHARED_QKV}")
+    if "split_qkv" not in str(flat.get("network_args", "")):  # kohya's default: one LoRA on each fused layer
+        r.set("network.split_qkv", False, "split_qkv (unset: kohya's default False)")
     return rest
 
 
@@ -144,11 +144,14 @@ def _sd3(r, given: dict) -> None:
     _unused(r, given, [k for k in OBJECTIVE if k not in used], "for SD 3.5 (sd3_train_network.py)")
 
 
-SPLIT_QKV = ("lorabuild always trains q, k and v (and a single block's MLP input) as their own LoRAs, as "
-             "split_qkv=True does; the file fuses them as kohya's does")
-# kohya's lora_flux / lora_sd3 default split_qkv=False: one LoRA of rank network_dim on the fused layer
-SHARED_QKV = ("; kohya's split_qkv=False (its default) trains one LoRA of the rank on each fused layer "
-              "(qkv; FLUX's linear1) instead, so here those layers have 3× (FLUX's linear1 4×) the rank and parameters")
+# kohya's lora_flux / lora_sd3 default split_qkv=False: one LoRA of rank network_dim on each fused layer;
+# lorabuild's split_qkv: false trains that, but draws dropouts per part (lora/flow_select.py), so with them
+# the parts train as their own LoRAs
+SPLIT_QKV = ("q, k and v (and a single block's MLP input) train as their own LoRAs here, as split_qkv=True does, "
+             "because lorabuild's split_qkv: false takes no network dropout; kohya's split_qkv=False trains one LoRA "
+             "of the rank on each fused layer (qkv; FLUX's linear1), so here those layers have 3× (FLUX's linear1 4×) "
+             "the rank and parameters")
+DROPOUTS = ("network.dropout", "network.rank_dropout", "network.module_dropout")
 
 
 def network_arg(r, key: str, value: str) -> bool:
@@ -162,7 +165,7 @@ def network_arg(r, key: str, value: str) -> bool:
         else:
             r.off.append("network_args train_t5xxl")
     elif key == "split_qkv":
-        r.notes.append(f"network_args split_qkv={value}: " + (SPLIT_QKV if flag(value) else SPLIT_QKV + SHARED_QKV))
+        r.set("network.split_qkv", flag(value), "network_args split_qkv")
     elif key == "in_dims":
         r.unmapped.append(f"network_args in_dims={value} (lorabuild trains the blocks' Linear layers, not the input "
                           "embedders)")
@@ -177,3 +180,6 @@ def finish(r) -> None:
         r.doc["network"].pop("train_t5xxl")
         source = r.sources.pop("network.train_t5xxl")
         r.unmapped.append(f"{source}=True (the text encoders do not train here: network_train_unet_only)")
+    if r.get("network.split_qkv") is False and any(r.get(k) for k in DROPOUTS):
+        r.doc["network"].pop("split_qkv")
+        r.notes.append(f"{r.sources.pop('network.split_qkv')}: {SPLIT_QKV}")

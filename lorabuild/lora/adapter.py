@@ -29,7 +29,7 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         from .lyco import LycoNetwork, module_maker
 
         cls, extra = LycoNetwork, {"make": module_maker(net), "train_norm": bool(net.get("train_norm"))}
-    return cls(
+    network = cls(
         unet, text_encoders, dim=net["dim"], alpha=net["alpha"], train_unet=net["train_unet"],
         train_text_encoder=net["train_text_encoder"] if train_text_encoder is None else train_text_encoder,
         arch=arch, conv_dim=net.get("conv_dim"), conv_alpha=net.get("conv_alpha"), dropout=net.get("dropout") or 0.0,
@@ -38,3 +38,6 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
         blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,
         **({"keep": keep} if keep else {}), **extra)
+    if net.get("split_qkv") is False:  # kohya's default: one LoRA on each fused qkv / linear1
+        network.share_down(family(arch).fused_parts(network.denoiser_config))
+    return network

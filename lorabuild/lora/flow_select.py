@@ -70,6 +70,8 @@ def problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
                 parse(net[field], None, field)
             except ValueError as exc:
                 out.append((field, str(exc).split(": ", 1)[1]))
+    if net.get("split_qkv") is False:
+        out += [("split_qkv", p) for p in split_qkv_problems(net, arch)]
     if net.get("train_t5xxl"):
         if arch is not None and arch not in T5_FAMILIES:
             out.append(("train_t5xxl", "is for FLUX.1 and SD 3.5 (the models with a T5 text encoder)"))
@@ -77,6 +79,15 @@ def problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
             out.append(("train_t5xxl", "needs network.train_text_encoder: true (kohya trains T5 only with the text "
                         "encoders)"))
     return out
+
+
+def split_qkv_problems(net: dict, arch: str | None) -> list[str]:
+    """Why ``network.split_qkv: false`` (one LoRA per fused layer, its down shared by the parts) cannot
+    apply: a model without fused layers; dropouts, which lorabuild draws per part (kohya once per layer)."""
+    if arch is not None and arch not in BLOCKS:
+        return ["false is for FLUX.1 and SD 3.5 (the models whose files fuse q, k and v)"]
+    return [f"false is not available with network.{k} (kohya draws it once on the fused layer, lorabuild per part)"
+            for k in ("dropout", "rank_dropout", "module_dropout") if net.get(k)]
 
 
 def type_problem(net: dict, arch: str | None) -> str | None:

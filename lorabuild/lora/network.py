@@ -259,6 +259,24 @@ class LoRANetwork(nn.Module):
         for m in self.loras:
             m.multiplier = float(value)
 
+    def share_down(self, groups: dict[str, str]) -> int:
+        """kohya's ``split_qkv`` false: the modules that are parts of one fused layer (``groups``: {module
+        name: fused layer}) use the first one's lora_down, so together they are one LoRA on that layer
+        (one down of rank r; the ups are the fused up's row blocks). Returns the fused layers shared."""
+        by_layer: dict[str, list] = {}
+        for m in self.loras:
+            if m.lora_name in groups:
+                by_layer.setdefault(groups[m.lora_name], []).append(m)
+        for layer, mods in by_layer.items():
+            first = mods[0]
+            for m in mods[1:]:
+                if m.lora_down.weight.shape != first.lora_down.weight.shape or float(m.alpha) != float(first.alpha):
+                    raise NetworkConfigError(f"network.split_qkv: {layer}'s parts differ in dim or alpha (block_dims), "
+                                             "so they cannot be one LoRA")
+                m.lora_down = first.lora_down
+        self.shared_layers = len(by_layer)
+        return self.shared_layers
+
     def module_count(self) -> tuple[int, int]:
         return self.n_unet, len(self.loras) - self.n_unet
 
@@ -268,6 +286,9 @@ class LoRANetwork(nn.Module):
         norm (``updown_norm``) is above ``max_norm`` gets up and down scaled by √(max/norm), so the update
         is ``max_norm``; the others are multiplied by exactly 1. Returns (modules scaled, mean norm, largest
         norm) after scaling, as 0-dim tensors on the weights' device: nothing waits for the device here."""
+        if getattr(self, "shared_layers", 0):
+            raise NetworkConfigError("train.scale_weight_norms: not available with network.split_qkv: false (kohya "
+                                     "scales the fused layer's one LoRA; lorabuild's max-norm is per module)")
         norms = torch.stack([m.updown_norm() for m in self.loras])
         floored = norms.clamp(min=max_norm / 2)  # kohya's floor: a zero norm divides nothing
         ratio = floored.clamp(max=max_norm) / floored
@@ -307,7 +328,10 @@ class LoRANetwork(nn.Module):
                            {"params": [m.lora_up.weight for m in mods], "lr": lr * ratio, **extra}]
             else:
                 groups.append({"params": [p for m in mods for p in self.module_params(m)], "lr": lr, **extra})
-        return groups
+        seen: set[int] = set()  # a down shared by a fused layer's parts (split_qkv false) is trained once
+        for g in groups:
+            g["params"] = [p for p in g["params"] if not (id(p) in seen or seen.add(id(p)))]
+        return [g for g in groups if g["params"]]
 
     def module_params(self, m) -> list:
         """What the optimizer trains in one module, in a fixed order (the optimizer state follows it)."""
@@ -340,16 +364,21 @@ class LoRANetwork(nn.Module):
         mine = self.state_dict_kohya()
         try:  # the family's file layout (FLUX: BFL's fused names) back to the modules trained
             loaded = family(self.arch).trained_layout(load_file(str(path)), self.denoiser_config,
-                                                     {m.lora_name for m in self.loras})
+                                                     {m.lora_name: m.lora_down.weight.shape[0] for m in self.loras})
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
         missing = check_layout(path, mine, loaded, strict)
+        first: dict[int, str] = {}  # a shared down (split_qkv false): every part's must be the one in the file
         with torch.no_grad():
             for k, v in mine.items():
                 if k not in loaded:
                     continue
                 if v.shape != loaded[k].shape:
                     raise ValueError(f"{path}: {k} has shape {tuple(loaded[k].shape)}, expected {tuple(v.shape)}")
+                if id(v) in first and not torch.equal(loaded[first[id(v)]], loaded[k]):
+                    raise ValueError(f"{path}: {k} differs from {first[id(v)]}: the file trained them as separate LoRAs "
+                                     "(split_qkv true), this network shares one down (network.split_qkv: false)")
+                first.setdefault(id(v), k)
                 v.copy_(loaded[k].to(v.dtype))
         for m in self.loras:
             m.scale = float(m.alpha) / m.lora_down.weight.shape[0]
@@ -388,6 +417,11 @@ def write_kohya(tensors: dict, path: str | Path, dtype=torch.float16, metadata: 
     from .metadata import lora_hashes
 
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    seen: set[int] = set()  # one down shared by split modules (split_qkv false, PEFT names): a copy each
+    for k, v in tensors.items():
+        if v.data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(tensors[k].data_ptr())
     metadata = dict(metadata or {})
     if any(k.startswith("ss_") for k in metadata):  # kohya's precomputed hashes go with its metadata
         metadata.update(lora_hashes(tensors, metadata))
