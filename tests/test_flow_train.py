@@ -300,3 +300,41 @@ def test_fp8_base_trains_on_flux_and_the_file_samples(flux, tmp_path):
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in weights)
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_split_qkv_false_trains_one_lora_per_fused_layer_continues_and_writes_again_in_peft(flux, tmp_path):
+    """kohya's default: one LoRA of the rank on each fused layer, through the real build: the file's
+    qkv and linear1 have rank dim and alpha alpha, the key holds split_qkv, raising epochs continues the
+    shared network to what an uninterrupted run saves, and output.format: diffusers writes the same
+    weights again split (each part the shared down). A dropout with it is named by validate."""
+    shared = {"split_qkv": False}
+    whole = _copy(flux, tmp_path / "a", epochs=2)
+    whole.edit(lambda d: d["network"].update(shared))
+    whole.doit("train:demo", build="whole")
+    parts = _copy(flux, tmp_path / "b", epochs=1)
+    parts.edit(lambda d: d["network"].update(shared))
+    parts.doit("train:demo", build="first")
+    parts.edit(lambda d: d["train"].update(epochs=2))
+    parts.doit("train:demo", build="more")
+    assert any("continued from the training state after epoch 1" in n for n in parts.report("train")["notes"])
+    out = "output/demo/demo.safetensors"
+    a, b = load_file(str(parts.root / out)), load_file(str(whole.root / out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    net = yaml.safe_load(parts.yaml_path.read_text())["network"]
+    qkv, lin1 = "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_1_linear1"
+    assert a[f"{qkv}.lora_down.weight"].shape == (net["dim"], 32) and a[f"{qkv}.lora_up.weight"].shape == (96, net["dim"])
+    assert a[f"{lin1}.lora_up.weight"].shape == (3 * 32 + 128, net["dim"]) and float(a[f"{lin1}.alpha"]) == net["alpha"]
+    assert a[f"{qkv}.lora_up.weight"].abs().max() > 0  # trained
+    run = parts.manifest("train")["items"][0]["hash"]
+    key = json.loads((parts.root / "cache" / "objects" / "train" / run[:2] / f"{run[2:]}.json").read_text())["key"]
+    assert key["params"]["network"]["split_qkv"] is False
+    parts.edit(lambda d: d.setdefault("output", {}).update(format="diffusers"))
+    parts.doit("train:demo", build="peft")
+    assert "wrote 2 saved files again from the full-precision weights" in " ".join(parts.report("train")["notes"])
+    peft = load_file(str(parts.root / out))
+    q, k = (peft[f"transformer.transformer_blocks.0.attn.to_{p}.lora_A.weight"] for p in "qk")
+    assert torch.equal(q, k) and torch.equal(q, a[f"{qkv}.lora_down.weight"])
+    parts.edit(lambda d: d["network"].update(rank_dropout=0.1))
+    proc = parts.lorabuild("validate", "projects/demo.yaml")
+    assert proc.returncode != 0 and "network.split_qkv" in proc.stdout + proc.stderr \
+        and "network.rank_dropout" in proc.stdout + proc.stderr
