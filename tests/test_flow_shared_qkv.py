@@ -212,3 +212,11 @@ def test_split_qkv_is_keyed_only_when_false_and_refused_where_it_cannot_apply():
     assert problems({"split_qkv": False}, "sd1") == [
         ("split_qkv", "false is for FLUX.1 and SD 3.5 (the models whose files fuse q, k and v)")]
     assert [f for f, _ in problems({"split_qkv": False, "rank_dropout": 0.1}, "sd3")] == ["split_qkv"]
+    from lorabuild.lora.lyco_options import option_problems
+
+    assert [k for _, k, _ in option_problems({"split_qkv": False}, {"scale_weight_norms": 1.0})] == ["scale_weight_norms"]
+    assert option_problems({"split_qkv": True}, {"scale_weight_norms": 1.0}) == []
+    from lorabuild.lora.metadata import network_args
+
+    assert network_args({"split_qkv": False})["split_qkv"] == "False"  # kohya's ss_network_args, as it writes it
+    assert "split_qkv" not in network_args({"split_qkv": True})

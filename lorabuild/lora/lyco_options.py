@@ -44,6 +44,9 @@ def option_problems(net: dict, train: dict | None = None) -> list[tuple[str, str
         if train.get("base_precision") == "fp8":  # LyCORIS adds ΔW to the weight as stored: no float8 arithmetic
             out.append(("train", "base_precision", f"fp8 is not available for network.type {kind} (use fp16 or "
                         "bf16)"))
+    if net.get("split_qkv") is False and train.get("scale_weight_norms"):  # network.max_norm_ refuses it too
+        out.append(("train", "scale_weight_norms", "is not available with network.split_qkv: false (kohya scales the "
+                    "fused layer's one LoRA; lorabuild's max-norm is per module)"))
     return out
 
 

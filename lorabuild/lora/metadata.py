@@ -196,6 +196,8 @@ def network_args(net: Mapping) -> dict[str, str]:
             out[key] = str(net[key])
     if net.get("train_t5xxl"):
         out["train_t5xxl"] = "True"
+    if net.get("split_qkv") is False:  # one LoRA per fused layer (kohya's default); true, unset, keeps old files'
+        out["split_qkv"] = "False"
     for key, default in (("unet_target_modules", ["Transformer2DModel"]),
                          ("text_encoder_target_modules", ["CLIPAttention", "CLIPMLP"])):
         if net.get(key) and list(net[key]) != default:  # no kohya equivalent; recorded so the file says how it was made
