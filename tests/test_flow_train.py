@@ -306,7 +306,7 @@ def test_split_qkv_false_trains_one_lora_per_fused_layer_continues_and_writes_ag
     """kohya's default: one LoRA of the rank on each fused layer, through the real build: the file's
     qkv and linear1 have rank dim and alpha alpha, the key holds split_qkv, raising epochs continues the
     shared network to what an uninterrupted run saves, and output.format: diffusers writes the same
-    weights again split (each part the shared down). A dropout with it is named by validate."""
+    weights again split (each part the shared down), which samples. A dropout with it is named by validate."""
     shared = {"split_qkv": False}
     whole = _copy(flux, tmp_path / "a", epochs=2)
     whole.edit(lambda d: d["network"].update(shared))
@@ -329,7 +329,8 @@ def test_split_qkv_false_trains_one_lora_per_fused_layer_continues_and_writes_ag
     key = json.loads((parts.root / "cache" / "objects" / "train" / run[:2] / f"{run[2:]}.json").read_text())["key"]
     assert key["params"]["network"]["split_qkv"] is False
     parts.edit(lambda d: d.setdefault("output", {}).update(format="diffusers"))
-    parts.doit("train:demo", build="peft")
+    parts.doit("sample:demo", build="peft")  # the sample stage reads the PEFT file into the shared network
+    assert parts.ran("peft") == {"train", "sample"}
     assert "wrote 2 saved files again from the full-precision weights" in " ".join(parts.report("train")["notes"])
     peft = load_file(str(parts.root / out))
     q, k = (peft[f"transformer.transformer_blocks.0.attn.to_{p}.lora_A.weight"] for p in "qk")
