@@ -4,7 +4,8 @@ One coloured shape (circle, square, triangle, star, cross) of one size at one po
 background (plain, striped or gradient), captioned kohya style:
 ``red circle, large, left, blue striped background``. The built-in ``world-sd1`` model was
 pretrained on it (``scripts/pretrain_world.py``); ``lorabuild.detector`` reads its pictures
-back. ``ring`` is a shape the world model never saw: the demo teaches it as a trigger word.
+back. ``ring`` is a shape the world model never saw: the demo teaches it as a trigger word
+(``heart``, ``arrow`` and ``wedge``, never seen either, are the concepts bench/lesson_variants.py tried).
 Pure Python + Pillow, so the same seed gives the same bytes on every machine.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ PALETTE = {
 }
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle", "star", "cross")  # what the world model knows
-NEW_SHAPES = ("ring",)  # drawable, never in the pretraining set
+NEW_SHAPES = ("ring", "heart", "arrow", "wedge")  # drawable, never in the pretraining set; the detector knows them
 BACKGROUNDS = ("plain", "striped", "gradient")
 SIZES = {"small": 10, "medium": 14, "large": 19}  # outer radius in pixels
 POSITIONS = {"left": 22, "center": 32, "right": 42}  # centre x in pixels
@@ -94,6 +95,17 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[floa
         return [[(cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w), (cx + a, cy + w),
                  (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a), (cx - w, cy + w), (cx - a, cy + w),
                  (cx - a, cy - w), (cx - w, cy - w)]]
+    if shape == "heart":  # the classic heart curve, scaled to fit r, centred on its bounding box
+        pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+               for t in (2 * math.pi * i / 96 for i in range(96))]
+        s, my = r / 16, (min(y for _, y in pts) + max(y for _, y in pts)) / 2
+        return [[(cx + x * s, cy + (y - my) * s) for x, y in pts]]
+    if shape == "wedge":  # the triangle upside down: pointing down
+        pts = ngon(3, r * 1.1, math.pi / 2)
+        return [[(x, y - r * 1.1 * 0.25) for x, y in pts]]
+    if shape == "arrow":  # pointing right: a shaft and a head
+        w, h = r * 0.3, r * 0.8
+        return [[(cx - r, cy - w), (cx, cy - w), (cx, cy - h), (cx + r, cy), (cx, cy + h), (cx, cy + w), (cx - r, cy + w)]]
     raise ValueError(f"unknown shape {shape!r} (known: {', '.join(SHAPES + NEW_SHAPES)})")
 
 
