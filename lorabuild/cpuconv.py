@@ -19,8 +19,8 @@ bits. (Kept per workspace, as at first, each new workspace timed again, and timi
 choose the other path for a shape whose two paths run about as fast: the same project then
 trained to weights a float32 rounding apart.) A process that meets a shape not yet in the file
 times it holding the file's lock, after reading the file again: processes starting together (the
-ranks of a distributed run, parallel builds) time each shape once and all use that one choice. Convolutions too small to matter (tiny test models,
-LoCon's rank-sized ones) and every case but a float32 ``zeros``-padded 2-D convolution on the
+ranks of a distributed run, parallel builds) time each shape once and all use that one choice.
+Convolutions too small to matter (tiny test models, LoCon's rank-sized ones) and every case but a float32 ``zeros``-padded 2-D convolution on the
 CPU outside autocast keep PyTorch's own path, as do GPUs (cuDNN chooses there).
 
 Only the trainer's UNet is routed: the SD 1.5 VAE's encoder, measured the same way (256 px, one
@@ -130,14 +130,16 @@ class Chooser:
         known = self.choices.get(key)
         if known is not None:
             return run(known)
+        import contextlib
+
         from filelock import Timeout
 
-        with self._lock:
+        with self._lock, contextlib.ExitStack() as held:
             try:
-                with self._file_lock():
-                    return self._choose_locked(key, run)
+                held.enter_context(self._file_lock())
             except (Timeout, OSError):  # a lock held too long, or unusable: time it here, unshared
-                return self._choose_locked(key, run)
+                pass
+            return self._choose_locked(key, run)
 
     def _choose_locked(self, key: str, run):
         self._read()  # another process may have timed it meanwhile: its choice is the machine's

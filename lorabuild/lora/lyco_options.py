@@ -20,6 +20,10 @@ OPTION_DEFAULTS = {"use_tucker": False, "use_scalar": False, "rank_dropout_scale
 NOT_FOR_LYCO = ("dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
+# network.split_qkv false with train.scale_weight_norms: validate says it, and the network refuses it too
+SPLIT_QKV_MAX_NORM = ("is not available with network.split_qkv: false (kohya scales the fused layer's one LoRA; "
+                      "lorabuild's max-norm is per module)")
+
 def option_problems(net: dict, train: dict | None = None) -> list[tuple[str, str, str]]:
     """(section, field, message) for options (``network``, ``train``) that do not fit ``network.type``:
     validate names them."""
@@ -45,8 +49,7 @@ def option_problems(net: dict, train: dict | None = None) -> list[tuple[str, str
             out.append(("train", "base_precision", f"fp8 is not available for network.type {kind} (use fp16 or "
                         "bf16)"))
     if net.get("split_qkv") is False and train.get("scale_weight_norms"):  # network.max_norm_ refuses it too
-        out.append(("train", "scale_weight_norms", "is not available with network.split_qkv: false (kohya scales the "
-                    "fused layer's one LoRA; lorabuild's max-norm is per module)"))
+        out.append(("train", "scale_weight_norms", SPLIT_QKV_MAX_NORM))
     return out
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..precision import autocast_on
 from .blocks import block_index
+from .lyco_options import SPLIT_QKV_MAX_NORM
 from ..families import family
 
 UNET_TARGETS = ("Transformer2DModel",)  # kohya UNET_TARGET_REPLACE_MODULE
@@ -287,8 +288,7 @@ class LoRANetwork(nn.Module):
         is ``max_norm``; the others are multiplied by exactly 1. Returns (modules scaled, mean norm, largest
         norm) after scaling, as 0-dim tensors on the weights' device: nothing waits for the device here."""
         if getattr(self, "shared_layers", 0):
-            raise NetworkConfigError("train.scale_weight_norms: not available with network.split_qkv: false (kohya "
-                                     "scales the fused layer's one LoRA; lorabuild's max-norm is per module)")
+            raise NetworkConfigError(f"train.scale_weight_norms: {SPLIT_QKV_MAX_NORM}")
         norms = torch.stack([m.updown_norm() for m in self.loras])
         floored = norms.clamp(min=max_norm / 2)  # kohya's floor: a zero norm divides nothing
         ratio = floored.clamp(max=max_norm) / floored

@@ -239,8 +239,6 @@ class TrainingSampler:
     def __call__(self, network, parts: dict, row: Row) -> None:
         import torch
 
-        from .. import models
-
         if self.pipe is None:
             toks, tes = _text_models(self.ctx, parts)
             self.pipe = runtime.family(self.ctx).make_pipeline(

@@ -62,7 +62,8 @@ def frozen_key(caption: str, te_id: str, parts: list[str], options: dict) -> dic
     return {"stage": STAGE, "v": VERSION, "caption": caption, "te": te_id, "parts": parts, "text": options}
 
 
-def _frozen_items(ctx: Context, captions, parts: list[str]) -> list[Item]:
+def frozen_items(ctx: Context, captions, parts: list[str]) -> list[Item]:
+    """One item per distinct caption: the frozen encoders' (``parts``) entry for it."""
     te_id, options = runtime.identity(ctx, parts[0]), text_options(ctx)
     return [Item(c, frozen_key(c, te_id, parts, options)) for c in sorted(set(captions))]
 
@@ -150,7 +151,7 @@ def repair(ctx: Context, dataset, captions: list[str], frozen: list[str] | None 
     params = {k.rsplit(".", 1)[-1]: ctx.project.get(k) for k in PARAMS}
     store = ctx.store(STAGE, ".safetensors")
     te_id, options = runtime.text_identity(ctx), text_options(ctx)
-    items = _frozen_items(ctx, captions, frozen) if frozen else [
+    items = frozen_items(ctx, captions, frozen) if frozen else [
         Item(c, item_key(c, params["clip_skip"], params["max_token_length"], te_id, options))
         for c in sorted(set(captions))]
     missing = [it for it in items if not store.verified(it.hash)]
@@ -166,7 +167,7 @@ def run_shard(ctx: Context, params: dict, hashes: list[str], rank) -> dict:
     from ..train.dist import shard
 
     dataset, frozen = from_project(ctx.project), None if project_mode(ctx.project)[0] else frozen_parts(ctx)
-    items = _frozen_items(ctx, captions_for(ctx, dataset).values(), frozen) if frozen else _items(ctx, dataset, params)
+    items = frozen_items(ctx, captions_for(ctx, dataset).values(), frozen) if frozen else _items(ctx, dataset, params)
     by_hash = {it.hash: it for it in items}
     return {"computed": _encode_missing(ctx, shard([by_hash[h] for h in hashes], rank), params, frozen)}
 
@@ -180,7 +181,7 @@ def run(ctx: Context, dataset, params: dict) -> dict:
         return sr.finish([], enabled=False, reason=reason)
     store = ctx.store(STAGE, ".safetensors")
     if frozen:  # the text encoders train, but not this one: its outputs are cached, training never loads it
-        items = _frozen_items(ctx, captions_for(ctx, dataset).values(), frozen)
+        items = frozen_items(ctx, captions_for(ctx, dataset).values(), frozen)
         missing = sr.split(items, store)
         sr.compute(missing, store, lambda: _encode_missing(ctx, missing, params, frozen))
         sr.notes.append(f"{reason}: only the frozen {', '.join(frozen)} is cached")

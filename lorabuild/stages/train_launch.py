@@ -146,10 +146,9 @@ def trainer_inputs(ctx: Context, inp: RunInputs, rp: RunPlan, resume: dict | Non
                      for c in set(inp.captions.values())}
     frozen_paths = None
     if inp.frozen:  # T5's outputs cached while CLIP trains
-        te_id, options, store = runtime.identity(ctx, inp.frozen[0]), textemb.text_options(ctx), ctx.store(
-            "textemb", ".safetensors")
-        frozen_paths = {c: store.path(key_hash(textemb.frozen_key(c, te_id, list(inp.frozen), options)))
-                        for c in set(inp.captions.values())}
+        store = ctx.store("textemb", ".safetensors")
+        frozen_paths = {it.id: store.path(it.hash)
+                        for it in textemb.frozen_items(ctx, inp.captions.values(), list(inp.frozen))}
     pixels = not inp.lat_manifest.get("cached", True)
     tin = TrainInputs(
         model_dir=inp.mdir, arch=inp.info["arch"], device=runtime.device(ctx), samples=inp.samples,

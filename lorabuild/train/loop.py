@@ -81,12 +81,12 @@ def _load_models(inp: TrainInputs):
     if inp.pixels is not None:
         vae = models.load_vae(inp.model_dir, device=inp.device)  # fp32: the SD VAE overflows in fp16
     if inp.embedding_path is None:  # one text encoder, or SDXL's two
-        for part in (p for p in models.text_parts(inp.model_dir) if p not in inp.frozen_parts):
+        loaded = [p for p in models.text_parts(inp.model_dir) if p not in inp.frozen_parts]
+        for part in loaded:
             tes.append(models.load_text_encoder(inp.model_dir, device=inp.device, dtype=weight_dtype, which=part))
             precision.store(tes[-1], base, weight_dtype)
             toks.append(models.load_tokenizer(inp.model_dir, which=part.replace("text_encoder", "tokenizer")))
         if inp.frozen_parts and inp.rank.main:
-            loaded = [p for p in models.text_parts(inp.model_dir) if p not in inp.frozen_parts]
             print(f"train: text encoders loaded: {', '.join(loaded)}; {', '.join(inp.frozen_parts)} not loaded "
                   "(its outputs come from the textemb cache)", flush=True)
     sched = models.load_noise_scheduler(inp.model_dir)
