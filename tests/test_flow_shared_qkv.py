@@ -211,7 +211,8 @@ def test_split_qkv_is_keyed_only_when_false_and_refused_where_it_cannot_apply():
     assert problems({"split_qkv": False}, "flux") == []
     assert problems({"split_qkv": False}, "sd1") == [
         ("split_qkv", "false is for FLUX.1 and SD 3.5 (the models whose files fuse q, k and v)")]
-    assert [f for f, _ in problems({"split_qkv": False, "rank_dropout": 0.1}, "sd3")] == ["split_qkv"]
+    # kohya's dropouts with it: drawn once per fused layer (FusedDraw), so no longer refused
+    assert problems({"split_qkv": False, "dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.1}, "sd3") == []
     from lorabuild.lora.lyco_options import option_problems
 
     assert [k for _, k, _ in option_problems({"split_qkv": False}, {"scale_weight_norms": 1.0})] == ["scale_weight_norms"]
@@ -220,3 +221,126 @@ def test_split_qkv_is_keyed_only_when_false_and_refused_where_it_cannot_apply():
 
     assert network_args({"split_qkv": False})["split_qkv"] == "False"  # kohya's ss_network_args, as it writes it
     assert "split_qkv" not in network_args({"split_qkv": True})
+
+
+# ------------------------------------------------------------------ kohya's dropouts, drawn once per fused layer
+
+DROPS = {"dropout": 0.3, "rank_dropout": 0.5, "module_dropout": 0.4}
+
+
+def _dropping(folder, arch, **drops):
+    net, unet = _shared(folder, arch)
+    for m in net.loras:
+        m.dropout, m.rank_dropout, m.module_dropout = drops.get("dropout", 0.0), drops.get("rank_dropout", 0.0), \
+            drops.get("module_dropout", 0.0)
+    return net.train(), unet
+
+
+def _kohya_fused_training(tensors, name, linears, x, drops):
+    """kohya's LoRAModule.forward on the fused Linear while training (networks/lora_flux.py, split_dims None):
+    module dropout drawn once, dropout on lora_down's output, one (batch, rank) mask, scale / (1 − p)."""
+    w = torch.cat([lin.weight for lin in linears])
+    b = torch.cat([lin.bias for lin in linears])
+    base = x @ w.T + b
+    if drops["module_dropout"] and torch.rand(1) < drops["module_dropout"]:
+        return base, True
+    down, up = tensors[f"{name}.lora_down.weight"].float(), tensors[f"{name}.lora_up.weight"].float()
+    lx = torch.nn.functional.dropout(x @ down.T, p=drops["dropout"])
+    mask = torch.rand((lx.size(0), down.shape[0])) > drops["rank_dropout"]
+    scale = float(tensors[f"{name}.alpha"]) / down.shape[0] / (1.0 - drops["rank_dropout"])
+    return base + ((lx * mask.unsqueeze(1)) @ up.T) * scale, False
+
+
+def test_dropouts_are_drawn_once_per_fused_layer_as_kohyas_fused_lora(flux, tmp_path):
+    """split_qkv false with network.dropout, rank_dropout and module_dropout: the parts, called one after
+    another on the same input, are kohya's one fused LoRA with one set of masks (seeded by hand); parts
+    called on equal but separate inputs draw their own masks, which is no longer kohya's result."""
+    net, unet = _dropping(flux, "flux", **DROPS)
+    path = tmp_path / "drops.safetensors"
+    net.save(path, dtype=torch.float32)
+    t = load_file(str(path))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    blk, sblk = unet.transformer_blocks[0].attn, unet.single_transformer_blocks[1]
+    layers = (("lora_unet_double_blocks_0_img_attn_qkv", [blk.to_q, blk.to_k, blk.to_v]),
+              ("lora_unet_single_blocks_1_linear1", [sblk.attn.to_q, sblk.attn.to_k, sblk.attn.to_v, sblk.proj_mlp]))
+    skipped = set()
+    net.apply()
+    try:
+        for seed in range(6):
+            for name, linears in layers:
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    ours = torch.cat([lin(x) for lin in linears], dim=-1)
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    by_hand, skip = _kohya_fused_training(t, name, linears, x, DROPS)
+                skipped.add(skip)
+                torch.testing.assert_close(ours, by_hand, atol=1e-5, rtol=1e-5)
+        assert skipped == {True, False}  # both outcomes of the module dropout were drawn
+        name, linears = layers[0]
+        for seed in range(6):  # equal inputs that are separate tensors: each part draws again
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                apart = torch.cat([lin(x.clone()) for lin in linears], dim=-1)
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                by_hand, skip = _kohya_fused_training(t, name, linears, x, DROPS)
+            if not skip:
+                assert not torch.allclose(apart, by_hand, atol=1e-4)
+                break
+        else:
+            pytest.fail("every seed skipped the module")
+    finally:
+        net.restore()
+
+
+def test_in_the_real_transformer_each_fused_layer_draws_once_and_checkpointing_replays_it(flux):
+    """Through diffusers' FLUX transformer while training: every part of one fused layer gets the same
+    lora_up input (the same dropout and rank masks), a layer's parts all sit out together under module
+    dropout, and gradient checkpointing's recompute draws the same masks (the gradients are the ones
+    without it)."""
+    fam = family("flux")
+    net, unet = _dropping(flux, "flux", **DROPS)
+    groups = fam.fused_parts(net.denoiser_config)
+    seen: dict[str, list] = {}
+    hooks = [m.lora_up.register_forward_pre_hook(lambda mod, args, n=m.lora_name: seen.setdefault(n, []).append(args[0]))
+             for m in net.loras]
+    net.apply()
+    try:
+        torch.manual_seed(11)
+        with torch.no_grad():
+            fam.predict(unet, *flux_inputs(unet))
+        for h in hooks:
+            h.remove()
+        by_layer: dict[str, list] = {}
+        for name, layer in groups.items():
+            by_layer.setdefault(layer, []).append(seen.get(name, []))
+        counts = set()
+        for layer, parts in by_layer.items():
+            assert {len(p) for p in parts} in ({0}, {1}), layer  # all the parts ran, or none did
+            counts.add(len(parts[0]))
+            if parts[0]:
+                assert all(torch.equal(p[0], parts[0][0]) for p in parts), layer
+                assert (parts[0][0] == 0).any()  # dropped entries
+        assert counts == {0, 1}
+
+        def grads(checkpointing: bool):
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+            else:
+                unet.disable_gradient_checkpointing()
+            net.zero_grad()
+            unet.train()
+            torch.manual_seed(5)
+            fam.predict(unet, *flux_inputs(unet)).square().mean().backward()
+            return [p.grad.clone() if p.grad is not None else None for p in net.parameters()]
+
+        plain, replayed = grads(False), grads(True)
+        assert any(g is not None and g.abs().max() > 0 for g in plain)
+        for a, b in zip(plain, replayed):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    finally:
+        net.restore()
+        unet.disable_gradient_checkpointing()

@@ -80,14 +80,12 @@ def test_a_flux_command_line_with_kohyas_defaults_states_them():
     assert r.sources["network.split_qkv"] == "split_qkv (unset: kohya's default False)"
     r = convert_full(parse_command_line("sd3_train_network.py --network_args split_qkv=False"))
     assert r.doc["network"]["split_qkv"] is False
-    # with a network dropout (drawn per part here, once per fused layer by kohya) the parts train split: said
-    r = convert_full(parse_command_line("flux_train_network.py --network_dropout 0.1"))
-    assert "split_qkv" not in r.doc["network"]
-    assert [n for n in r.notes if "split_qkv" in n] == [
-        "split_qkv (unset: kohya's default False): q, k and v (and a single block's MLP input) train as their own "
-        "LoRAs here, as split_qkv=True does, because lorabuild's split_qkv: false takes no network dropout; kohya's "
-        "split_qkv=False trains one LoRA of the rank on each fused layer (qkv; FLUX's linear1), so here those layers "
-        "have 3× (FLUX's linear1 4×) the rank and parameters"]
+    # with kohya's dropouts too: they are drawn once per fused layer here as there, so split_qkv stays false
+    r = convert_full(parse_command_line("flux_train_network.py --network_dropout 0.1 --network_args rank_dropout=0.2 "
+                                        "module_dropout=0.1"))
+    assert r.doc["network"]["split_qkv"] is False and not [n for n in r.notes if "split_qkv" in n]
+    assert (r.doc["network"]["dropout"], r.doc["network"]["rank_dropout"], r.doc["network"]["module_dropout"]) == \
+        (0.1, 0.2, 0.1)
     # uniform and sigmoid are not shifted by kohya: lorabuild's shift is 1 there, and the flag is listed
     doc, unmapped, _ = convert(parse_command_line(
         "flux_train_network.py --timestep_sampling sigmoid --discrete_flow_shift 3.1582 --model_prediction_type raw "

@@ -144,16 +144,6 @@ def _sd3(r, given: dict) -> None:
     _unused(r, given, [k for k in OBJECTIVE if k not in used], "for SD 3.5 (sd3_train_network.py)")
 
 
-# kohya's lora_flux / lora_sd3 default split_qkv=False: one LoRA of rank network_dim on each fused layer;
-# lorabuild's split_qkv: false trains that, but draws dropouts per part (lora/flow_select.py), so with them
-# the parts train as their own LoRAs
-SPLIT_QKV = ("q, k and v (and a single block's MLP input) train as their own LoRAs here, as split_qkv=True does, "
-             "because lorabuild's split_qkv: false takes no network dropout; kohya's split_qkv=False trains one LoRA "
-             "of the rank on each fused layer (qkv; FLUX's linear1), so here those layers have 3× (FLUX's linear1 4×) "
-             "the rank and parameters")
-DROPOUTS = ("network.dropout", "network.rank_dropout", "network.module_dropout")
-
-
 def network_arg(r, key: str, value: str) -> bool:
     """A FLUX/SD3 network_args option mapped or listed; False for one this does not know."""
     if key in NETWORK_ARGS:
@@ -180,6 +170,3 @@ def finish(r) -> None:
         r.doc["network"].pop("train_t5xxl")
         source = r.sources.pop("network.train_t5xxl")
         r.unmapped.append(f"{source}=True (the text encoders do not train here: network_train_unet_only)")
-    if r.get("network.split_qkv") is False and any(r.get(k) for k in DROPOUTS):
-        r.doc["network"].pop("split_qkv")
-        r.notes.append(f"{r.sources.pop('network.split_qkv')}: {SPLIT_QKV}")

@@ -83,11 +83,11 @@ def problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
 
 def split_qkv_problems(net: dict, arch: str | None) -> list[str]:
     """Why ``network.split_qkv: false`` (one LoRA per fused layer, its down shared by the parts) cannot
-    apply: a model without fused layers; dropouts, which lorabuild draws per part (kohya once per layer)."""
+    apply: a model without fused layers. Its dropouts are drawn once per fused layer, as kohya's
+    (``lora/network.py`` ``FusedDraw``)."""
     if arch is not None and arch not in BLOCKS:
         return ["false is for FLUX.1 and SD 3.5 (the models whose files fuse q, k and v)"]
-    return [f"false is not available with network.{k} (kohya draws it once on the fused layer, lorabuild per part)"
-            for k in ("dropout", "rank_dropout", "module_dropout") if net.get(k)]
+    return []
 
 
 def type_problem(net: dict, arch: str | None) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ class LoRAModule(nn.Module):
         self.rank_dropout = rank_dropout  # kohya network_args rank_dropout / module_dropout, while training
         self.module_dropout = module_dropout
         self._org = [org]  # a list, so the frozen base module is not registered (or moved) with ours
+        self.fused = None  # split_qkv false: the FusedDraw its fused layer's parts share (share_down)
 
     def apply_to(self) -> None:
         org = self._org[0]
@@ -79,11 +81,28 @@ class LoRAModule(nn.Module):
         out = self._org_forward(x)
         if self.multiplier == 0.0:
             return out
-        # kohya's module dropout: the whole module sits out this forward pass. Drawn from the CPU's
-        # global generator (seeded, in the training state, replayed by gradient checkpointing): no
-        # device round trip.
-        if self.module_dropout and self.training and float(torch.rand(1)) < self.module_dropout:
-            return out
+        if self.fused is not None and self.training and self.drops:  # one draw for the fused layer's parts
+            lx, scale = self.fused.draw(self, x)
+            if lx is None:
+                return out
+        else:
+            # kohya's module dropout: the whole module sits out this forward pass. Drawn from the CPU's
+            # global generator (seeded, in the training state, replayed by gradient checkpointing): no
+            # device round trip.
+            if self.module_dropout and self.training and float(torch.rand(1)) < self.module_dropout:
+                return out
+            lx, scale = self.down(x)
+        lx = self.lora_up(lx)
+        # added into the base output in place, scaled on the way: no product and no sum tensor of
+        # the layer's full output size (the base layer's backward does not read its output)
+        return out.add_(lx.to(out.dtype), alpha=self.multiplier * scale)
+
+    @property
+    def drops(self) -> bool:
+        return bool(self.dropout or self.rank_dropout or self.module_dropout)
+
+    def down(self, x):
+        """(lora_down's output with the dropouts drawn while training, the scale that goes with it)."""
         # LoRA weights stay fp32 while the base may run in fp16/bf16. Under autocast the matmul casts
         # its operands itself: an fp32 copy of the activation would only be cast back (same values).
         if not autocast_on(x.device.type):
@@ -94,10 +113,7 @@ class LoRAModule(nn.Module):
         scale = self.scale
         if self.rank_dropout and self.training:
             lx, scale = rank_dropout(lx, self.rank_dropout), scale / (1.0 - self.rank_dropout)
-        lx = self.lora_up(lx)
-        # added into the base output in place, scaled on the way: no product and no sum tensor of
-        # the layer's full output size (the base layer's backward does not read its output)
-        return out.add_(lx.to(out.dtype), alpha=self.multiplier * scale)
+        return lx, scale
 
     def updown_norm(self):
         """Frobenius norm of the module's weight update ``up · down · alpha/dim`` (a 0-dim tensor on the
@@ -107,6 +123,45 @@ class LoRAModule(nn.Module):
         up = self.lora_up.weight.float().flatten(1)
         down = self.lora_down.weight.float().flatten(1)
         return ((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt() * self.scale
+
+
+class FusedDraw:
+    """One fused layer's dropouts, drawn once per forward for all its parts (``network.split_qkv: false``).
+
+    kohya's ``networks/lora_flux.py`` ``LoRAModule.forward`` (split_dims None, the fused Linear of its
+    default split_qkv=False; ``lora_sd3.py`` uses the same module) draws ``module_dropout`` once
+    (``torch.rand(1)``), ``dropout`` on lora_down's output and ``rank_dropout`` as one (batch, rank) mask,
+    then applies lora_up. lorabuild's parts (diffusers' split to_q/to_k/to_v, a single block's proj_mlp)
+    share one lora_down and are called one after another on the same input tensor (diffusers
+    ``transformer_flux._get_projections``, ``FluxSingleTransformerBlock.forward``, ``JointAttnProcessor2_0``),
+    so the first part to see an input draws and keeps lora_down's output (or the skip); the other
+    ``parts − 1`` calls on that same input reuse it, and together they are kohya's one LoRA with one set
+    of masks. The input is held by a weak reference, so a later forward's input never matches a freed
+    one, and the draw is used ``parts`` times at most, so a second forward on the very same tensor draws
+    again. Gradient checkpointing's recompute restores the generators and calls the parts in the same
+    order, so it draws the same masks again."""
+
+    def __init__(self, parts: int):
+        self.parts = parts
+        self._x, self._out, self._left = None, None, 0
+
+    def draw(self, module: "LoRAModule", x):
+        """(lora_down's output with the fused layer's masks, its scale), or (None, 0) when it sits out."""
+        if self._left and self._x() is x:
+            self._left -= 1
+            return self._out
+        if module.module_dropout and float(torch.rand(1)) < module.module_dropout:
+            out = (None, 0.0)
+        else:
+            out = module.down(x)
+        self._x, self._out, self._left = weakref.ref(x), out, self.parts - 1
+        return out
+
+    def __getstate__(self):  # a copied or pickled network keeps no activation
+        return {"parts": self.parts}
+
+    def __setstate__(self, state):
+        self.__init__(state["parts"])
 
 
 def rank_dropout(lx, p: float):
@@ -263,7 +318,8 @@ class LoRANetwork(nn.Module):
     def share_down(self, groups: dict[str, str]) -> int:
         """kohya's ``split_qkv`` false: the modules that are parts of one fused layer (``groups``: {module
         name: fused layer}) use the first one's lora_down, so together they are one LoRA on that layer
-        (one down of rank r; the ups are the fused up's row blocks). Returns the fused layers shared."""
+        (one down of rank r; the ups are the fused up's row blocks), and draw their dropouts once per
+        forward (:class:`FusedDraw`). Returns the fused layers shared."""
         by_layer: dict[str, list] = {}
         for m in self.loras:
             if m.lora_name in groups:
@@ -275,6 +331,9 @@ class LoRANetwork(nn.Module):
                     raise NetworkConfigError(f"network.split_qkv: {layer}'s parts differ in dim or alpha (block_dims), "
                                              "so they cannot be one LoRA")
                 m.lora_down = first.lora_down
+            draw = FusedDraw(len(mods))
+            for m in mods:
+                m.fused = draw
         self.shared_layers = len(by_layer)
         return self.shared_layers
 
