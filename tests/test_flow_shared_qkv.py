@@ -220,7 +220,11 @@ def test_split_qkv_is_keyed_only_when_false_and_refused_where_it_cannot_apply():
     from lorabuild.lora.metadata import network_args
 
     assert network_args({"split_qkv": False})["split_qkv"] == "False"  # kohya's ss_network_args, as it writes it
-    assert "split_qkv" not in network_args({"split_qkv": True})
+    # kohya reads a missing split_qkv as False: a flow model's file says True for lorabuild's default; SD's say nothing
+    assert network_args({"split_qkv": True}, "flux") == {"split_qkv": "True"}
+    assert network_args({"split_qkv": True}, "sd3")["split_qkv"] == "True"
+    assert network_args({"split_qkv": False}, "sd3")["split_qkv"] == "False"
+    assert "split_qkv" not in network_args({"split_qkv": True}, "sdxl") and network_args({"split_qkv": True}) == {}
 
 
 # ------------------------------------------------------------------ kohya's dropouts, drawn once per fused layer

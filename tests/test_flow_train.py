@@ -59,17 +59,24 @@ def _loss(ws) -> list[float]:
 
 def test_block_indices_train_exactly_the_selected_blocks_and_an_index_out_of_range_is_named(flux, tmp_path):
     ws = _copy(flux, tmp_path)
-    ws.edit(lambda d: d["network"].update(train_double_block_indices="1", train_single_block_indices="none"))
+    # with kohya's in_dims: img_in and txt_in train too, whatever the block selection (kohya adds them after)
+    ws.edit(lambda d: d["network"].update(train_double_block_indices="1", train_single_block_indices="none",
+                                          in_dims=[2, 0, 0, 0, 3]))
     ws.doit("train:demo", build="select")
     lora = ws.root / "output" / "demo" / "demo.safetensors"
-    assert _names(lora) == {f"lora_unet_double_blocks_1_{m}" for m in DOUBLE}
+    assert _names(lora) == {f"lora_unet_double_blocks_1_{m}" for m in DOUBLE} | {"lora_unet_img_in", "lora_unet_txt_in"}
+    weights = load_file(str(lora))
+    assert weights["lora_unet_txt_in.lora_down.weight"].shape[0] == 3 and weights["lora_unet_img_in.lora_up.weight"].abs().max() > 0
     run = ws.manifest("train")["items"][0]["hash"]
     key = json.loads((ws.root / "cache" / "objects" / "train" / run[:2] / f"{run[2:]}.json").read_text())["key"]
     assert key["params"]["network"]["train_double_block_indices"] == "1"
+    assert key["params"]["network"]["in_dims"] == [2, 0, 0, 0, 3]
     assert "train_block_indices" not in key["params"]["network"]  # unset options stay out of the key
+    assert "emb_dims" not in key["params"]["network"]
     with safe_open(str(lora), "pt") as f:
         args = json.loads(f.metadata()["ss_network_args"])
-    assert args == {"train_double_block_indices": "1", "train_single_block_indices": "none"}
+    assert args == {"train_double_block_indices": "1", "train_single_block_indices": "none", "in_dims": "[2,0,0,0,3]",
+                    "split_qkv": "True"}  # lorabuild's default said: kohya reads a missing one as False
     before = lora.read_bytes()
     ws.edit(lambda d: d["network"].update(train_double_block_indices="0-5"))  # the tiny model has 2
     proc = ws.doit("train:demo", build="bad", check=False)

@@ -72,8 +72,8 @@ def test_a_flux_command_line_with_kohyas_defaults_states_them():
     assert sorted(unmapped) == sorted([
         "model_prediction_type = 'sigma_scaled' (default) (lorabuild trains the velocity as the model predicts it, "
         "kohya's raw)",
-        "sigmoid_scale = '2' (kohya does not use it with timestep_sampling sigma)",
-        "network_args in_dims=[4,0,0,0,4] (lorabuild trains the blocks' Linear layers, not the input embedders)"])
+        "sigmoid_scale = '2' (kohya does not use it with timestep_sampling sigma)"])
+    assert doc["network"]["in_dims"] == [4, 0, 0, 0, 4]  # kohya's LoRAs on img_in and txt_in
     # kohya's split_qkv default (False: one LoRA on each fused qkv) is lorabuild's split_qkv: false
     r = convert_full(parse_command_line("flux_train_network.py --network_dim 8"))
     assert r.doc["network"]["split_qkv"] is False and not [n for n in r.notes if "split_qkv" in n]
@@ -108,6 +108,14 @@ def test_an_sd3_config_maps_the_density_scheme_training_shift_and_block_indices(
         "timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.0, "discrete_flow_shift": 3.0,
         "weighting_scheme": "none"}
     assert doc["textemb"] == {"t5_max_length": 154} and unmapped == []
+    # kohya's SD3 emb_dims (6 entries) maps; FLUX's in_dims with the wrong count is listed with the reason
+    doc, unmapped, _ = convert(parse_command_line("sd3_train_network.py --network_args emb_dims=0,0,4,0,0,2"))
+    assert doc["network"]["emb_dims"] == [0, 0, 4, 0, 0, 2] and unmapped == []
+    doc, unmapped, _ = convert(parse_command_line("flux_train_network.py --network_args in_dims=[4,0] emb_dims=[a]"))
+    assert "in_dims" not in doc["network"] and "emb_dims" not in doc["network"]
+    assert "network_args in_dims=[4,0] (takes 5 dims, one per entry in kohya's order (img_in, time_in, vector_in, " \
+           "guidance_in, txt_in; 0: not trained))" in unmapped
+    assert "network_args emb_dims=[a] (not a list of whole numbers)" in unmapped
     # kohya's SD3 defaults (uniform density, shift 1.0) are not lorabuild's SD 3.5 defaults: written out
     doc, unmapped, _ = convert(parse_command_line("sd3_train_network.py --weighting_scheme cosmap --guidance_scale 2"))
     assert {k: doc["train"][k] for k in ("timestep_sampling", "discrete_flow_shift", "weighting_scheme")} == {

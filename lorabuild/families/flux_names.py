@@ -32,6 +32,20 @@ SINGLE = {
     "attn_to_q": ("linear1", 0), "attn_to_k": ("linear1", 1), "attn_to_v": ("linear1", 2), "proj_mlp": ("linear1", 3),
     "proj_out": ("linear2", None), "norm_linear": ("modulation_lin", None),
 }
+# the input embedders kohya's in_dims trains (networks/lora_flux.py): diffusers' path → BFL's name, as
+# diffusers' _convert_kohya_flux_lora_to_diffusers reads them back
+EMBEDDERS = {
+    "x_embedder": "img_in", "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
+}
+_EMB_TO_BFL = {"lora_unet_" + path.replace(".", "_"): "lora_unet_" + bfl for path, bfl in EMBEDDERS.items()}
+_EMB_FROM_BFL = {bfl: ours for ours, bfl in _EMB_TO_BFL.items()}
+_EMB_DOTTED = {"lora_unet_" + path.replace(".", "_"): path for path in EMBEDDERS}
 _OURS = re.compile(r"^lora_unet_(transformer_blocks|single_transformer_blocks)_(\d+)_(.+)$")
 _BFL = re.compile(r"^lora_unet_(double_blocks|single_blocks)_(\d+)_(.+)$")
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -45,7 +59,7 @@ def to_bfl(tensors: dict, widths: dict[str, list[int]]) -> dict:
         m = _OURS.match(name)
         table = None if m is None else (DOUBLE if m.group(1) == "transformer_blocks" else SINGLE)
         if table is None or m.group(3) not in table:
-            out.update({f"{name}.{s}": v for s, v in t.items()})
+            out.update({f"{_EMB_TO_BFL.get(name, name)}.{s}": v for s, v in t.items()})
             continue
         bfl, part = table[m.group(3)]
         new = f"lora_unet_{'double' if table is DOUBLE else 'single'}_blocks_{m.group(2)}_{bfl}"
@@ -141,7 +155,7 @@ def from_bfl(tensors: dict, widths: dict[str, list[int]], wanted: set[str]) -> d
     for name, t in by_module(tensors).items():
         m = _BFL.match(name)
         if m is None:
-            out.update({f"{name}.{s}": v for s, v in t.items()})
+            out.update({f"{_EMB_FROM_BFL.get(name, name)}.{s}": v for s, v in t.items()})
             continue
         double = m.group(1) == "double_blocks"
         table, ours = (DOUBLE, "transformer_blocks") if double else (SINGLE, "single_transformer_blocks")
@@ -201,6 +215,8 @@ def peft_path(name: str) -> str:
     m = _OURS.match(name)
     if m and m.group(3) in (DOUBLE if m.group(1) == "transformer_blocks" else SINGLE):
         return f"transformer.{m.group(1)}.{m.group(2)}.{DOTTED[m.group(3)]}"
+    if name in _EMB_DOTTED:  # network.in_dims
+        return f"transformer.{_EMB_DOTTED[name]}"
     clip = clip_path(name, {"lora_te1": "text_encoder"})
     if clip:
         return clip

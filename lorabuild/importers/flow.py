@@ -21,6 +21,7 @@ objective setting kohya trains with. Facts from sd-scripts ``library/flux_train_
 """
 from __future__ import annotations
 
+from ..lora.flow_select import embedder_problems
 from .common import flag, to_bool
 
 FLUX_SCRIPT, SD3_SCRIPT = "flux_train_network.py", "sd3_train_network.py"
@@ -156,12 +157,29 @@ def network_arg(r, key: str, value: str) -> bool:
             r.off.append("network_args train_t5xxl")
     elif key == "split_qkv":
         r.set("network.split_qkv", flag(value), "network_args split_qkv")
-    elif key == "in_dims":
-        r.unmapped.append(f"network_args in_dims={value} (lorabuild trains the blocks' Linear layers, not the input "
-                          "embedders)")
+    elif key in ("in_dims", "emb_dims"):  # kohya: "[4,0,0,0,4]" or "4,0,0,0,4", one rank per embedder
+        dims = _dims(value)
+        wrong = dims is None or embedder_problems({key: dims}, None)
+        if wrong:
+            why = wrong[0][1] if dims is not None else "not a list of whole numbers"
+            r.unmapped.append(f"network_args {key}={value} ({why})")
+        else:
+            r.set(f"network.{key}", dims, f"network_args {key}")
     else:
         return False
     return True
+
+
+def _dims(value: str) -> list[int] | None:
+    """kohya's in_dims / emb_dims text as a list of ints (networks/lora_flux.py strips the brackets and
+    splits on commas), or None."""
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return [int(d) for d in text.split(",")]
+    except ValueError:
+        return None
 
 
 def finish(r) -> None:

@@ -17,6 +17,8 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         blocks = block_settings(net, arch)
         # FLUX/SD 3.5 block selection (kohya train_*_block_indices, train_blocks), against this transformer
         keep = flow_select.block_filter(net, arch, dict(getattr(unet, "config", {}) or {}))
+        # kohya's in_dims (FLUX.1) / emb_dims (SD 3.5): LoRAs on the input embedders too
+        embedders = flow_select.embedders(net, arch, unet) if net["train_unet"] else []
     except ValueError as exc:
         raise NetworkConfigError(str(exc)) from None
     cls, extra = LoRANetwork, {}
@@ -37,7 +39,7 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         te_targets=flow_select.te_targets(net, net.get("text_encoder_target_modules") or TE_TARGETS),
         exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
         blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,
-        **({"keep": keep} if keep else {}), **extra)
+        **({"keep": keep} if keep else {}), **({"embedders": embedders} if embedders else {}), **extra)
     if net.get("split_qkv") is False:  # kohya's default: one LoRA on each fused qkv / linear1
         network.share_down(family(arch).fused_parts(network.denoiser_config))
     return network

@@ -42,14 +42,15 @@ KEY_DEFAULTS = {"unet_target_modules": ["Transformer2DModel"], "text_encoder_tar
                 "constraint": 0, "rescaled": False, "train_on_input": False, "train_norm": False,
                 # FLUX.1 / SD 3.5 block selection and T5 training (lora/flow_select.py)
                 "train_double_block_indices": None, "train_single_block_indices": None, "train_blocks": None,
-                "train_block_indices": None, "train_t5xxl": False, "split_qkv": True}
+                "train_block_indices": None, "train_t5xxl": False, "split_qkv": True, "in_dims": None, "emb_dims": None}
 
 
 # network fields added after sample tasks were first recorded: the sample task's record holds
 # them only when set, so an existing build is not re-run (it would compute nothing) for them
 SAMPLE_NEWER = {k: KEY_DEFAULTS[k] for k in ("constraint", "rescaled", "train_on_input", "train_norm",
                                               "train_double_block_indices", "train_single_block_indices",
-                                              "train_blocks", "train_block_indices", "train_t5xxl", "split_qkv")}
+                                              "train_blocks", "train_block_indices", "train_t5xxl", "split_qkv",
+                                              "in_dims", "emb_dims")}
 
 
 def keyed(net: Mapping) -> dict:

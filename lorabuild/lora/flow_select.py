@@ -1,5 +1,6 @@
-"""Which parts of a flow model's network train: kohya's block selection for FLUX.1 and SD 3.5 and its
-T5 option; numbers and names only, no torch (``validate`` reads it).
+"""Which parts of a flow model's network train: kohya's block selection for FLUX.1 and SD 3.5, its
+input-embedder dims (``in_dims``, ``emb_dims``) and its T5 option; numbers and names only, no torch
+(``validate`` reads it).
 
 Facts from sd-scripts ``networks/lora_flux.py`` (``parse_block_selection``, ``train_blocks``,
 ``train_t5xxl``) and ``networks/lora_sd3.py`` (``train_block_indices``): a selection is ``all``,
@@ -25,6 +26,28 @@ BLOCKS = {
 # each selection field and train_blocks → the family it is for
 FIELDS = {"train_double_block_indices": "flux", "train_single_block_indices": "flux", "train_blocks": "flux",
           "train_block_indices": "sd3"}
+# kohya's LoRA on the input embedders (and SD 3.5's final layer): network field → (family, its entries in
+# kohya's order, each (kohya's label, the diffusers module paths it trains)). Facts from sd-scripts
+# networks/lora_flux.py (in_dims: img, time, vector, guidance, txt; the Linears under BFL's img_in,
+# time_in, vector_in, guidance_in, txt_in) and networks/lora_sd3.py (emb_dims: context_embedder,
+# t_embedder, x_embedder (its patch conv), y_embedder, final_layer_adaLN_modulation, final_layer_linear);
+# the diffusers paths of those BFL / SAI modules are diffusers' converters' (lora_conversion_utils
+# _convert_kohya_flux_lora_to_diffusers; convert_sd3_transformer_checkpoint_to_diffusers). 0: not trained.
+EMBEDDERS = {
+    "in_dims": ("flux", (
+        ("img_in", ("x_embedder",)),
+        ("time_in", ("time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2")),
+        ("vector_in", ("time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")),
+        ("guidance_in", ("time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2")),
+        ("txt_in", ("context_embedder",)))),
+    "emb_dims": ("sd3", (
+        ("context_embedder", ("context_embedder",)),
+        ("t_embedder", ("time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2")),
+        ("x_embedder", ("pos_embed.proj",)),
+        ("y_embedder", ("time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")),
+        ("final_mod", ("norm_out.linear",)),
+        ("final_linear", ("proj_out",)))),
+}
 T5_FAMILIES = ("flux", "sd3")
 T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")  # kohya TEXT_ENCODER_TARGET_REPLACE_MODULE's T5 part
 _PART = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -72,6 +95,7 @@ def problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
                 out.append((field, str(exc).split(": ", 1)[1]))
     if net.get("split_qkv") is False:
         out += [("split_qkv", p) for p in split_qkv_problems(net, arch)]
+    out += embedder_problems(net, arch)
     if net.get("train_t5xxl"):
         if arch is not None and arch not in T5_FAMILIES:
             out.append(("train_t5xxl", "is for FLUX.1 and SD 3.5 (the models with a T5 text encoder)"))
@@ -88,6 +112,45 @@ def split_qkv_problems(net: dict, arch: str | None) -> list[str]:
     if arch is not None and arch not in BLOCKS:
         return ["false is for FLUX.1 and SD 3.5 (the models whose files fuse q, k and v)"]
     return []
+
+
+def embedder_problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
+    """(field, message) for ``in_dims`` / ``emb_dims`` that cannot apply: another family's, the wrong
+    number of entries, an entry that is not a whole number ≥ 0."""
+    out = []
+    for field, (fam, entries) in EMBEDDERS.items():
+        dims = net.get(field)
+        if dims is None:
+            continue
+        labels = ", ".join(label for label, _ in entries)
+        if arch is not None and arch != fam:
+            out.append((field, f"is for {TITLES[fam]}; this model is not"))
+        elif not isinstance(dims, (list, tuple)) or len(dims) != len(entries):
+            out.append((field, f"takes {len(entries)} dims, one per entry in kohya's order ({labels}; 0: not trained)"))
+        elif any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
+            out.append((field, f"{list(dims)}: each entry is a rank, a whole number ≥ 0 ({labels})"))
+    return out
+
+
+def embedders(net: dict, arch: str, denoiser) -> list[tuple[str, object, int]]:
+    """(module name, module, dim) for the input embedders ``in_dims`` / ``emb_dims`` train, in kohya's
+    order (each after the blocks' modules, as kohya creates them); an entry whose module this
+    transformer lacks (FLUX.1 schnell has no guidance embedder) is a ValueError naming the field."""
+    out = []
+    for field, (fam, entries) in EMBEDDERS.items():
+        if fam != arch or not net.get(field):
+            continue
+        for i, ((label, paths), dim) in enumerate(zip(entries, net[field])):
+            if not dim:
+                continue
+            for path in paths:
+                try:
+                    module = denoiser.get_submodule(path)
+                except AttributeError:
+                    raise ValueError(f"network.{field}: entry {i + 1} ({label}) is {dim}, but this transformer has no "
+                                     f"{path} (set it to 0)") from None
+                out.append(("lora_unet_" + path.replace(".", "_"), module, int(dim)))
+    return out
 
 
 def type_problem(net: dict, arch: str | None) -> str | None:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from ..captions import split_tags
 from ..families import family
 from ..train.plan import TrainPlan
+from .flow_select import BLOCKS
 
 # ss_base_model_version, ss_v2 and Stability AI's ModelSpec architecture ids (kohya
 # library/sai_model_spec.py) are each model family's (lorabuild/families/)
@@ -87,7 +88,7 @@ def kohya_metadata(
         "ss_network_dim": net["dim"],
         "ss_network_alpha": net["alpha"],
         "ss_network_dropout": net["dropout"] or None,
-        "ss_network_args": json.dumps(network_args(net)) if network_args(net) else None,
+        "ss_network_args": json.dumps(network_args(net, arch)) if network_args(net, arch) else None,
         "ss_network_train_unet_only": not net["train_text_encoder"],
         "ss_network_train_text_encoder_only": not net["train_unet"],
         "ss_mixed_precision": train["mixed_precision"],
@@ -163,8 +164,9 @@ def _lycoris(net: Mapping) -> bool:
     return net.get("type") in LYCO_TYPES
 
 
-def network_args(net: Mapping) -> dict[str, str]:
-    """kohya's ``ss_network_args``: the network options beyond dim/alpha, as strings."""
+def network_args(net: Mapping, arch: str | None = None) -> dict[str, str]:
+    """kohya's ``ss_network_args``: the network options beyond dim/alpha, as strings. ``arch``: the
+    model family (FLUX.1 and SD 3.5 state ``split_qkv`` either way)."""
     out = {}
     if _lycoris(net):
         from .lyco_options import algo_args
@@ -196,8 +198,14 @@ def network_args(net: Mapping) -> dict[str, str]:
             out[key] = str(net[key])
     if net.get("train_t5xxl"):
         out["train_t5xxl"] = "True"
-    if net.get("split_qkv") is False:  # one LoRA per fused layer (kohya's default); true, unset, keeps old files'
-        out["split_qkv"] = "False"
+    for key in ("in_dims", "emb_dims"):  # kohya parses "[4,0,0,0,4]" (its brackets optional)
+        if net.get(key) is not None:
+            out[key] = "[" + ",".join(str(d) for d in net[key]) + "]"
+    # kohya (networks/lora_flux.py, lora_sd3.py) reads a missing split_qkv as False, so a flow model's file
+    # says which it is: False, one LoRA per fused layer; True, lorabuild's default, the parts' own LoRAs.
+    # Metadata is in no key: only files written from now on say it.
+    if net.get("split_qkv") is False or arch in BLOCKS:
+        out["split_qkv"] = str(net.get("split_qkv") is not False)
     for key, default in (("unet_target_modules", ["Transformer2DModel"]),
                          ("text_encoder_target_modules", ["CLIPAttention", "CLIPMLP"])):
         if net.get(key) and list(net[key]) != default:  # no kohya equivalent; recorded so the file says how it was made

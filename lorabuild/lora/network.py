@@ -259,10 +259,12 @@ class LoRANetwork(nn.Module):
                  train_text_encoder: bool = True, arch: str = "sd1", conv_dim: int | None = None,
                  conv_alpha: float | None = None, dropout: float = 0.0, unet_targets=UNET_TARGETS,
                  te_targets=TE_TARGETS, exclude_patterns=(), include_patterns=(), blocks: dict | None = None,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0, make=None, keep=None):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, make=None, keep=None, embedders=()):
         """``blocks``: per-block settings from ``blocks.block_settings`` (kohya block_dims & co.);
         ``make(name, module, dim, alpha)``: the module to train there (default: kohya's LoRA);
-        ``keep(name)``: whether a denoiser module trains (a flow model's block selection, flow_select)."""
+        ``keep(name)``: whether a denoiser module trains (a flow model's block selection, flow_select);
+        ``embedders``: (name, module, dim) more denoiser modules at their own dim and ``alpha``, after the
+        blocks' (kohya's in_dims / emb_dims, flow_select.embedders)."""
         super().__init__()
         family(arch)  # an unknown architecture: ValueError before any module is looked at
         if tuple(unet_targets) == UNET_TARGETS:  # the default (SD's Transformer2DModel): the family's own targets
@@ -292,6 +294,8 @@ class LoRANetwork(nn.Module):
                 d, a = (blocks["conv_dims"][i], blocks["conv_alphas"][i]) if is3 else (blocks["dims"][i], blocks["alphas"][i])
             if d:  # kohya: a block dim of 0 (or an lr weight of 0) creates no module there
                 made.append((part, make(name, module, d, a)))
+        made += [(0, make(name, module, d, alpha)) for name, module, d in embedders]
+        made.sort(key=lambda pm: pm[0])  # stable: the denoiser's modules first, then each text encoder's
         if not made:
             raise NetworkConfigError("network.block_dims: every remaining module sits in a block whose dim or lr "
                                      "weight is 0")
