@@ -276,6 +276,35 @@ def test_t5_outputs_come_from_the_cache_while_clip_trains_and_the_loss_is_the_un
     assert any("sampled while training: 1 images rendered" in n for n in cached.report("train")["notes"])
 
 
+def test_two_processes_cache_each_captions_t5_entry_once_and_train_from_them(flux, tmp_path):
+    """The T5-only entries (CLIP trains, T5 frozen) with train.processes 2: textemb shares the captions
+    out over 2 ranks (textemb.run_shard → frozen_items), every caption gets exactly one entry, the same
+    one a single process caches, and the 2 DDP ranks train from them without loading T5, as one
+    process accumulating 2 batches trains."""
+    def build(folder, **train):
+        ws = _copy(flux, tmp_path / folder, batch_size=1, **train)
+        ws.edit(lambda d: d["network"].update(train_text_encoder=True))
+        return ws, ws.doit("train:demo", build=folder)
+
+    two, out = build("two", processes=2)
+    report = two.report("textemb")
+    items = two.manifest("textemb")["items"]
+    captions = {e["id"] for e in items}
+    assert report["items"] == len(items) == len(captions) >= 2 and report["computed"] == len(items)
+    shares = [n for n in report["notes"] if n.startswith("computed by 2 processes: ")]
+    assert len(shares) == 1 and sum(map(int, shares[0].split(": ")[1].split(" + "))) == len(items)
+    assert any("only the frozen text_encoder_2 is cached" in n for n in report["notes"])
+    for e in items:  # each entry whole, holding T5's output alone
+        h = e["hash"]
+        assert set(load_file(str(two.root / "cache" / "objects" / "textemb" / h[:2] / f"{h[2:]}.safetensors")))
+    assert "text_encoder_2 not loaded" in out.stdout + out.stderr
+    assert any("trained by 2 processes" in n for n in two.report("train")["notes"])
+    one, _ = build("one", gradient_accumulation_steps=2)
+    assert {e["hash"] for e in one.manifest("textemb")["items"]} == {e["hash"] for e in items}
+    assert one.report("textemb")["computed"] == len(items) and not any("processes" in n for n in one.report("textemb")["notes"])
+    assert len(_loss(one)) >= 1 and _loss(two) == pytest.approx(_loss(one), rel=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
 def test_condition_with_the_cached_t5_states_is_the_full_encoding(name):
     """What training does with T5's cached outputs (Family.encode_frozen, then condition with the CLIPs
