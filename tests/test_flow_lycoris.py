@@ -39,6 +39,7 @@ def _trained(folder, arch, kind, seed=5, **kw):
     """The network on the tiny model with every tensor moved off its initialisation (a fresh LoHa's
     delta is zero)."""
     unet = models.load_unet(folder)
+    torch.manual_seed(seed)  # LyCORIS initialises from the global generator
     net = from_config(_net(kind, **kw), unet, [], arch)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -218,6 +219,23 @@ def test_merged_weight_is_the_lycoris_librarys_module_on_the_fused_layer(tiny, k
     for n, p in mod.named_parameters():
         torch.testing.assert_close(p.grad, theirs_grads[n].grad, atol=1e-4, rtol=1e-4)
     assert any(p.grad.abs().max() > 0 for p in mod.parameters())
+
+
+def test_gradient_checkpointing_gives_the_fused_modules_the_same_gradients(tiny):
+    """Recomputed in the backward pass, the parts get a new input: the delta is computed again for it."""
+    grads = []
+    for checkpointing in (False, True):
+        net, unet = _trained(tiny["flux"], "flux", "loha")
+        unet.train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        net.apply()
+        family("flux").predict(unet, *flux_inputs(unet)).square().mean().backward()
+        net.restore()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert all(g.abs().max() > 0 for g in grads[0][:4])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_refused_combinations_are_named(tiny):
