@@ -370,10 +370,13 @@ def _network_problems(data: dict, doc: _Doc, pos) -> None:
 
     for section, key, msg in option_problems(net, data.get("train")):
         doc.problem(pos(section, key), f"{section}.{key}", msg)
-    from .lora.flow_select import problems as selection_problems
+    from .lora.flow_select import format_problem, problems as selection_problems
 
     for key, msg in selection_problems(net, fam.name if fam else None):
         doc.problem(pos("network", key), f"network.{key}", msg)
+    msg = format_problem(net, fam.name if fam else None, (data.get("output") or {}).get("format"))
+    if msg:
+        doc.problem(pos("output", "format"), "output.format", msg)
 
 
 def apply_defaults(data: Any, sch: dict) -> Any:

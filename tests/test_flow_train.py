@@ -1,5 +1,5 @@
 """Training options on the flow models (issue 25): kohya's FLUX.1 / SD 3.5 block selection and T5
-training, LyCORIS refused with its reason, and what lorabuild has for SD working on tiny-flux too:
+training, LyCORIS on the files' fused layers (full refused with its reason), and what lorabuild has for SD working on tiny-flux too:
 extending a run, validation loss, masked loss, EMA and gradient checkpointing.
 
 One cold tiny-flux dev build for the module (tests/test_flux.py's recipe); every test works on a copy
@@ -130,17 +130,18 @@ def test_sd3_block_indices_and_t5_training_on_the_tiny_mmdit(tmp_path):
         from_config(_net(train_double_block_indices="0"), transformer, [], "sd3")
 
 
-def test_train_blocks_single_and_lycoris_refused_with_the_reason(flux):
+def test_train_blocks_single_and_lycoris_on_the_fused_layers(flux):
     folder = flux.root / "cache" / "models" / "tiny-flux"
     transformer = models.load_unet(folder)
     net = from_config(_net(train_blocks="single", train_single_block_indices="0"), transformer, [], "flux")
     assert len(net.loras) == 6 and all(m.lora_name.startswith("lora_unet_single_transformer_blocks_0_") for m in net.loras)
     with pytest.raises(NetworkConfigError, match="the block selection .* leaves no module"):
         from_config(_net(train_blocks="double", train_double_block_indices="none"), transformer, [], "flux")
-    for kind in ("loha", "lokr"):
-        with pytest.raises(NetworkConfigError, match=f"network.type: {kind} is not available for FLUX.1: its files "
-                                                     "fuse q, k and v"):
-            from_config(_net(type=kind), transformer, [], "flux")
+    # LyCORIS trains the files' fused layers (tests/test_flow_lycoris.py); full is not built that way
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in {m.lora_name for m in from_config(_net(type="lokr"), transformer,
+                                                                                           [], "flux").loras}
+    with pytest.raises(NetworkConfigError, match="network.type: full is not available for FLUX.1"):
+        from_config(_net(type="full"), transformer, [], "flux")
 
 
 def test_train_t5xxl_trains_t5_with_clip_and_the_sample_stage_loads_the_file(flux, tmp_path):

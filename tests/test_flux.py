@@ -25,7 +25,7 @@ from lorabuild.lora.network import LoRANetwork
 IMAGES = ("redcircle_00", "redcircle_01", "bluesquare_00", "bluesquare_01")
 
 
-def _flux_workspace(root, model: str):
+def _flux_workspace(root, model: str, network: dict | None = None):
     ws = init_workspace(root)
     for concept in ws.data.iterdir():  # a small dataset: two images per concept
         for f in concept.iterdir():
@@ -33,6 +33,7 @@ def _flux_workspace(root, model: str):
                 f.unlink()
     doc = yaml.safe_load(ws.yaml_path.read_text())
     doc["base_model"] = f"builtin:{model}"
+    doc["network"].update(network or {})
     doc["bucket"] = {"resolution": 64, "min_reso": 64, "max_reso": 128, "step": 16}
     doc["textemb"] = {"cache": "auto", "t5_max_length": 16}
     doc["train"].update(epochs=1, max_steps=2, save_every_n_epochs=1)

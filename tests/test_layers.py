@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "train.dist", "importers.scripts", "flow", "objective", "pixels", "train.lossplot", "cpuconv", "lora.flow_select")),
     ("text and layout", ("textenc", "lora.layout")),  # what the families build their conditioning and names from
     ("families", ("families", "families.")),  # one module per model family (SD1, SD2, SDXL, …): issue 21
-    ("model", ("models", "separate", "checkpoints", "folders", "lora.blocks", "lora.network", "lora.lyco", "lora.adapter", "lora.metadata",
+    ("model", ("models", "separate", "checkpoints", "folders", "lora.blocks", "lora.network", "lora.lyco_fused", "lora.lyco", "lora.adapter", "lora.metadata",
                "detector")),
     ("config", ("config", "limits")),
     # publish: the run's saved files (kohya metadata) and their publishing

@@ -234,6 +234,12 @@ class Family:
         linear1, SD 3.5's qkv): what ``network.split_qkv: false`` trains as one LoRA; none for SD."""
         return {}
 
+    def file_modules(self, denoiser_config: dict) -> dict[str, tuple[str, int, int, bool]]:
+        """{trained module name: (the family files' module name, part index, parts, halves swapped)} where
+        the files' layout differs from the trained modules' (FLUX's and SD 3.5's fused layers): a LyCORIS
+        type trains the files' layers (lora/lyco_fused.py); none for SD (its names are the files')."""
+        return {}
+
     def model_metadata(self, denoiser_config: dict) -> dict:
         """Metadata the denoiser's own config decides (SD 3.5: Large or Medium); none for the others."""
         return {}

@@ -90,6 +90,11 @@ class Flux(Family):
 
         return fused_parts(denoiser_config)
 
+    def file_modules(self, denoiser_config: dict) -> dict[str, tuple[str, int, int, bool]]:
+        from .flux_names import file_modules
+
+        return file_modules(denoiser_config)
+
     peft_format = True
 
     def peft_layout(self, tensors: dict, denoiser_config: dict) -> dict:

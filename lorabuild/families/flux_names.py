@@ -183,6 +183,20 @@ def fused_parts(config) -> dict[str, str]:
     return out
 
 
+def file_modules(config) -> dict[str, tuple[str, int, int, bool]]:
+    """{our module name: (BFL's module name, part index, parts, halves swapped)} for every Linear of the
+    double and single blocks: the layers a LyCORIS type trains as BFL's model has them (one module on
+    each fused qkv / linear1, lora/lyco_fused.py). BFL never swaps halves."""
+    out = {}
+    for ours, bfl, table, count in (("transformer_blocks", "double", DOUBLE, "num_layers"),
+                                    ("single_transformer_blocks", "single", SINGLE, "num_single_layers")):
+        for i in range(config[count]):
+            for path, (name, part) in table.items():
+                n = sum(1 for other, _ in table.values() if other == name)
+                out[f"lora_unet_{ours}_{i}_{path}"] = (f"lora_unet_{bfl}_blocks_{i}_{name}", part or 0, n, False)
+    return out
+
+
 def fused_widths(config) -> dict[str, list[int]]:
     """{fused BFL module name: its parts' output widths} of a FluxTransformer2DModel's config: q, k, v
     are heads × head_dim wide, a single block's MLP 4× that (diffusers' mlp_ratio)."""

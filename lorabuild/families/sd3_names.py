@@ -85,6 +85,12 @@ def _table(config: dict) -> dict[str, tuple[str, int, int, bool]]:
     return out
 
 
+def file_modules(config: dict) -> dict[str, tuple[str, int, int, bool]]:
+    """{our module name: (kohya's SAI name, part index, parts, halves swapped)}: the layers a LyCORIS
+    type trains as SAI's MMDiT has them (lora/lyco_fused.py)."""
+    return _table(config)
+
+
 def fused_parts(config: dict) -> dict[str, str]:
     """{our module name: the SAI layer it is a part of} for the layers SAI fuses (q, k, v)."""
     return {ours: sai for ours, (sai, _, n, _) in _table(config).items() if n > 1}

@@ -23,11 +23,6 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         raise NetworkConfigError(str(exc)) from None
     cls, extra = LoRANetwork, {}
     if net.get("type") not in (None, "lora", "locon"):  # LoHa, LoKr, DoRA…: LyCORIS' modules (optional package)
-        if flow_select.type_problem(net, arch):
-            raise NetworkConfigError(f"network.type: {flow_select.type_problem(net, arch)}")
-        if family(arch).network_module != "networks.lora":
-            raise NetworkConfigError(f"network.type: {net['type']} is not available for {family(arch).title} yet "
-                                     "(its files' layout is LoRA's); use lora")
         from .lyco import LycoNetwork, module_maker
 
         cls, extra = LycoNetwork, {"make": module_maker(net), "train_norm": bool(net.get("train_norm"))}
@@ -40,6 +35,7 @@ def from_config(net: dict, unet, text_encoders: list, arch: str, train_text_enco
         exclude_patterns=net.get("exclude_patterns") or (), include_patterns=net.get("include_patterns") or (),
         blocks=blocks, rank_dropout=net.get("rank_dropout") or 0.0, module_dropout=net.get("module_dropout") or 0.0,
         **({"keep": keep} if keep else {}), **({"embedders": embedders} if embedders else {}), **extra)
-    if net.get("split_qkv") is False:  # kohya's default: one LoRA on each fused qkv / linear1
+    # kohya's default: one LoRA on each fused qkv / linear1 (a LyCORIS type trains the fused layers anyway)
+    if net.get("split_qkv") is False and cls is LoRANetwork:
         network.share_down(family(arch).fused_parts(network.denoiser_config))
     return network

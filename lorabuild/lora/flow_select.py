@@ -83,6 +83,7 @@ def problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
     """(field, message) for selection options that cannot apply: the wrong family (where it is known),
     syntax, T5 training without the text encoders. Ranges are checked with the model (:func:`block_filter`)."""
     out = [("type", type_problem(net, arch))] if type_problem(net, arch) else []
+    out += lyco_problems(net, arch)
     for field, fam in FIELDS.items():
         if net.get(field) is None:
             continue
@@ -93,7 +94,7 @@ def problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
                 parse(net[field], None, field)
             except ValueError as exc:
                 out.append((field, str(exc).split(": ", 1)[1]))
-    if net.get("split_qkv") is False:
+    if net.get("split_qkv") is False and (net.get("type") or "lora") in ("lora", "locon"):
         out += [("split_qkv", p) for p in split_qkv_problems(net, arch)]
     out += embedder_problems(net, arch)
     if net.get("train_t5xxl"):
@@ -154,15 +155,41 @@ def embedders(net: dict, arch: str, denoiser) -> list[tuple[str, object, int]]:
 
 
 def type_problem(net: dict, arch: str | None) -> str | None:
-    """Why ``network.type`` cannot train this flow model, or None: a LyCORIS type. lorabuild trains
-    diffusers' split q, k, v and saves them fused in kohya's/BFL's names, exact for LoRA (rows of a
-    block-diagonal up); a LoHa or LoKr of each part has no fused equivalent, and diffusers' FLUX and SD3
-    loaders read LoRA files only, so such a file would load nowhere as trained."""
-    kind = net.get("type") or "lora"
-    if arch in BLOCKS and kind not in ("lora", "locon"):
-        return (f"{kind} is not available for {TITLES[arch]}: its files fuse q, k and v as kohya's do, which is exact "
-                "for LoRA only, and diffusers loads LoRA files only for this model; use lora")
+    """Why ``network.type`` cannot train this flow model, or None. The LyCORIS types train the files'
+    layers as lycoris.kohya does on sd-scripts' BFL/SAI models: one module on each fused qkv / linear1
+    (lora/lyco_fused.py), exact for every type whose delta LyCORIS computes from the layer's weight;
+    ``full`` (LyCORIS' own trained copy of each weight and bias) is not built on fused layers."""
+    if arch in BLOCKS and net.get("type") == "full":
+        return (f"full is not available for {TITLES[arch]}: lorabuild trains LyCORIS on the files' fused layers "
+                "(q, k, v as one qkv) through a module over the parts, and full's trained copy of the whole weight is "
+                "not built that way; use loha, lokr, dora, ia3 or diag-oft")
     return None
+
+
+def format_problem(net: dict, arch: str | None, fmt: str | None) -> str | None:
+    """Why ``output.format`` cannot hold this network, or None: diffusers' FLUX.1 and SD 3.5 loaders read
+    LoRA files only (its kohya-FLUX converter ``_convert_kohya_flux_lora_to_diffusers`` takes
+    lora_down/lora_up; its LoKr converters are for FLUX.2's and Z-Image's layouts)."""
+    kind = net.get("type") or "lora"
+    if arch in BLOCKS and fmt == "diffusers" and kind not in ("lora", "locon"):
+        return (f"diffusers is not available with network.type {kind}: diffusers loads LoRA files only for "
+                f"{TITLES[arch]}; use kohya (ComfyUI and Forge load the {kind} file)")
+    return None
+
+
+def lyco_problems(net: dict, arch: str | None) -> list[tuple[str, str]]:
+    """(field, message) for LyCORIS options a flow model cannot take: ``train_norm`` (lorabuild trains
+    no norm layer of FLUX.1's or SD 3.5's; their blocks' norms are RMSNorm or have no weights) and the
+    embedders' dims (``in_dims``, ``emb_dims``: kohya's LoRA networks' options, not lycoris.kohya's)."""
+    kind = net.get("type") or "lora"
+    if arch not in BLOCKS or kind in ("lora", "locon"):
+        return []
+    out = [("train_norm", f"is not available for {TITLES[arch]} (its blocks' norms are RMSNorm or have no "
+            "weights; lorabuild trains no norm layer of this model)")] if net.get("train_norm") else []
+    # kohya's in_dims / emb_dims are lora_flux's / lora_sd3's arguments; lycoris.kohya has none
+    return out + [(field, f"is kohya's LoRA option (networks.lora_flux / lora_sd3); network.type {kind} trains the "
+                   "blocks' layers only, as lycoris.kohya does")
+                  for field in EMBEDDERS if net.get(field) and any(net[field])]
 
 
 def block_filter(net: dict, arch: str, config: dict):

@@ -24,7 +24,9 @@ from torch import nn
 
 from .network import UNET_CONV_TARGETS, LoRANetwork, NetworkConfigError, target_classes, te_path_prefix, check_layout
 
+from .lyco_fused import Placeholder, regroup
 from .lyco_options import OPTION_DEFAULTS, OPTIONS, option_problems
+from ..families import family
 
 
 def _full_module():
@@ -89,11 +91,13 @@ def module_maker(net: dict):
         raise NetworkConfigError("{}.{}: {}".format(*problems[0]))
     rank_dropout, module_dropout = net.get("rank_dropout") or 0.0, net.get("module_dropout") or 0.0
 
-    def make(name, module, dim, alpha):
+    def make(name, module, dim, alpha, wrap=None):
+        """``wrap``: a class maker for the module's class (lyco_fused.fused_class: a fused file layer's)."""
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):  # as lycoris.kohya makes them
             return NormModule(name, module, 1.0, rank_dropout, module_dropout)
         # bypass_mode False: the weight-rebuild forward (W + ΔW), the one every type and DoRA share
-        return cls(name, module, 1.0, dim, alpha, 0.0, rank_dropout, module_dropout, bypass_mode=False, **kw)
+        return (wrap(cls) if wrap else cls)(name, module, 1.0, dim, alpha, 0.0, rank_dropout, module_dropout,
+                                            bypass_mode=False, **kw)
     return make
 
 
@@ -115,7 +119,11 @@ class LycoNetwork(LoRANetwork):
     ``train_norm`` each part also trains the norm layers of its target blocks (after its others)."""
 
     def __init__(self, unet, text_encoders: list, *, train_norm: bool = False, **kw):
-        super().__init__(unet, text_encoders, **kw)
+        # FLUX.1, SD 3.5: the modules are the files' (fused) layers, as lycoris.kohya trains them
+        table = family(kw.get("arch", "sd1")).file_modules(dict(getattr(unet, "config", {}) or {}))
+        super().__init__(unet, text_encoders, **{**kw, "make": Placeholder} if table else kw)
+        if table:
+            regroup(self, table, kw["make"])
         if train_norm:
             self._add_norms(unet, text_encoders, kw)
 

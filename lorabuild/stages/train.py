@@ -225,6 +225,11 @@ def run(ctx: Context, dataset) -> dict:
     if ctx.project.get("output.format") == "diffusers" and not fam.peft_format:
         raise StageError(f"{ctx.project.file}: output.format: diffusers is for SD 3.5 and FLUX.1 (diffusers has no converter "
                          f"from kohya's names there); diffusers reads {fam.title} LoRAs in kohya's format: use kohya")
+    from ..lora.flow_select import format_problem
+
+    wrong = format_problem(ctx.project.section("network"), fam.name, ctx.project.get("output.format"))
+    if wrong:
+        raise StageError(f"{ctx.project.file}: output.format: {wrong}")
     key = run_key(ctx, inp.dataset, inp.captions, inp.latents, inp.te_id, inp.unet_id, inp.cached)  # multi-res: its samples
     h = key_hash(key)
     store = ctx.store(STAGE, ".safetensors")
