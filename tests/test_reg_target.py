@@ -65,7 +65,7 @@ def _reg_project(d: dict, **train) -> None:
     """The tiny demo's red circles as the lesson, its blue squares as regularization images."""
     d["dataset"] = {"concepts": [{"path": "demo/10_redcircle shape", "repeats": 1},
                                  {"path": "demo/10_bluesquare shape", "repeats": 1, "is_reg": True}]}
-    d["train"].update(epochs=1, batch_size=1, prior_loss_weight=1.0, **train)
+    d["train"].update({"epochs": 1, "batch_size": 1, "prior_loss_weight": 1.0, **train})
 
 
 def test_reg_target_base_fits_reg_items_to_the_base_in_a_real_build(demo):
@@ -79,10 +79,10 @@ def test_reg_target_base_fits_reg_items_to_the_base_in_a_real_build(demo):
     base_losses = _losses(demo)
     preserved = load_file(str(out))
     assert not all(torch.equal(plain[k], preserved[k]) for k in plain)
-    # one item a step, seeded alike: the 16 steps on circles are drawn as in the noise run, the 16 on squares
+    # one item a step, seeded alike: the 8 steps on circles are drawn as in the noise run, the 8 on squares
     # are fitted to what the base predicts, whose distance is the LoRA's change, far below the noise's
-    assert len(base_losses) == len(noise_losses) == 32
-    low = sorted(range(32), key=lambda i: base_losses[i])[:16]
+    assert len(base_losses) == len(noise_losses) == 16
+    low = sorted(range(16), key=lambda i: base_losses[i])[:8]
     assert max(base_losses[i] for i in low) < 0.1 * min(noise_losses[i] for i in low)
     assert base_losses[0] < 1e-10 or base_losses[0] == pytest.approx(noise_losses[0])  # step 1: a square's 0, or a circle's
     # back to noise: the first LoRA, restored, not trained again
@@ -106,7 +106,8 @@ def test_reg_target_base_with_the_text_encoder_trained_accumulation_and_ema(demo
     assert any(k.startswith("lora_te_") for k in preserved)
     assert not all(torch.equal(plain[k], preserved[k]) for k in plain)
     assert sorted(ema) == sorted(preserved) and not all(torch.equal(ema[k], preserved[k]) for k in ema)
-    assert len(_losses(demo)) == 8  # 16 + 16 items, 2 a batch, 2 batches a step
+    # 8 + 8 items in batches of 2 within buckets (8 batches or a few more), 2 batches a step
+    assert 4 <= len(_losses(demo)) <= 6
 
 
 def test_validate_refuses_reg_target_base_without_regularization_images(demo):
