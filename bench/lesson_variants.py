@@ -32,8 +32,12 @@ from common import run, write_settings  # noqa: E402
 from quality import STEPS, TRIGGER_PROMPT, epochs_of  # noqa: E402
 
 
-def lesson_data(data: Path, concept: str, reg: str, pipe) -> None:
-    """The demo's pictures with ``concept`` in the ring's place and the ``reg`` regularization set."""
+def lesson_data(data: Path, concept: str, reg: str, pipe, swap: str | None = None) -> None:
+    """The demo's pictures with ``concept`` in the ring's place and the ``reg`` regularization set;
+    with ``swap`` the lesson pictures again, captioned with the word ``swap`` in the trigger's place,
+    among the regularization pictures (ai-toolkit's differential output preservation: with
+    ``train.reg_target: base`` the model learns to predict, for ``red circle`` on a noisy ring, what
+    the base model predicts)."""
     import make_world_demo as mk
     from dataclasses import replace
 
@@ -42,6 +46,8 @@ def lesson_data(data: Path, concept: str, reg: str, pipe) -> None:
     shutil.rmtree(data)
     scenes = [replace(s, shape=concept) for s in mk.lesson_scenes(mk.LESSON, mk.SEED)]
     mk.write(data / "lesson" / f"{mk.REPEATS}_{mk.TRIGGER}", scenes)
+    if swap:
+        mk.write(data / "reg" / f"1_{swap}", [replace(s, word=swap) for s in scenes])
     if reg == "none":
         return
     sub = world.write_dataset(data / "reg", count=mk.REG, repeats=1, tokens="shape", seed=mk.REG_SEED)
@@ -60,6 +66,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concept", default="ring")
     p.add_argument("--reg", choices=("world", "base", "none"), default="world")
+    p.add_argument("--swap", default=None, help="add the lesson pictures captioned with this word to the reg set")
     p.add_argument("--set", default="{}", help="JSON {section: {key: value}} merged over the demo's project")
     p.add_argument("--seeds", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
@@ -75,9 +82,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "ws"
         run([sys.executable, "-m", "lorabuild", "init", str(root)], cwd=root.parent)
-        lesson_data(root / "projects" / "demo", args.concept, args.reg, pipe)
+        lesson_data(root / "projects" / "demo", args.concept, args.reg, pipe, args.swap)
         settings = json.loads(args.set)
-        if args.reg == "none":
+        if args.reg == "none" and not args.swap:
             settings.setdefault("dataset", {})["reg_dirs"] = []
         write_settings(root, "demo", None, settings)
         t0 = time.time()
@@ -92,7 +99,8 @@ def main(argv=None) -> None:
              " / ".join(pct(r["prompt_accuracy"]) for _, r in rows) + "%",
              f"{pct(rows[-1][1]['attributes']['shape'])} / {pct(rows[-1][1]['attributes']['colour'])}%"]
     print(f"columns: {', '.join(label for label, _ in rows)}; trained in {trained:.0f} s")
-    print(f"| {args.concept}, reg {args.reg}, {args.set} | " + " | ".join(cells) + " |")
+    swap = f", swap {args.swap}" if args.swap else ""
+    print(f"| {args.concept}, reg {args.reg}{swap}, {args.set} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

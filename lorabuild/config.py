@@ -273,6 +273,10 @@ def _semantic_problems(data: dict, doc: _Doc, root: Path) -> None:
         if c["is_reg"] and c["is_val"]:
             doc.problem(pos("dataset", "concepts", i, "is_val"), f"dataset.concepts.{i}.is_val",
                         "a concept is either regularization (is_reg) or validation (is_val) images, not both")
+    if data["train"]["reg_target"] == "base" and not ds["reg_dirs"] and not any(c["is_reg"] for c in ds["concepts"]):
+        doc.problem(pos("train", "reg_target"), "train.reg_target",
+                    "base preserves the base model's predictions on the regularization images, and there are none: "
+                    "give dataset.reg_dirs (or a concept with is_reg: true), or use noise")
     if not ds["dirs"] and not any(not c["is_reg"] and not c["is_val"] for c in ds["concepts"]):
         doc.problem(pos("dataset"), "dataset", "no training images: give dirs (parents of '<repeats>_<tokens>' folders) or concepts")
     pf = data["sample"]["prompt_file"]

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("lorabuild", "commands", "importers", "lora", "train", "errors", "cache", "workspace",
                     "resources", "yamlio", "winenv", "precision", "progress", "faults", "images", "buckets",
                     "multires", "captions", "dataset", "prompts", "extras", "hints", "train.optimizers", "wd14",
-                    "train.plan", "train.losses", "train.ema", "lora.lyco_options", "gallery", "leftovers", "world",
+                    "train.plan", "train.losses", "train.preserve", "train.ema", "lora.lyco_options", "gallery", "leftovers", "world",
                     "train.dist", "importers.scripts", "flow", "objective", "pixels", "train.lossplot", "cpuconv", "lora.flow_select")),
     ("text and layout", ("textenc", "lora.layout")),  # what the families build their conditioning and names from
     ("families", ("families", "families.")),  # one module per model family (SD1, SD2, SDXL, …): issue 21

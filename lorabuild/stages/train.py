@@ -48,6 +48,9 @@ NEWER_OFF = {"masked_loss": False, "validation_seed": None, "min_timestep": None
 FLOW_OFF = {k: None for k in ("timestep_sampling", "sigmoid_scale", "logit_mean", "logit_std", "mode_scale",
                               "discrete_flow_shift", "weighting_scheme", "guidance_scale")}
 NEWER_OFF |= FLOW_OFF
+# train options added after the task records were first made, at their default: out of the record too
+RECORD_OFF = FLOW_OFF | {"reg_target": "noise"}
+NEWER_OFF |= RECORD_OFF
 # train options that change how memory is managed, never a weight
 UNKEYED = ("lean_cpu_memory",)
 # bucket settings kohya's metadata records (ss_resolution, ss_min/max_bucket_reso, ss_bucket_no_upscale)
@@ -285,7 +288,7 @@ def _deps(t: Inputs) -> list[str]:
 
 def _extra(project, cfg: dict) -> dict:
     out = {"network": blocks.keyed(cfg["network"]),  # unset new options leave an existing build up to date
-           "train": without_newer(cfg["train"], FLOW_OFF), **textemb.family_record(project, cfg),
+           "train": without_newer(cfg["train"], RECORD_OFF), **textemb.family_record(project, cfg),
            "output": without_newer(cfg["output"], {"format": "kohya"})}
     world = dist.launch_options(project).world
     if world > 1:  # `lorabuild train --nproc/--nnodes` changes the global batch, so the LoRA it trains

@@ -20,6 +20,7 @@ from ..cache import checked_read
 from ..captions import random_caption
 from .losses import multires_noise, offset_noise, per_sample_loss, perturbed_noise
 from .plan import Sample, TrainPlan, derive_seed, epoch_batches
+from .preserve import base_model, base_targets, reg_rows
 
 
 class TrainError(Exception):
@@ -298,10 +299,12 @@ def _mask_batch(masks: list, latents: list, device):
     return to_device(stacked, device)
 
 
-def _batch_inputs(inp: TrainInputs, batch, epoch: int, obj, toks, tes, vae):
+def _batch_inputs(inp: TrainInputs, batch, epoch: int, obj, toks, tes, vae, base_text=None):
     """Latents, noise, timesteps and conditioning of one batch, each drawn per sample (on the
     CPU, from per-sample generators, so a run is the same on every device), then moved; the noise the
-    noisy input is made from comes last (the noise itself unless ip_noise_gamma perturbs it)."""
+    noisy input is made from comes next (the noise itself unless ip_noise_gamma perturbs it), and last
+    the base text encoders' (hidden, added) of the same captions when ``base_text`` (a context in which
+    the LoRA is off) is given, else None: ``train.reg_target: base`` with the text encoder trained."""
     import torch
 
     from ..precision import to_device
@@ -334,11 +337,16 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, obj, toks, tes, vae):
         weights.append(inp.cfg["train"]["prior_loss_weight"] if sample.is_reg else 1.0)
     hidden, pooled = _conditioning(inp, captions, toks, tes)
     dev = inp.device
+    base = None
+    if base_text is not None:
+        with torch.no_grad(), base_text():
+            base_hidden, base_pooled = _conditioning(inp, captions, toks, tes)
+        base = (to_device(base_hidden, dev), _added(inp, base_pooled, time_ids, obj))
     noise = to_device(torch.stack(noises), dev)
     noise_in = noise if all(a is b for a, b in zip(inputs, noises)) else to_device(torch.stack(inputs), dev)
     return (to_device(torch.stack(latents), dev), noise, to_device(torch.cat(steps), dev),
             to_device(hidden, dev), to_device(torch.tensor(weights), dev), _added(inp, pooled, time_ids, obj),
-            _mask_batch(masks, latents, dev), noise_in)
+            _mask_batch(masks, latents, dev), noise_in, base)
 
 
 def _device_rng(device, state: dict | None = None) -> dict:
@@ -554,6 +562,9 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
                         **({"keys_scaled": norms[0], "avg_key_norm": f"{norms[1]:.3f}"} if norms else {}))
 
     losses = LossReadback(log, every_step=inp.rank.world > 1)
+    # train.reg_target base: regularization items are fitted to the base model's own predictions
+    reg_base = tr.get("reg_target", "noise") == "base"
+    base_text = (lambda: base_model(network)) if reg_base and train_te else None
     for epoch in range(first_epoch, inp.plan.epochs + 1):
         batches = epoch_batches(inp.samples, inp.plan.batch_size, tr["seed"], epoch)
         running = []
@@ -561,9 +572,12 @@ def train(inp: TrainInputs, save: Callable[..., None]) -> None:
             heap.forward()
             # 1. inputs: cached latents, per-sample noise and timesteps, text conditioning
             with torch.set_grad_enabled(train_te), autocast:
-                latents, noise, t, hidden, weight, added, mask, noise_in = _batch_inputs(inp, batch, epoch, obj,
-                                                                                         toks, tes, vae)
+                latents, noise, t, hidden, weight, added, mask, noise_in, base_cond = _batch_inputs(
+                    inp, batch, epoch, obj, toks, tes, vae, base_text)
             noisy, target = obj.noisy_target(latents, noise_in, noise, t)
+            if reg_base:  # the base's prediction (no DDP: it has no gradient to reduce)
+                target = base_targets(target, reg_rows(batch), denoise.module, network, noisy, t, hidden, added,
+                                      autocast, base_cond)
             # 2. loss
             with autocast:
                 pred = _guarded(denoise, noisy, t, hidden, added, ends_step)
