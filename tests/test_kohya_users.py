@@ -77,10 +77,10 @@ def test_enum_values_in_kohyas_case_are_read_as_ours(tmp_path):
 def test_missing_optional_packages_are_named_with_both_install_commands(tmp_path, monkeypatch):
     rc, lines = _validate(tmp_path, GOOD + "train:\n  optimizer: AdamW8bit\n  attention: xformers\n")
     have = {m: extras.installed(m) for m in ("bitsandbytes", "xformers")}
-    expected = [f'p.yaml: warning: train.optimizer: adamw8bit needs bitsandbytes, which is not installed: '
-                f'pip install -e ".[bnb]" in a clone of lorabuild, or pip install "lorabuild[bnb]"'] * (not have["bitsandbytes"])
-    expected += [f'p.yaml: warning: train.attention: xformers needs xformers, which is not installed: '
-                 f'pip install -e ".[xformers]" in a clone of lorabuild, or pip install "lorabuild[xformers]"'] * (not have["xformers"])
+    expected = ['p.yaml: warning: train.optimizer: adamw8bit needs bitsandbytes, which is not installed: '
+                'pip install -e ".[bnb]" in a clone of lorabuild, or pip install "lorabuild[bnb]"'] * (not have["bitsandbytes"])
+    expected += ['p.yaml: warning: train.attention: xformers needs xformers, which is not installed: '
+                 'pip install -e ".[xformers]" in a clone of lorabuild, or pip install "lorabuild[xformers]"'] * (not have["xformers"])
     assert rc == 0 and lines == expected  # the file is valid; this Python lacks a package
     # with the check's view of installed packages forced, every need is named (tagger: onnxruntime)
     monkeypatch.setattr(extras, "installed", lambda module: module == "xformers")
