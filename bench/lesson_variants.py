@@ -2,7 +2,8 @@
 
 The shipped demo (``lorabuild init``) with one change: another concept shape for ``ohwx``
 (``--concept``, any of ``lorabuild.world.NEW_SHAPES``: the 16 lesson pictures are made as
-scripts/make_world_demo.py makes the rings, same colours, sizes, positions and backgrounds),
+scripts/make_world_demo.py makes the rings, same colours, sizes, positions and backgrounds;
+``--bold``: drawn larger, a heart with a deeper notch),
 other regularization pictures (``--reg world``: the demo's 64; ``base``: the base model's own
 samples for the same captions, kohya's generated class images; ``none``), and any project
 settings (``--set '{"train": {"learning_rate": 0.004}}'``). ``doit train:demo`` trains it; the
@@ -31,12 +32,13 @@ from common import run, write_settings  # noqa: E402
 from quality import STEPS, TRIGGER_PROMPT, epochs_of  # noqa: E402
 
 
-def lesson_data(data: Path, concept: str, reg: str, pipe, swap: str | None = None) -> None:
+def lesson_data(data: Path, concept: str, reg: str, pipe, swap: str | None = None, bold: bool = False) -> None:
     """The demo's pictures with ``concept`` in the ring's place and the ``reg`` regularization set;
     with ``swap`` the lesson pictures again, captioned with the word ``swap`` in the trigger's place,
     among the regularization pictures (ai-toolkit's differential output preservation: with
     ``train.reg_target: base`` the model learns to predict, for ``red circle`` on a noisy ring, what
-    the base model predicts)."""
+    the base model predicts); ``bold`` draws the lesson pictures' shape larger and a heart with a
+    deeper notch (``world.render``'s ``bold``)."""
     import make_world_demo as mk
     from dataclasses import replace
 
@@ -44,9 +46,9 @@ def lesson_data(data: Path, concept: str, reg: str, pipe, swap: str | None = Non
 
     shutil.rmtree(data)
     scenes = [replace(s, shape=concept) for s in mk.lesson_scenes(mk.LESSON, mk.SEED)]
-    mk.write(data / "lesson" / f"{mk.REPEATS}_{mk.TRIGGER}", scenes)
+    mk.write(data / "lesson" / f"{mk.REPEATS}_{mk.TRIGGER}", scenes, bold)
     if swap:
-        mk.write(data / "reg" / f"1_{swap}", [replace(s, word=swap) for s in scenes])
+        mk.write(data / "reg" / f"1_{swap}", [replace(s, word=swap) for s in scenes], bold)
     if reg == "none":
         return
     sub = world.write_dataset(data / "reg", count=mk.REG, repeats=1, tokens="shape", seed=mk.REG_SEED)
@@ -66,6 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--concept", default="ring")
     p.add_argument("--reg", choices=("world", "base", "none"), default="world")
     p.add_argument("--swap", default=None, help="add the lesson pictures captioned with this word to the reg set")
+    p.add_argument("--bold", action="store_true", help="lesson pictures drawn larger, a heart with a deeper notch")
     p.add_argument("--set", default="{}", help="JSON {section: {key: value}} merged over the demo's project")
     p.add_argument("--seeds", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
@@ -81,7 +84,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "ws"
         run([sys.executable, "-m", "lorabuild", "init", str(root)], cwd=root.parent)
-        lesson_data(root / "projects" / "demo", args.concept, args.reg, pipe, args.swap)
+        lesson_data(root / "projects" / "demo", args.concept, args.reg, pipe, args.swap, args.bold)
         settings = json.loads(args.set)
         if args.reg == "none" and not args.swap:
             settings.setdefault("dataset", {})["reg_dirs"] = []
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
              " / ".join(pct(r["prompt_accuracy"]) for _, r in rows) + "%",
              f"{pct(rows[-1][1]['attributes']['shape'])} / {pct(rows[-1][1]['attributes']['colour'])}%"]
     print(f"columns: {', '.join(label for label, _ in rows)}; trained in {trained:.0f} s")
-    swap = f", swap {args.swap}" if args.swap else ""
+    swap = (f", swap {args.swap}" if args.swap else "") + (", bold" if args.bold else "")
     print(f"| {args.concept}, reg {args.reg}{swap}, {args.set} | " + " | ".join(cells) + " |")
 
 

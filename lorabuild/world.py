@@ -36,6 +36,9 @@ BACKGROUNDS = ("plain", "striped", "gradient")
 SIZES = {"small": 10, "medium": 14, "large": 19}  # outer radius in pixels
 POSITIONS = {"left": 22, "center": 32, "right": 42}  # centre x in pixels
 STRIPE = 6  # stripe width in pixels (vertical stripes)
+BOLD_SCALE = 1.15  # ``bold``: the shape drawn this much larger (a large right one overhangs the edge by under a pixel)
+BOLD_NOTCH = 9.0  # ``bold``: a heart's notch this much deeper, in the heart curve's units (its height is 29)
+BOLD_NOTCH_WIDTH = 0.9  # ... fading out over this many radians of the curve's parameter either side of the notch
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,9 @@ def random_scene(rng: random.Random, shapes=SHAPES, word: str | None = None) -> 
                  rng.choice(BACKGROUNDS), rng.randint(-1, 1), rng.randint(-2, 2), word)
 
 
-def _outline(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[float, float]]]:
-    """Polygons (the first filled, the rest holes) of a shape of outer radius r centred at (cx, cy)."""
+def _outline(shape: str, cx: float, cy: float, r: float, bold: bool = False) -> list[list[tuple[float, float]]]:
+    """Polygons (the first filled, the rest holes) of a shape of outer radius r centred at (cx, cy);
+    ``bold`` deepens a heart's notch (from about a quarter of its height to nearly half)."""
     def ngon(n, rad, phase=-math.pi / 2):
         return [(cx + rad * math.cos(phase + 2 * math.pi * i / n), cy + rad * math.sin(phase + 2 * math.pi * i / n))
                 for i in range(n)]
@@ -98,6 +102,9 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[floa
     if shape == "heart":  # the classic heart curve, scaled to fit r, centred on its bounding box
         pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
                for t in (2 * math.pi * i / 96 for i in range(96))]
+        if bold:  # push the top's middle down, most at the notch (t = 0), fading out before the lobes
+            pts = [(x, y + BOLD_NOTCH * math.exp(-(min(i, 96 - i) * 2 * math.pi / 96 / BOLD_NOTCH_WIDTH) ** 2))
+                   for i, (x, y) in enumerate(pts)]
         s, my = r / 16, (min(y for _, y in pts) + max(y for _, y in pts)) / 2
         return [[(cx + x * s, cy + (y - my) * s) for x, y in pts]]
     if shape == "wedge":  # the triangle upside down: pointing down
@@ -123,14 +130,17 @@ def _background(scene: Scene, big: int, k: float) -> Image.Image:
     return img
 
 
-def render(scene: Scene, size: int = SIZE) -> Image.Image:
-    """The picture of ``scene``, ``size`` pixels a side (the world is drawn at 64 and scaled)."""
+def render(scene: Scene, size: int = SIZE, bold: bool = False) -> Image.Image:
+    """The picture of ``scene``, ``size`` pixels a side (the world is drawn at 64 and scaled).
+    ``bold`` (off for the world model's, the detector's and the demo's pictures) draws the shape
+    ``BOLD_SCALE`` larger and a heart with a deeper notch: bench/lesson_variants.py ``--bold``."""
     k = SUPERSAMPLE * size / SIZE
     big = round(SIZE * k)
     back = _background(scene, big, k)
     img = back.copy()
     cx, cy, r = (POSITIONS[scene.position] + scene.dx) * k, (SIZE / 2 + scene.dy) * k, SIZES[scene.size] * k
-    polys = _outline(scene.shape, cx, cy, r)
+    r *= BOLD_SCALE if bold else 1
+    polys = _outline(scene.shape, cx, cy, r, bold)
     ImageDraw.Draw(img).polygon(polys[0], fill=PALETTE[scene.colour])
     for hole in polys[1:]:  # a hole shows the background behind it
         mask = Image.new("L", img.size, 0)

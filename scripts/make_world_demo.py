@@ -46,10 +46,10 @@ def lesson_scenes(count: int, seed: int) -> list:
     return scenes
 
 
-def write(sub: Path, scenes: list) -> None:
+def write(sub: Path, scenes: list, bold: bool = False) -> None:
     sub.mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(scenes):
-        world.render(scene).save(sub / f"{i:03d}.png", optimize=True)
+        world.render(scene, bold=bold).save(sub / f"{i:03d}.png", optimize=True)
         (sub / f"{i:03d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,33 @@ def test_detector_reads_fresh_world_pictures():
     assert detector.named("red circle, large, left, blue striped background") == {
         "colour": "red", "shape": "circle", "background": "blue"}
     assert detector.named("ohwx, green background") == {"background": "green"}
+
+
+def test_bold_hearts_are_larger_with_a_deeper_notch_and_still_hearts():
+    # world.render's bold (bench/lesson_variants.py --bold): the lesson's heart drawn larger and
+    # with a deeper notch; off, the picture is the world's own
+    import numpy as np
+
+    scene = world.Scene("heart", "red", "large", "center", "blue")
+    plain, bold = world.render(scene), world.render(scene, bold=True)
+    assert world.render(scene, bold=False).tobytes() == plain.tobytes() != bold.tobytes()
+
+    def red(img):
+        a = np.asarray(img).astype(int)
+        return (a[..., 0] > 150) & (a[..., 2] < 120)
+
+    def notch_row(mask):  # the first red row of the middle column, below the lobes' first row
+        return int(np.argmax(mask[:, 32])) - int(np.argmax(mask.any(axis=1)))
+
+    def width(mask):
+        return int(mask.any(axis=0).sum())
+
+    assert width(red(bold)) >= width(red(plain)) + 4  # 15% larger: 38 px wide → 44
+    assert notch_row(red(bold)) >= notch_row(red(plain)) + 3
+    rng = random.Random(5)
+    scenes = [world.Scene("heart", c, size, pos, rng.choice([b for b in world.COLOURS if b != c]))
+              for c in world.COLOURS for size in world.SIZES for pos in world.POSITIONS]
+    assert all(detector.analyse(world.render(s, bold=True))["shape"] == "heart" for s in scenes)
 
 
 def test_shipped_weights_are_the_ones_the_script_recorded():
