@@ -69,16 +69,20 @@ def main(argv=None) -> None:
     p.add_argument("--reg", choices=("world", "base", "none"), default="world")
     p.add_argument("--swap", default=None, help="add the lesson pictures captioned with this word to the reg set")
     p.add_argument("--bold", action="store_true", help="lesson pictures drawn larger, a heart with a deeper notch")
+    p.add_argument("--bold-scale", type=float, default=None,
+                   help="with --bold, the shape's scale (lorabuild.world.BOLD_SCALE; 1: the notch only)")
     p.add_argument("--set", default="{}", help="JSON {section: {key: value}} merged over the demo's project")
     p.add_argument("--seeds", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     import torch
 
-    from lorabuild import detector, models
+    from lorabuild import detector, models, world
     from lorabuild.config import load_project
 
     torch.set_num_threads(args.threads)
+    if args.bold_scale is not None:
+        world.BOLD_SCALE = args.bold_scale
     pipe = models.world_pipeline(models.SHIPPED_DIR / "world-sd1")
     known = detector.EVAL_PROMPTS[:5]
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +105,8 @@ def main(argv=None) -> None:
              " / ".join(pct(r["prompt_accuracy"]) for _, r in rows) + "%",
              f"{pct(rows[-1][1]['attributes']['shape'])} / {pct(rows[-1][1]['attributes']['colour'])}%"]
     print(f"columns: {', '.join(label for label, _ in rows)}; trained in {trained:.0f} s")
-    swap = (f", swap {args.swap}" if args.swap else "") + (", bold" if args.bold else "")
+    swap = (f", swap {args.swap}" if args.swap else "") + (", bold" if args.bold else "") + (
+        f" (scale {args.bold_scale})" if args.bold and args.bold_scale is not None else "")
     print(f"| {args.concept}, reg {args.reg}{swap}, {args.set} | " + " | ".join(cells) + " |")
 
 
