@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+from ..lora.flow_select import EMBEDDERS as _FLOW_EMBEDDERS
 from .peft_names import by_module, clip_path
 
 # diffusers path inside a block → (BFL name, part index within a fused layer or None)
@@ -33,16 +34,12 @@ SINGLE = {
     "proj_out": ("linear2", None), "norm_linear": ("modulation_lin", None),
 }
 # the input embedders kohya's in_dims trains (networks/lora_flux.py): diffusers' path → BFL's name, as
-# diffusers' _convert_kohya_flux_lora_to_diffusers reads them back
-EMBEDDERS = {
-    "x_embedder": "img_in", "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
-}
+# diffusers' _convert_kohya_flux_lora_to_diffusers reads them back: the entry's BFL module (img_in, txt_in)
+# itself, or its MLPEmbedder's in_layer / out_layer (time_in, vector_in, guidance_in); the entries and their
+# paths are flow_select.EMBEDDERS'
+EMBEDDERS = {path: label if len(paths) == 1 else f"{label}_{layer}"
+             for label, paths in _FLOW_EMBEDDERS["in_dims"][1]
+             for path, layer in zip(paths, ("in_layer", "out_layer"))}
 _EMB_TO_BFL = {"lora_unet_" + path.replace(".", "_"): "lora_unet_" + bfl for path, bfl in EMBEDDERS.items()}
 _EMB_FROM_BFL = {bfl: ours for ours, bfl in _EMB_TO_BFL.items()}
 _EMB_DOTTED = {"lora_unet_" + path.replace(".", "_"): path for path in EMBEDDERS}

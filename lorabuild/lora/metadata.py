@@ -88,7 +88,7 @@ def kohya_metadata(
         "ss_network_dim": net["dim"],
         "ss_network_alpha": net["alpha"],
         "ss_network_dropout": net["dropout"] or None,
-        "ss_network_args": json.dumps(network_args(net, arch)) if network_args(net, arch) else None,
+        "ss_network_args": json.dumps(args) if (args := network_args(net, arch)) else None,
         "ss_network_train_unet_only": not net["train_text_encoder"],
         "ss_network_train_text_encoder_only": not net["train_unet"],
         "ss_mixed_precision": train["mixed_precision"],

@@ -304,7 +304,8 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, obj, toks, tes, vae, base
     CPU, from per-sample generators, so a run is the same on every device), then moved; the noise the
     noisy input is made from comes next (the noise itself unless ip_noise_gamma perturbs it), and last
     the base text encoders' (hidden, added) of the same captions when ``base_text`` (a context in which
-    the LoRA is off) is given, else None: ``train.reg_target: base`` with the text encoder trained."""
+    the LoRA is off) is given and the batch has regularization items, else None: ``train.reg_target:
+    base`` with the text encoder trained."""
     import torch
 
     from ..precision import to_device
@@ -338,7 +339,7 @@ def _batch_inputs(inp: TrainInputs, batch, epoch: int, obj, toks, tes, vae, base
     hidden, pooled = _conditioning(inp, captions, toks, tes)
     dev = inp.device
     base = None
-    if base_text is not None:
+    if base_text is not None and any(sample.is_reg for sample, _ in batch):  # only rows to fit to the base
         with torch.no_grad(), base_text():
             base_hidden, base_pooled = _conditioning(inp, captions, toks, tes)
         base = (to_device(base_hidden, dev), _added(inp, base_pooled, time_ids, obj))
