@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load, publish, table  # noqa: E402
+from common import load, median, publish, table  # noqa: E402
+from train_step import _step_fn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,10 +42,11 @@ def worker(size: int, steps: int, tiny: bool) -> None:
     from lorabuild import cpuconv
     from lorabuild.lora.network import LoRANetwork
 
-    if os.environ.get("LORABUILD_BENCH_KEPT_HEAP"):
-        import ctypes
+    from lorabuild.train.loop import glibc
 
-        ctypes.CDLL(None).mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
+    libc = glibc() if os.environ.get("LORABUILD_BENCH_KEPT_HEAP") else None
+    if libc is not None:
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
     if tiny:
         from lorabuild import models
 
@@ -55,20 +56,18 @@ def worker(size: int, steps: int, tiny: bool) -> None:
         from common import sd15_models
 
         unet, ctx = sd15_models(("unet",))["unet"], 768
-    unet.requires_grad_(False)
     cpuconv.install(unet, cpuconv.Chooser(cpuconv.choices_file()))
     net = LoRANetwork(unet, [], dim=32, alpha=16, train_text_encoder=False)
     net.apply()
-    opt = torch.optim.AdamW(list(net.parameters()), lr=1e-4)
+    params = list(net.parameters())
+    prepare, one = _step_fn("as trained", unet, params, torch.optim.AdamW(params, lr=1e-4))  # train_step.py's step
+    prepare()
     g = torch.Generator().manual_seed(0)
     lat = torch.randn((1, unet.config.in_channels, size // 8, size // 8), generator=g)
-    hidden, target = torch.randn((1, 77, ctx), generator=g), torch.randn(lat.shape, generator=g)
+    inputs = (lat, torch.tensor([500]), torch.randn((1, 77, ctx), generator=g), torch.randn(lat.shape, generator=g))
 
     def step():
-        pred = unet(lat, torch.tensor([500]), encoder_hidden_states=hidden).sample
-        torch.nn.functional.mse_loss(pred, target).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        one(*inputs)
 
     step()  # warm-up (and any convolution timing), outside the turns
     print("ready", flush=True)
@@ -138,13 +137,13 @@ def main() -> None:
     loads = [load()]
     got = lockstep(variants, args.size, args.steps, args.tiny)
     loads.append(load())
-    base = statistics.median(w for w, *_ in got[variants[0][0]])
+    base = median(w for w, *_ in got[variants[0][0]])
     rows = []
     for name, env in variants:
-        wall = statistics.median(w for w, *_ in got[name])
+        wall = median(w for w, *_ in got[name])
         rows.append([name, ", ".join(f"{k}={v}" for k, v in env.items()) or "(none)", f"{wall:.2f}",
-                     f"{wall / base:.2f}×", f"{statistics.median(s for _, s, _, _ in got[name]):.2f}",
-                     int(statistics.median(f for _, _, f, _ in got[name])),
+                     f"{wall / base:.2f}×", f"{median(s for _, s, _, _ in got[name]):.2f}",
+                     int(median(f for _, _, f, _ in got[name])),
                      f"{max(r for *_, r in got[name]) / 2**20:.2f}"])
     model = "world-sd1 (shipped)" if args.tiny else "SD 1.5 architecture (random weights, fp32)"
     text = (f"### {args.size} px, {model}, UNet LoRA dim 32, AdamW, batch 1; {len(variants)} processes taking turns "
